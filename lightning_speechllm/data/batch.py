@@ -1,0 +1,38 @@
+"""The batch contract between the data layer and the model: raw 16 kHz audio plus text and task metadata."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass
+class SpeechBatch:
+    """A collated batch of utterances. Features (log-mel etc.) are computed by the model's encoder on device."""
+
+    ids: list[str]
+    """Utterance ids."""
+    audio: torch.Tensor
+    """Float32 waveforms at 16 kHz, zero-padded on the right, shape [B, S] (S may be 0 in text-only mode)."""
+    audio_lens: torch.Tensor
+    """Valid samples per utterance, int64 [B]."""
+    texts: list[str]
+    """Target text: the transcript for ASR, the translation for speech translation."""
+    tasks: list[str]
+    """'asr' or 'ast' per utterance."""
+    transcripts: list[str]
+    """Source-language transcript (fed as text in place of speech in text-only mode)."""
+    src_langs: list[str | None] = field(default_factory=list)
+    tgt_langs: list[str | None] = field(default_factory=list)
+    text_only: bool = False
+    """True when the model should read `transcripts` as text instead of the audio."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device: torch.device | str) -> "SpeechBatch":
+        self.audio = self.audio.to(device, non_blocking=True)
+        self.audio_lens = self.audio_lens.to(device, non_blocking=True)
+        return self
