@@ -1,0 +1,189 @@
+"""Speech encoders read from local Hugging Face directories, behind one interface.
+
+Every encoder takes raw 16 kHz waveforms plus their lengths and returns frame features plus frame lengths; features
+(Whisper log-mel, waveform normalisation) are computed here so they run on the training device. Adding an encoder
+family is one entry in `ENCODER_REGISTRY`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchaudio
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from lightning_speechllm.data.batch import SAMPLE_RATE
+
+
+class EncoderError(ValueError):
+    """An encoder directory or config that cannot be used."""
+
+
+class SpeechEncoder(nn.Module):
+    """Interface: waveforms [B, S] at 16 kHz + lengths [B] -> features [B, T, D] + frame lengths [B]."""
+
+    output_dim: int
+
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class WhisperLogMel(nn.Module):
+    """Whisper's log-mel front end (n_fft 400, hop 160, Slaney mel, log10, 8 dB floor, (x + 4) / 4) in torchaudio."""
+
+    def __init__(self, n_mels: int = 80) -> None:
+        super().__init__()
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=SAMPLE_RATE, n_fft=400, hop_length=160, n_mels=n_mels, power=2.0,
+            norm="slaney", mel_scale="slaney", center=True, pad_mode="reflect",
+        )
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, S] waveforms (already padded to the window) -> [B, n_mels, S // 160] log-mel features."""
+        with torch.autocast(device_type=audio.device.type, enabled=False):
+            spec = self.mel(audio.float())[..., :-1]
+            log_spec = torch.clamp(spec, min=1e-10).log10()
+            peak = log_spec.amax(dim=(1, 2), keepdim=True)
+            log_spec = torch.maximum(log_spec, peak - 8.0)
+            return (log_spec + 4.0) / 4.0
+
+
+class WhisperSpeechEncoder(SpeechEncoder):
+    """Whisper encoder only: pads every utterance to the 30 s window and keeps the frames that cover real audio."""
+
+    def __init__(self, config: WhisperConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.features = WhisperLogMel(config.num_mel_bins)
+        self.encoder = WhisperEncoder(config)
+        self.output_dim = config.d_model
+        # 2 mel frames per encoder frame (conv2 stride 2), 160 samples per mel frame.
+        self.window_samples = config.max_source_positions * 2 * 160
+
+    @classmethod
+    def from_pretrained(cls, path: Path, config: WhisperConfig) -> "WhisperSpeechEncoder":
+        module = cls(config)
+        state = _load_state_dict_with_prefix(path, ("model.encoder.", "encoder."))
+        missing, unexpected = module.encoder.load_state_dict(state, strict=False)
+        if missing:
+            raise EncoderError(f"{path}: Whisper encoder weights missing from the checkpoint: {missing[:5]}...")
+        return module
+
+    def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
+        mel_frames = torch.div(audio_lens + 159, 160, rounding_mode="floor")
+        return torch.div(mel_frames + 1, 2, rounding_mode="floor").clamp(min=1)
+
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if audio.shape[1] > self.window_samples:
+            raise EncoderError(
+                f"audio of {audio.shape[1] / SAMPLE_RATE:.2f} s exceeds Whisper's {self.window_samples / SAMPLE_RATE:.0f} s "
+                "window; filter long utterances in the data layer (max_audio_seconds)"
+            )
+        padded = nn.functional.pad(audio, (0, self.window_samples - audio.shape[1]))
+        mel = self.features(padded).to(self.encoder.conv1.weight.dtype)
+        hidden = self.encoder(input_features=mel).last_hidden_state
+        lens = self.frame_lengths(audio_lens)
+        return hidden[:, : int(lens.max())], lens
+
+
+class WaveformSpeechEncoder(SpeechEncoder):
+    """WavLM / HuBERT / wav2vec2: raw waveform in, per-utterance zero-mean unit-variance normalised when asked."""
+
+    def __init__(self, model: nn.Module, normalize: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = normalize
+        self.output_dim = model.config.hidden_size
+        # Models with group-norm feature extractors were trained without attention masks (HF's own rule).
+        self.use_attention_mask = getattr(model.config, "feat_extract_norm", "layer") == "layer"
+
+    @classmethod
+    def from_pretrained(cls, path: Path, config: PretrainedConfig) -> "WaveformSpeechEncoder":
+        model = AutoModel.from_pretrained(path, config=config)
+        return cls(model, normalize=_reads_do_normalize(path))
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> "WaveformSpeechEncoder":
+        return cls(AutoModel.from_config(config))
+
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < audio_lens[:, None]
+        if self.normalize:
+            audio = _zero_mean_unit_var(audio, valid)
+        kwargs = {"attention_mask": valid.long()} if self.use_attention_mask else {}
+        hidden = self.model(input_values=audio.to(self._dtype()), **kwargs).last_hidden_state
+        lens = self.model._get_feat_extract_output_lengths(audio_lens).clamp(max=hidden.shape[1])
+        return hidden, lens
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def _zero_mean_unit_var(audio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    count = valid.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (audio * valid).sum(dim=1, keepdim=True) / count
+    var = (((audio - mean) * valid) ** 2).sum(dim=1, keepdim=True) / count
+    return (audio - mean) / torch.sqrt(var + 1e-7) * valid
+
+
+def _reads_do_normalize(path: Path) -> bool:
+    preprocessor = Path(path) / "preprocessor_config.json"
+    if preprocessor.is_file():
+        return bool(json.loads(preprocessor.read_text()).get("do_normalize", True))
+    return True
+
+
+def _load_state_dict_with_prefix(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors of the first prefix found in the directory's (possibly sharded) safetensors, with the prefix cut."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise EncoderError(f"{path}: no *.safetensors weights found")
+    full: dict[str, torch.Tensor] = {}
+    for file in files:
+        full.update(load_file(str(file)))
+    for prefix in prefixes:
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        if state:
+            return state
+    raise EncoderError(f"{path}: no tensors start with any of {prefixes}")
+
+
+EncoderLoader = Callable[[Path, PretrainedConfig], SpeechEncoder]
+EncoderBuilder = Callable[[PretrainedConfig], SpeechEncoder]
+
+ENCODER_REGISTRY: dict[str, tuple[EncoderLoader, EncoderBuilder]] = {
+    "whisper": (WhisperSpeechEncoder.from_pretrained, WhisperSpeechEncoder),
+    "wavlm": (WaveformSpeechEncoder.from_pretrained, WaveformSpeechEncoder.from_config),
+    "hubert": (WaveformSpeechEncoder.from_pretrained, WaveformSpeechEncoder.from_config),
+    "wav2vec2": (WaveformSpeechEncoder.from_pretrained, WaveformSpeechEncoder.from_config),
+}
+"""model_type -> (load from a local directory, build randomly initialised from a config)."""
+
+
+def _registry_entry(model_type: str) -> tuple[EncoderLoader, EncoderBuilder]:
+    if model_type not in ENCODER_REGISTRY:
+        raise EncoderError(
+            f"unsupported speech encoder model_type {model_type!r}; supported: {sorted(ENCODER_REGISTRY)}"
+        )
+    return ENCODER_REGISTRY[model_type]
+
+
+def load_speech_encoder(path: str | Path) -> SpeechEncoder:
+    """Load the encoder of a local HF directory (a full Whisper checkpoint is fine: only its encoder is read)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise EncoderError(f"{path}: not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    loader, _ = _registry_entry(config.model_type)
+    return loader(path, config)
+
+
+def build_speech_encoder(config: PretrainedConfig) -> SpeechEncoder:
+    """A randomly initialised encoder from a config (tests, ablations)."""
+    _, builder = _registry_entry(config.model_type)
+    return builder(config)

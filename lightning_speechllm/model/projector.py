@@ -1,0 +1,56 @@
+"""Projector from encoder frames to LLM embeddings: downsample by k, then a one-hidden-layer GELU MLP (SLAM-style)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ProjectorConfig:
+    """How encoder frames become LLM input embeddings."""
+
+    kind: str = "mlp"
+    """'mlp': stack k consecutive frames then Linear-GELU-Linear (the paper); 'conv1d': strided Conv1d-GELU-Linear."""
+    downsample: int = 5
+    """Frames merged into one LLM position (k)."""
+    hidden_dim: int = 2048
+    """Width of the hidden layer."""
+
+
+class Projector(nn.Module):
+    """[B, T, D_enc] + lengths -> [B, ceil(T / k), D_llm] + lengths."""
+
+    def __init__(self, input_dim: int, output_dim: int, config: ProjectorConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ProjectorConfig()
+        k, hidden = self.config.downsample, self.config.hidden_dim
+        if k < 1:
+            raise ValueError(f"projector downsample must be >= 1, got {k}")
+        if self.config.kind == "mlp":
+            self.down = None
+            self.net = nn.Sequential(nn.Linear(input_dim * k, hidden), nn.GELU(), nn.Linear(hidden, output_dim))
+        elif self.config.kind == "conv1d":
+            self.down = nn.Conv1d(input_dim, hidden, kernel_size=k, stride=k)
+            self.net = nn.Sequential(nn.GELU(), nn.Linear(hidden, output_dim))
+        else:
+            raise ValueError(f"unknown projector kind {self.config.kind!r}; expected 'mlp' or 'conv1d'")
+
+    def output_lengths(self, lens: torch.Tensor) -> torch.Tensor:
+        k = self.config.downsample
+        return torch.div(lens + k - 1, k, rounding_mode="floor")
+
+    def forward(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.config.downsample
+        frames = frames.to(self._dtype())
+        batch, time, dim = frames.shape
+        frames = nn.functional.pad(frames, (0, 0, 0, (-time) % k))
+        if self.down is None:
+            stacked = frames.reshape(batch, -1, dim * k)
+        else:
+            stacked = self.down(frames.transpose(1, 2)).transpose(1, 2)
+        return self.net(stacked), self.output_lengths(lens)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

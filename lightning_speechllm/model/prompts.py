@@ -1,0 +1,132 @@
+"""Prompt construction: one place that turns (task, target text) into token ids and segment ids.
+
+The prompt is rendered with the LLM's chat template when it has one (else a plain template) around a speech
+placeholder; the text before and after the placeholder is tokenized once per (task, language) and cached. The model
+splices speech embeddings (or, in text-only mode, the transcript's token embeddings) where the placeholder was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from transformers import PreTrainedTokenizerBase
+
+from lightning_speechllm.model.segments import Segment
+
+SPEECH_PLACEHOLDER = "<|speech|>"
+TASKS = ("asr", "ast")
+
+
+class PromptError(ValueError):
+    """A task, language or template the prompt builder cannot use."""
+
+
+@dataclass
+class PromptConfig:
+    """How the instruction around the speech is written."""
+
+    asr_instruction: str = "Transcribe the audio."
+    """Instruction for speech recognition."""
+    ast_instruction: str = "Translate the audio into {tgt_lang}."
+    """Instruction for speech translation; {tgt_lang} is replaced by the language name."""
+    use_chat_template: bool | None = None
+    """True/False forces it; None uses the tokenizer's chat template when it has one."""
+    system_prompt: str | None = None
+    """Optional system message (chat template only)."""
+    plain_template: str = "{speech}\n{instruction}\nAnswer:"
+    """Template used without a chat template; must contain {speech} and {instruction}."""
+
+
+LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian",
+                  "pt": "Portuguese", "nl": "Dutch", "zh": "Chinese", "ja": "Japanese", "ru": "Russian"}
+
+
+@dataclass(frozen=True)
+class PromptPieces:
+    """Token ids around the speech for one (task, language)."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+
+
+@dataclass
+class EncodedSample:
+    """Token ids of one sample, with the speech span left as a count to fill."""
+
+    prefix: list[int]
+    speech_tokens: list[int] | None
+    """Transcript token ids in text-only mode; None when speech embeddings are spliced."""
+    suffix: list[int]
+    target: list[int]
+
+    def segment_ids(self, speech_len: int) -> list[int]:
+        return ([Segment.PROMPT] * len(self.prefix) + [Segment.SPEECH] * speech_len
+                + [Segment.PROMPT] * len(self.suffix) + [Segment.TARGET] * len(self.target))
+
+
+class PromptBuilder:
+    """Tokenizes prompts and targets for ASR and speech translation."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PromptConfig | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.config = config or PromptConfig()
+        if "{speech}" not in self.config.plain_template or "{instruction}" not in self.config.plain_template:
+            raise PromptError("PromptConfig.plain_template must contain {speech} and {instruction}")
+        use_chat = self.config.use_chat_template
+        self.uses_chat_template = bool(tokenizer.chat_template) if use_chat is None else use_chat
+        if self.uses_chat_template and not tokenizer.chat_template:
+            raise PromptError("use_chat_template=True but the tokenizer has no chat template")
+        if tokenizer.eos_token_id is None:
+            raise PromptError("the tokenizer has no eos token; set tokenizer.eos_token before building prompts")
+        self.pieces = lru_cache(maxsize=64)(self._pieces)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def instruction(self, task: str, tgt_lang: str | None) -> str:
+        if task == "asr":
+            return self.config.asr_instruction
+        if task == "ast":
+            if not tgt_lang:
+                raise PromptError("task 'ast' needs a target language (tgt_lang)")
+            return self.config.ast_instruction.format(tgt_lang=LANGUAGE_NAMES.get(tgt_lang, tgt_lang))
+        raise PromptError(f"unknown task {task!r}; expected one of {TASKS}")
+
+    def render(self, task: str, tgt_lang: str | None) -> str:
+        """The prompt text with SPEECH_PLACEHOLDER where the speech goes (generation prompt included)."""
+        instruction = self.instruction(task, tgt_lang)
+        if not self.uses_chat_template:
+            return self.config.plain_template.format(speech=SPEECH_PLACEHOLDER, instruction=instruction)
+        messages = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        messages.append({"role": "user", "content": f"{SPEECH_PLACEHOLDER}\n{instruction}"})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _pieces(self, task: str, tgt_lang: str | None) -> PromptPieces:
+        text = self.render(task, tgt_lang)
+        if text.count(SPEECH_PLACEHOLDER) != 1:
+            raise PromptError(f"the rendered prompt must hold the speech placeholder exactly once: {text!r}")
+        before, after = text.split(SPEECH_PLACEHOLDER)
+        prefix = self._tokenize(before)
+        if not self.uses_chat_template and self._adds_bos():
+            prefix = [self.tokenizer.bos_token_id, *prefix]
+        return PromptPieces(tuple(prefix), tuple(self._tokenize(after)))
+
+    def _adds_bos(self) -> bool:
+        bos = self.tokenizer.bos_token_id
+        return bos is not None and self.tokenizer("a").input_ids[:1] == [bos]
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def encode(self, task: str, tgt_lang: str | None, target: str | None, transcript: str | None = None,
+               text_only: bool = False) -> EncodedSample:
+        """Token ids for one sample; `target=None` builds a generation prompt (no target tokens)."""
+        pieces = self.pieces(task, tgt_lang)
+        target_ids = [] if target is None else [*self._tokenize(target.strip()), self.eos_token_id]
+        speech_tokens = None
+        if text_only:
+            if not transcript or not transcript.strip():
+                raise PromptError("text-only mode needs a non-empty transcript")
+            speech_tokens = self._tokenize(transcript.strip())
+        return EncodedSample(list(pieces.prefix), speech_tokens, list(pieces.suffix), target_ids)

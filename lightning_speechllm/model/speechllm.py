@@ -1,0 +1,274 @@
+"""The SpeechLLM: speech encoder -> projector -> pretrained causal LLM decoder, with decoder-layer masks.
+
+A plain `nn.Module`; the LightningModules wrap it. Sequences are LEFT-padded everywhere (training and generation)
+with explicit position ids, so batched decoding equals one-by-one decoding.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.model.encoders import SpeechEncoder, load_speech_encoder
+from lightning_speechllm.model.layer_mask import DecoderLayerMask
+from lightning_speechllm.model.projector import Projector, ProjectorConfig
+from lightning_speechllm.model.prompts import EncodedSample, PromptBuilder, PromptConfig
+from lightning_speechllm.model.segments import Segment
+
+IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on chosen decoder layers (PEFT). Defaults are the paper's healing setting."""
+
+    layers: list[int] | None = None
+    """Decoder layer indices (original numbering) that get adapters; None = every layer."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear modules inside each layer to adapt."""
+    r: int = 64
+    """Rank."""
+    alpha: int = 64
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+
+
+@dataclass
+class SpeechLLMConfig:
+    """Where the parts come from and which of them train."""
+
+    llm_path: str = "smollm2-135m"
+    """Local HF causal-LM directory, or a registered offline asset name."""
+    encoder_path: str | None = "whisper-tiny.en"
+    """Local HF speech-encoder directory, or a registered offline asset name; None for a text-only model."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """Projector shape."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt wording and template."""
+    llm_dtype: str = "float32"
+    """Decoder weight dtype: float32, bfloat16 (recommended on GPU) or float16."""
+    train_projector: bool = True
+    """Train the projector."""
+    train_encoder: bool = False
+    """Fine-tune the speech encoder (frozen in the paper)."""
+    lora: LoraConfig | None = None
+    """LoRA on the decoder; None keeps the decoder frozen."""
+    removed_layers: list[int] = field(default_factory=list)
+    """Decoder layers masked out at load time (original numbering)."""
+
+
+@dataclass
+class LLMInputs:
+    """Everything the decoder needs for one batch, left-padded."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    labels: torch.Tensor | None
+
+
+class SpeechLLM(nn.Module):
+    """Speech encoder + projector + HF causal LLM with pluggable decoder-layer masks."""
+
+    def __init__(self, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoder: SpeechEncoder | None,
+                 config: SpeechLLMConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SpeechLLMConfig()
+        self.encoder = encoder
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(tokenizer, self.config.prompt)
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.projector = Projector(encoder.output_dim, llm_dim, self.config.projector) if encoder else None
+        self.layer_mask = DecoderLayerMask(self.llm)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._apply_trainability()
+        if self.config.lora is not None:
+            self.add_lora(self.config.lora)
+        if self.config.removed_layers:
+            self.layer_mask.remove_layers(self.config.removed_layers)
+
+    # ----------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: SpeechLLMConfig) -> "SpeechLLM":
+        """Load the LLM, tokenizer and encoder from local directories (or offline asset names)."""
+        from lightning_speechllm.assets import resolve
+
+        llm_dir = resolve(config.llm_path)
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=_dtype(config.llm_dtype), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
+        encoder = load_speech_encoder(resolve(config.encoder_path)) if config.encoder_path else None
+        return cls(llm, tokenizer, encoder, config)
+
+    def _apply_trainability(self) -> None:
+        self.llm.requires_grad_(False)
+        if self.encoder is not None:
+            self.encoder.requires_grad_(self.config.train_encoder)
+        if self.projector is not None:
+            self.projector.requires_grad_(self.config.train_projector)
+
+    def add_lora(self, lora: LoraConfig) -> None:
+        """Wrap the decoder with PEFT LoRA adapters on the chosen layers (original layer numbering)."""
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        num_layers = self.layer_mask.num_layers
+        bad = [i for i in lora.layers or [] if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"LoRA layers {bad} out of range for a decoder with {num_layers} layers")
+        peft_config = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            layers_to_transform=lora.layers, layers_pattern="layers" if lora.layers is not None else None,
+            bias="none",
+        )
+        with self.layer_mask.active(range(num_layers)):
+            self.llm = get_peft_model(self.llm, peft_config)
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.llm, "peft_config")
+
+    def train(self, mode: bool = True) -> "SpeechLLM":
+        super().train(mode)
+        # Frozen parts stay in eval mode (no dropout), as in SLAM-style training.
+        if self.encoder is not None and not self.config.train_encoder:
+            self.encoder.eval()
+        if not self.has_lora:
+            self.llm.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------------------------------------- inputs
+    def encode_speech(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveforms -> projected speech embeddings [B, T', D_llm] and their lengths."""
+        if self.encoder is None or self.projector is None:
+            raise RuntimeError("this SpeechLLM has no speech encoder; use text-only batches")
+        frames, frame_lens = self.encoder(audio, audio_lens)
+        return self.projector(frames, frame_lens)
+
+    def build_inputs(self, batch: SpeechBatch, with_targets: bool = True) -> LLMInputs:
+        """Token + speech embeddings, left-padded, with labels on the target tokens only."""
+        samples = [
+            self.prompts.encode(task, tgt, text if with_targets else None, transcript, batch.text_only)
+            for task, tgt, text, transcript in zip(batch.tasks, _or_nones(batch.tgt_langs, len(batch)),
+                                                   batch.texts, batch.transcripts)
+        ]
+        if batch.text_only:
+            speech, speech_lens = None, [len(s.speech_tokens) for s in samples]
+        else:
+            speech, lens = self.encode_speech(batch.audio, batch.audio_lens)
+            speech_lens = lens.tolist()
+        return self._assemble(samples, speech, speech_lens)
+
+    def _assemble(self, samples: list[EncodedSample], speech: torch.Tensor | None,
+                  speech_lens: list[int]) -> LLMInputs:
+        device, pad_id = self.device, self.tokenizer.pad_token_id
+        lengths = [len(s.prefix) + n + len(s.suffix) + len(s.target) for s, n in zip(samples, speech_lens)]
+        width = max(lengths)
+        token_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        segment_ids = torch.zeros((len(samples), width), dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (sample, n, length) in enumerate(zip(samples, speech_lens, lengths)):
+            start = width - length
+            speech_ids = sample.speech_tokens if sample.speech_tokens is not None else [pad_id] * n
+            token_ids[row, start:] = torch.tensor(sample.prefix + speech_ids + sample.suffix + sample.target)
+            segment_ids[row, start:] = torch.tensor(sample.segment_ids(n))
+            if sample.target:
+                labels[row, width - len(sample.target):] = torch.tensor(sample.target)
+        token_ids, segment_ids, labels = token_ids.to(device), segment_ids.to(device), labels.to(device)
+        embeds = self.llm.get_input_embeddings()(token_ids)
+        if speech is not None:
+            speech_slots = segment_ids == Segment.SPEECH
+            valid = torch.arange(speech.shape[1], device=device)[None, :] < torch.tensor(speech_lens, device=device)[:, None]
+            embeds = embeds.masked_scatter(speech_slots[..., None], speech[valid].to(embeds.dtype))
+        attention_mask = (segment_ids != Segment.PAD).long()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        has_targets = any(s.target for s in samples)
+        return LLMInputs(embeds, attention_mask, position_ids, segment_ids, labels if has_targets else None)
+
+    # ------------------------------------------------------------------------------------------- forward/generate
+    def forward(self, batch: SpeechBatch, **llm_kwargs) -> tuple[torch.Tensor, object, LLMInputs]:
+        """Teacher-forced pass: (cross-entropy on target tokens, the HF model output, the inputs used)."""
+        inputs = self.build_inputs(batch, with_targets=True)
+        output = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                          position_ids=inputs.position_ids, use_cache=False, **llm_kwargs)
+        return target_cross_entropy(output.logits, inputs.labels), output, inputs
+
+    @torch.no_grad()
+    def generate(self, batch: SpeechBatch, max_new_tokens: int = 128, num_beams: int = 1,
+                 **generate_kwargs) -> list[str]:
+        """Greedy (num_beams=1) or beam-search hypotheses, with KV cache."""
+        inputs = self.build_inputs(batch, with_targets=False)
+        output_ids = self.llm.generate(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
+            eos_token_id=self._stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+    def _stop_token_ids(self) -> list[int]:
+        configured = getattr(self.llm.generation_config, "eos_token_id", None)
+        configured = [configured] if isinstance(configured, int) else list(configured or [])
+        return sorted({self.prompts.eos_token_id, *configured})
+
+    # ------------------------------------------------------------------------------------ layers & checkpoints
+    def set_active_layers(self, indices: Sequence[int]) -> None:
+        self.layer_mask.set_active_layers(indices)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that train (projector, LoRA, encoder if tuned), keyed in the full, unmasked layout."""
+        with self.layer_mask.active(range(self.layer_mask.num_layers)):
+            names = {name for name, p in self.named_parameters() if p.requires_grad}
+            return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by `trainable_state_dict`; every trainable weight must be present."""
+        with self.layer_mask.active(range(self.layer_mask.num_layers)):
+            expected = {name for name, p in self.named_parameters() if p.requires_grad}
+            missing, unknown = sorted(expected - state.keys()), sorted(state.keys() - expected)
+            if missing or unknown:
+                raise KeyError(f"checkpoint does not fit this SpeechLLM: missing {missing[:5]}, unexpected {unknown[:5]}")
+            self.load_state_dict(state, strict=False)
+
+    def describe(self) -> dict:
+        """A small JSON-able description (written next to exports and checkpoints)."""
+        return {"config": asdict(self.config), "active_layers": list(self.layer_mask.active_layers),
+                "removed_layers": list(self.layer_mask.removed_layers), "num_layers": self.layer_mask.num_layers,
+                "uses_chat_template": self.prompts.uses_chat_template}
+
+    def write_description(self, path: Path) -> None:
+        path.write_text(json.dumps(self.describe(), indent=2))
+
+
+def target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Next-token cross-entropy averaged over the target tokens (labels != -100), in float32."""
+    if labels is None:
+        raise ValueError("no target tokens in the batch: cannot compute a loss")
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                       ignore_index=IGNORE_INDEX)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"llm_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _or_nones(values: list, count: int) -> list:
+    return values if values else [None] * count

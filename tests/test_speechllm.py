@@ -1,0 +1,229 @@
+"""SpeechLLM: encoders, projector, prompt splice, labels, generation (batched == one by one), LoRA, checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import WavLMConfig, WhisperFeatureExtractor
+
+from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.model.encoders import (
+    EncoderError,
+    WhisperLogMel,
+    build_speech_encoder,
+    load_speech_encoder,
+)
+from lightning_speechllm.model.projector import Projector, ProjectorConfig
+from lightning_speechllm.model.prompts import PromptBuilder, PromptConfig, PromptError
+from lightning_speechllm.model.segments import Segment
+from lightning_speechllm.model.speechllm import IGNORE_INDEX, LoraConfig
+from tests.tiny_speechllm import tiny_speechllm, tiny_tokenizer, tiny_whisper_config
+
+
+def make_batch(seconds=(1.0, 0.6, 1.4), texts=None, tasks=None, tgt_langs=None, text_only=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([int(s * 16000) for s in seconds])
+    audio = torch.zeros(len(seconds), int(lens.max()))
+    for i, n in enumerate(lens):
+        audio[i, :n] = 0.1 * torch.randn(int(n), generator=gen)
+    count = len(seconds)
+    texts = texts or ["the cat sat on the mat", "one two three", "hello world"][:count]
+    return SpeechBatch(ids=[f"u{i}" for i in range(count)], audio=audio, audio_lens=lens, texts=texts,
+                       tasks=tasks or ["asr"] * count, transcripts=list(texts),
+                       tgt_langs=tgt_langs or [None] * count, text_only=text_only)
+
+
+def subset(batch: SpeechBatch, i: int) -> SpeechBatch:
+    n = int(batch.audio_lens[i])
+    return SpeechBatch(ids=[batch.ids[i]], audio=batch.audio[i: i + 1, :n], audio_lens=batch.audio_lens[i: i + 1],
+                       texts=[batch.texts[i]], tasks=[batch.tasks[i]], transcripts=[batch.transcripts[i]],
+                       tgt_langs=[batch.tgt_langs[i]], text_only=batch.text_only)
+
+
+def test_whisper_log_mel_matches_hf_feature_extractor():
+    audio = np.random.default_rng(0).normal(scale=0.1, size=16000 * 2).astype(np.float32)
+    reference = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np")
+    padded = torch.nn.functional.pad(torch.from_numpy(audio)[None], (0, 480000 - audio.size))
+    ours = WhisperLogMel(80)(padded)
+    assert ours.shape == reference.input_features.shape == (1, 80, 3000)
+    np.testing.assert_allclose(ours.numpy(), reference.input_features, atol=2e-4)
+
+
+def test_whisper_encoder_keeps_frames_covering_audio():
+    encoder = build_speech_encoder(tiny_whisper_config()).eval()
+    lens = torch.tensor([16000, 8000, 321])
+    feats, frame_lens = encoder(torch.randn(3, 16000), lens)
+    assert frame_lens.tolist() == [50, 25, 2]  # 100 mel frames per second, conv stride 2
+    assert feats.shape == (3, 50, 32)
+
+
+def test_whisper_encoder_refuses_audio_longer_than_window():
+    encoder = build_speech_encoder(tiny_whisper_config(window_seconds=1))
+    with pytest.raises(EncoderError, match="exceeds Whisper's 1 s window"):
+        encoder(torch.randn(1, 20000), torch.tensor([20000]))
+
+
+def test_whisper_encoder_padding_does_not_change_valid_frames():
+    encoder = build_speech_encoder(tiny_whisper_config()).eval()
+    audio = torch.randn(1, 12000)
+    alone, _ = encoder(audio, torch.tensor([12000]))
+    padded, _ = encoder(torch.nn.functional.pad(audio, (0, 4000)), torch.tensor([12000]))
+    torch.testing.assert_close(alone, padded[:, : alone.shape[1]], atol=1e-5, rtol=0)
+
+
+def test_wavlm_encoder_lengths_and_normalisation_ignore_padding(tmp_path):
+    config = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=2, feat_extract_norm="layer")
+    torch.manual_seed(0)
+    encoder = build_speech_encoder(config).eval()
+    encoder.model.save_pretrained(tmp_path)
+    loaded = load_speech_encoder(tmp_path).eval()
+    audio = torch.randn(2, 4000)
+    lens = torch.tensor([4000, 2500])
+    feats, frame_lens = loaded(audio, lens)
+    assert frame_lens.tolist() == encoder.model._get_feat_extract_output_lengths(lens).tolist()
+    alone, _ = loaded(audio[1:, :2500], lens[1:])
+    torch.testing.assert_close(feats[1, : frame_lens[1]], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_encoder_type_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(EncoderError, match="'bert'"):
+        load_speech_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv1d"])
+def test_projector_downsamples_with_ceiling_lengths(kind):
+    projector = Projector(8, 16, ProjectorConfig(kind=kind, downsample=5, hidden_dim=12))
+    out, lens = projector(torch.randn(2, 23, 8), torch.tensor([23, 11]))
+    assert out.shape == (2, 5, 16)
+    assert lens.tolist() == [5, 3]
+
+
+def test_projector_mlp_stacks_consecutive_frames():
+    projector = Projector(2, 3, ProjectorConfig(downsample=2, hidden_dim=4))
+    frames = torch.arange(8.0).reshape(1, 4, 2)
+    first_layer = projector.net[0]
+    out, _ = projector(frames, torch.tensor([4]))
+    expected_hidden = first_layer(torch.tensor([[0.0, 1, 2, 3], [4, 5, 6, 7]]))
+    expected = projector.net[2](projector.net[1](expected_hidden))
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_prompt_uses_chat_template_and_targets_end_with_eos():
+    tokenizer = tiny_tokenizer(chat=True)
+    builder = PromptBuilder(tokenizer)
+    assert builder.uses_chat_template
+    text = builder.render("asr", None)
+    assert text.startswith("<|im_start|>user\n<|speech|>\nTranscribe the audio.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
+    sample = builder.encode("asr", None, "the cat")
+    assert sample.target[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(sample.target[:-1]) == "the cat"
+
+
+def test_prompt_plain_template_and_translation_language():
+    builder = PromptBuilder(tiny_tokenizer(chat=False), PromptConfig())
+    assert not builder.uses_chat_template
+    assert builder.render("ast", "fr") == "<|speech|>\nTranslate the audio into French.\nAnswer:"
+    with pytest.raises(PromptError, match="needs a target language"):
+        builder.render("ast", None)
+    with pytest.raises(PromptError, match="unknown task 'qa'"):
+        builder.render("qa", None)
+
+
+def test_splice_puts_speech_where_placeholder_was_and_masks_labels():
+    model = tiny_speechllm().eval()
+    batch = make_batch()
+    inputs = model.build_inputs(batch)
+    speech, speech_lens = model.encode_speech(batch.audio, batch.audio_lens)
+    builder = model.prompts
+    for row in range(len(batch)):
+        sample = builder.encode("asr", None, batch.texts[row])
+        seg = inputs.segment_ids[row]
+        n_pad = int((seg == Segment.PAD).sum())
+        n_speech = int(speech_lens[row])
+        expected = ([Segment.PAD] * n_pad + [Segment.PROMPT] * len(sample.prefix) + [Segment.SPEECH] * n_speech
+                    + [Segment.PROMPT] * len(sample.suffix) + [Segment.TARGET] * len(sample.target))
+        assert seg.tolist() == expected
+        torch.testing.assert_close(inputs.inputs_embeds[row, seg == Segment.SPEECH], speech[row, :n_speech])
+        prefix_embeds = model.llm.get_input_embeddings()(torch.tensor(sample.prefix))
+        torch.testing.assert_close(inputs.inputs_embeds[row, n_pad: n_pad + len(sample.prefix)], prefix_embeds)
+        labels = inputs.labels[row]
+        assert labels[seg != Segment.TARGET].eq(IGNORE_INDEX).all()
+        assert labels[seg == Segment.TARGET].tolist() == sample.target
+        assert inputs.attention_mask[row].tolist() == [0] * n_pad + [1] * (len(seg) - n_pad)
+        assert inputs.position_ids[row, n_pad:].tolist() == list(range(len(seg) - n_pad))
+
+
+def test_text_only_mode_feeds_transcript_embeddings():
+    model = tiny_speechllm().eval()
+    batch = make_batch(text_only=True)
+    batch.audio = torch.zeros(len(batch), 0)
+    inputs = model.build_inputs(batch)
+    embed = model.llm.get_input_embeddings()
+    for row, transcript in enumerate(batch.transcripts):
+        ids = model.tokenizer(transcript, add_special_tokens=False).input_ids
+        torch.testing.assert_close(inputs.inputs_embeds[row, inputs.segment_ids[row] == Segment.SPEECH],
+                                   embed(torch.tensor(ids)))
+
+
+def test_loss_is_mean_cross_entropy_over_target_tokens():
+    model = tiny_speechllm().eval()
+    batch = make_batch()
+    loss, output, inputs = model(batch)
+    logits, labels = output.logits, inputs.labels
+    total, count = 0.0, 0
+    for row in range(len(batch)):
+        for t in range(1, labels.shape[1]):
+            if labels[row, t] != IGNORE_INDEX:
+                total += -torch.log_softmax(logits[row, t - 1].double(), -1)[labels[row, t]].item()
+                count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_generation_equals_one_by_one(num_beams):
+    model = tiny_speechllm(seed=3).eval()
+    batch = make_batch(seconds=(1.2, 0.4, 0.8), tasks=["asr", "ast", "asr"], tgt_langs=[None, "fr", None])
+    batched = model.generate(batch, max_new_tokens=8, num_beams=num_beams)
+    single = [model.generate(subset(batch, i), max_new_tokens=8, num_beams=num_beams)[0] for i in range(len(batch))]
+    assert batched == single
+    assert any(batched), "a random tiny model should still emit some tokens"
+
+
+def test_generation_with_cache_equals_without_cache():
+    model = tiny_speechllm(seed=1).eval()
+    batch = make_batch()
+    inputs = model.build_inputs(batch, with_targets=False)
+    kwargs = dict(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, max_new_tokens=8,
+                  do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+    cached = model.llm.generate(use_cache=True, **kwargs)
+    uncached = model.llm.generate(use_cache=False, **kwargs)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_freezing_policy_and_lora_on_chosen_layers():
+    model = tiny_speechllm(lora=LoraConfig(layers=[2], r=4, alpha=4, target_modules=["q_proj", "v_proj"]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any(name.startswith("projector.") for name in trainable)
+    lora_names = [name for name in trainable if "lora_" in name]
+    assert lora_names and all(".layers.2." in name for name in lora_names)
+    assert not any(name.startswith("encoder.") for name in trainable)
+    assert not any("lora_" not in name and name.startswith("llm.") for name in trainable)
+    with pytest.raises(ValueError, match=r"LoRA layers \[9\] out of range"):
+        tiny_speechllm(lora=LoraConfig(layers=[9]))
+
+
+def test_trainable_state_roundtrip_under_mask_uses_full_layout():
+    model = tiny_speechllm(lora=LoraConfig(layers=[3], r=4, alpha=4, target_modules=["q_proj"]))
+    model.set_active_layers([0, 1, 3])
+    state = model.trainable_state_dict()
+    assert any(".layers.3." in k for k in state), "keys must use the original numbering even under a mask"
+    other = tiny_speechllm(seed=5, lora=LoraConfig(layers=[3], r=4, alpha=4, target_modules=["q_proj"]))
+    other.load_trainable_state_dict(state)
+    for key, value in other.trainable_state_dict().items():
+        torch.testing.assert_close(value, state[key])
+    with pytest.raises(KeyError, match="missing"):
+        other.load_trainable_state_dict({k: v for k, v in state.items() if "lora_" not in k})
