@@ -1,0 +1,290 @@
+"""Pure analysis of angular-distance tables: pruning path, BI ranking, bootstrap CIs, agreement statistics.
+
+Tables follow the layout of :class:`~lightning_speechllm.redundancy.metrics.AngularDistanceMetric`:
+``[L, L]``, row ``n-1`` = block size ``n``, column ``l`` = first layer, NaN where ``l + n > L``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from lightning_speechllm.redundancy import report
+
+ArrayLike = Union[np.ndarray, torch.Tensor, list]
+Modality = Literal["speech", "text"]
+FORMAT_VERSION = 1
+
+
+def as_table(table: ArrayLike, name: str = "table") -> np.ndarray:
+    """``table`` as a square float64 numpy array, with a clear error otherwise."""
+    array = table.detach().cpu().double().numpy() if isinstance(table, torch.Tensor) else np.asarray(table, float)
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] < 1:
+        raise ValueError(f"{name} must be a square [L, L] table (row n-1, column l), got shape {array.shape}")
+    return array
+
+
+def valid_cells(num_layers: int) -> np.ndarray:
+    """Boolean ``[L, L]`` mask of the defined cells (``l + n <= L``) of a table."""
+    block = np.arange(1, num_layers + 1)[:, None]
+    first = np.arange(num_layers)[None, :]
+    return first + block <= num_layers
+
+
+def pruning_path(table: ArrayLike) -> list[int]:
+    """``l*(n) = argmin_l d(l, n)`` for ``n = 1..L`` (list index ``n-1``); ties go to the smallest ``l``."""
+    array = as_table(table)
+    valid = valid_cells(array.shape[0])
+    bad = valid & ~np.isfinite(array)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(f"table has a non-finite value in a defined cell: n={row + 1}, l={col}")
+    masked = np.where(valid, array, np.inf)
+    return [int(index) for index in np.argmin(masked, axis=1)]
+
+
+def block_influence_ranking(block_influence: ArrayLike) -> list[int]:
+    """Layer indices ordered from least to most influential (prune from the front); ties keep layer order."""
+    values = block_influence.detach().cpu().double().numpy() if isinstance(block_influence, torch.Tensor) \
+        else np.asarray(block_influence, float)
+    if values.ndim != 1 or not np.isfinite(values).all():
+        raise ValueError(f"block_influence must be a finite 1-D array [L], got shape {values.shape}")
+    return [int(index) for index in np.argsort(values, kind="stable")]
+
+
+def bootstrap_ci(
+    per_sample_tables: ArrayLike,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of the mean table over utterances, per cell.
+
+    ``per_sample_tables`` is ``[S, L, L]``; utterances are resampled with replacement (multinomial
+    counts, so all ``n_boot`` resampled means are one matrix product). Returns ``(low, high)``, each
+    ``[L, L]``, NaN where ``l + n > L``.
+    """
+    tables = per_sample_tables.detach().cpu().double().numpy() if isinstance(per_sample_tables, torch.Tensor) \
+        else np.asarray(per_sample_tables, float)
+    if tables.ndim != 3 or tables.shape[1] != tables.shape[2] or tables.shape[0] < 1:
+        raise ValueError(f"per_sample_tables must be [S, L, L] with S >= 1, got shape {tables.shape}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    num_samples, num_layers = tables.shape[0], tables.shape[1]
+    valid = valid_cells(num_layers)
+    values = tables[:, valid]  # [S, V]
+    if not np.isfinite(values).all():
+        sample, cell = np.argwhere(~np.isfinite(values))[0]
+        raise ValueError(f"per_sample_tables[{sample}] has a non-finite value in defined cell #{cell}")
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(num_samples, np.full(num_samples, 1.0 / num_samples), size=n_boot)  # [n_boot, S]
+    means = counts @ values / num_samples  # [n_boot, V]
+    low_values, high_values = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0)
+    low = np.full((num_layers, num_layers), np.nan)
+    high = np.full((num_layers, num_layers), np.nan)
+    low[valid], high[valid] = low_values, high_values
+    return low, high
+
+
+def spearman_rho(table_a: ArrayLike, table_b: ArrayLike) -> float:
+    """Spearman rank correlation of two tables over the cells defined and finite in both."""
+    a, b = as_table(table_a, "table_a"), as_table(table_b, "table_b")
+    if a.shape != b.shape:
+        raise ValueError(f"tables differ in shape: {a.shape} vs {b.shape}")
+    keep = valid_cells(a.shape[0]) & np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 2:
+        raise ValueError(f"need >= 2 common defined cells for a rank correlation, got {int(keep.sum())}")
+    return float(spearmanr(a[keep], b[keep]).statistic)
+
+
+@dataclass(frozen=True)
+class PathAgreement:
+    """Agreement of two pruning paths over block sizes ``n = 1..L``.
+
+    ``exact``: share of n where both paths pick the same block; ``overlap``: share of n where the two
+    blocks ``[l, l+n)`` share at least one layer; ``mean_jaccard``: mean layer-set IoU of the two blocks.
+    """
+
+    exact: float
+    overlap: float
+    mean_jaccard: float
+
+
+def path_agreement(path_a: list[int], path_b: list[int]) -> PathAgreement:
+    """Compare two pruning paths (``path[n-1] = l*(n)``) of the same model."""
+    if len(path_a) != len(path_b) or not path_a:
+        raise ValueError(f"paths must be non-empty and of equal length, got {len(path_a)} and {len(path_b)}")
+    exact, overlap, jaccard = [], [], []
+    for block, (first_a, first_b) in enumerate(zip(path_a, path_b), start=1):
+        shared = max(0, min(first_a, first_b) + block - max(first_a, first_b))
+        exact.append(first_a == first_b)
+        overlap.append(shared > 0)
+        jaccard.append(shared / (2 * block - shared))
+    return PathAgreement(float(np.mean(exact)), float(np.mean(overlap)), float(np.mean(jaccard)))
+
+
+def _array_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
+
+
+@dataclass(eq=False)
+class RedundancyResult:
+    """Everything measured for one (model, data set, modality, token selection): the pruning-plan input.
+
+    ``table``/``ci_low``/``ci_high`` are ``[L, L]`` (row n-1 = block size n, column l = first layer,
+    NaN where ``l + n > L``); ``path[n-1] = l*(n)``; ``block_influence[i]`` = BI of layer i;
+    ``bi_ranking`` = layers from least to most influential. ``reduction`` says how tokens were averaged
+    ("token" or "utterance"); CIs are always over utterances.
+    """
+
+    model_id: str
+    num_layers: int
+    token_selection: str
+    set_name: str
+    modality: Modality
+    num_samples: int
+    table: np.ndarray
+    path: list[int]
+    block_influence: np.ndarray
+    bi_ranking: list[int]
+    ci_low: np.ndarray | None = None
+    ci_high: np.ndarray | None = None
+    epoch: int | None = None
+    reduction: str = "token"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.modality not in get_args(Modality):
+            raise ValueError(f"modality must be one of {get_args(Modality)}, got {self.modality!r}")
+        self.table = as_table(self.table)
+        self.block_influence = np.asarray(self.block_influence, float)
+        self.ci_low = None if self.ci_low is None else as_table(self.ci_low, "ci_low")
+        self.ci_high = None if self.ci_high is None else as_table(self.ci_high, "ci_high")
+        shapes = {"table": self.table.shape, "ci_low": None if self.ci_low is None else self.ci_low.shape,
+                  "ci_high": None if self.ci_high is None else self.ci_high.shape}
+        for name, shape in shapes.items():
+            if shape is not None and shape != (self.num_layers, self.num_layers):
+                raise ValueError(f"{name} has shape {shape}, expected ({self.num_layers}, {self.num_layers})")
+        for name, size in (("path", len(self.path)), ("block_influence", self.block_influence.size),
+                           ("bi_ranking", len(self.bi_ranking))):
+            if size != self.num_layers:
+                raise ValueError(f"{name} has {size} entries, expected num_layers = {self.num_layers}")
+
+    @classmethod
+    def from_tables(
+        cls,
+        table: ArrayLike,
+        block_influence: ArrayLike,
+        *,
+        model_id: str,
+        token_selection: str,
+        set_name: str,
+        modality: Modality,
+        num_samples: int,
+        per_sample_tables: ArrayLike | None = None,
+        epoch: int | None = None,
+        reduction: str = "token",
+        n_boot: int = 1000,
+        alpha: float = 0.05,
+        seed: int = 0,
+        extra: dict[str, Any] | None = None,
+    ) -> "RedundancyResult":
+        """Build a result from a metric table and BI vector; derives path, ranking and (optionally) CIs."""
+        array = as_table(table)
+        ci_low = ci_high = None
+        if per_sample_tables is not None:
+            ci_low, ci_high = bootstrap_ci(per_sample_tables, n_boot=n_boot, alpha=alpha, seed=seed)
+        bi = block_influence.detach().cpu().double().numpy() if isinstance(block_influence, torch.Tensor) \
+            else np.asarray(block_influence, float)
+        return cls(model_id=model_id, num_layers=array.shape[0], token_selection=token_selection,
+                   set_name=set_name, modality=modality, num_samples=num_samples, table=array,
+                   path=pruning_path(array), block_influence=bi, bi_ranking=block_influence_ranking(bi),
+                   ci_low=ci_low, ci_high=ci_high, epoch=epoch, reduction=reduction,
+                   extra=dict(extra or {}, ci_alpha=alpha, ci_n_boot=n_boot) if ci_low is not None
+                   else dict(extra or {}))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RedundancyResult):
+            return NotImplemented
+        scalars = ("model_id", "num_layers", "token_selection", "set_name", "modality", "num_samples",
+                   "path", "bi_ranking", "epoch", "reduction", "extra")
+        return (all(getattr(self, name) == getattr(other, name) for name in scalars)
+                and _array_equal(self.table, other.table)
+                and _array_equal(self.block_influence, other.block_influence)
+                and _array_equal(self.ci_low, other.ci_low) and _array_equal(self.ci_high, other.ci_high))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, self-describing dict (``format_version`` 1; NaN cells become ``null``)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "lightning_speechllm.redundancy",
+            "layout": {
+                "table": "rows: block size n = 1..L (row n-1); columns: first layer l = 0..L-1; null where l+n > L",
+                "d": "d(l, n) = arccos(cos(x^l, x^(l+n))) / pi on the pre-final-norm residual stream",
+                "path": "path[n-1] = l*(n) = argmin_l d(l, n); pruning it removes layers l*(n) .. l*(n)+n-1",
+                "block_influence": "BI_i = 1 - E_t[cos(x^i_t, x^(i+1)_t)] for layer i = 0..L-1",
+                "bi_ranking": "layer indices from lowest to highest BI",
+            },
+            "model_id": self.model_id,
+            "num_layers": self.num_layers,
+            "token_selection": self.token_selection,
+            "reduction": self.reduction,
+            "set_name": self.set_name,
+            "modality": self.modality,
+            "num_samples": self.num_samples,
+            "epoch": self.epoch,
+            "path": list(self.path),
+            "block_influence": report.array_to_json(self.block_influence),
+            "bi_ranking": list(self.bi_ranking),
+            "table": report.array_to_json(self.table),
+            "ci_low": None if self.ci_low is None else report.array_to_json(self.ci_low),
+            "ci_high": None if self.ci_high is None else report.array_to_json(self.ci_high),
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "RedundancyResult":
+        """Inverse of :meth:`to_dict`; ``source`` names the file in error messages."""
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{source}: unsupported format_version {version!r}, expected {FORMAT_VERSION}")
+        required = ("model_id", "num_layers", "token_selection", "set_name", "modality", "num_samples",
+                    "table", "path", "block_influence", "bi_ranking")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise KeyError(f"{source}: missing key(s) {missing}")
+
+        def optional_table(key: str) -> np.ndarray | None:
+            return None if data.get(key) is None else report.array_from_json(data[key], f"{source}:{key}")
+
+        return cls(model_id=data["model_id"], num_layers=int(data["num_layers"]),
+                   token_selection=data["token_selection"], set_name=data["set_name"],
+                   modality=data["modality"], num_samples=int(data["num_samples"]),
+                   table=report.array_from_json(data["table"], f"{source}:table"),
+                   path=[int(v) for v in data["path"]],
+                   block_influence=report.array_from_json(data["block_influence"], f"{source}:block_influence"),
+                   bi_ranking=[int(v) for v in data["bi_ranking"]],
+                   ci_low=optional_table("ci_low"), ci_high=optional_table("ci_high"),
+                   epoch=data.get("epoch"), reduction=data.get("reduction", "token"),
+                   extra=dict(data.get("extra") or {}))
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the result as JSON (atomically); returns the path."""
+        return report.write_json(self.to_dict(), path)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "RedundancyResult":
+        """Read a result written by :meth:`to_json`."""
+        return cls.from_dict(report.read_json(path), source=str(path))
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the defined cells in long format: columns ``l, n, d, ci_low, ci_high``."""
+        return report.write_table_csv(self.table, path, ci_low=self.ci_low, ci_high=self.ci_high)

@@ -1,0 +1,239 @@
+"""Layer-redundancy metrics on the recorded residual stream of a decoder.
+
+Inputs are the residual-stream states ``x^0 … x^L`` (each ``[B, T, D]``; ``x^0`` = input embeddings,
+``x^L`` = output of the last layer *before* the final norm) and a boolean token mask ``[B, T]`` built by
+:func:`select_tokens` from the model's ``segment_ids``.
+
+* :class:`AngularDistanceMetric` — Gromov et al.'s angular distance
+  ``d(l, n) = arccos(cos(x^l, x^(l+n))) / π`` for every block size ``n = 1..L`` and first layer
+  ``l = 0..L-n``, all from one set of states.
+* :class:`BlockInfluenceMetric` — ShortGPT's ``BI_i = 1 − E_t[cos(x^i_t, x^(i+1)_t)]`` per layer.
+
+Both keep float64 sums and counts reduced with ``"sum"``, so they synchronise under DDP.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Union, get_args
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from lightning_speechllm.model.segments import Segment
+
+TokenSelection = Literal["last", "all", "speech", "prompt", "target"]
+Reduction = Literal["token", "utterance"]
+StatesLike = Union[Sequence[Tensor], Tensor]
+
+TOKEN_SELECTIONS: tuple[str, ...] = get_args(TokenSelection)
+_SEGMENT_OF_MODE = {"speech": Segment.SPEECH, "prompt": Segment.PROMPT, "target": Segment.TARGET}
+
+
+def select_tokens(segment_ids: Tensor, mode: TokenSelection) -> Tensor:
+    """Boolean mask ``[B, T]`` of the token positions a redundancy metric averages over.
+
+    ``last``: the last non-PAD position of each sequence (Gromov et al.); ``all``: every non-PAD position;
+    ``speech`` / ``prompt`` / ``target``: the positions of that :class:`Segment`. PAD is never selected.
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be [B, T], got shape {tuple(segment_ids.shape)}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
+        raise TypeError(f"segment_ids must be an integer tensor, got dtype {segment_ids.dtype}")
+    valid = segment_ids != Segment.PAD
+    if mode == "all":
+        return valid
+    if mode == "last":
+        positions = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+        last = torch.where(valid, positions, -1).amax(dim=1)
+        mask = positions == last.unsqueeze(1)
+        return mask & valid
+    if mode in _SEGMENT_OF_MODE:
+        return segment_ids == _SEGMENT_OF_MODE[mode]
+    raise ValueError(f"unknown token selection mode {mode!r}; expected one of {TOKEN_SELECTIONS}")
+
+
+def _check_states(states: StatesLike, token_mask: Tensor, num_layers: int) -> list[Tensor]:
+    """Validate ``states`` (L+1 tensors [B, T, D]) against ``token_mask`` [B, T]; return them as a list."""
+    state_list = list(states.unbind(0)) if isinstance(states, Tensor) else list(states)
+    if len(state_list) != num_layers + 1:
+        raise ValueError(
+            f"expected num_layers + 1 = {num_layers + 1} residual states x^0..x^L, got {len(state_list)}"
+        )
+    if token_mask.dtype != torch.bool or token_mask.dim() != 2:
+        raise ValueError(f"token_mask must be a bool tensor [B, T], got {token_mask.dtype} {tuple(token_mask.shape)}")
+    shape = state_list[0].shape
+    for index, state in enumerate(state_list):
+        if state.dim() != 3 or state.shape != shape:
+            raise ValueError(f"state x^{index} has shape {tuple(state.shape)}, expected [B, T, D] = {tuple(shape)}")
+    if tuple(shape[:2]) != tuple(token_mask.shape):
+        raise ValueError(f"token_mask shape {tuple(token_mask.shape)} does not match states [B, T] = {tuple(shape[:2])}")
+    return state_list
+
+
+def _gather_unit_states(states: list[Tensor], flat_index: Tensor, dtype: torch.dtype) -> Tensor:
+    """Selected tokens of every state, L2-normalised, as ``[N, L+1, D]`` in ``dtype``."""
+    dim = states[0].shape[-1]
+    picked = torch.stack([state.reshape(-1, dim).index_select(0, flat_index) for state in states], dim=1)
+    return F.normalize(picked.to(dtype), dim=-1)
+
+
+def block_table_index(num_layers: int, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Index tensors ``(first, last, valid)``, each ``[L, L]``, for the table layout used here.
+
+    Row ``n-1`` holds block size ``n``, column ``l`` the first layer; cell (n-1, l) compares
+    ``x^l`` with ``x^(l+n)``. ``valid`` is False where ``l + n > L``; ``last`` is clamped to ``L`` there.
+    """
+    block = torch.arange(1, num_layers + 1, device=device).unsqueeze(1)
+    first = torch.arange(num_layers, device=device).unsqueeze(0).expand(num_layers, num_layers)
+    end = first + block
+    valid = end <= num_layers
+    return first, end.clamp(max=num_layers), valid
+
+
+class AngularDistanceMetric(Metric):
+    """Angular distance table ``d(l, n)`` between residual states, accumulated over batches.
+
+    Args:
+        num_layers: number of decoder layers L (``update`` expects L+1 states).
+        reduction: ``"token"`` (default) — mean over all selected tokens of all utterances, so long
+            utterances weigh more under ``all``/segment selections; ``"utterance"`` — mean over utterances
+            of each utterance's token mean. Identical for ``last`` (one token per utterance).
+        keep_per_sample: also keep each utterance's token-mean table (float32, ``dist_reduce_fx="cat"``)
+            for bootstrap confidence intervals; utterances with no selected token are skipped.
+        compute_dtype: precision of the cosine/arccos computation (float64 by default; arccos is
+            ill-conditioned near cos = 1, i.e. for the small distances that matter).
+        token_chunk_size: tokens processed at once (bounds memory to ``chunk × (L+1) × D``).
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(
+        self,
+        num_layers: int,
+        reduction: Reduction = "token",
+        keep_per_sample: bool = False,
+        compute_dtype: torch.dtype = torch.float64,
+        token_chunk_size: int = 2048,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if reduction not in get_args(Reduction):
+            raise ValueError(f"reduction must be one of {get_args(Reduction)}, got {reduction!r}")
+        if not compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
+        if token_chunk_size < 1:
+            raise ValueError(f"token_chunk_size must be >= 1, got {token_chunk_size}")
+        self.num_layers = num_layers
+        self.reduction = reduction
+        self.keep_per_sample = keep_per_sample
+        self.compute_dtype = compute_dtype
+        self.token_chunk_size = token_chunk_size
+        zeros = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+        self.add_state("token_sum", default=zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("token_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("utterance_sum", default=zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("utterance_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        if keep_per_sample:
+            self.add_state("per_sample", default=[], dist_reduce_fx="cat")
+
+    def update(self, states: StatesLike, token_mask: Tensor) -> None:  # type: ignore[override]
+        """Add the selected tokens of one batch of residual states ``x^0..x^L`` (each ``[B, T, D]``)."""
+        state_list = _check_states(states, token_mask, self.num_layers)
+        batch_size = token_mask.shape[0]
+        token_mask = token_mask.to(state_list[0].device)
+        flat_index = token_mask.reshape(-1).nonzero().squeeze(1)
+        utterance_of_token = flat_index // token_mask.shape[1]
+        first, end, valid = block_table_index(self.num_layers, device=flat_index.device)
+        per_utterance = torch.zeros(batch_size, self.num_layers, self.num_layers, dtype=torch.float64,
+                                    device=flat_index.device)
+        for start in range(0, flat_index.numel(), self.token_chunk_size):
+            chunk = flat_index[start:start + self.token_chunk_size]
+            unit = _gather_unit_states(state_list, chunk, self.compute_dtype)
+            gram = torch.bmm(unit, unit.transpose(1, 2)).clamp_(-1.0, 1.0)  # [N, L+1, L+1] cosines
+            dist = torch.arccos(gram[:, first, end]) / math.pi  # [N, L, L]
+            dist = torch.where(valid, dist, torch.zeros((), dtype=dist.dtype, device=dist.device)).double()
+            per_utterance.index_add_(0, utterance_of_token[start:start + self.token_chunk_size], dist)
+        tokens_per_utterance = token_mask.sum(dim=1)
+        present = tokens_per_utterance > 0
+        utterance_means = per_utterance[present] / tokens_per_utterance[present].view(-1, 1, 1).double()
+        self.token_sum += per_utterance.sum(dim=0).to(self.token_sum.device)
+        self.token_count += int(flat_index.numel())
+        self.utterance_sum += utterance_means.sum(dim=0).to(self.utterance_sum.device)
+        self.utterance_count += int(present.sum())
+        if self.keep_per_sample:
+            self.per_sample.append(utterance_means.float().to(self.token_sum.device))
+
+    def compute(self) -> Tensor:
+        """``[L, L]`` float64 table: row ``n-1`` = block size n, column l; NaN where ``l + n > L``."""
+        if self.reduction == "token":
+            total, count = self.token_sum, self.token_count
+        else:
+            total, count = self.utterance_sum, self.utterance_count
+        if int(count) == 0:
+            raise RuntimeError("AngularDistanceMetric.compute() called before any token was selected in update()")
+        _, _, valid = block_table_index(self.num_layers, device=total.device)
+        return torch.where(valid, total / count, torch.full((), float("nan"), dtype=total.dtype, device=total.device))
+
+    def compute_per_sample(self) -> Tensor:
+        """``[S, L, L]`` float32 per-utterance tables (NaN where ``l + n > L``); needs ``keep_per_sample``."""
+        if not self.keep_per_sample:
+            raise RuntimeError("per-sample tables were not kept: construct with keep_per_sample=True")
+        if isinstance(self.per_sample, list) and not self.per_sample:
+            raise RuntimeError("AngularDistanceMetric.compute_per_sample() called before update()")
+        tables = dim_zero_cat(self.per_sample)
+        _, _, valid = block_table_index(self.num_layers, device=tables.device)
+        return torch.where(valid, tables, torch.full((), float("nan"), dtype=tables.dtype, device=tables.device))
+
+
+class BlockInfluenceMetric(Metric):
+    """ShortGPT Block Influence ``BI_i = 1 − E_t[cos(x^i_t, x^(i+1)_t)]`` for layers ``i = 0..L-1``.
+
+    The expectation is a mean over all selected tokens of all utterances (token mean).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        num_layers: int,
+        compute_dtype: torch.dtype = torch.float64,
+        token_chunk_size: int = 2048,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if token_chunk_size < 1:
+            raise ValueError(f"token_chunk_size must be >= 1, got {token_chunk_size}")
+        self.num_layers = num_layers
+        self.compute_dtype = compute_dtype
+        self.token_chunk_size = token_chunk_size
+        self.add_state("cos_sum", default=torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("token_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, states: StatesLike, token_mask: Tensor) -> None:  # type: ignore[override]
+        """Add the selected tokens of one batch of residual states ``x^0..x^L`` (each ``[B, T, D]``)."""
+        state_list = _check_states(states, token_mask, self.num_layers)
+        flat_index = token_mask.to(state_list[0].device).reshape(-1).nonzero().squeeze(1)
+        for start in range(0, flat_index.numel(), self.token_chunk_size):
+            unit = _gather_unit_states(state_list, flat_index[start:start + self.token_chunk_size], self.compute_dtype)
+            cosine = (unit[:, :-1] * unit[:, 1:]).sum(dim=-1).clamp(-1.0, 1.0)  # [N, L]
+            self.cos_sum += cosine.sum(dim=0).double().to(self.cos_sum.device)
+        self.token_count += int(flat_index.numel())
+
+    def compute(self) -> Tensor:
+        """``[L]`` float64 Block Influence per layer (higher = the layer changes the stream more)."""
+        if int(self.token_count) == 0:
+            raise RuntimeError("BlockInfluenceMetric.compute() called before any token was selected in update()")
+        return 1.0 - self.cos_sum / self.token_count
