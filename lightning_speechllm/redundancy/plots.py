@@ -48,8 +48,7 @@ def draw_redundancy_heatmap(
     array = as_table(table)
     num_layers = array.shape[0]
     shown = np.ma.masked_where(~valid_cells(num_layers) | ~np.isfinite(array), array)
-    colour_map = colormaps[cmap].copy()
-    colour_map.set_bad(alpha=0.0)
+    colour_map = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     image = ax.imshow(shown, origin="lower", aspect="auto", cmap=colour_map, vmin=vmin, vmax=vmax,
                       extent=(-0.5, num_layers - 0.5, 0.5, num_layers + 0.5), interpolation="nearest")
     if show_path:
