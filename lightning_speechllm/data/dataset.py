@@ -118,7 +118,7 @@ class SpeechDataset(torch.utils.data.Dataset):
             try:
                 audio = load_waveform(cut, self.sample_rate)
             except Exception as e:  # decoders raise many types; all mean "this file cannot be read"
-                raise CheckFailed(BadReason.UNREADABLE_AUDIO, f"cannot decode audio: {type(e).__name__}: {e}") from e
+                raise CheckFailed(BadReason.UNREADABLE_AUDIO, f"cannot decode audio: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
             check_waveform(audio, self.sample_rate, self.max_audio_seconds)
         target = fields["translation"] if fields["task"] == "ast" else fields["text"]
         return Utterance(
