@@ -22,9 +22,12 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, WhisperConfig
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +266,11 @@ def _scalar(model: CT2Model, name: str) -> int | None:
         return None
 
 
-def build_whisper_config(model: CT2Model, ct2_config: dict | None = None, tokenizer_json: dict | None = None):
-    """Infer a :class:`transformers.WhisperConfig` from tensor shapes, the CT2 ``config.json`` and the tokenizer."""
+def build_whisper_config(
+    model: CT2Model, ct2_config: dict | None = None, special: dict[str, int] | None = None
+) -> WhisperConfig:
+    """Infer a :class:`transformers.WhisperConfig` from tensor shapes, the CT2 ``config.json`` and the special
+    token ids (see :func:`special_token_ids`; OpenAI's ids are assumed when absent)."""
     from transformers import WhisperConfig
 
     ct2_config = ct2_config or {}
@@ -277,11 +283,13 @@ def build_whisper_config(model: CT2Model, ct2_config: dict | None = None, tokeni
         enc_heads = dec_heads = max(1, d_model // 64)  # every released Whisper uses 64-dim heads
         log.warning("CT2 model has no num_heads scalar; assuming %d heads (64-dim)", enc_heads)
     multilingual = vocab >= 51865
-    special = _special_token_ids(tokenizer_json) if tokenizer_json else {}
+    special = special or {}
     eot = special.get("<|endoftext|>", 50257 if multilingual else 50256)
     sot = special.get("<|startoftranscript|>", eot + 1)
     no_ts = special.get("<|notimestamps|>", 50363 if multilingual else 50362)
-    begin_suppress = ct2_config.get("suppress_ids_begin", [220, eot])
+    for token, index in (("<|endoftext|>", eot), ("<|startoftranscript|>", sot), ("<|notimestamps|>", no_ts)):
+        if not 0 <= index < vocab:
+            raise CT2FormatError(f"{token} id {index} outside the vocabulary (size {vocab}); ship a vocabulary file")
     config = WhisperConfig(
         vocab_size=vocab,
         num_mel_bins=conv1.shape[1],
@@ -298,8 +306,9 @@ def build_whisper_config(model: CT2Model, ct2_config: dict | None = None, tokeni
         bos_token_id=eot,
         eos_token_id=eot,
         decoder_start_token_id=sot,
-        suppress_tokens=list(ct2_config.get("suppress_ids", [])),
-        begin_suppress_tokens=list(begin_suppress),
+        # generation-only settings live in generation_config.json (transformers 5 warns if both carry them)
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
         tie_word_embeddings=True,
     )
     config.alignment_heads = [list(h) for h in ct2_config.get("alignment_heads", [])]
@@ -308,23 +317,43 @@ def build_whisper_config(model: CT2Model, ct2_config: dict | None = None, tokeni
     return config
 
 
-def _special_token_ids(tokenizer_json: dict) -> dict[str, int]:
-    return {t["content"]: int(t["id"]) for t in tokenizer_json.get("added_tokens", [])}
+def special_token_ids(ct2_dir: str | Path) -> dict[str, int]:
+    """``<|...|>`` token -> id, from ``tokenizer.json`` (added tokens) or else CT2's ``vocabulary.json|txt``."""
+    ct2_dir = Path(ct2_dir)
+    tok_json = _read_json(ct2_dir / "tokenizer.json")
+    if tok_json is not None:
+        return {t["content"]: int(t["id"]) for t in tok_json.get("added_tokens", [])}
+    vocab = _read_json(ct2_dir / "vocabulary.json")
+    if vocab is None and (ct2_dir / "vocabulary.txt").is_file():
+        vocab = (ct2_dir / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
+    if vocab is None:
+        return {}
+    if not isinstance(vocab, list):
+        raise CT2FormatError(f"{ct2_dir}/vocabulary.json: expected a JSON list of tokens, got {type(vocab).__name__}")
+    return {tok: i for i, tok in enumerate(vocab) if _is_special(tok)}
 
 
-def build_generation_config(config, tokenizer_json: dict | None = None):
-    """A :class:`transformers.GenerationConfig` for Whisper's ``generate`` (task/lang ids from the tokenizer)."""
+def _is_special(token: str) -> bool:
+    return token.startswith("<|") and token.endswith("|>") and not token[2:3].isdigit()  # not a timestamp
+
+
+def build_generation_config(
+    config: WhisperConfig, ct2_config: dict | None = None, special: dict[str, int] | None = None
+) -> GenerationConfig:
+    """A :class:`transformers.GenerationConfig` for Whisper's ``generate`` (suppressed ids from the CT2 config,
+    task/language ids from the tokenizer)."""
     from transformers import GenerationConfig
 
-    special = _special_token_ids(tokenizer_json) if tokenizer_json else {}
+    ct2_config = ct2_config or {}
+    special = special or {}
     multilingual = config.vocab_size >= 51865
     gen = GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id,
-        suppress_tokens=config.suppress_tokens,
-        begin_suppress_tokens=config.begin_suppress_tokens,
+        suppress_tokens=list(ct2_config.get("suppress_ids", [])),
+        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin", [220, config.eos_token_id])),
         no_timestamps_token_id=config.no_timestamps_token_id,
         max_length=config.max_target_positions,
         is_multilingual=multilingual,
@@ -357,19 +386,19 @@ def convert_ct2_whisper(
     if ct2.spec and "whisper" not in ct2.spec.lower():
         raise CT2FormatError(f"{files[0]}: spec {ct2.spec!r} is not a Whisper model")
     ct2_config = _read_json(ct2_dir / "config.json")
-    tok_json = _read_json(ct2_dir / "tokenizer.json")
-    config = build_whisper_config(ct2, ct2_config, tok_json)
+    special = special_token_ids(ct2_dir)
+    config = build_whisper_config(ct2, ct2_config, special)
     state = ct2_to_hf_state_dict(ct2)
     state["proj_out.weight"] = state["model.decoder.embed_tokens.weight"]
     with torch.device("meta"):
         model = WhisperForConditionalGeneration(config)
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
-    model.generation_config = build_generation_config(config, tok_json)
+    model.generation_config = build_generation_config(config, ct2_config, special)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)
-    if tok_json is not None:
+    if (ct2_dir / "tokenizer.json").is_file():
         _save_tokenizer(ct2_dir / "tokenizer.json", out_dir, multilingual=config.vocab_size >= 51865)
     log.info("converted %s (%s, %d variables) -> %s", files[0], ct2.spec, len(ct2.variables), out_dir)
     return out_dir
