@@ -201,7 +201,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = TARGET_SAMPLE_RAT
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """Temporarily set torch's intra-op threads (one thread resamples short clips ~10x faster on a busy CPU)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -354,7 +354,7 @@ def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int 
     speakers: dict[str, str] = {}
     total_seconds = 0.0
     started = time.perf_counter()
-    with _torch_threads(1):
+    with torch_threads(1):
         for utt in tqdm(plan, desc="espeak-ng", unit="utt", disable=not progress):
             duration = _synthesize_one(utt, wav_dir / f"{utt.id}.wav")
             total_seconds += duration
@@ -379,4 +379,4 @@ def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int 
 
 
 __all__ = ["DEFAULT_AST_SIZES", "DEFAULT_SIZES", "EspeakError", "EspeakSynthesizer", "TARGET_SAMPLE_RATE", "VOICES",
-           "Utterance", "resample", "synthesize_corpus", "write_lhotse_cuts", "write_wav"]
+           "Utterance", "resample", "torch_threads", "synthesize_corpus", "write_lhotse_cuts", "write_wav"]
