@@ -339,8 +339,12 @@ class SpeechDataModule(L.LightningDataModule):
         sd = state_dict.get("train_sampler")
         if not sd:
             return
-        self._pending_sampler_state = copy.deepcopy(sd)
-        epoch = sd["diagnostics"]["current_epoch"]
-        stats = sd["diagnostics"]["stats_per_epoch"].get(epoch)
+        sd = copy.deepcopy(sd)
+        diag = sd["diagnostics"]
+        # JSON/YAML round trips turn the int epoch keys into strings; Lhotse looks them up as ints.
+        diag["stats_per_epoch"] = {int(k): v for k, v in diag["stats_per_epoch"].items()}
+        self._pending_sampler_state = sd
+        epoch = int(diag["current_epoch"])
+        stats = diag["stats_per_epoch"].get(epoch)
         self._consumed = (epoch, stats["kept_batches"] + stats["discarded_batches"]) if stats else None
         self.train_sampler = None
