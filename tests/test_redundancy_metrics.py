@@ -132,7 +132,7 @@ def test_angular_distance_float32_close_to_reference():
 @pytest.mark.parametrize("mode", ["last", "all", "speech"])
 def test_block_influence_matches_loop_reference(mode):
     states, mask = _states(seed=1), select_tokens(_segments(), mode)
-    metric = BlockInfluenceMetric(NUM_LAYERS, token_chunk_size=4)
+    metric = BlockInfluenceMetric(NUM_LAYERS)
     metric.update(states, mask)
     torch.testing.assert_close(metric.compute(), _reference_bi(states, mask), atol=1e-5, rtol=0)
 

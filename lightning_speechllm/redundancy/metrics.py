@@ -19,7 +19,6 @@ from typing import Literal, Union, get_args
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -75,11 +74,42 @@ def _check_states(states: StatesLike, token_mask: Tensor, num_layers: int) -> li
     return state_list
 
 
-def _gather_unit_states(states: list[Tensor], flat_index: Tensor, dtype: torch.dtype) -> Tensor:
-    """Selected tokens of every state, L2-normalised, as ``[N, L+1, D]`` in ``dtype``."""
+def _gather_states(states: list[Tensor], flat_index: Tensor, dtype: torch.dtype) -> Tensor:
+    """Selected tokens of every state as one ``[N, L+1, D]`` tensor in ``dtype`` (a single conversion copy)."""
     dim = states[0].shape[-1]
-    picked = torch.stack([state.reshape(-1, dim).index_select(0, flat_index) for state in states], dim=1)
-    return F.normalize(picked.to(dtype), dim=-1)
+    picked = torch.empty(flat_index.numel(), len(states), dim, dtype=dtype, device=states[0].device)
+    for index, state in enumerate(states):
+        picked[:, index].copy_(state.reshape(-1, dim).index_select(0, flat_index))
+    return picked
+
+
+def _inverse_norms(picked: Tensor) -> Tensor:
+    """``1 / ‖x‖`` per token and state, ``[N, L+1]`` (zero vectors give cosine 0, not NaN)."""
+    return torch.linalg.vector_norm(picked, dim=-1).clamp_min(torch.finfo(picked.dtype).tiny).reciprocal()
+
+
+def _pairwise_cosines(picked: Tensor) -> Tensor:
+    """Cosine between every pair of states per token, ``[N, L+1, L+1]``, clamped to [-1, 1]."""
+    inverse = _inverse_norms(picked)
+    gram = torch.bmm(picked, picked.transpose(1, 2))
+    return (gram * inverse.unsqueeze(2) * inverse.unsqueeze(1)).clamp_(-1.0, 1.0)
+
+
+def _unit_tokens(state: Tensor, flat_index: Tensor, dtype: torch.dtype) -> Tensor:
+    """Selected tokens of one state ``[B, T, D]`` as unit vectors ``[N, D]`` in ``dtype``."""
+    picked = state.reshape(-1, state.shape[-1]).index_select(0, flat_index).to(dtype)
+    return picked * _inverse_norms(picked).unsqueeze(-1)
+
+
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_size(requested: int | None, states: list[Tensor], dtype: torch.dtype) -> int:
+    """Tokens per chunk: ``requested`` or the most that keep ``[chunk, L+1, D]`` under ~256 MiB."""
+    if requested is not None:
+        return requested
+    per_token = len(states) * states[0].shape[-1] * torch.finfo(dtype).bits // 8
+    return max(1, _CHUNK_BYTES // per_token)
 
 
 def block_table_index(num_layers: int, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,7 +137,8 @@ class AngularDistanceMetric(Metric):
             for bootstrap confidence intervals; utterances with no selected token are skipped.
         compute_dtype: precision of the cosine/arccos computation (float64 by default; arccos is
             ill-conditioned near cos = 1, i.e. for the small distances that matter).
-        token_chunk_size: tokens processed at once (bounds memory to ``chunk × (L+1) × D``).
+        token_chunk_size: tokens processed at once (memory ~ ``chunk × (L+1) × D``); ``None`` picks the
+            largest chunk whose normalised states fit in about 256 MiB.
     """
 
     is_differentiable = False
@@ -120,7 +151,7 @@ class AngularDistanceMetric(Metric):
         reduction: Reduction = "token",
         keep_per_sample: bool = False,
         compute_dtype: torch.dtype = torch.float64,
-        token_chunk_size: int = 2048,
+        token_chunk_size: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -130,7 +161,7 @@ class AngularDistanceMetric(Metric):
             raise ValueError(f"reduction must be one of {get_args(Reduction)}, got {reduction!r}")
         if not compute_dtype.is_floating_point:
             raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
-        if token_chunk_size < 1:
+        if token_chunk_size is not None and token_chunk_size < 1:
             raise ValueError(f"token_chunk_size must be >= 1, got {token_chunk_size}")
         self.num_layers = num_layers
         self.reduction = reduction
@@ -155,13 +186,13 @@ class AngularDistanceMetric(Metric):
         first, end, valid = block_table_index(self.num_layers, device=flat_index.device)
         per_utterance = torch.zeros(batch_size, self.num_layers, self.num_layers, dtype=torch.float64,
                                     device=flat_index.device)
-        for start in range(0, flat_index.numel(), self.token_chunk_size):
-            chunk = flat_index[start:start + self.token_chunk_size]
-            unit = _gather_unit_states(state_list, chunk, self.compute_dtype)
-            gram = torch.bmm(unit, unit.transpose(1, 2)).clamp_(-1.0, 1.0)  # [N, L+1, L+1] cosines
-            dist = torch.arccos(gram[:, first, end]) / math.pi  # [N, L, L]
+        chunk_size = _chunk_size(self.token_chunk_size, state_list, self.compute_dtype)
+        for start in range(0, flat_index.numel(), chunk_size):
+            chunk = flat_index[start:start + chunk_size]
+            cosine = _pairwise_cosines(_gather_states(state_list, chunk, self.compute_dtype))
+            dist = torch.arccos(cosine[:, first, end]) / math.pi  # [N, L, L]
             dist = torch.where(valid, dist, torch.zeros((), dtype=dist.dtype, device=dist.device)).double()
-            per_utterance.index_add_(0, utterance_of_token[start:start + self.token_chunk_size], dist)
+            per_utterance.index_add_(0, utterance_of_token[start:start + chunk_size], dist)
         tokens_per_utterance = token_mask.sum(dim=1)
         present = tokens_per_utterance > 0
         utterance_means = per_utterance[present] / tokens_per_utterance[present].view(-1, 1, 1).double()
@@ -197,7 +228,8 @@ class AngularDistanceMetric(Metric):
 class BlockInfluenceMetric(Metric):
     """ShortGPT Block Influence ``BI_i = 1 − E_t[cos(x^i_t, x^(i+1)_t)]`` for layers ``i = 0..L-1``.
 
-    The expectation is a mean over all selected tokens of all utterances (token mean).
+    The expectation is a mean over all selected tokens of all utterances (token mean). States are
+    streamed pairwise, so memory stays at two ``[N, D]`` copies; ``compute_dtype`` is float64 by default.
     """
 
     is_differentiable = False
@@ -208,17 +240,15 @@ class BlockInfluenceMetric(Metric):
         self,
         num_layers: int,
         compute_dtype: torch.dtype = torch.float64,
-        token_chunk_size: int = 2048,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if token_chunk_size < 1:
-            raise ValueError(f"token_chunk_size must be >= 1, got {token_chunk_size}")
+        if not compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
         self.num_layers = num_layers
         self.compute_dtype = compute_dtype
-        self.token_chunk_size = token_chunk_size
         self.add_state("cos_sum", default=torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("token_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -226,10 +256,13 @@ class BlockInfluenceMetric(Metric):
         """Add the selected tokens of one batch of residual states ``x^0..x^L`` (each ``[B, T, D]``)."""
         state_list = _check_states(states, token_mask, self.num_layers)
         flat_index = token_mask.to(state_list[0].device).reshape(-1).nonzero().squeeze(1)
-        for start in range(0, flat_index.numel(), self.token_chunk_size):
-            unit = _gather_unit_states(state_list, flat_index[start:start + self.token_chunk_size], self.compute_dtype)
-            cosine = (unit[:, :-1] * unit[:, 1:]).sum(dim=-1).clamp(-1.0, 1.0)  # [N, L]
-            self.cos_sum += cosine.sum(dim=0).double().to(self.cos_sum.device)
+        sums = torch.zeros(self.num_layers, dtype=torch.float64, device=flat_index.device)
+        previous = _unit_tokens(state_list[0], flat_index, self.compute_dtype)
+        for layer, state in enumerate(state_list[1:]):
+            current = _unit_tokens(state, flat_index, self.compute_dtype)
+            sums[layer] = torch.linalg.vecdot(previous, current).clamp_(-1.0, 1.0).sum()
+            previous = current
+        self.cos_sum += sums.to(self.cos_sum.device)
         self.token_count += int(flat_index.numel())
 
     def compute(self) -> Tensor:
