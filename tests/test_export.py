@@ -155,3 +155,11 @@ def test_export_rejects_bad_targets_and_pickle(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="Linear is not a transformers PreTrainedModel"):
         save_pruned_decoder(torch.nn.Linear(2, 2), tmp_path / "linear")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_lora_on_a_tied_weight_is_refused(tmp_path: Path) -> None:
+    model = tiny_causal_lm("gemma", num_layers=2)  # lm_head tied to embed_tokens
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    with pytest.raises(ExportError, match=r"lm_head: an adapter changes a weight tied to .*embed_tokens"):
+        save_pruned_decoder(peft_model, tmp_path / "tied")
+    assert list(tmp_path.iterdir()) == []

@@ -77,12 +77,16 @@ def tiny_config(arch: str, num_layers: int = 6, layer_types: list[str] | None = 
     elif arch == "gemma":
         config = GemmaConfig(**common, head_dim=8, tie_word_embeddings=True)
     elif arch == "gemma2":
-        layer_types = layer_types or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+        layer_types = layer_types or [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)
+        ]
         config = Gemma2Config(
             **common, head_dim=8, sliding_window=SLIDING_WINDOW, layer_types=layer_types, query_pre_attn_scalar=8
         )
     elif arch == "gemma3_text":
-        layer_types = layer_types or ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)]
+        layer_types = layer_types or [
+            "full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)
+        ]
         config = Gemma3TextConfig(
             **common, head_dim=8, sliding_window=SLIDING_WINDOW, layer_types=layer_types, query_pre_attn_scalar=8
         )
@@ -102,10 +106,11 @@ def tiny_causal_lm(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers, layer_types), dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
+    gain_offset = 1.0 if arch.startswith("gemma") else 0.0  # Gemma norms scale by (1 + weight)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(torch.rand(param.shape, generator=generator) * 0.5 + 0.75 - (1.0 if "gemma" in arch else 0))
+            if "norm" in name:  # gains uniform in [0.75, 1.25)
+                param.copy_(torch.rand(param.shape, generator=generator) * 0.5 + 0.75 - gain_offset)
     return model.eval()
 
 

@@ -83,6 +83,23 @@ def _modules_to_save_weights(prefix: str, wrapper: nn.Module) -> dict[str, torch
     return {f"{prefix}.{key}": value for key, value in module.state_dict(keep_vars=False).items()}
 
 
+def _check_no_lora_on_tied_weights(
+    state: dict[str, torch.Tensor], replaced: dict[str, torch.Tensor], prefixes: list[str]
+) -> None:
+    """A merged weight that was tied (e.g. lm_head ↔ embed_tokens) would be re-tied to the unmerged one on reload."""
+    owners: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        if tensor.device.type != "meta":
+            owners.setdefault(tensor.untyped_storage().data_ptr(), []).append(key)
+    for prefix in prefixes:
+        base_key = f"{prefix}.base_layer.weight"
+        if base_key not in state or f"{prefix}.weight" not in replaced:
+            continue
+        tied = [k for k in owners.get(state[base_key].untyped_storage().data_ptr(), []) if k != base_key]
+        if tied:
+            raise ExportError(f"{prefix}: an adapter changes a weight tied to {tied[0]}; untie the weights first")
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of the transformers model inside ``model`` with PEFT LoRA merged and PEFT keys removed.
 
@@ -102,6 +119,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             continue
         prefixes.append(name)
+    _check_no_lora_on_tied_weights(state, replaced, prefixes)
     merged = {k: v for k, v in state.items() if not any(k.startswith(p + ".") for p in prefixes)}
     merged.update(replaced)
     leftovers = sorted(k for k in merged if any(marker in k for marker in _PEFT_KEY_MARKERS))

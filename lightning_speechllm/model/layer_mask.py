@@ -185,12 +185,14 @@ class ResidualStream:
 
     ``states[0]`` is the input of the first active layer (after any embedding scaling), ``states[k]`` the output
     of the k-th active layer, ``states[-1]`` the output of the last active layer before the final norm; each
-    ``[B, T, D]``. ``layer_indices`` are the original indices of the active layers.
+    ``[B, T, D]``. ``layer_indices`` are the indices of the active layers, as in
+    :attr:`DecoderLayerMask.active_layers` (indices of the unmasked model; after :meth:`DecoderLayerMask.prune`,
+    of the pruned one). ``num_calls`` counts the complete forward calls seen inside the context.
     """
 
     states: list[torch.Tensor] = field(default_factory=list)
     layer_indices: tuple[int, ...] = ()
-    num_calls: int = 0  # complete forward calls seen inside the context
+    num_calls: int = 0
 
 
 class DecoderLayerMask:
