@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from lightning_speechllm.data.bad_samples import (
     BadReason,
@@ -178,3 +180,34 @@ def test_policy_validation() -> None:
         BadSampleHandler("ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rejected_path"):
         BadSampleHandler("skip")
+
+
+class _CountingModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.ids: list[str] = []
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        self.ids.extend(batch.ids)
+        return self.w.square().sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_skip_under_trainer_writes_to_log_dir_and_warns_each_epoch(tmp_path: Path) -> None:
+    nan = _wav(tmp_path / "nan.wav", values=np.full(4000, np.nan, np.float32))
+    manifest = _write(tmp_path, _row(id="b", audio=nan, text="x", task="asr"))
+    dm = SpeechDataModule(manifest, max_duration=10.0, on_bad_sample="skip")
+    model = _CountingModule()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
+    )
+    with pytest.warns(RuntimeWarning, match=r"\[train epoch 1\] 1 bad sample\(s\) skipped so far \(non_finite=1\)"):
+        trainer.fit(model, dm)
+    assert sorted(model.ids) == ["ok0", "ok0", "ok1", "ok1"]
+    assert dm.rejected_path == tmp_path / "run" / "rejected.jsonl"
+    assert count_rejected(dm.rejected_path) == {"non_finite": 1}
+    assert dm.report_bad_samples() == {"non_finite": 1}

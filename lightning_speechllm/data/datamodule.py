@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import warnings
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,11 @@ def build_train_sampler(
     quadratic_duration: float | None = None,
     num_cuts_for_bins_estimate: int = 10_000,
 ) -> DynamicBucketingSampler:
-    """Duration-bucketed, seeded train sampler; with ``world_size > 1`` each rank gets every N-th batch."""
+    """Duration-bucketed, seeded train sampler; with ``world_size > 1`` each rank gets every N-th batch.
+
+    ``num_buckets`` is lowered to the number of cuts for tiny sets (Lhotse refuses more buckets than cuts).
+    """
+    num_buckets = max(1, min(num_buckets, sum(1 for _ in islice(cuts, num_buckets))))
     with warnings.catch_warnings():
         # An eager CutSet is intended here: manifests are validated up front and are small enough to hold.
         warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
