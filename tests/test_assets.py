@@ -275,7 +275,7 @@ def test_whisper_tiny_en_matches_ctranslate2_and_transcribes_espeak(tmp_path: Pa
     oracle = ctranslate2.models.Whisper(str(source), device="cpu", compute_type="float32")
     storage = ctranslate2.StorageView.from_array(features.numpy())
     theirs = np.array(oracle.encode(storage))
-    assert np.abs(ours - theirs).max() < 5e-3 and np.abs(ours - theirs).mean() < 1e-4
+    assert np.abs(ours - theirs).max() < 3e-3 and np.abs(ours - theirs).mean() < 1e-4  # fp32 both sides
     prompt = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
     result = oracle.generate(storage, [prompt], beam_size=1, max_length=40)
     assert tokenizer.decode(result[0].sequences_ids[0]).strip() == text.strip()

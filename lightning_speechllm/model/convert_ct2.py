@@ -399,7 +399,7 @@ def convert_ct2_whisper(
     model.save_pretrained(out_dir, safe_serialization=True)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)
     if (ct2_dir / "tokenizer.json").is_file():
-        _save_tokenizer(ct2_dir / "tokenizer.json", out_dir, multilingual=config.vocab_size >= 51865)
+        _save_tokenizer(ct2_dir / "tokenizer.json", out_dir, config)
     log.info("converted %s (%s, %d variables) -> %s", files[0], ct2.spec, len(ct2.variables), out_dir)
     return out_dir
 
@@ -413,9 +413,10 @@ def _read_json(path: Path) -> dict | None:
         raise CT2FormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
 
 
-def _save_tokenizer(tokenizer_file: Path, out_dir: Path, multilingual: bool) -> None:
+def _save_tokenizer(tokenizer_file: Path, out_dir: Path, config: WhisperConfig) -> None:
     from transformers import WhisperTokenizer
 
+    multilingual = config.vocab_size >= 51865
     tok = WhisperTokenizer(
         tokenizer_file=str(tokenizer_file),
         unk_token="<|endoftext|>",
@@ -425,5 +426,6 @@ def _save_tokenizer(tokenizer_file: Path, out_dir: Path, multilingual: bool) -> 
         language="english" if multilingual else None,
         task="transcribe" if multilingual else None,
         predict_timestamps=False,
+        model_max_length=config.max_target_positions,
     )
     tok.save_pretrained(out_dir)
