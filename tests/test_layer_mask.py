@@ -325,3 +325,26 @@ def test_model_without_layer_list_is_rejected_by_class_name() -> None:
         DecoderLayerMask(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(LayerMaskError, match="ModuleList of Linear"):
         find_decoder_layers(nn.Linear(2, 2))
+
+
+def test_reset_brings_restored_layers_to_the_dtype_of_the_active_ones() -> None:
+    model = tiny_causal_lm("llama", num_layers=3)
+    mask = DecoderLayerMask(model)
+    mask.remove_layers([1])
+    model.double()  # reaches only the registered (active) layers
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float64
+    mask.reset()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(tiny_input_ids()).logits.dtype == torch.float64
+
+
+def test_find_decoder_layers_on_base_models_and_peft_wrappers() -> None:
+    causal_lm = tiny_causal_lm("qwen2", num_layers=2)
+    base = causal_lm.model
+    assert find_decoder_layers(causal_lm) == (base, "layers")
+    assert find_decoder_layers(base) == (base, "layers")
+    peft_base = get_peft_model(base, LoraConfig(r=2, target_modules=["k_proj"]))
+    assert find_decoder_layers(peft_base) == (base, "layers")
+    mask = DecoderLayerMask(peft_base)
+    mask.remove_layers([0])
+    assert causal_lm.config.num_hidden_layers == 1 and DecoderLayerMask(causal_lm).removed_layers == (0,)
