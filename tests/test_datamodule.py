@@ -228,3 +228,15 @@ def test_real_ddp_two_ranks_partition_each_epoch(tmp_path: Path) -> None:
         ids0, ids1 = [i for b in r0 for i in b], [i for b in r1 for i in b]
         assert not set(ids0) & set(ids1)
         assert sorted(ids0 + ids1) == all_ids
+
+
+def test_state_before_training_restores_a_full_epoch(tmp_path: Path) -> None:
+    manifest = _corpus(tmp_path, n=4)
+    dm = SpeechDataModule(manifest, max_duration=1.0)
+    assert dm.state_dict() == {}  # no sampler yet
+    dm.setup("fit")
+    dm.train_dataloader()
+    fresh = SpeechDataModule(manifest, max_duration=1.0)
+    fresh.load_state_dict(dm.state_dict())
+    fresh.setup("fit")
+    assert sorted(i for b in fresh.train_dataloader() for i in b.ids) == [f"u{i}" for i in range(4)]

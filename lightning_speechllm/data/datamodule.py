@@ -333,6 +333,8 @@ class SpeechDataModule(L.LightningDataModule):
         sd = self.train_sampler.state_dict()
         diag = sd["diagnostics"]
         epoch = diag["current_epoch"]
+        if epoch not in diag["stats_per_epoch"]:
+            return {}  # the sampler has not been iterated yet: a resumed run simply starts from scratch
         if self._consumed is not None and self._consumed[0] == epoch and epoch in diag["stats_per_epoch"]:
             # The sampler has run ahead by the prefetched batches: rewind its counters to what was consumed.
             stats = diag["stats_per_epoch"][epoch]
