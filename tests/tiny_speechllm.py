@@ -53,7 +53,7 @@ def tiny_llama(vocab_size: int = 360, layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=False, initializer_range=0.2)
     return AutoModelForCausalLM.from_config(config).eval()
 
 

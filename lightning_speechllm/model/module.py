@@ -1,0 +1,202 @@
+"""`SpeechLLMModule`: the LightningModule that trains a SpeechLLM (projector, optional LoRA) and scores it.
+
+Checkpoints hold only what trains (projector, LoRA, a tuned encoder) plus the base model paths in the hyper-parameters,
+never a second copy of the frozen decoder.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.evaluation import WordErrorCounts, corpus_bleu_metric
+from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
+
+STATE_PREFIX = "speechllm."
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then decay."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    warmup_steps: int = 100
+    """Linear warm-up steps from 0 to `lr`."""
+    schedule: str = "linear"
+    """Decay after warm-up: 'linear' (to `min_lr_ratio * lr` at the last step), 'cosine' or 'constant'."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay, as a fraction of `lr`."""
+
+
+@dataclass
+class DecodingConfig:
+    """How hypotheses are produced during validation and test."""
+
+    max_new_tokens: int = 96
+    """Longest hypothesis in tokens."""
+    num_beams: int = 1
+    """1 = greedy (the paper); > 1 = beam search."""
+    generate_in_validation: bool = True
+    """Decode during validation (for WER/BLEU and callbacks); False logs only the loss."""
+
+
+@dataclass
+class Hypothesis:
+    """One decoded utterance, kept for metrics and callbacks."""
+
+    set_name: str
+    id: str
+    task: str
+    reference: str
+    hypothesis: str
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -> float:
+    """Multiplier of the peak LR at optimiser step `step`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    if schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown LR schedule {schedule!r}; expected 'linear', 'cosine' or 'constant'")
+
+
+class SpeechLLMModule(L.LightningModule):
+    """Train and evaluate a SpeechLLM; every validation set is logged under its own name."""
+
+    def __init__(self, model: SpeechLLMConfig | None = None, optim: OptimConfig | None = None,
+                 decoding: DecodingConfig | None = None, speechllm: SpeechLLM | None = None) -> None:
+        """`speechllm` injects an already built model (tests, notebooks); otherwise `model` says what to load."""
+        super().__init__()
+        self.model_config = from_dict(SpeechLLMConfig, model or (speechllm.config if speechllm else None))
+        self.optim_config = from_dict(OptimConfig, optim)
+        self.decoding = from_dict(DecodingConfig, decoding)
+        self.save_hyperparameters({"model": asdict(self.model_config), "optim": asdict(self.optim_config),
+                                   "decoding": asdict(self.decoding)})
+        self.speechllm = speechllm or SpeechLLM.from_config(self.model_config)
+        self.strict_loading = False  # checkpoints hold only the trainable weights; load_state_dict checks them
+        self.eval_metrics = nn.ModuleDict()
+        self.hypotheses: list[Hypothesis] = []
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def model_step(self, batch: SpeechBatch) -> tuple[torch.Tensor, Any]:
+        """Shared by training, validation and test: teacher-forced cross-entropy on the target tokens."""
+        loss, output, inputs = self.speechllm(batch)
+        return loss, (output, inputs)
+
+    def training_step(self, batch: SpeechBatch, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.model_step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: SpeechBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: SpeechBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def predict_step(self, batch: SpeechBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
+        hyps = self.speechllm.generate(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
+        return [{"id": i, "hypothesis": h} for i, h in zip(batch.ids, hyps)]
+
+    def _eval_step(self, stage: str, batch: SpeechBatch, dataloader_idx: int) -> None:
+        set_name = self.set_name(stage, dataloader_idx)
+        loss, _ = self.model_step(batch)
+        self.log(f"{stage}/{set_name}/loss", loss, batch_size=len(batch), add_dataloader_idx=False, sync_dist=True)
+        if stage == "val" and dataloader_idx == 0:
+            self.log("val/loss", loss, batch_size=len(batch), add_dataloader_idx=False, sync_dist=True, prog_bar=True)
+        if stage == "val" and not self.decoding.generate_in_validation:
+            return
+        hyps = self.speechllm.generate(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
+        self._update_metrics(stage, set_name, batch, hyps)
+
+    def _update_metrics(self, stage: str, set_name: str, batch: SpeechBatch, hyps: list[str]) -> None:
+        for task in sorted(set(batch.tasks)):
+            rows = [i for i, t in enumerate(batch.tasks) if t == task]
+            metric = self._metric(stage, set_name, task)
+            if task == "asr":
+                metric.update([hyps[i] for i in rows], [batch.texts[i] for i in rows])
+            else:
+                metric.update([hyps[i] for i in rows], [[batch.texts[i]] for i in rows])
+        self.hypotheses.extend(Hypothesis(set_name, uid, task, ref, hyp)
+                               for uid, task, ref, hyp in zip(batch.ids, batch.tasks, batch.texts, hyps))
+
+    def _metric(self, stage: str, set_name: str, task: str) -> nn.Module:
+        key = f"{stage}|{set_name}|{task}"
+        if key not in self.eval_metrics:
+            metric = WordErrorCounts() if task == "asr" else corpus_bleu_metric()
+            self.eval_metrics[key] = metric.to(self.device)
+        return self.eval_metrics[key]
+
+    def on_validation_epoch_start(self) -> None:
+        self.hypotheses = []
+
+    def on_test_epoch_start(self) -> None:
+        self.hypotheses = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, stage: str) -> None:
+        for key, metric in self.eval_metrics.items():
+            metric_stage, set_name, task = key.split("|")
+            if metric_stage != stage or not metric.update_called:
+                continue
+            if task == "asr":
+                counts = metric.compute()
+                self.log(f"{stage}/{set_name}/wer", 100 * counts["wer"], add_dataloader_idx=False)
+                for part in ("substitutions", "deletions", "insertions"):
+                    self.log(f"{stage}/{set_name}/{part}", counts[part].float(), add_dataloader_idx=False)
+            else:
+                self.log(f"{stage}/{set_name}/bleu", 100 * metric.compute(), add_dataloader_idx=False)
+            metric.reset()
+
+    def set_name(self, stage: str, dataloader_idx: int) -> str:
+        """The validation/test set name the datamodule gave this dataloader (or '<stage><idx>')."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, f"{stage}_set_names", None) or []
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"{stage}{dataloader_idx}"
+
+    # ------------------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: the projector, encoder and LoRA are all frozen")
+        cfg = self.optim_config
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self.speechllm.trainable_state_dict()
+        checkpoint["state_dict"] = {STATE_PREFIX + k: v for k, v in state.items()}
+        checkpoint["speechllm"] = self.speechllm.describe()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Load a trainable-only state dict (original layer numbering), refusing one that does not fit."""
+        foreign = [k for k in state_dict if not k.startswith(STATE_PREFIX)]
+        if foreign:
+            raise KeyError(f"unexpected keys outside '{STATE_PREFIX}': {foreign[:5]}")
+        self.speechllm.load_trainable_state_dict({k[len(STATE_PREFIX):]: v for k, v in state_dict.items()})
+        return nn.modules.module._IncompatibleKeys([], [])
