@@ -212,3 +212,59 @@ def test_metric_input_errors_are_explicit():
     empty.update(states, torch.zeros_like(mask))
     with pytest.raises(RuntimeError, match="before any token"):
         empty.compute()
+
+
+_DDP_SCRIPT = '''
+import os, sys, torch, torch.distributed as dist
+from lightning_speechllm.redundancy import AngularDistanceMetric, BlockInfluenceMetric
+
+def states(seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 5, 8, generator=generator) for _ in range(4)]
+
+MASK = torch.tensor([[False, True, True, True, True], [True] * 5])
+
+def run(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    distance, influence = AngularDistanceMetric(3, keep_per_sample=True), BlockInfluenceMetric(3)
+    distance.update(states(rank), MASK)
+    influence.update(states(rank), MASK)
+    result = (distance.compute(), distance.compute_per_sample(), influence.compute())
+    if rank == 0:
+        torch.save(result, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+'''
+
+
+def test_ddp_sync_over_two_gloo_ranks_equals_single_process(tmp_path):
+    """Real torch.distributed sync (2 CPU ranks, gloo): sums, counts and per-sample lists are gathered."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script, out = tmp_path / "ddp.py", tmp_path / "ddp.pt"
+    script.write_text(_DDP_SCRIPT)
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(port), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for rank, process in enumerate(ranks):
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, f"rank {rank}: {stderr[-2000:]}"
+    table, per_sample, influence = torch.load(out)
+    mask = torch.tensor([[False, True, True, True, True], [True] * 5])
+    distance, block = AngularDistanceMetric(3, keep_per_sample=True), BlockInfluenceMetric(3)
+    for rank in (0, 1):
+        generator = torch.Generator().manual_seed(rank)
+        rank_states = [torch.randn(2, 5, 8, generator=generator) for _ in range(4)]
+        distance.update(rank_states, mask)
+        block.update(rank_states, mask)
+    torch.testing.assert_close(table, distance.compute(), equal_nan=True)
+    torch.testing.assert_close(per_sample, distance.compute_per_sample(), equal_nan=True)
+    torch.testing.assert_close(influence, block.compute())

@@ -36,7 +36,8 @@ _SEGMENT_OF_MODE = {"speech": Segment.SPEECH, "prompt": Segment.PROMPT, "target"
 def select_tokens(segment_ids: Tensor, mode: TokenSelection) -> Tensor:
     """Boolean mask ``[B, T]`` of the token positions a redundancy metric averages over.
 
-    ``last``: the last non-PAD position of each sequence (Gromov et al.); ``all``: every non-PAD position;
+    ``last``: the last non-PAD position of each sequence (Gromov et al.), whatever its segment — with
+    teacher-forced targets in the batch that is the target's end token; ``all``: every non-PAD position;
     ``speech`` / ``prompt`` / ``target``: the positions of that :class:`Segment`. PAD is never selected.
     """
     if segment_ids.dim() != 2:
@@ -84,7 +85,7 @@ def _gather_states(states: list[Tensor], flat_index: Tensor, dtype: torch.dtype)
 
 
 def _inverse_norms(picked: Tensor) -> Tensor:
-    """``1 / ‖x‖`` per token and state, ``[N, L+1]`` (zero vectors give cosine 0, not NaN)."""
+    """``1 / ‖x‖`` over the last dimension (zero vectors then give cosine 0, not NaN)."""
     return torch.linalg.vector_norm(picked, dim=-1).clamp_min(torch.finfo(picked.dtype).tiny).reciprocal()
 
 
@@ -113,10 +114,10 @@ def _chunk_size(requested: int | None, states: list[Tensor], dtype: torch.dtype)
 
 
 def block_table_index(num_layers: int, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Index tensors ``(first, last, valid)``, each ``[L, L]``, for the table layout used here.
+    """Index tensors ``(first, end, valid)``, each ``[L, L]``, for the table layout used here.
 
     Row ``n-1`` holds block size ``n``, column ``l`` the first layer; cell (n-1, l) compares
-    ``x^l`` with ``x^(l+n)``. ``valid`` is False where ``l + n > L``; ``last`` is clamped to ``L`` there.
+    ``x^l`` with ``x^(l+n)``. ``valid`` is False where ``l + n > L``; ``end = l + n`` is clamped to ``L`` there.
     """
     block = torch.arange(1, num_layers + 1, device=device).unsqueeze(1)
     first = torch.arange(num_layers, device=device).unsqueeze(0).expand(num_layers, num_layers)
@@ -215,12 +216,16 @@ class AngularDistanceMetric(Metric):
         return torch.where(valid, total / count, torch.full((), float("nan"), dtype=total.dtype, device=total.device))
 
     def compute_per_sample(self) -> Tensor:
-        """``[S, L, L]`` float32 per-utterance tables (NaN where ``l + n > L``); needs ``keep_per_sample``."""
+        """``[S, L, L]`` float32 per-utterance tables (NaN where ``l + n > L``); needs ``keep_per_sample``.
+
+        Under DDP the tables of all ranks are gathered (like ``compute``), in rank order.
+        """
         if not self.keep_per_sample:
             raise RuntimeError("per-sample tables were not kept: construct with keep_per_sample=True")
-        if isinstance(self.per_sample, list) and not self.per_sample:
-            raise RuntimeError("AngularDistanceMetric.compute_per_sample() called before update()")
-        tables = dim_zero_cat(self.per_sample)
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
+            if isinstance(self.per_sample, list) and not self.per_sample:
+                raise RuntimeError("AngularDistanceMetric.compute_per_sample() called before update()")
+            tables = dim_zero_cat(self.per_sample).clone()
         _, _, valid = block_table_index(self.num_layers, device=tables.device)
         return torch.where(valid, tables, torch.full((), float("nan"), dtype=tables.dtype, device=tables.device))
 
