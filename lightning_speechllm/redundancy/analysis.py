@@ -200,16 +200,16 @@ class RedundancyResult:
         """Build a result from a metric table and BI vector; derives path, ranking and (optionally) CIs."""
         array = as_table(table)
         ci_low = ci_high = None
+        metadata = dict(extra or {})
         if per_sample_tables is not None:
             ci_low, ci_high = bootstrap_ci(per_sample_tables, n_boot=n_boot, alpha=alpha, seed=seed)
+            metadata.update(ci_alpha=alpha, ci_n_boot=n_boot, ci_seed=seed)
         bi = block_influence.detach().cpu().double().numpy() if isinstance(block_influence, torch.Tensor) \
             else np.asarray(block_influence, float)
         return cls(model_id=model_id, num_layers=array.shape[0], token_selection=token_selection,
                    set_name=set_name, modality=modality, num_samples=num_samples, table=array,
                    path=pruning_path(array), block_influence=bi, bi_ranking=block_influence_ranking(bi),
-                   ci_low=ci_low, ci_high=ci_high, epoch=epoch, reduction=reduction,
-                   extra=dict(extra or {}, ci_alpha=alpha, ci_n_boot=n_boot) if ci_low is not None
-                   else dict(extra or {}))
+                   ci_low=ci_low, ci_high=ci_high, epoch=epoch, reduction=reduction, extra=metadata)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RedundancyResult):

@@ -13,10 +13,9 @@ Both keep float64 sums and counts reduced with ``"sum"``, so they synchronise un
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, Union, get_args
-
-import math
 
 import torch
 from torch import Tensor
