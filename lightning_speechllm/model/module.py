@@ -79,11 +79,11 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -
 class SpeechLLMModule(L.LightningModule):
     """Train and evaluate a SpeechLLM; every validation set is logged under its own name."""
 
-    def __init__(self, model: SpeechLLMConfig | None = None, optim: OptimConfig | None = None,
-                 decoding: DecodingConfig | None = None, speechllm: SpeechLLM | None = None) -> None:
+    def __init__(self, model: SpeechLLMConfig = SpeechLLMConfig(), optim: OptimConfig = OptimConfig(),
+                 decoding: DecodingConfig = DecodingConfig(), speechllm: SpeechLLM | None = None) -> None:
         """`speechllm` injects an already built model (tests, notebooks); otherwise `model` says what to load."""
         super().__init__()
-        self.model_config = from_dict(SpeechLLMConfig, model or (speechllm.config if speechllm else None))
+        self.model_config = from_dict(SpeechLLMConfig, speechllm.config if speechllm else model)
         self.optim_config = from_dict(OptimConfig, optim)
         self.decoding = from_dict(DecodingConfig, decoding)
         self.save_hyperparameters({"model": asdict(self.model_config), "optim": asdict(self.optim_config),

@@ -1,0 +1,53 @@
+"""One-pass measurement on a SpeechLLM: record x^0..x^L of the active layers, update d(l, n) and BI."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.model.speechllm import SpeechLLM
+from lightning_speechllm.redundancy.analysis import Modality, RedundancyResult
+from lightning_speechllm.redundancy.metrics import (
+    AngularDistanceMetric,
+    BlockInfluenceMetric,
+    TokenSelection,
+    select_tokens,
+)
+
+
+class RedundancyAccumulator(nn.Module):
+    """d(l, n) and BI of one (set, modality) over many batches; one teacher-forced forward per batch."""
+
+    def __init__(self, num_layers: int, token_selection: TokenSelection = "last", keep_per_sample: bool = True,
+                 compute_dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.token_selection = token_selection
+        self.angular = AngularDistanceMetric(num_layers, keep_per_sample=keep_per_sample, compute_dtype=compute_dtype)
+        self.influence = BlockInfluenceMetric(num_layers, compute_dtype=compute_dtype)
+
+    @torch.no_grad()
+    def update(self, speechllm: SpeechLLM, batch: SpeechBatch) -> None:
+        """Forward `batch` (speech or text-only, with its target) and add its residual stream to the metrics."""
+        inputs = speechllm.build_inputs(batch, with_targets=True)
+        with speechllm.layer_mask.record_residual_stream() as stream:
+            speechllm.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                          position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
+        token_mask = select_tokens(inputs.segment_ids, self.token_selection)
+        self.angular.update(stream.states, token_mask)
+        self.influence.update(stream.states, token_mask)
+
+    def result(self, *, model_id: str, set_name: str, modality: Modality, epoch: int | None = None,
+               n_boot: int = 1000) -> RedundancyResult:
+        """The synced table, BI, pruning path and (with per-sample tables) bootstrap 95% CIs."""
+        per_sample = self.angular.compute_per_sample() if self.angular.keep_per_sample else None
+        has_samples = per_sample is not None and per_sample.shape[0] > 1
+        return RedundancyResult.from_tables(
+            self.angular.compute(), self.influence.compute(), model_id=model_id,
+            token_selection=self.token_selection, set_name=set_name, modality=modality,
+            num_samples=int(self.angular.utterance_count), per_sample_tables=per_sample if has_samples else None,
+            epoch=epoch, n_boot=n_boot,
+        )
+
+    def reset(self) -> None:
+        self.angular.reset()
+        self.influence.reset()
