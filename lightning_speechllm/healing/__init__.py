@@ -1,0 +1,30 @@
+"""Healing of pruned SpeechLLMs: pluggable losses (CE, logit KL, hidden-state matching) and the LightningModule."""
+from lightning_speechllm.healing.losses import (
+    HealingInputs,
+    HealingLoss,
+    HiddenStateCosine,
+    HiddenStateMSE,
+    KLDivergence,
+    LossSpec,
+    TaskCrossEntropy,
+    WeightedHealingLoss,
+    build_losses,
+    layer_map_for,
+    load_loss,
+    prediction_mask,
+)
+from lightning_speechllm.healing.module import (
+    HealingConfig,
+    HealingModule,
+    NonFiniteLossError,
+    PlanMismatchError,
+    load_plan,
+    receiving_layers,
+)
+
+__all__ = [
+    "HealingConfig", "HealingInputs", "HealingLoss", "HealingModule", "HiddenStateCosine", "HiddenStateMSE",
+    "KLDivergence", "LossSpec", "NonFiniteLossError", "PlanMismatchError", "TaskCrossEntropy",
+    "WeightedHealingLoss", "build_losses", "layer_map_for", "load_loss", "load_plan", "prediction_mask",
+    "receiving_layers",
+]

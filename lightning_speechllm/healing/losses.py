@@ -1,0 +1,334 @@
+"""Pluggable healing losses: task cross-entropy, logit distillation (KL family) and hidden-state matching.
+
+Every loss is a :class:`HealingLoss` that reads one :class:`HealingInputs` and returns ``(loss, extras)``; extras
+are detached tensors worth logging (e.g. per-layer terms). A YAML list of :class:`LossSpec` builds a
+:class:`WeightedHealingLoss` (the weighted sum; every part is reported separately)::
+
+    losses:
+      - class_path: TaskCrossEntropy          # short names resolve in this module
+      - class_path: KLDivergence
+        init_args: {direction: forward, temperature: 2.0}
+        weight: 0.5
+      - class_path: my_package.losses.MyLoss  # any importable HealingLoss subclass
+
+Conventions: logits and labels are ``[B, T, ...]`` and LEFT-padded as built by
+:meth:`lightning_speechllm.model.speechllm.SpeechLLM.build_inputs`; ``target_mask[b, t]`` is True where the
+logits at position ``t`` predict a target token, i.e. ``labels[b, t + 1] != -100`` (see :func:`prediction_mask`).
+Hidden states are the pre-norm residual stream recorded by
+:meth:`lightning_speechllm.model.layer_mask.DecoderLayerMask.record_residual_stream`.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_speechllm.model.speechllm import IGNORE_INDEX
+
+__all__ = [
+    "HealingInputs",
+    "HealingLoss",
+    "HiddenStateCosine",
+    "HiddenStateMSE",
+    "KLDivergence",
+    "LossSpec",
+    "TaskCrossEntropy",
+    "WeightedHealingLoss",
+    "build_losses",
+    "layer_map_for",
+    "load_loss",
+    "prediction_mask",
+]
+
+
+def prediction_mask(labels: Tensor) -> Tensor:
+    """Bool ``[B, T]``: True at positions whose logits predict a target token (``labels[:, t + 1] != -100``)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def layer_map_for(kept_layers: Sequence[int]) -> dict[int, int]:
+    """Student residual-state index -> teacher residual-state index.
+
+    The student runs the kept layers ``kept_layers`` (original numbering, sorted); its state ``x^0`` (embeddings)
+    is the teacher's ``x^0`` and its state ``x^k`` (output of its k-th kept layer, original layer ``i``) is the
+    teacher's state after the same original layer, ``x^(i+1)``.
+    """
+    kept = list(kept_layers)
+    if kept != sorted(set(kept)) or any(i < 0 for i in kept):
+        raise ValueError(f"kept layers must be sorted, unique and non-negative, got {kept}")
+    return {0: 0, **{k + 1: layer + 1 for k, layer in enumerate(kept)}}
+
+
+@dataclass
+class HealingInputs:
+    """Everything a healing loss may read for one batch."""
+
+    student_logits: Tensor
+    """``[B, T, V]`` logits of the pruned (student) model."""
+    labels: Tensor
+    """``[B, T]`` token ids of the targets, -100 elsewhere (unshifted, as built by ``build_inputs``)."""
+    target_mask: Tensor
+    """``[B, T]`` bool: logits at ``t`` predict a target token (see :func:`prediction_mask`)."""
+    attention_mask: Tensor | None = None
+    """``[B, T]`` 1 on real tokens, 0 on padding (for losses over all tokens)."""
+    teacher_logits: Tensor | None = None
+    """``[B, T, V]`` logits of the unpruned teacher, when a loss needs them."""
+    student_hidden: list[Tensor] = field(default_factory=list)
+    """Student residual states ``x^0 .. x^K`` (K kept layers), each ``[B, T, D]``."""
+    teacher_hidden: list[Tensor] = field(default_factory=list)
+    """Teacher residual states ``x^0 .. x^L`` (all layers), each ``[B, T, D]``."""
+    layer_map: dict[int, int] = field(default_factory=dict)
+    """Student state index -> teacher state index (see :func:`layer_map_for`)."""
+
+
+class HealingLoss(nn.Module):
+    """Base class: ``forward(inputs) -> (scalar loss, {name: detached tensor to log})``.
+
+    Subclasses declare what they read, so the healing module runs the teacher / records hidden states only when
+    some loss needs them.
+    """
+
+    needs_teacher: bool = False
+    needs_hidden_states: bool = False
+
+    def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs)")
+
+
+def _require(value: Any, what: str, loss: HealingLoss) -> Any:
+    if value is None or (isinstance(value, list) and not value):
+        raise ValueError(f"{type(loss).__name__} needs {what}, but the healing inputs have none")
+    return value
+
+
+def _masked_mean(per_token: Tensor, mask: Tensor, loss: HealingLoss) -> Tensor:
+    count = mask.sum()
+    if int(count) == 0:
+        raise ValueError(f"{type(loss).__name__}: the batch has no selected tokens (empty mask)")
+    return (per_token * mask).sum() / count
+
+
+class TaskCrossEntropy(HealingLoss):
+    """Next-token cross-entropy of the student on the target tokens (the plain healing objective)."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = _require(inputs.labels, "labels", self)
+        logits = inputs.student_logits[:, :-1].float()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                           ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
+        return loss, {}
+
+
+KL_DIRECTIONS = ("forward", "reverse", "symmetric", "skew")
+
+
+class KLDivergence(HealingLoss):
+    """Logit distillation from the teacher over the target tokens, scaled by ``temperature**2``.
+
+    With ``p = softmax(teacher / T)`` and ``q = softmax(student / T)`` per token:
+    ``forward`` = KL(p || q) (mean-seeking, classic KD); ``reverse`` = KL(q || p) (mode-seeking);
+    ``symmetric`` = Jensen-Shannon, ½ KL(p || m) + ½ KL(q || m) with m = ½ (p + q);
+    ``skew`` = KL(p || α p + (1 - α) q) with α = ``skew_alpha`` (skew KL of DistiLLM).
+    The per-token divergences are averaged over the target tokens.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, direction: str = "forward", temperature: float = 1.0, skew_alpha: float = 0.1) -> None:
+        super().__init__()
+        if direction not in KL_DIRECTIONS:
+            raise ValueError(f"KLDivergence direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+        if temperature <= 0:
+            raise ValueError(f"KLDivergence temperature must be > 0, got {temperature}")
+        if not 0.0 < skew_alpha < 1.0:
+            raise ValueError(f"KLDivergence skew_alpha must be in (0, 1), got {skew_alpha}")
+        self.direction, self.temperature, self.skew_alpha = direction, temperature, skew_alpha
+
+    def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        teacher = _require(inputs.teacher_logits, "teacher logits", self)
+        mask = inputs.target_mask
+        log_q = torch.log_softmax(inputs.student_logits[mask].float() / self.temperature, dim=-1)
+        log_p = torch.log_softmax(teacher[mask].float().detach() / self.temperature, dim=-1)
+        if log_q.shape[0] == 0:
+            raise ValueError("KLDivergence: the batch has no target tokens (empty target_mask)")
+        per_token = self._divergence(log_p, log_q)
+        return per_token.mean() * self.temperature ** 2, {}
+
+    def _divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        if self.direction == "forward":
+            return _kl(log_p, log_q)
+        if self.direction == "reverse":
+            return _kl(log_q, log_p)
+        if self.direction == "symmetric":
+            log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - torch.log(torch.tensor(2.0))
+            return 0.5 * _kl(log_p, log_m) + 0.5 * _kl(log_q, log_m)
+        alpha = self.skew_alpha
+        log_mix = torch.logaddexp(log_p + torch.log(torch.tensor(alpha)), log_q + torch.log(torch.tensor(1 - alpha)))
+        return _kl(log_p, log_mix)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Per-row KL(a || b) from log-probabilities (0 · log 0 counts as 0)."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+class _HiddenStateLoss(HealingLoss):
+    """Shared selection of layers and tokens for the hidden-state losses."""
+
+    needs_teacher = True
+    needs_hidden_states = True
+
+    def __init__(self, states: list[int] | None = None, tokens: str = "target") -> None:
+        super().__init__()
+        if tokens not in ("target", "all"):
+            raise ValueError(f"tokens must be 'target' or 'all' (non-pad), got {tokens!r}")
+        self.states, self.tokens = states, tokens
+
+    def _pairs(self, inputs: HealingInputs) -> list[tuple[int, int]]:
+        layer_map = _require(inputs.layer_map, "a layer map", self)
+        _require(inputs.student_hidden, "student hidden states", self)
+        _require(inputs.teacher_hidden, "teacher hidden states", self)
+        n = len(inputs.student_hidden)
+        chosen = [s for s in sorted(layer_map) if s > 0] if self.states is None else self.states
+        pairs = []
+        for s in chosen:
+            index = s + n if s < 0 else s
+            if index not in layer_map:
+                raise ValueError(f"{type(self).__name__}: student state {s} is not in the layer map "
+                                 f"(mapped states: {sorted(layer_map)})")
+            pairs.append((index, layer_map[index]))
+        return pairs
+
+    def _token_mask(self, inputs: HealingInputs) -> Tensor:
+        if self.tokens == "all":
+            mask = _require(inputs.attention_mask, "an attention mask (tokens='all')", self)
+            return mask.bool()
+        return inputs.target_mask
+
+    def _per_token(self, student: Tensor, teacher: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        mask = self._token_mask(inputs).float()
+        terms = {}
+        for s, t in self._pairs(inputs):
+            student = inputs.student_hidden[s].float()
+            teacher = inputs.teacher_hidden[t].float().detach()
+            terms[f"state{s}"] = _masked_mean(self._per_token(student, teacher), mask, self)
+        loss = torch.stack(list(terms.values())).mean()
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+
+class HiddenStateMSE(_HiddenStateLoss):
+    """Mean squared error between mapped student and teacher residual states (mean over features, tokens,
+    layers). ``states``: student state indices to match (negative = from the end); None = every kept layer."""
+
+    def _per_token(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return (student - teacher).pow(2).mean(-1)
+
+
+class HiddenStateCosine(_HiddenStateLoss):
+    """``1 - cos(student, teacher)`` between mapped residual states, averaged over tokens and layers."""
+
+    def _per_token(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return 1.0 - nn.functional.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------ construction
+@dataclass
+class LossSpec:
+    """One entry of the YAML ``losses`` list."""
+
+    class_path: str = "TaskCrossEntropy"
+    """A loss of this module by class name, or ``package.module.ClassName`` of any HealingLoss subclass."""
+    init_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the loss constructor."""
+    weight: float = 1.0
+    """Weight in the total loss."""
+    name: str | None = None
+    """Name in the logs (``train/loss/<name>``); defaults to the class name in snake case."""
+
+
+def load_loss(class_path: str, init_args: dict[str, Any] | None = None) -> HealingLoss:
+    """Import ``class_path`` (a bare name resolves in this module) and build it with ``init_args``."""
+    module_name, _, class_name = class_path.rpartition(".")
+    module_name = module_name or __name__
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ImportError(f"healing loss class_path {class_path!r} does not import: {error}") from error
+    if not (isinstance(cls, type) and issubclass(cls, HealingLoss)):
+        raise TypeError(f"healing loss class_path {class_path!r} is {cls!r}, not a subclass of HealingLoss")
+    try:
+        return cls(**(init_args or {}))
+    except TypeError as error:
+        raise TypeError(f"cannot build {class_path!r} with init_args {init_args}: {error}") from error
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+class WeightedHealingLoss(nn.Module):
+    """The weighted sum of named healing losses; returns the total and every (unweighted) part."""
+
+    def __init__(self, losses: dict[str, HealingLoss], weights: dict[str, float]) -> None:
+        super().__init__()
+        if not losses:
+            raise ValueError("at least one healing loss is needed")
+        if set(losses) != set(weights):
+            raise ValueError(f"loss names {sorted(losses)} and weight names {sorted(weights)} differ")
+        self.parts = nn.ModuleDict(losses)
+        self.weights = dict(weights)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(loss.needs_teacher for loss in self.parts.values())
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return any(loss.needs_hidden_states for loss in self.parts.values())
+
+    def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(total, parts)``: parts holds each loss (graph kept, unweighted) and its extras as ``name/key``."""
+        parts: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for name, loss in self.parts.items():
+            value, extras = loss(inputs)
+            parts[name] = value
+            parts.update({f"{name}/{key}": extra for key, extra in extras.items()})
+            weighted = self.weights[name] * value
+            total = weighted if total is None else total + weighted
+        return total, parts
+
+
+def build_losses(specs: Sequence[LossSpec | dict[str, Any]]) -> WeightedHealingLoss:
+    """A :class:`WeightedHealingLoss` from specs (dicts are accepted); repeated names get ``_2``, ``_3`` ..."""
+    losses: dict[str, HealingLoss] = {}
+    weights: dict[str, float] = {}
+    for position, spec in enumerate(specs):
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - {"class_path", "init_args", "weight", "name"})
+            if unknown or "class_path" not in spec:
+                raise KeyError(f"losses[{position}]: needs 'class_path', unknown keys {unknown}")
+            spec = LossSpec(**spec)
+        name = spec.name or _snake(spec.class_path.rpartition(".")[2])
+        base, suffix = name, 2
+        while name in losses:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        losses[name] = load_loss(spec.class_path, spec.init_args)
+        weights[name] = float(spec.weight)
+    return WeightedHealingLoss(losses, weights)

@@ -1,0 +1,243 @@
+"""`HealingModule`: heal a pruned SpeechLLM with LoRA on the receiving layer, the projector, and pluggable losses.
+
+The student is the SpeechLLM with the pruning plan applied as a decoder-layer mask. When a loss needs a teacher
+(logit KL, hidden-state losses), the teacher is the SAME module with every layer active and the LoRA adapters
+disabled, run under ``torch.no_grad()`` on the student's input embeddings: no second copy of the weights. (The
+projector is shared too, so both see the same speech embeddings; the distillation heals the decoder.)
+
+Checkpoints hold only the trainable weights (see :class:`SpeechLLMModule`), the plan and the base model paths;
+loading refuses a checkpoint made for another plan or another base model.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.healing.losses import (
+    HealingInputs,
+    LossSpec,
+    WeightedHealingLoss,
+    build_losses,
+    layer_map_for,
+    prediction_mask,
+)
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
+from lightning_speechllm.model.speechllm import LLMInputs, LoraConfig, SpeechLLM, SpeechLLMConfig
+
+__all__ = ["HealingConfig", "HealingModule", "NonFiniteLossError", "PlanMismatchError", "load_plan", "receiving_layers"]
+
+ON_NAN = ("raise", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A healing loss went NaN/inf (raised before the optimizer step, so no weight is poisoned)."""
+
+
+class PlanMismatchError(ValueError):
+    """A checkpoint or model does not fit the configured pruning plan or base model."""
+
+
+def _healing_lora() -> LoraConfig:
+    return LoraConfig(layers=None, r=64, alpha=64, dropout=0.05)
+
+
+@dataclass
+class HealingConfig:
+    """What is pruned and how it heals."""
+
+    removed_layers: list[int] = field(default_factory=list)
+    """Decoder layers to remove (original numbering); ignored when `plan_path` is given."""
+    plan_path: str | None = None
+    """A pruning-plan JSON file (keys: removed_layers, optional num_layers, receiving_layer, model_id)."""
+    lora: LoraConfig | None = field(default_factory=_healing_lora)
+    """LoRA on the decoder; `layers: null` means the layer(s) receiving the cut. None: no LoRA."""
+    losses: list[LossSpec] = field(default_factory=lambda: [LossSpec()])
+    """Weighted healing losses (class_path, init_args, weight, name)."""
+    on_nan: str = "raise"
+    """Non-finite loss: 'raise' (error naming step and loss part) or 'skip' (skip the optimizer step)."""
+
+
+def receiving_layers(removed: list[int] | tuple[int, ...], num_layers: int) -> list[int]:
+    """The kept layer that receives each removed block: the first kept layer after it (or, for a block at the
+    end of the decoder, the last kept layer before it)."""
+    removed_set = set(removed)
+    kept = [i for i in range(num_layers) if i not in removed_set]
+    if not kept:
+        raise PlanMismatchError(f"the plan removes all {num_layers} decoder layers")
+    receivers = set()
+    for i in removed_set:
+        if i - 1 in removed_set:
+            continue  # not the start of a block
+        end = i
+        while end + 1 in removed_set:
+            end += 1
+        after = [k for k in kept if k > end]
+        receivers.add(after[0] if after else max(k for k in kept if k < i))
+    return sorted(receivers)
+
+
+def load_plan(config: HealingConfig, num_layers: int) -> dict[str, Any]:
+    """The pruning plan as a plain dict (removed_layers, num_layers, receiving_layers, model_id), validated."""
+    if config.plan_path:
+        path = Path(config.plan_path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise PlanMismatchError(f"cannot read the pruning plan {path}: {error}") from error
+        if not isinstance(data, dict) or "removed_layers" not in data:
+            raise PlanMismatchError(f"pruning plan {path} has no 'removed_layers' key")
+    else:
+        path, data = None, {"removed_layers": list(config.removed_layers)}
+    where = f"pruning plan {path}" if path else "healing.removed_layers"
+    removed = data["removed_layers"]
+    if not isinstance(removed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in removed):
+        raise PlanMismatchError(f"{where}: removed_layers must be a list of ints, got {removed!r}")
+    bad = [i for i in removed if not 0 <= i < num_layers]
+    if bad or len(set(removed)) != len(removed):
+        raise PlanMismatchError(f"{where}: removed_layers {removed} invalid for a decoder of {num_layers} layers "
+                                f"(out of range: {bad}, or duplicates)")
+    if data.get("num_layers", num_layers) != num_layers:
+        raise PlanMismatchError(f"{where} is for a decoder of {data['num_layers']} layers, the model has {num_layers}")
+    receiving = data.get("receiving_layer")
+    receivers = [receiving] if isinstance(receiving, int) else receiving_layers(removed, num_layers)
+    return {"removed_layers": sorted(removed), "num_layers": num_layers, "receiving_layers": receivers,
+            "model_id": data.get("model_id")}
+
+
+class HealingModule(SpeechLLMModule):
+    """Heal a pruned SpeechLLM: student = plan-masked model + LoRA + projector; optional shared-weight teacher."""
+
+    def __init__(self, model: SpeechLLMConfig | None = None, healing: HealingConfig | None = None,
+                 optim: OptimConfig | None = None, decoding: DecodingConfig | None = None,
+                 speechllm: SpeechLLM | None = None) -> None:
+        """`speechllm` injects an already built (unpruned, or already carrying this plan) model."""
+        super().__init__(model=model, optim=optim, decoding=decoding, speechllm=speechllm)
+        self.healing = from_dict(HealingConfig, healing)
+        if self.healing.on_nan not in ON_NAN:
+            raise ValueError(f"healing.on_nan must be one of {ON_NAN}, got {self.healing.on_nan!r}")
+        self.healing.losses = [s if isinstance(s, LossSpec) else from_dict(LossSpec, s) for s in self.healing.losses]
+        self.plan = load_plan(self.healing, self.speechllm.layer_mask.num_layers)
+        self._apply_plan()
+        self.model_config = self.speechllm.config
+        self.save_hyperparameters({"model": asdict(self.model_config), "healing": asdict(self.healing)})
+        self.loss_fn: WeightedHealingLoss = build_losses(self.healing.losses)
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------------------------------------ the plan
+    def _apply_plan(self) -> None:
+        """Add the healing LoRA (unless the model has one) and mask the removed layers."""
+        sl = self.speechllm
+        if self.healing.lora is not None and not sl.has_lora:
+            lora = replace(self.healing.lora, layers=self.healing.lora.layers or self.plan["receiving_layers"])
+            sl.add_lora(lora)
+            sl.config.lora = lora
+        removed = tuple(self.plan["removed_layers"])
+        current = sl.layer_mask.removed_layers
+        if current and current != removed:
+            raise PlanMismatchError(f"the injected model already masks layers {list(current)}, the plan removes "
+                                    f"{list(removed)}")
+        if removed:
+            sl.layer_mask.remove_layers(removed)
+        sl.config.removed_layers = list(removed)
+
+    # ------------------------------------------------------------------------------------------------- passes
+    def teacher_pass(self, inputs: LLMInputs, hidden: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Logits (and residual states x^0..x^L when `hidden`) of the unpruned model without adapters."""
+        sl = self.speechllm
+        mask = sl.layer_mask
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(mask.active(range(mask.num_layers)))
+            stack.enter_context(sl.llm.disable_adapter() if sl.has_lora else nullcontext())
+            stream = stack.enter_context(mask.record_residual_stream()) if hidden else None
+            output = sl.llm(inputs_embeds=inputs.inputs_embeds.detach(), attention_mask=inputs.attention_mask,
+                            position_ids=inputs.position_ids, use_cache=False)
+        return output.logits, (stream.states if stream is not None else [])
+
+    def student_pass(self, inputs: LLMInputs, hidden: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Logits (and residual states x^0..x^K with their graph when `hidden`) of the pruned model."""
+        sl = self.speechllm
+        with sl.layer_mask.record_residual_stream(detach=False) if hidden else nullcontext() as stream:
+            output = sl.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                            position_ids=inputs.position_ids, use_cache=False)
+        return output.logits, (stream.states if stream is not None else [])
+
+    def healing_inputs(self, batch: SpeechBatch) -> HealingInputs:
+        """Student pass, plus the teacher pass when a loss needs it."""
+        inputs = self.speechllm.build_inputs(batch, with_targets=True)
+        if inputs.labels is None:
+            raise ValueError(f"batch {batch.ids[:3]}... has no target tokens: cannot heal on it")
+        hidden = self.loss_fn.needs_hidden_states
+        student_logits, student_hidden = self.student_pass(inputs, hidden)
+        teacher_logits, teacher_hidden = (self.teacher_pass(inputs, hidden) if self.loss_fn.needs_teacher
+                                          else (None, []))
+        return HealingInputs(
+            student_logits=student_logits, labels=inputs.labels, target_mask=prediction_mask(inputs.labels),
+            attention_mask=inputs.attention_mask, teacher_logits=teacher_logits, student_hidden=student_hidden,
+            teacher_hidden=teacher_hidden, layer_map=layer_map_for(self.speechllm.layer_mask.active_layers),
+        )
+
+    def healing_step(self, batch: SpeechBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(weighted total loss, every part) for one batch."""
+        return self.loss_fn(self.healing_inputs(batch))
+
+    # ----------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: SpeechBatch, batch_idx: int) -> Tensor | None:
+        total, parts = self.healing_step(batch)
+        bad = [name for name, value in parts.items() if not torch.isfinite(value).all()]
+        if not bad and not torch.isfinite(total).all():
+            bad = ["total"]
+        any_bad = self._any_rank(bool(bad))
+        if any_bad:
+            values = {name: float(parts[name]) if name in parts else float(total) for name in bad}
+            if self.healing.on_nan == "raise":
+                where = f"loss part(s) {values}" if bad else "a loss part on another rank"
+                raise NonFiniteLossError(f"non-finite healing loss at global step {self.global_step}: {where}; "
+                                         "set healing.on_nan='skip' to skip such steps")
+            self.skipped_steps += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_steps), batch_size=len(batch))
+            return None
+        size = len(batch)
+        self.log("train/loss", total, prog_bar=True, batch_size=size)
+        for name, value in parts.items():
+            self.log(f"train/loss/{name}", value.detach(), batch_size=size)
+        return total
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` holds on any rank (all ranks then take the same branch under DDP)."""
+        if self._trainer is None:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def base_model_ids(self) -> dict[str, str | None]:
+        return {"llm_path": self.model_config.llm_path, "encoder_path": self.model_config.encoder_path}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["healing"] = {"plan": dict(self.plan), "base_model": self.base_model_ids()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose plan (removed layers) or base model differs from this module's."""
+        saved = checkpoint.get("healing")
+        if not isinstance(saved, dict) or "plan" not in saved:
+            raise PlanMismatchError("not a healing checkpoint: it has no 'healing' plan entry")
+        theirs, ours = saved["plan"]["removed_layers"], self.plan["removed_layers"]
+        if list(theirs) != list(ours):
+            raise PlanMismatchError(f"checkpoint was healed with removed layers {list(theirs)}, this module removes "
+                                    f"{list(ours)}")
+        their_ids, our_ids = saved.get("base_model", {}), self.base_model_ids()
+        if their_ids != our_ids:
+            raise PlanMismatchError(f"checkpoint base model {their_ids} differs from this module's {our_ids}")
+        their_id, our_id = saved["plan"].get("model_id"), self.plan.get("model_id")
+        if their_id and our_id and their_id != our_id:
+            raise PlanMismatchError(f"checkpoint plan model_id {their_id!r} differs from this plan's {our_id!r}")
+
