@@ -15,7 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("lightning_speechllm.pruning.cli:main", "build a pruning plan and optionally export the pruned decoder"),
     "assets": ("lightning_speechllm.assets:main", "list or pull the offline pretrained weights"),
     "data": ("lightning_speechllm.data.prepare:main", "synthesize the espeak corpus or prepare real corpora"),
-    "demo": ("lightning_speechllm.demo:main", "pull the default model and transcribe one synthesized utterance"),
+    "measure": ("lightning_speechllm.redundancy.cli:main", "measure layer redundancy (speech and text) on val sets"),
+    "demo": ("lightning_speechllm.demo:main", "pull the default model, measure its text redundancy, run one utterance"),
 }
 
 

@@ -33,13 +33,6 @@ def make_batch(seconds=(1.0, 0.6, 1.4), texts=None, tasks=None, tgt_langs=None, 
                        tgt_langs=tgt_langs or [None] * count, text_only=text_only)
 
 
-def subset(batch: SpeechBatch, i: int) -> SpeechBatch:
-    n = int(batch.audio_lens[i])
-    return SpeechBatch(ids=[batch.ids[i]], audio=batch.audio[i: i + 1, :n], audio_lens=batch.audio_lens[i: i + 1],
-                       texts=[batch.texts[i]], tasks=[batch.tasks[i]], transcripts=[batch.transcripts[i]],
-                       tgt_langs=[batch.tgt_langs[i]], text_only=batch.text_only)
-
-
 def test_whisper_log_mel_matches_hf_feature_extractor():
     audio = np.random.default_rng(0).normal(scale=0.1, size=16000 * 2).astype(np.float32)
     reference = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np")
@@ -188,7 +181,7 @@ def test_batched_generation_equals_one_by_one(num_beams):
     model = tiny_speechllm(seed=3).eval()
     batch = make_batch(seconds=(1.2, 0.4, 0.8), tasks=["asr", "ast", "asr"], tgt_langs=[None, "fr", None])
     batched = model.generate(batch, max_new_tokens=8, num_beams=num_beams)
-    single = [model.generate(subset(batch, i), max_new_tokens=8, num_beams=num_beams)[0] for i in range(len(batch))]
+    single = [model.generate(batch.subset([i]), max_new_tokens=8, num_beams=num_beams)[0] for i in range(len(batch))]
     assert batched == single
     assert any(batched), "a random tiny model should still emit some tokens"
 
@@ -227,3 +220,13 @@ def test_trainable_state_roundtrip_under_mask_uses_full_layout():
         torch.testing.assert_close(value, state[key])
     with pytest.raises(KeyError, match="missing"):
         other.load_trainable_state_dict({k: v for k, v in state.items() if "lora_" not in k})
+
+
+def test_batch_subset_trims_audio_and_text_only_view():
+    batch = make_batch(seconds=(1.0, 0.5, 0.25), tgt_langs=[None, "fr", None])
+    part = batch.subset([1, 2])
+    assert part.ids == ["u1", "u2"] and part.tgt_langs == ["fr", None]
+    assert part.audio.shape == (2, 8000)
+    torch.testing.assert_close(part.audio[1, :4000], batch.audio[2, :4000])
+    text = batch.as_text_only()
+    assert text.text_only and text.audio.shape == (3, 0) and text.transcripts == batch.transcripts

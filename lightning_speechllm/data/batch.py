@@ -1,7 +1,7 @@
 """The batch contract between the data layer and the model: raw 16 kHz audio plus text and task metadata."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,3 +36,16 @@ class SpeechBatch:
         self.audio = self.audio.to(device, non_blocking=True)
         self.audio_lens = self.audio_lens.to(device, non_blocking=True)
         return self
+
+    def subset(self, rows: list[int]) -> "SpeechBatch":
+        """The utterances at `rows`, audio trimmed to the longest of them."""
+        lens = self.audio_lens[rows]
+        width = int(lens.max()) if len(rows) and self.audio.shape[1] else 0
+        pick = lambda values: [values[i] for i in rows] if values else []  # noqa: E731
+        return replace(self, ids=pick(self.ids), audio=self.audio[rows, :width], audio_lens=lens,
+                       texts=pick(self.texts), tasks=pick(self.tasks), transcripts=pick(self.transcripts),
+                       src_langs=pick(self.src_langs), tgt_langs=pick(self.tgt_langs))
+
+    def as_text_only(self) -> "SpeechBatch":
+        """The same utterances with the transcripts read as text in place of the speech."""
+        return replace(self, audio=self.audio[:, :0], text_only=True)
