@@ -20,6 +20,7 @@ Hidden states are the pre-norm residual stream recorded by
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,11 +109,16 @@ def _require(value: Any, what: str, loss: HealingLoss) -> Any:
     return value
 
 
+def _upcast(tensor: Tensor) -> Tensor:
+    """Half-precision tensors in float32 (float32/float64 stay as they are)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def _masked_mean(per_token: Tensor, mask: Tensor, loss: HealingLoss) -> Tensor:
     count = mask.sum()
     if int(count) == 0:
         raise ValueError(f"{type(loss).__name__}: the batch has no selected tokens (empty mask)")
-    return (per_token * mask).sum() / count
+    return (per_token * mask.to(per_token.dtype)).sum() / count
 
 
 class TaskCrossEntropy(HealingLoss):
@@ -126,7 +132,7 @@ class TaskCrossEntropy(HealingLoss):
 
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
         labels = _require(inputs.labels, "labels", self)
-        logits = inputs.student_logits[:, :-1].float()
+        logits = _upcast(inputs.student_logits[:, :-1])
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                            ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
         return loss, {}
@@ -160,8 +166,8 @@ class KLDivergence(HealingLoss):
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
         teacher = _require(inputs.teacher_logits, "teacher logits", self)
         mask = inputs.target_mask
-        log_q = torch.log_softmax(inputs.student_logits[mask].float() / self.temperature, dim=-1)
-        log_p = torch.log_softmax(teacher[mask].float().detach() / self.temperature, dim=-1)
+        log_q = torch.log_softmax(_upcast(inputs.student_logits[mask]) / self.temperature, dim=-1)
+        log_p = torch.log_softmax(_upcast(teacher[mask]).detach() / self.temperature, dim=-1)
         if log_q.shape[0] == 0:
             raise ValueError("KLDivergence: the batch has no target tokens (empty target_mask)")
         per_token = self._divergence(log_p, log_q)
@@ -173,10 +179,10 @@ class KLDivergence(HealingLoss):
         if self.direction == "reverse":
             return _kl(log_q, log_p)
         if self.direction == "symmetric":
-            log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - torch.log(torch.tensor(2.0))
+            log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
             return 0.5 * _kl(log_p, log_m) + 0.5 * _kl(log_q, log_m)
         alpha = self.skew_alpha
-        log_mix = torch.logaddexp(log_p + torch.log(torch.tensor(alpha)), log_q + torch.log(torch.tensor(1 - alpha)))
+        log_mix = torch.logaddexp(log_p + math.log(alpha), log_q + math.log(1 - alpha))
         return _kl(log_p, log_mix)
 
 
@@ -222,11 +228,11 @@ class _HiddenStateLoss(HealingLoss):
         raise NotImplementedError
 
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        mask = self._token_mask(inputs).float()
+        mask = self._token_mask(inputs)
         terms = {}
         for s, t in self._pairs(inputs):
-            student = inputs.student_hidden[s].float()
-            teacher = inputs.teacher_hidden[t].float().detach()
+            student = _upcast(inputs.student_hidden[s])
+            teacher = _upcast(inputs.teacher_hidden[t]).detach()
             terms[f"state{s}"] = _masked_mean(self._per_token(student, teacher), mask, self)
         loss = torch.stack(list(terms.values())).mean()
         return loss, {k: v.detach() for k, v in terms.items()}

@@ -10,10 +10,8 @@ loading refuses a checkpoint made for another plan or another base model.
 """
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,9 +54,10 @@ class HealingConfig:
     removed_layers: list[int] = field(default_factory=list)
     """Decoder layers to remove (original numbering); ignored when `plan_path` is given."""
     plan_path: str | None = None
-    """A pruning-plan JSON file (keys: removed_layers, optional num_layers, receiving_layer, model_id)."""
+    """A pruning-plan JSON file written by `PruningPlan.to_json` (validated for the model's layer count and id)."""
     lora: LoraConfig | None = field(default_factory=_healing_lora)
-    """LoRA on the decoder; `layers: null` means the layer(s) receiving the cut. None: no LoRA."""
+    """LoRA on the decoder; `layers: null` means the layer(s) receiving the cut (every layer when nothing is
+    removed). None: no LoRA."""
     losses: list[LossSpec] = field(default_factory=lambda: [LossSpec()])
     """Weighted healing losses (class_path, init_args, weight, name)."""
     on_nan: str = "raise"
@@ -84,32 +83,26 @@ def receiving_layers(removed: list[int] | tuple[int, ...], num_layers: int) -> l
     return sorted(receivers)
 
 
-def load_plan(config: HealingConfig, num_layers: int) -> dict[str, Any]:
-    """The pruning plan as a plain dict (removed_layers, num_layers, receiving_layers, model_id), validated."""
+def load_plan(config: HealingConfig, num_layers: int, model_id: str | None = None) -> dict[str, Any]:
+    """The pruning plan as a plain dict (removed_layers, num_layers, receiving_layers, model_id), validated for a
+    decoder of `num_layers` layers (and, for a plan file naming one, the model `model_id`)."""
     if config.plan_path:
-        path = Path(config.plan_path)
+        from lightning_speechllm.pruning.plan import PlanError, PruningPlan
+
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise PlanMismatchError(f"cannot read the pruning plan {path}: {error}") from error
-        if not isinstance(data, dict) or "removed_layers" not in data:
-            raise PlanMismatchError(f"pruning plan {path} has no 'removed_layers' key")
+            plan = PruningPlan.from_json(config.plan_path)
+            plan.validate_for(num_layers, model_id)
+        except PlanError as error:
+            raise PlanMismatchError(f"pruning plan {config.plan_path}: {error}") from error
+        removed, plan_model_id = list(plan.removed_layers), plan.model_id
     else:
-        path, data = None, {"removed_layers": list(config.removed_layers)}
-    where = f"pruning plan {path}" if path else "healing.removed_layers"
-    removed = data["removed_layers"]
-    if not isinstance(removed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in removed):
-        raise PlanMismatchError(f"{where}: removed_layers must be a list of ints, got {removed!r}")
-    bad = [i for i in removed if not 0 <= i < num_layers]
-    if bad or len(set(removed)) != len(removed):
-        raise PlanMismatchError(f"{where}: removed_layers {removed} invalid for a decoder of {num_layers} layers "
-                                f"(out of range: {bad}, or duplicates)")
-    if data.get("num_layers", num_layers) != num_layers:
-        raise PlanMismatchError(f"{where} is for a decoder of {data['num_layers']} layers, the model has {num_layers}")
-    receiving = data.get("receiving_layer")
-    receivers = [receiving] if isinstance(receiving, int) else receiving_layers(removed, num_layers)
-    return {"removed_layers": sorted(removed), "num_layers": num_layers, "receiving_layers": receivers,
-            "model_id": data.get("model_id")}
+        removed, plan_model_id = list(config.removed_layers), None
+        bad = [i for i in removed if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
+        if bad or len(set(removed)) != len(removed):
+            raise PlanMismatchError(f"healing.removed_layers {removed} invalid for a decoder of {num_layers} layers "
+                                    f"(bad entries: {bad}, or duplicates)")
+    return {"removed_layers": sorted(removed), "num_layers": num_layers,
+            "receiving_layers": receiving_layers(removed, num_layers) if removed else [], "model_id": plan_model_id}
 
 
 class HealingModule(SpeechLLMModule):
@@ -124,7 +117,7 @@ class HealingModule(SpeechLLMModule):
         if self.healing.on_nan not in ON_NAN:
             raise ValueError(f"healing.on_nan must be one of {ON_NAN}, got {self.healing.on_nan!r}")
         self.healing.losses = [s if isinstance(s, LossSpec) else from_dict(LossSpec, s) for s in self.healing.losses]
-        self.plan = load_plan(self.healing, self.speechllm.layer_mask.num_layers)
+        self.plan = load_plan(self.healing, self.speechllm.layer_mask.num_layers, self.model_config.llm_path)
         self._apply_plan()
         self.model_config = self.speechllm.config
         self.save_hyperparameters({"model": asdict(self.model_config), "healing": asdict(self.healing)})
@@ -136,7 +129,8 @@ class HealingModule(SpeechLLMModule):
         """Add the healing LoRA (unless the model has one) and mask the removed layers."""
         sl = self.speechllm
         if self.healing.lora is not None and not sl.has_lora:
-            lora = replace(self.healing.lora, layers=self.healing.lora.layers or self.plan["receiving_layers"])
+            layers = self.healing.lora.layers or self.plan["receiving_layers"] or None
+            lora = replace(self.healing.lora, layers=layers)
             sl.add_lora(lora)
             sl.config.lora = lora
         removed = tuple(self.plan["removed_layers"])
@@ -235,9 +229,17 @@ class HealingModule(SpeechLLMModule):
             raise PlanMismatchError(f"checkpoint was healed with removed layers {list(theirs)}, this module removes "
                                     f"{list(ours)}")
         their_ids, our_ids = saved.get("base_model", {}), self.base_model_ids()
-        if their_ids != our_ids:
+        if not _same_models(their_ids, our_ids):
             raise PlanMismatchError(f"checkpoint base model {their_ids} differs from this module's {our_ids}")
         their_id, our_id = saved["plan"].get("model_id"), self.plan.get("model_id")
         if their_id and our_id and their_id != our_id:
             raise PlanMismatchError(f"checkpoint plan model_id {their_id!r} differs from this plan's {our_id!r}")
 
+
+def _same_models(a: dict[str, str | None], b: dict[str, str | None]) -> bool:
+    """Whether two base-model path records name the same LLM and encoder (asset name == its directory)."""
+    from lightning_speechllm.pruning.plan import same_model_id
+
+    if set(a) != set(b):
+        return False
+    return all(a[k] == b[k] or (a[k] is not None and b[k] is not None and same_model_id(a[k], b[k])) for k in a)

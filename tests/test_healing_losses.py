@@ -1,0 +1,177 @@
+"""Healing losses against hand-computed float64 references (temperature, masking, layer maps), and loss loading."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_speechllm.healing.losses import (
+    HealingInputs,
+    HiddenStateCosine,
+    HiddenStateMSE,
+    KLDivergence,
+    LossSpec,
+    TaskCrossEntropy,
+    build_losses,
+    layer_map_for,
+    load_loss,
+    prediction_mask,
+)
+from tests.healing_custom_loss import LogitL2
+
+B, T, V, D = 2, 6, 7, 5
+TOL = dict(atol=1e-6, rtol=0.0)
+
+
+def make_inputs(seed: int = 0) -> HealingInputs:
+    """Left-padded rows: row 0 = 2 pad + 2 prompt + 2 target tokens, row 1 = 2 prompt + 4 target tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.full((B, T), -100)
+    labels[0, 4:] = torch.tensor([3, 5])
+    labels[1, 2:] = torch.tensor([1, 6, 2, 4])
+    attention = torch.ones(B, T, dtype=torch.long)
+    attention[0, :2] = 0
+    student_hidden = [torch.randn(B, T, D, generator=gen, dtype=torch.float64) for _ in range(3)]
+    teacher_hidden = [torch.randn(B, T, D, generator=gen, dtype=torch.float64) for _ in range(5)]
+    return HealingInputs(
+        student_logits=torch.randn(B, T, V, generator=gen, dtype=torch.float64),
+        teacher_logits=3 * torch.randn(B, T, V, generator=gen, dtype=torch.float64),
+        labels=labels, target_mask=prediction_mask(labels), attention_mask=attention,
+        student_hidden=student_hidden, teacher_hidden=teacher_hidden, layer_map=layer_map_for([0, 3]),
+    )
+
+
+def target_positions(inputs: HealingInputs) -> list[tuple[int, int]]:
+    """(row, t) whose logits predict a target, computed directly from the labels."""
+    return [(b, t) for b in range(B) for t in range(T - 1) if inputs.labels[b, t + 1] != -100]
+
+
+def softmax(values: list[float], temperature: float = 1.0) -> list[float]:
+    exps = [math.exp(v / temperature) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def test_prediction_mask_and_layer_map():
+    inputs = make_inputs()
+    expected = torch.zeros(B, T, dtype=torch.bool)
+    expected[0, 3:5] = True
+    expected[1, 1:5] = True
+    assert torch.equal(inputs.target_mask, expected)
+    assert target_positions(inputs) == [tuple(x) for x in expected.nonzero().tolist()]
+    assert layer_map_for([0, 3]) == {0: 0, 1: 1, 2: 4}
+    assert layer_map_for([2, 3, 5]) == {0: 0, 1: 3, 2: 4, 3: 6}
+    with pytest.raises(ValueError, match="sorted"):
+        layer_map_for([3, 1])
+
+
+def test_task_cross_entropy_matches_hand_computation():
+    inputs = make_inputs()
+    terms = []
+    for b, t in target_positions(inputs):
+        probs = softmax(inputs.student_logits[b, t].tolist())
+        terms.append(-math.log(probs[int(inputs.labels[b, t + 1])]))
+    loss, extras = TaskCrossEntropy()(inputs)
+    assert extras == {}
+    torch.testing.assert_close(loss, torch.tensor(sum(terms) / len(terms), dtype=torch.float64), **TOL)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "symmetric", "skew"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kl_divergence_matches_hand_computation(direction, temperature):
+    inputs = make_inputs(1)
+    alpha = 0.3
+    terms = []
+    for b, t in target_positions(inputs):
+        p = softmax(inputs.teacher_logits[b, t].tolist(), temperature)
+        q = softmax(inputs.student_logits[b, t].tolist(), temperature)
+        if direction == "forward":
+            terms.append(kl(p, q))
+        elif direction == "reverse":
+            terms.append(kl(q, p))
+        elif direction == "symmetric":
+            m = [(pi + qi) / 2 for pi, qi in zip(p, q)]
+            terms.append(0.5 * kl(p, m) + 0.5 * kl(q, m))
+        else:
+            terms.append(kl(p, [alpha * pi + (1 - alpha) * qi for pi, qi in zip(p, q)]))
+    expected = temperature ** 2 * sum(terms) / len(terms)
+    loss, _ = KLDivergence(direction, temperature=temperature, skew_alpha=alpha)(inputs)
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64), **TOL)
+
+
+def test_kl_ignores_non_target_positions_and_needs_a_teacher():
+    inputs = make_inputs(2)
+    loss, _ = KLDivergence()(inputs)
+    outside = ~inputs.target_mask
+    inputs.student_logits[outside] = 1e3 * torch.randn(int(outside.sum()), V, dtype=torch.float64)
+    torch.testing.assert_close(KLDivergence()(inputs)[0], loss, **TOL)
+    inputs.teacher_logits = None
+    with pytest.raises(ValueError, match="KLDivergence needs teacher logits"):
+        KLDivergence()(inputs)
+    with pytest.raises(ValueError, match="direction"):
+        KLDivergence("sideways")
+
+
+@pytest.mark.parametrize("tokens", ["target", "all"])
+def test_hidden_state_losses_match_hand_computation(tokens):
+    inputs = make_inputs(3)
+    if tokens == "target":
+        positions = target_positions(inputs)
+    else:
+        positions = [(b, t) for b in range(B) for t in range(T) if inputs.attention_mask[b, t]]
+    pairs = [(1, 1), (2, 4)]  # student x^1 (after layer 0) -> teacher x^1, x^2 (after layer 3) -> teacher x^4
+    mse, cos = {}, {}
+    for s, t_state in pairs:
+        sq, cs = [], []
+        for b, t in positions:
+            x, y = inputs.student_hidden[s][b, t].tolist(), inputs.teacher_hidden[t_state][b, t].tolist()
+            sq.append(sum((xi - yi) ** 2 for xi, yi in zip(x, y)) / D)
+            dot = sum(xi * yi for xi, yi in zip(x, y))
+            cs.append(1 - dot / (math.sqrt(sum(v * v for v in x)) * math.sqrt(sum(v * v for v in y))))
+        mse[s], cos[s] = sum(sq) / len(sq), sum(cs) / len(cs)
+    for cls, ref in ((HiddenStateMSE, mse), (HiddenStateCosine, cos)):
+        loss, extras = cls(tokens=tokens)(inputs)
+        torch.testing.assert_close(loss, torch.tensor((ref[1] + ref[2]) / 2, dtype=torch.float64), **TOL)
+        torch.testing.assert_close(extras["state2"], torch.tensor(ref[2], dtype=torch.float64), **TOL)
+        last_only, _ = cls(states=[-1], tokens=tokens)(inputs)
+        torch.testing.assert_close(last_only, torch.tensor(ref[2], dtype=torch.float64), **TOL)
+
+
+def test_hidden_state_loss_names_an_unmapped_state():
+    with pytest.raises(ValueError, match="student state 7 is not in the layer map"):
+        HiddenStateMSE(states=[7])(make_inputs())
+
+
+def test_weighted_sum_names_parts_and_loads_a_user_loss():
+    inputs = make_inputs(4)
+    combined = build_losses([
+        LossSpec("TaskCrossEntropy"),
+        {"class_path": "KLDivergence", "init_args": {"temperature": 2.0}, "weight": 0.5},
+        LossSpec("tests.healing_custom_loss.LogitL2", {"scale": 0.1}, weight=2.0),
+        LossSpec("KLDivergence", {"direction": "reverse"}, weight=0.25),
+    ])
+    assert list(combined.parts) == ["task_cross_entropy", "kl_divergence", "logit_l2", "kl_divergence_2"]
+    assert combined.needs_teacher and not combined.needs_hidden_states
+    total, parts = combined(inputs)
+    expected = (TaskCrossEntropy()(inputs)[0] + 0.5 * KLDivergence(temperature=2.0)(inputs)[0]
+                + 2.0 * LogitL2(0.1)(inputs)[0] + 0.25 * KLDivergence("reverse")(inputs)[0])
+    torch.testing.assert_close(total, expected, **TOL)
+    torch.testing.assert_close(parts["logit_l2"], LogitL2(0.1)(inputs)[0], **TOL)
+    assert isinstance(load_loss("tests.healing_custom_loss.LogitL2"), LogitL2)
+
+
+def test_load_loss_errors_name_the_class_path():
+    with pytest.raises(ImportError, match="'no_such_pkg.Loss' does not import"):
+        load_loss("no_such_pkg.Loss")
+    with pytest.raises(ImportError, match="'NoSuchLoss' does not import"):
+        load_loss("NoSuchLoss")
+    with pytest.raises(TypeError, match="'tests.healing_custom_loss.NotALoss' .* not a subclass of HealingLoss"):
+        load_loss("tests.healing_custom_loss.NotALoss")
+    with pytest.raises(TypeError, match="cannot build 'KLDivergence'"):
+        load_loss("KLDivergence", {"tmp": 2})
+    with pytest.raises(KeyError, match=r"losses\[1\]"):
+        build_losses([LossSpec(), {"class_path": "KLDivergence", "wieght": 1.0}])
