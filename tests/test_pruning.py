@@ -254,3 +254,39 @@ def test_cli_yaml_config_and_input_errors(tmp_path: Path, capsys) -> None:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
     assert main(["--method", "prune-everything"]) == 2
+
+
+@pytest.mark.slow
+def test_cli_angular_plan_on_real_smollm2_exports_a_stock_pruned_model(tmp_path: Path, capsys) -> None:
+    from lightning_speechllm import assets
+
+    llm_dir = assets.pull("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
+    batch = tokenizer(["The capital of France is Paris.", "Speech recognition turns audio into text.",
+                       "One two three four five six seven."], return_tensors="pt", padding=True)
+    mask = DecoderLayerMask(model)
+    with torch.no_grad(), mask.record_residual_stream() as stream:
+        model(**batch)
+    token_mask = select_tokens(batch["attention_mask"], "all")
+    distance, influence = AngularDistanceMetric(30), BlockInfluenceMetric(30)
+    distance.update(stream.states, token_mask)
+    influence.update(stream.states, token_mask)
+    result = RedundancyResult.from_tables(distance.compute(), influence.compute(), model_id="smollm2-135m",
+                                          token_selection="all", set_name="text", modality="text", num_samples=3)
+    map_path = result.to_json(tmp_path / "map.json")
+
+    export = tmp_path / "pruned"
+    assert main(["--method", "angular", "--map", str(map_path), "--fraction", "0.2", "--llm_path", "smollm2-135m",
+                 "--export", str(export)]) == 0
+    plan = PruningPlan.from_json(export / PLAN_IN_EXPORT)
+    assert len(plan.removed_layers) == 6 and plan.is_contiguous and plan.model_id == "smollm2-135m"
+    assert plan.removed_layers[0] > 0  # the embedding-facing first layer is never the most redundant block
+    print(capsys.readouterr().out)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    assert reloaded.config.num_hidden_layers == 24
+    mask.remove_layers(plan.removed_layers)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-4)
+    assert AutoTokenizer.from_pretrained(export).eos_token == tokenizer.eos_token
