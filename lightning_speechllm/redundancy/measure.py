@@ -32,9 +32,14 @@ class RedundancyAccumulator(nn.Module):
         with speechllm.layer_mask.record_residual_stream() as stream:
             speechllm.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                           position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
-        token_mask = select_tokens(inputs.segment_ids, self.token_selection)
-        self.angular.update(stream.states, token_mask)
-        self.influence.update(stream.states, token_mask)
+        self.update_states(stream.states, inputs.segment_ids)
+
+    @torch.no_grad()
+    def update_states(self, states: list[torch.Tensor], segment_ids: torch.Tensor) -> None:
+        """Add an already recorded residual stream ``x^0..x^L`` (each ``[B, T, D]``) with its segment ids."""
+        token_mask = select_tokens(segment_ids, self.token_selection)
+        self.angular.update(states, token_mask)
+        self.influence.update(states, token_mask)
 
     def result(self, *, model_id: str, set_name: str, modality: Modality, epoch: int | None = None,
                n_boot: int = 1000) -> RedundancyResult:

@@ -1,0 +1,312 @@
+"""``RedundancyCallback``: measure d(l, n) and Block Influence of the decoder during validation, per set and modality.
+
+For every validation batch of a measured set the callback feeds two accumulators:
+
+* the batch's own modality ("speech" for audio batches, "text" for text-only ones) is taken from the module's own
+  teacher-forced forward (a forward hook on ``pl_module.speechllm`` records the pre-norm residual stream), so it
+  costs no extra forward pass;
+* the other modality — text-only, built from the same batch's transcripts — needs one extra teacher-forced forward.
+
+At the end of a measured validation epoch each (set, modality) gives a :class:`RedundancyResult`, written under
+``<output_dir>/<set>/<modality>/epoch=E.{json,csv,png}`` (+ ``epoch=E_bi.png``), and each set measured in both
+modalities gives ``<output_dir>/<set>/agreement_epoch=E.json`` and ``speech_vs_text_epoch=E.png``. Scalars go to
+``pl_module.log``; figures also go to a TensorBoard logger. The accumulators are torchmetrics, so under DDP every
+rank measures its shard and the maps are synced; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.redundancy import plots, report
+from lightning_speechllm.redundancy.analysis import Modality, RedundancyResult, path_agreement, spearman_rho
+from lightning_speechllm.redundancy.measure import RedundancyAccumulator
+from lightning_speechllm.redundancy.metrics import TOKEN_SELECTIONS, TokenSelection
+
+__all__ = ["MODALITIES", "RedundancyCallback", "text_only_copy"]
+
+log = logging.getLogger(__name__)
+MODALITIES: tuple[str, ...] = ("speech", "text")
+
+
+def text_only_copy(batch: SpeechBatch) -> SpeechBatch:
+    """The same utterances as a text-only batch: ``[B, 0]`` audio, zero lengths, transcripts read as text."""
+    return dataclasses.replace(batch, audio=batch.audio.new_zeros(len(batch), 0),
+                               audio_lens=torch.zeros_like(batch.audio_lens), text_only=True)
+
+
+def figure_to_rgb(figure: Figure) -> np.ndarray:
+    """Render a (pyplot-free) matplotlib figure to an ``[H, W, 3]`` uint8 array."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+class RedundancyCallback(L.Callback):
+    """Measure decoder-layer redundancy (Gromov d(l, n), ShortGPT BI) on the validation sets, speech and text.
+
+    Args:
+        every_n_epochs: measure on validation epochs where ``(current_epoch + 1) % every_n_epochs == 0`` while
+            fitting (Lightning's ``check_val_every_n_epoch`` convention); ``Trainer.validate`` always measures.
+        token_selection: which positions are averaged (``last``: Gromov et al.; see ``select_tokens``).
+        modalities: any of ``"speech"``, ``"text"``. Speech is skipped for a model without encoder and for
+            text-only batches.
+        sets: names of the validation sets to measure; ``None`` = all.
+        max_batches: measure at most this many batches per set and epoch (``None`` = all).
+        output_dir: where results go; default ``<trainer.log_dir or default_root_dir>/redundancy``.
+        n_boot: bootstrap resamples for the 95% CIs (0 = no CIs).
+        log_block_sizes: block sizes n whose best first layer ``l*(n)`` and distance are logged as scalars.
+        write_figures: also write PNG figures (and send them to a TensorBoard logger).
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        token_selection: TokenSelection = "last",
+        modalities: Sequence[str] = MODALITIES,
+        sets: list[str] | None = None,
+        max_batches: int | None = None,
+        output_dir: str | Path | None = None,
+        n_boot: int = 1000,
+        log_block_sizes: Sequence[int] = (1, 2, 4, 8),
+        write_figures: bool = True,
+    ) -> None:
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if token_selection not in TOKEN_SELECTIONS:
+            raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {list(modalities)}")
+        if token_selection == "speech" and "text" in modalities:
+            raise ValueError("token_selection 'speech' selects no token of a text-only input; drop 'text' from "
+                             "modalities or pick another selection")
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+        if n_boot < 0:
+            raise ValueError(f"n_boot must be >= 0, got {n_boot}")
+        if any(k < 1 for k in log_block_sizes):
+            raise ValueError(f"log_block_sizes must be >= 1, got {list(log_block_sizes)}")
+        self.every_n_epochs = every_n_epochs
+        self.token_selection = token_selection
+        self.modalities = tuple(dict.fromkeys(modalities))
+        self.sets = None if sets is None else list(sets)
+        self.max_batches = max_batches
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.n_boot = n_boot
+        self.log_block_sizes = tuple(log_block_sizes)
+        self.write_figures = write_figures
+        self.accumulators: dict[tuple[str, str], RedundancyAccumulator] = {}
+        """Accumulators of the running epoch, by (set, modality), on the module's device."""
+        self.results: dict[tuple[str, str], RedundancyResult] = {}
+        """Results of the last measured epoch, by (set, modality)."""
+        self.agreements: dict[str, dict[str, Any]] = {}
+        """Speech-vs-text agreement of the last measured epoch, by set."""
+        self._batches_seen: dict[str, int] = {}
+        self._measuring = False
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._recorder: contextlib.ExitStack | None = None
+        self._recorded: tuple[list[torch.Tensor], torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------------------------------------- lightning
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.output_dir is None:  # trainer.log_dir broadcasts, so every rank must ask
+            self.output_dir = Path(trainer.log_dir or trainer.default_root_dir) / "redundancy"
+        speechllm = _speechllm(pl_module)
+        if speechllm.encoder is None and self.modalities == ("speech",):
+            raise ValueError("RedundancyCallback(modalities=['speech']) on a SpeechLLM without speech encoder")
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._measuring = self._should_measure(trainer)
+        self.accumulators = {}
+        self._batches_seen = {}
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._wants_batch(pl_module, dataloader_idx):
+            return
+        own = "text" if batch.text_only else "speech"
+        if own in self._modalities_for(pl_module, batch):
+            self._attach_recorder(_speechllm(pl_module))
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        recorded = self._detach_recorder()
+        if not self._wants_batch(pl_module, dataloader_idx):
+            return
+        set_name = pl_module.set_name("val", dataloader_idx)
+        self._batches_seen[set_name] = self._batches_seen.get(set_name, 0) + 1
+        speechllm = _speechllm(pl_module)
+        own = "text" if batch.text_only else "speech"
+        for modality in self._modalities_for(pl_module, batch):
+            accumulator = self._accumulator(set_name, modality, pl_module)
+            if modality == own and recorded is not None:
+                accumulator.update_states(*recorded)
+            else:  # the other modality, or a validation_step that did not call the SpeechLLM
+                accumulator.update(speechllm, batch if modality == own else text_only_copy(batch))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._detach_recorder()
+        if not self._measuring or not self.accumulators:
+            return
+        epoch = trainer.current_epoch
+        model_id = str(_speechllm(pl_module).config.llm_path)
+        self.results, self.agreements = {}, {}
+        # Same order on every rank: compute() syncs the metric states under DDP.
+        for (set_name, modality), accumulator in sorted(self.accumulators.items()):
+            result = accumulator.result(model_id=model_id, set_name=set_name, modality=modality, epoch=epoch,
+                                        n_boot=self.n_boot)
+            result.extra["layer_indices"] = list(_speechllm(pl_module).layer_mask.active_layers)
+            self.results[(set_name, modality)] = result
+            self._log_result(pl_module, result)
+        for set_name in sorted({s for s, _ in self.results}):
+            if (set_name, "speech") in self.results and (set_name, "text") in self.results:
+                self.agreements[set_name] = self._agreement(set_name, epoch)
+                self._log_agreement(pl_module, set_name)
+        if trainer.is_global_zero:
+            self._write(trainer, epoch)
+        self.accumulators = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._detach_recorder()
+
+    # -------------------------------------------------------------------------------------------- measuring
+    def _should_measure(self, trainer: L.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != "fit":
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _wants_batch(self, pl_module: L.LightningModule, dataloader_idx: int) -> bool:
+        if not self._measuring:
+            return False
+        set_name = pl_module.set_name("val", dataloader_idx)
+        if self.sets is not None and set_name not in self.sets:
+            return False
+        return self.max_batches is None or self._batches_seen.get(set_name, 0) < self.max_batches
+
+    def _modalities_for(self, pl_module: L.LightningModule, batch: SpeechBatch) -> list[str]:
+        if not isinstance(batch, SpeechBatch):
+            raise TypeError(f"RedundancyCallback expects SpeechBatch validation batches, got {type(batch).__name__}")
+        has_speech = not batch.text_only and _speechllm(pl_module).encoder is not None
+        return [m for m in self.modalities if m == "text" or has_speech]
+
+    def _accumulator(self, set_name: str, modality: str, pl_module: L.LightningModule) -> RedundancyAccumulator:
+        key = (set_name, modality)
+        if key not in self.accumulators:
+            num_layers = len(_speechllm(pl_module).layer_mask.active_layers)
+            self.accumulators[key] = RedundancyAccumulator(
+                num_layers, token_selection=self.token_selection, keep_per_sample=self.n_boot > 0,
+            ).to(pl_module.device)
+        return self.accumulators[key]
+
+    def _attach_recorder(self, speechllm: nn.Module) -> None:
+        """Record the residual stream of the module's own teacher-forced ``speechllm(batch)`` call (not of
+        ``generate``, which does not go through ``__call__``)."""
+        self._detach_recorder()
+
+        def before(_module: nn.Module, _args: tuple) -> None:
+            if self._recorded is None and self._recorder is None:
+                self._recorder = contextlib.ExitStack()
+                self._stream = self._recorder.enter_context(speechllm.layer_mask.record_residual_stream())
+
+        def after(_module: nn.Module, _args: tuple, output: Any) -> None:
+            if self._recorder is None:
+                return
+            inputs = output[2] if isinstance(output, tuple) and len(output) == 3 else None
+            states = self._stream.states
+            self._recorder.close()
+            self._recorder = None
+            if inputs is not None and getattr(inputs, "segment_ids", None) is not None and states:
+                self._recorded = (states, inputs.segment_ids)
+
+        self._hooks = [speechllm.register_forward_pre_hook(before), speechllm.register_forward_hook(after)]
+
+    def _detach_recorder(self) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+        recorded, self._recorded = self._recorded, None
+        return recorded
+
+    # ------------------------------------------------------------------------------------------- reporting
+    def _agreement(self, set_name: str, epoch: int) -> dict[str, Any]:
+        speech, text = self.results[(set_name, "speech")], self.results[(set_name, "text")]
+        paths = path_agreement(speech.path, text.path)
+        return {"set_name": set_name, "epoch": epoch, "model_id": speech.model_id,
+                "token_selection": self.token_selection, "num_layers": speech.num_layers,
+                "num_samples": {"speech": speech.num_samples, "text": text.num_samples},
+                "spearman_rho": spearman_rho(speech.table, text.table), "path_exact": paths.exact,
+                "path_overlap": paths.overlap, "path_mean_jaccard": paths.mean_jaccard,
+                "path_speech": speech.path, "path_text": text.path}
+
+    def _log_result(self, pl_module: L.LightningModule, result: RedundancyResult) -> None:
+        prefix = f"redundancy/{result.set_name}/{result.modality}"
+        for block in self.log_block_sizes:
+            if block <= result.num_layers:
+                first = result.path[block - 1]
+                pl_module.log(f"{prefix}/best_block_n{block}", float(first), add_dataloader_idx=False)
+                pl_module.log(f"{prefix}/best_d_n{block}", float(result.table[block - 1, first]),
+                              add_dataloader_idx=False)
+
+    def _log_agreement(self, pl_module: L.LightningModule, set_name: str) -> None:
+        agreement = self.agreements[set_name]
+        for name, key in (("rho", "spearman_rho"), ("path_exact", "path_exact"), ("path_overlap", "path_overlap")):
+            pl_module.log(f"redundancy/{set_name}/{name}", float(agreement[key]), add_dataloader_idx=False)
+
+    def _write(self, trainer: L.Trainer, epoch: int) -> None:
+        assert self.output_dir is not None
+        figures: dict[str, Figure] = {}
+        for (set_name, modality), result in self.results.items():
+            stem = self.output_dir / set_name / modality / f"epoch={epoch}"
+            result.to_json(stem.with_suffix(".json"))
+            result.to_csv(stem.with_suffix(".csv"))
+            if self.write_figures:
+                figures[f"redundancy/{set_name}/{modality}/map"] = plots.plot_result_heatmap(
+                    result, save_to=stem.with_suffix(".png"))
+                plots.plot_block_influence(
+                    result.block_influence, num_marked=min(4, result.num_layers),
+                    title=f"{result.model_id} — {set_name} ({modality}) Block Influence",
+                    save_to=stem.parent / f"epoch={epoch}_bi.png")
+        for set_name, agreement in self.agreements.items():
+            report.write_json(agreement, self.output_dir / set_name / f"agreement_epoch={epoch}.json")
+            if self.write_figures:
+                figures[f"redundancy/{set_name}/speech_vs_text"] = plots.plot_speech_vs_text(
+                    self.results[(set_name, "speech")], self.results[(set_name, "text")], title=set_name,
+                    save_to=self.output_dir / set_name / f"speech_vs_text_epoch={epoch}.png")
+        self._send_figures(trainer, figures)
+        log.info("redundancy maps of epoch %d written to %s", epoch, self.output_dir)
+
+    @staticmethod
+    def _send_figures(trainer: L.Trainer, figures: dict[str, Figure]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for tag, figure in figures.items():
+                    logger.experiment.add_image(tag, figure_to_rgb(figure), global_step=trainer.global_step,
+                                                dataformats="HWC")
+
+
+def _speechllm(pl_module: L.LightningModule) -> nn.Module:
+    speechllm = getattr(pl_module, "speechllm", None)
+    if speechllm is None or not hasattr(speechllm, "layer_mask"):
+        raise TypeError(f"RedundancyCallback needs a LightningModule with a `speechllm` (SpeechLLM) attribute, "
+                        f"got {type(pl_module).__name__}")
+    return speechllm

@@ -1,0 +1,133 @@
+"""RedundancyCallback under Trainer.validate / fit on a tiny SpeechLLM: files, scalars, exactness, epoch skipping."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.image import imread
+
+from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
+from lightning_speechllm.model.speechllm import SpeechLLM
+from lightning_speechllm.redundancy.analysis import RedundancyResult
+from lightning_speechllm.redundancy.callback import RedundancyCallback, text_only_copy
+from lightning_speechllm.redundancy.measure import RedundancyAccumulator
+from tests.test_module import NamedSets, trainer
+from tests.test_speechllm import make_batch
+from tests.tiny_speechllm import tiny_llama, tiny_speechllm, tiny_tokenizer
+
+LAYERS = 4
+
+
+def _module(speechllm: SpeechLLM | None = None, decode: bool = False) -> SpeechLLMModule:
+    return SpeechLLMModule(decoding=DecodingConfig(max_new_tokens=3, generate_in_validation=decode),
+                           speechllm=speechllm or tiny_speechllm(layers=LAYERS))
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory):
+    """One validation pass over the two named sets (with decoding on, so generate runs inside the step)."""
+    root = tmp_path_factory.mktemp("validate")
+    module, data = _module(decode=True), NamedSets()
+    callback = RedundancyCallback(n_boot=50, log_block_sizes=(1, 2, 3))
+    trainer(root, callbacks=[callback]).validate(module, datamodule=data)
+    return module, data, callback, root / "redundancy"
+
+
+def test_writes_result_files_per_set_and_modality(validated):
+    _, data, _, out = validated
+    for set_name, batches in zip(data.val_set_names, data.val):
+        for modality in ("speech", "text"):
+            folder = out / set_name / modality
+            result = RedundancyResult.from_json(folder / "epoch=0.json")
+            assert (result.set_name, result.modality, result.num_layers) == (set_name, modality, LAYERS)
+            assert result.num_samples == sum(len(b) for b in batches)
+            assert result.model_id == "<memory>" and result.epoch == 0 and result.ci_low is not None
+            assert (folder / "epoch=0.csv").read_text().splitlines()[0].startswith("l,n,d")
+            for png in ("epoch=0.png", "epoch=0_bi.png"):
+                image = imread(folder / png)
+                assert image.ndim == 3 and min(image.shape[:2]) > 100
+        agreement = json.loads((out / set_name / "agreement_epoch=0.json").read_text())
+        assert -1.0 <= agreement["spearman_rho"] <= 1.0 and 0.0 <= agreement["path_exact"] <= 1.0
+        assert agreement["num_samples"] == {"speech": len(batches[0]), "text": len(batches[0])}
+        assert imread(out / set_name / "speech_vs_text_epoch=0.png").ndim == 3
+
+
+def test_logs_scalars(validated):
+    module, _, callback, _ = validated
+    metrics = module.trainer.callback_metrics
+    for set_name in ("clean", "ast-fr"):
+        assert float(metrics[f"redundancy/{set_name}/rho"]) == pytest.approx(callback.agreements[set_name]["spearman_rho"])
+        assert f"redundancy/{set_name}/path_overlap" in metrics and f"redundancy/{set_name}/path_exact" in metrics
+        for modality in ("speech", "text"):
+            result = callback.results[(set_name, modality)]
+            assert float(metrics[f"redundancy/{set_name}/{modality}/best_block_n2"]) == result.path[1]
+            assert f"redundancy/{set_name}/{modality}/best_d_n3" in metrics
+    assert "val/clean/wer" in metrics  # the module's own metrics still run alongside
+
+
+def test_map_equals_a_direct_accumulator_run(validated):
+    module, data, _, out = validated
+    for set_name, batches in zip(data.val_set_names, data.val):
+        for modality in ("speech", "text"):
+            direct = RedundancyAccumulator(LAYERS, token_selection="last")
+            for batch in batches:
+                direct.update(module.speechllm, batch if modality == "speech" else text_only_copy(batch))
+            expected = direct.angular.compute().numpy()
+            written = RedundancyResult.from_json(out / set_name / modality / "epoch=0.json")
+            np.testing.assert_allclose(written.table, expected, atol=1e-6, equal_nan=True)
+            np.testing.assert_allclose(written.block_influence, direct.influence.compute().numpy(), atol=1e-6)
+
+
+def test_every_n_epochs_sets_filter_and_no_sanity_check(tmp_path):
+    callback = RedundancyCallback(every_n_epochs=2, sets=["clean"], modalities=["text"], n_boot=0,
+                                  output_dir=tmp_path / "maps")
+    trainer(tmp_path, max_epochs=3, callbacks=[callback], num_sanity_val_steps=1).fit(
+        _module(), datamodule=NamedSets(n_train=1))
+    written = sorted(p.relative_to(tmp_path / "maps").as_posix() for p in (tmp_path / "maps").rglob("*.json"))
+    assert written == ["clean/text/epoch=1.json"]
+    assert RedundancyResult.from_json(tmp_path / "maps/clean/text/epoch=1.json").ci_low is None
+
+
+def test_text_only_model_measures_text_with_max_batches_and_tensorboard(tmp_path):
+    text_model = SpeechLLM(tiny_llama(layers=LAYERS), tiny_tokenizer(), None, tiny_speechllm().config)
+    data = NamedSets()
+    data.val = [[text_only_copy(batch) for batch in batches] * 2 for batches in data.val]
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    callback = RedundancyCallback(max_batches=1, n_boot=0)
+    trainer(tmp_path, logger=logger, callbacks=[callback]).validate(_module(text_model), datamodule=data)
+    assert sorted(callback.results) == [("ast-fr", "text"), ("clean", "text")] and not callback.agreements
+    assert callback.results[("clean", "text")].num_samples == len(data.val[0][0])  # max_batches=1 of 2
+    assert callback.output_dir == tmp_path / "tb" / "version_0" / "redundancy"
+    assert (callback.output_dir / "clean" / "text" / "epoch=0.png").is_file()
+    assert any((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_speech_batches_with_a_text_only_dataset_skip_speech(tmp_path):
+    data = NamedSets()
+    data.val = [[make_batch(seed=100, text_only=True)], data.val[1]]
+    callback = RedundancyCallback(n_boot=0, write_figures=False)
+    trainer(tmp_path, callbacks=[callback]).validate(_module(), datamodule=data)
+    assert sorted(callback.results) == [("ast-fr", "speech"), ("ast-fr", "text"), ("clean", "text")]
+    assert sorted(callback.agreements) == ["ast-fr"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"modalities": ["video"]}, "modalities"),
+    ({"token_selection": "speech"}, "selects no token"),
+    ({"every_n_epochs": 0}, "every_n_epochs"),
+    ({"max_batches": 0}, "max_batches"),
+])
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RedundancyCallback(**kwargs)
+
+
+def test_text_only_copy_keeps_transcripts():
+    batch = make_batch()
+    copy = text_only_copy(batch)
+    assert copy.text_only and copy.audio.shape == (3, 0) and copy.audio_lens.tolist() == [0, 0, 0]
+    assert copy.transcripts == batch.transcripts and not batch.text_only and batch.audio.numel() > 0
+    assert torch.equal(batch.audio_lens, make_batch().audio_lens)
