@@ -241,8 +241,11 @@ def test_cli_yaml_config_and_input_errors(tmp_path: Path, capsys) -> None:
     assert main(["--config", str(config), "--print_config"]) == 0
     assert "fraction: 0.5" in capsys.readouterr().out
 
+    map_path = synthetic_result([0.1 * i for i in range(1, 11)]).to_json(tmp_path / "map.json")
     cases = [
         (["--method", "angular", "--n", "2", "--out", "p.json"], "--method angular needs --map"),
+        (["--method", "block_influence", "--map", str(map_path), "--n", "2", "--num_layers", "6", "--out", "p.json"],
+         "the layer counts disagree (--map: 10, --num_layers: 6)"),
         (["--method", "explicit", "--num_layers", "6", "--out", "p.json"], "--method explicit needs --layers"),
         (["--method", "last", "--n", "2", "--out", "p.json"], "needs the layer count"),
         (["--method", "last", "--n", "2", "--num_layers", "6"], "nothing to write"),
