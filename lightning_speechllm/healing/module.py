@@ -186,14 +186,10 @@ class HealingModule(SpeechLLMModule):
     # ----------------------------------------------------------------------------------------------- training
     def training_step(self, batch: SpeechBatch, batch_idx: int) -> Tensor | None:
         total, parts = self.healing_step(batch)
-        bad = [name for name, value in parts.items() if not torch.isfinite(value).all()]
-        if not bad and not torch.isfinite(total).all():
-            bad = ["total"]
-        any_bad = self._any_rank(bool(bad))
-        if any_bad:
-            values = {name: float(parts[name]) if name in parts else float(total) for name in bad}
+        bad = _non_finite(total, parts)
+        if self._any_rank(bool(bad)):
             if self.healing.on_nan == "raise":
-                where = f"loss part(s) {values}" if bad else "a loss part on another rank"
+                where = f"loss part(s) {bad}" if bad else "a loss part on another rank"
                 raise NonFiniteLossError(f"non-finite healing loss at global step {self.global_step}: {where}; "
                                          "set healing.on_nan='skip' to skip such steps")
             self.skipped_steps += 1
@@ -243,3 +239,11 @@ def _same_models(a: dict[str, str | None], b: dict[str, str | None]) -> bool:
     if set(a) != set(b):
         return False
     return all(a[k] == b[k] or (a[k] is not None and b[k] is not None and same_model_id(a[k], b[k])) for k in a)
+
+
+def _non_finite(total: Tensor, parts: dict[str, Tensor]) -> dict[str, float]:
+    """{name: value} of the loss parts (or 'total') that are NaN/inf; empty when all are finite."""
+    bad = {name: float(value.detach()) for name, value in parts.items() if not torch.isfinite(value).all()}
+    if not bad and not torch.isfinite(total).all():
+        bad = {"total": float(total.detach())}
+    return bad

@@ -1,0 +1,180 @@
+"""HealingModule: plan + LoRA placement, shared-weight teacher, loss goes down, plan-checked checkpoints, NaN policy."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_speechllm.healing.losses import LossSpec
+from lightning_speechllm.healing.module import (
+    HealingConfig,
+    HealingModule,
+    NonFiniteLossError,
+    PlanMismatchError,
+    receiving_layers,
+)
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig
+from lightning_speechllm.model.speechllm import LoraConfig
+from lightning_speechllm.pruning.plan import plan_explicit
+from tests.test_module import trainer
+from tests.test_speechllm import make_batch
+from tests.tiny_speechllm import tiny_speechllm
+
+SMALL_LORA = LoraConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"])
+KL_CE = [LossSpec("TaskCrossEntropy"), LossSpec("KLDivergence", {"temperature": 2.0})]
+
+
+def healing_module(removed=(1, 2), losses=KL_CE, on_nan="raise", seed=0, lr=1e-2, **optim) -> HealingModule:
+    config = HealingConfig(removed_layers=list(removed), lora=SMALL_LORA, losses=list(losses), on_nan=on_nan)
+    return HealingModule(healing=config, speechllm=tiny_speechllm(seed=seed),
+                         optim=OptimConfig(**{"lr": lr, "warmup_steps": 0, "schedule": "constant", **optim}),
+                         decoding=DecodingConfig(max_new_tokens=4, generate_in_validation=False))
+
+
+def loader(n: int = 1, repeat: int = 1) -> DataLoader:
+    return DataLoader([make_batch(seed=i) for i in range(n)] * repeat, batch_size=None)
+
+
+def randomise_lora_b(module: HealingModule, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.speechllm.llm.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+
+
+def test_receiving_layers():
+    assert receiving_layers([1, 2], 4) == [3]
+    assert receiving_layers([2, 3], 4) == [1]  # a cut at the end: the last kept layer receives it
+    assert receiving_layers([0, 2, 3, 5], 7) == [1, 4, 6]
+
+
+def test_default_lora_sits_on_the_receiving_layer_and_plan_masks_layers():
+    module = HealingModule(healing=HealingConfig(removed_layers=[1, 2]), speechllm=tiny_speechllm())
+    lora = module.speechllm.config.lora
+    assert (lora.layers, lora.r, lora.alpha, lora.dropout) == ([3], 64, 64, 0.05)
+    assert module.speechllm.layer_mask.active_layers == (0, 3)
+    trainable = module.speechllm.trainable_state_dict()
+    lora_layers = {k.split(".layers.")[1].split(".")[0] for k in trainable if "lora_" in k}
+    assert lora_layers == {"3"} and any(k.startswith("projector.") for k in trainable)
+    assert module.hparams["model"]["removed_layers"] == [1, 2]
+    with pytest.raises(PlanMismatchError, match=r"removed_layers \[1, 9\]"):
+        HealingModule(healing=HealingConfig(removed_layers=[1, 9]), speechllm=tiny_speechllm())
+
+
+def test_plan_file_from_pruning_plan(tmp_path):
+    path = plan_explicit(4, [1, 2], model_id="<memory>").to_json(tmp_path / "plan.json")
+    module = HealingModule(healing=HealingConfig(plan_path=str(path), lora=SMALL_LORA), speechllm=tiny_speechllm())
+    assert module.plan["removed_layers"] == [1, 2] and module.plan["model_id"] == "<memory>"
+    wrong = plan_explicit(6, [1, 2]).to_json(tmp_path / "wrong.json")
+    with pytest.raises(PlanMismatchError, match="6 layers"):
+        HealingModule(healing=HealingConfig(plan_path=str(wrong)), speechllm=tiny_speechllm())
+
+
+def test_shared_teacher_equals_the_unpruned_model_without_adapters():
+    module = healing_module()
+    randomise_lora_b(module)
+    module.eval()
+    plain = tiny_speechllm(seed=0).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        inputs = module.speechllm.build_inputs(batch)
+        teacher_logits, teacher_states = module.teacher_pass(inputs, hidden=True)
+        student_logits, _ = module.student_pass(inputs)
+        reference_inputs = plain.build_inputs(batch)
+        torch.testing.assert_close(inputs.inputs_embeds, reference_inputs.inputs_embeds, atol=0, rtol=0)
+        with plain.layer_mask.record_residual_stream() as stream:
+            reference = plain.llm(inputs_embeds=reference_inputs.inputs_embeds,
+                                  attention_mask=reference_inputs.attention_mask,
+                                  position_ids=reference_inputs.position_ids, use_cache=False).logits
+    torch.testing.assert_close(teacher_logits, reference, atol=1e-6, rtol=0)
+    assert len(teacher_states) == 5
+    for ours, theirs in zip(teacher_states, stream.states):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    assert (student_logits - reference).abs().max() > 1e-2  # the student is really pruned and adapted
+    assert module.speechllm.layer_mask.active_layers == (0, 3)  # the mask is back after the teacher pass
+    with torch.no_grad():
+        again, _ = module.student_pass(inputs)
+    torch.testing.assert_close(again, student_logits, atol=0, rtol=0)  # adapters are enabled again
+
+
+def test_healing_with_kl_and_ce_lowers_the_loss(tmp_path):
+    module = healing_module()
+    batch = make_batch(seed=0)
+    module.eval()
+    with torch.no_grad():
+        before, before_parts = module.healing_step(batch)
+    module.train()
+    trainer(tmp_path, max_steps=12, limit_val_batches=0).fit(module, train_dataloaders=loader(1, repeat=12))
+    module.eval()
+    with torch.no_grad():
+        after, after_parts = module.healing_step(batch)
+    assert after < 0.8 * before, (before, after)
+    assert after_parts["kl_divergence"] < before_parts["kl_divergence"]
+    logged = module.trainer.callback_metrics
+    assert {"train/loss", "train/loss/task_cross_entropy", "train/loss/kl_divergence"} <= set(logged)
+
+
+def test_hidden_state_losses_train_end_to_end(tmp_path):
+    module = healing_module(losses=[LossSpec("HiddenStateMSE", weight=0.1), LossSpec("HiddenStateCosine")])
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, train_dataloaders=loader(2))
+    logged = module.trainer.callback_metrics
+    assert {"train/loss/hidden_state_mse", "train/loss/hidden_state_mse/state2",
+            "train/loss/hidden_state_cosine"} <= set(logged)
+    assert torch.isfinite(logged["train/loss"])
+
+
+def fitted_checkpoint(tmp_path) -> tuple[HealingModule, str]:
+    module = healing_module()
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    t.fit(module, train_dataloaders=loader(1))
+    path = str(tmp_path / "healed.ckpt")
+    t.save_checkpoint(path)
+    return module, path
+
+
+def test_checkpoint_holds_trainables_and_plan_and_reloads(tmp_path):
+    module, path = fitted_checkpoint(tmp_path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["healing"]["plan"]["removed_layers"] == [1, 2]
+    assert checkpoint["healing"]["base_model"] == {"llm_path": "<memory>", "encoder_path": "<memory>"}
+    assert all(k.startswith("speechllm.projector.") or "lora_" in k for k in checkpoint["state_dict"])
+    fresh = HealingModule.load_from_checkpoint(path, speechllm=tiny_speechllm(seed=5))
+    assert fresh.speechllm.layer_mask.active_layers == (0, 3)
+    for key, value in module.speechllm.trainable_state_dict().items():
+        torch.testing.assert_close(fresh.speechllm.trainable_state_dict()[key], value, atol=0, rtol=0)
+
+
+def test_checkpoint_with_another_plan_or_base_model_is_refused(tmp_path):
+    _, path = fitted_checkpoint(tmp_path)
+    other_plan = HealingConfig(removed_layers=[2], lora=SMALL_LORA, losses=KL_CE)
+    with pytest.raises(PlanMismatchError, match=r"removed layers \[1, 2\], this module removes \[2\]"):
+        HealingModule.load_from_checkpoint(path, healing=other_plan, speechllm=tiny_speechllm())
+    other_llm = tiny_speechllm()
+    other_llm.config.llm_path = "qwen2.5-7b"
+    with pytest.raises(PlanMismatchError, match="'<memory>'.*differs.*'qwen2.5-7b'"):
+        HealingModule.load_from_checkpoint(path, speechllm=other_llm)
+
+
+def test_non_finite_loss_raises_naming_step_and_part(tmp_path):
+    module = healing_module(losses=[LossSpec("TaskCrossEntropy"),
+                                    LossSpec("tests.healing_custom_loss.NonFiniteLoss", {"from_call": 2})])
+    before = module.speechllm.trainable_state_dict()
+    t = trainer(tmp_path, max_steps=5, limit_val_batches=0)
+    with pytest.raises(NonFiniteLossError, match=r"global step 2: loss part\(s\) \{'non_finite_loss': nan\}"):
+        t.fit(module, train_dataloaders=loader(1, repeat=5))
+    assert t.global_step == 2
+    after = module.speechllm.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the two finite steps trained
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_skip_mode_leaves_weights_unchanged(tmp_path):
+    module = healing_module(losses=[LossSpec("TaskCrossEntropy"), LossSpec("tests.healing_custom_loss.NonFiniteLoss")],
+                            on_nan="skip", weight_decay=0.1)
+    before = module.speechllm.trainable_state_dict()
+    trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(module, train_dataloaders=loader(3))
+    assert module.skipped_steps == 3
+    assert module.trainer.callback_metrics["train/skipped_nonfinite"] == 3
+    for key, value in module.speechllm.trainable_state_dict().items():
+        assert torch.equal(value, before[key]), key
