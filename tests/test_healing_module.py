@@ -178,3 +178,58 @@ def test_skip_mode_leaves_weights_unchanged(tmp_path):
     assert module.trainer.callback_metrics["train/skipped_nonfinite"] == 3
     for key, value in module.speechllm.trainable_state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+DDP_SCRIPT = """
+import sys
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from lightning_speechllm.healing.losses import LossSpec
+from lightning_speechllm.healing.module import HealingConfig, HealingModule
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig
+from lightning_speechllm.model.speechllm import LoraConfig
+from tests.test_speechllm import make_batch
+from tests.tiny_speechllm import tiny_speechllm
+
+torch.set_num_threads(1)
+devices, out = int(sys.argv[1]), sys.argv[2]
+lora = LoraConfig(r=4, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+losses = [LossSpec("TaskCrossEntropy"), LossSpec("KLDivergence", {"temperature": 2.0})]
+module = HealingModule(healing=HealingConfig(removed_layers=[1, 2], lora=lora, losses=losses),
+                       optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+                       decoding=DecodingConfig(generate_in_validation=False), speechllm=tiny_speechllm(seed=0))
+trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                    accumulate_grad_batches=2 if devices == 1 else 1, max_epochs=1, limit_val_batches=0,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(module, train_dataloaders=DataLoader([make_batch(seed=i) for i in range(4)], batch_size=None))
+if trainer.global_rank == 0:
+    torch.save({"state": module.speechllm.trainable_state_dict(), "steps": trainer.global_step}, out)
+"""
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_heals_like_one_rank_with_the_same_global_batch(tmp_path):
+    """2 ranks x 1 batch per step == 1 rank accumulating 2 batches per step (LoRA dropout off)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "heal_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}.pt"
+        proc = subprocess.run([sys.executable, str(script), str(devices), str(out)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = torch.load(out, weights_only=False)
+    assert results[1]["steps"] == results[2]["steps"] == 2
+    initial = tiny_speechllm(seed=0)
+    assert results[1]["state"].keys() == results[2]["state"].keys()
+    for key, value in results[1]["state"].items():
+        torch.testing.assert_close(results[2]["state"][key], value, atol=2e-5, rtol=1e-4, msg=key)
+    projector = {k: v for k, v in initial.trainable_state_dict().items() if k in results[1]["state"]}
+    assert any(not torch.allclose(results[1]["state"][k], v) for k, v in projector.items())  # it did train
