@@ -62,6 +62,17 @@ def test_default_lora_sits_on_the_receiving_layer_and_plan_masks_layers():
         HealingModule(healing=HealingConfig(removed_layers=[1, 9]), speechllm=tiny_speechllm())
 
 
+def test_a_model_already_carrying_the_plan_is_accepted_and_another_plan_refused():
+    prebuilt = tiny_speechllm(lora=LoraConfig(layers=[3], r=4, alpha=4, target_modules=["q_proj"]),
+                              removed_layers=[1, 2])
+    lora_before = sorted(k for k in prebuilt.trainable_state_dict() if "lora_" in k)
+    module = HealingModule(healing=HealingConfig(removed_layers=[1, 2]), speechllm=prebuilt)
+    assert sorted(k for k in module.speechllm.trainable_state_dict() if "lora_" in k) == lora_before  # no 2nd LoRA
+    assert module.speechllm.layer_mask.active_layers == (0, 3)
+    with pytest.raises(PlanMismatchError, match=r"already masks layers \[1, 2\], the plan removes \[2\]"):
+        HealingModule(healing=HealingConfig(removed_layers=[2]), speechllm=tiny_speechllm(removed_layers=[1, 2]))
+
+
 def test_plan_file_from_pruning_plan(tmp_path):
     path = plan_explicit(4, [1, 2], model_id="<memory>").to_json(tmp_path / "plan.json")
     module = HealingModule(healing=HealingConfig(plan_path=str(path), lora=SMALL_LORA), speechllm=tiny_speechllm())
@@ -74,7 +85,7 @@ def test_plan_file_from_pruning_plan(tmp_path):
 def test_shared_teacher_equals_the_unpruned_model_without_adapters():
     module = healing_module()
     randomise_lora_b(module)
-    module.eval()
+    module.train()  # LoRA dropout on: the teacher pass must still be deterministic (adapters off, eval mode)
     plain = tiny_speechllm(seed=0).eval()
     batch = make_batch()
     with torch.no_grad():
@@ -94,6 +105,12 @@ def test_shared_teacher_equals_the_unpruned_model_without_adapters():
     assert (student_logits - reference).abs().max() > 1e-2  # the student is really pruned and adapted
     assert module.speechllm.layer_mask.active_layers == (0, 3)  # the mask is back after the teacher pass
     with torch.no_grad():
+        again, _ = module.student_pass(inputs)
+    assert module.speechllm.llm.training  # the training mode is back after the teacher pass
+    module.eval()
+    with torch.no_grad():
+        student_logits, _ = module.student_pass(inputs)
+        module.teacher_pass(inputs)
         again, _ = module.student_pass(inputs)
     torch.testing.assert_close(again, student_logits, atol=0, rtol=0)  # adapters are enabled again
 

@@ -3,14 +3,20 @@
 The student is the SpeechLLM with the pruning plan applied as a decoder-layer mask. When a loss needs a teacher
 (logit KL, hidden-state losses), the teacher is the SAME module with every layer active and the LoRA adapters
 disabled, run under ``torch.no_grad()`` on the student's input embeddings: no second copy of the weights. (The
-projector is shared too, so both see the same speech embeddings; the distillation heals the decoder.)
+projector is shared too, so both see the same speech embeddings; the distillation heals the decoder.) The teacher
+runs in eval mode (no dropout) whatever the training mode.
+
+An injected model that already carries LoRA adapters is taken as carrying the healing adapters (that is how a
+checkpointed run is rebuilt); merge adapters that belong to the unpruned model (a LoRA-tuned SpeechLLM) into its
+weights first, or the teacher, which disables adapters, would lose them.
 
 Checkpoints hold only the trainable weights (see :class:`SpeechLLMModule`), the plan and the base model paths;
 loading refuses a checkpoint made for another plan or another base model.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -151,6 +157,7 @@ class HealingModule(SpeechLLMModule):
             stack.enter_context(torch.no_grad())
             stack.enter_context(mask.active(range(mask.num_layers)))
             stack.enter_context(sl.llm.disable_adapter() if sl.has_lora else nullcontext())
+            stack.enter_context(_eval_mode(sl.llm))
             stream = stack.enter_context(mask.record_residual_stream()) if hidden else None
             output = sl.llm(inputs_embeds=inputs.inputs_embeds.detach(), attention_mask=inputs.attention_mask,
                             position_ids=inputs.position_ids, use_cache=False)
@@ -239,6 +246,18 @@ def _same_models(a: dict[str, str | None], b: dict[str, str | None]) -> bool:
     if set(a) != set(b):
         return False
     return all(a[k] == b[k] or (a[k] is not None and b[k] is not None and same_model_id(a[k], b[k])) for k in a)
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the context; each one's own mode restored on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _non_finite(total: Tensor, parts: dict[str, Tensor]) -> dict[str, float]:
