@@ -1,0 +1,193 @@
+"""``python -m lightning_speechllm measure``: a validation-only pass that measures decoder-layer redundancy.
+
+Examples::
+
+    python -m lightning_speechllm measure --data.val_sets '{dev: data_cache/synth/dev.jsonl}' --modalities [text]
+    python -m lightning_speechllm measure --ckpt_path runs/last.ckpt --data.val_sets '{clean: clean.jsonl}'
+    python -m lightning_speechllm measure --config measure.yaml          # every option is a YAML key
+    python -m lightning_speechllm measure --print_config > measure.yaml
+
+The model (``--model.*``, a :class:`SpeechLLMConfig`) is loaded from local directories or registered offline
+assets; ``--ckpt_path`` adds the trained projector / LoRA of a ``SpeechLLMModule`` checkpoint. Text-only
+measurement needs no trained projector; speech measurement without one measures an untrained projector's input.
+Results (JSON, CSV, PNG per set/modality, speech-vs-text agreement, ``summary.csv``) go to ``--output_dir``
+(default ``<log dir>/redundancy``); a table of the best block per size and the text-vs-speech ρ is printed.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
+
+from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
+from lightning_speechllm.model.speechllm import SpeechLLMConfig
+from lightning_speechllm.redundancy.analysis import RedundancyResult
+from lightning_speechllm.redundancy.callback import RedundancyCallback
+from lightning_speechllm.redundancy.metrics import TokenSelection
+from lightning_speechllm.redundancy.report import write_summary_csv
+
+__all__ = ["MeasureArgs", "build_parser", "format_summary", "main", "run"]
+
+SUMMARY_MAX_BLOCK = 8
+
+
+@dataclass
+class MeasureArgs:
+    """Options of the ``measure`` command (besides ``--model.*`` and ``--data.*``)."""
+
+    ckpt_path: str | None = None
+    """SpeechLLMModule checkpoint with the trained projector / LoRA (trainable weights only)."""
+    token_selection: TokenSelection = "last"
+    """Token positions averaged: last (Gromov et al.), all, speech, prompt or target."""
+    modalities: list[Literal["speech", "text"]] = field(default_factory=lambda: ["speech", "text"])
+    """Measure the speech input, the text-only input (transcripts), or both (then also their agreement)."""
+    sets: list[str] | None = None
+    """Names of the --data.val_sets to measure (default: all)."""
+    max_batches: int | None = None
+    """At most this many batches per set."""
+    output_dir: str | None = None
+    """Where results go (default: <root_dir>/<logger dir>/redundancy)."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the 95% CIs (0: none)."""
+    decode: bool = False
+    """Also decode and score WER/BLEU during the pass (slower; not needed to measure)."""
+    root_dir: str = "checkpoints/measure"
+    """Trainer default_root_dir; the logger writes under it."""
+    logger: Literal["csv", "tensorboard"] = "csv"
+    """Scalar logger (TensorBoard also receives the figures)."""
+    accelerator: str = "auto"
+    """Lightning accelerator."""
+    precision: str | None = None
+    """Lightning precision, e.g. bf16-mixed (default: the model's dtype)."""
+    seed: int = 0
+    """Seed of the projector initialisation when no checkpoint is given."""
+
+
+def build_parser() -> ArgumentParser:
+    """The jsonargparse parser: :class:`MeasureArgs` flags, ``--model.*``, ``--data.*``, ``--config``."""
+    parser = ArgumentParser(prog="python -m lightning_speechllm measure", description=__doc__.split("\n")[0],
+                            print_config="--print_config", exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_class_arguments(MeasureArgs, as_group=True)
+    parser.add_class_arguments(SpeechLLMConfig, "model", help="The SpeechLLM to measure.")
+    parser.add_class_arguments(SpeechDataModule, "data", help="Validation sets (--data.val_sets name: manifest).")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[MeasureArgs, SpeechLLMConfig, dict]:
+    """Parse ``argv`` into the command options, the model config and the datamodule keyword arguments."""
+    namespace: Namespace = build_parser().parse_args(argv)
+    values = namespace.as_dict()
+    args = MeasureArgs(**{key: values[key] for key in MeasureArgs.__dataclass_fields__})
+    return args, from_dict(SpeechLLMConfig, values["model"]), dict(values["data"])
+
+
+def _load_checkpoint(module: SpeechLLMModule, ckpt_path: str) -> None:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" not in checkpoint:
+        raise KeyError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+    saved = (checkpoint.get("hyper_parameters") or {}).get("model")
+    if isinstance(saved, dict):
+        current = asdict(module.model_config)
+        differing = sorted(k for k in ("llm_path", "encoder_path", "projector", "lora") if saved.get(k) != current[k])
+        if differing:
+            warnings.warn(f"{path} was trained with other model settings for {differing}: "
+                          f"{ {k: saved.get(k) for k in differing} }", stacklevel=2)
+    module.load_state_dict(checkpoint["state_dict"])
+
+
+def format_summary(results: dict[tuple[str, str], RedundancyResult], agreements: dict[str, dict]) -> str:
+    """Table of the best block ``l*(n)`` and its ``d`` for n = 1..min(L, 8) per set/modality, and ρ per set."""
+    if not results:
+        return "no redundancy result (no batch was measured)"
+    num_blocks = min(SUMMARY_MAX_BLOCK, max(result.num_layers for result in results.values()))
+    header = f"{'set':<14} {'modality':<8} {'N':>5}  " + " ".join(f"{f'n={n}':>12}" for n in range(1, num_blocks + 1))
+    lines = ["best block l*(n) (d) per block size n", header, "-" * len(header)]
+    for (set_name, modality), result in sorted(results.items()):
+        cells = []
+        for block in range(1, num_blocks + 1):
+            if block > result.num_layers:
+                cells.append(f"{'-':>12}")
+                continue
+            first = result.path[block - 1]
+            cells.append(f"{f'{first} ({result.table[block - 1, first]:.3f})':>12}")
+        lines.append(f"{set_name:<14} {modality:<8} {result.num_samples:>5}  " + " ".join(cells))
+    for set_name, agreement in sorted(agreements.items()):
+        lines.append(f"{set_name}: text vs speech Spearman rho = {agreement['spearman_rho']:.3f}, "
+                     f"same block for {100 * agreement['path_exact']:.0f}% of n, "
+                     f"overlapping for {100 * agreement['path_overlap']:.0f}%")
+    return "\n".join(lines)
+
+
+def _logger(args: MeasureArgs):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    kind = TensorBoardLogger if args.logger == "tensorboard" else CSVLogger
+    return kind(save_dir=args.root_dir, name="measure")
+
+
+def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCallback:
+    """Build the module, datamodule and trainer, run ``Trainer.validate`` with the callback; return it."""
+    if not data.get("val_sets"):
+        raise ValueError("--data.val_sets is empty: give at least one name: manifest")
+    modalities = list(dict.fromkeys(args.modalities))
+    if model.encoder_path is None and "speech" in modalities:
+        modalities.remove("speech")
+        print("measure: the model has no speech encoder, measuring text only", file=sys.stderr)
+    if not modalities:
+        raise ValueError("nothing to measure: --modalities is empty (or speech only on a model without encoder)")
+    if modalities == ["text"]:
+        data["text_only"] = True  # the module's own forward is then the text forward: no audio, no extra pass
+    elif "speech" in modalities and args.ckpt_path is None:
+        warnings.warn("measuring speech input without --ckpt_path: the projector is untrained", stacklevel=2)
+    L.seed_everything(args.seed, verbose=False)
+    module = SpeechLLMModule(model=model, decoding=DecodingConfig(generate_in_validation=args.decode))
+    if args.ckpt_path is not None:
+        _load_checkpoint(module, args.ckpt_path)
+    datamodule = SpeechDataModule(**data)
+    callback = RedundancyCallback(token_selection=args.token_selection, modalities=modalities, sets=args.sets,
+                                  max_batches=args.max_batches, output_dir=args.output_dir, n_boot=args.n_boot)
+    extra = {} if args.precision is None else {"precision": args.precision}
+    trainer = L.Trainer(accelerator=args.accelerator, devices=1, logger=_logger(args), use_distributed_sampler=False,
+                        enable_progress_bar=True, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=args.root_dir, limit_val_batches=args.max_batches or 1.0,
+                        callbacks=[callback], **extra)
+    trainer.validate(module, datamodule=datamodule)
+    if callback.results and trainer.is_global_zero:
+        write_summary_csv([callback.results[key] for key in sorted(callback.results)],
+                          Path(callback.output_dir) / "summary.csv")
+    return callback
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m lightning_speechllm measure``; returns an exit code (2 on bad input)."""
+    try:
+        args, model, data = parse_args(argv)
+    except SystemExit as stop:  # --help, --print_config, or a parse error already reported by jsonargparse
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    except ArgumentError as error:
+        print(f"measure: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        callback = run(args, model, data)
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        print(f"measure: error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(callback.results, callback.agreements))
+    print(f"results in {callback.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
