@@ -250,3 +250,21 @@ def test_two_rank_ddp_heals_like_one_rank_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(results[2]["state"][key], value, atol=2e-5, rtol=1e-4, msg=key)
     projector = {k: v for k, v in initial.trainable_state_dict().items() if k in results[1]["state"]}
     assert any(not torch.allclose(results[1]["state"][k], v) for k, v in projector.items())  # it did train
+
+
+def test_yaml_config_builds_the_weighted_losses(tmp_path):
+    """`losses` is a YAML list of {class_path, init_args, weight} that jsonargparse keeps as plain dicts."""
+    from jsonargparse import ArgumentParser
+
+    (tmp_path / "heal.yaml").write_text(
+        "healing:\n  removed_layers: [1, 2]\n  on_nan: skip\n  lora: {r: 4, alpha: 4, target_modules: [q_proj]}\n"
+        "  losses:\n    - class_path: TaskCrossEntropy\n"
+        "    - {class_path: KLDivergence, init_args: {direction: reverse, temperature: 2.0}, weight: 0.5}\n")
+    parser = ArgumentParser()
+    parser.add_argument("--config", action="config")
+    parser.add_argument("--healing", type=HealingConfig)
+    healing = parser.instantiate(parser.parse_args(["--config", str(tmp_path / "heal.yaml")])).healing
+    module = HealingModule(healing=healing, speechllm=tiny_speechllm())
+    assert list(module.loss_fn.parts) == ["task_cross_entropy", "kl_divergence"]
+    assert module.loss_fn.weights["kl_divergence"] == 0.5 and module.loss_fn.parts["kl_divergence"].direction == "reverse"
+    assert module.speechllm.config.lora.layers == [3] and module.healing.on_nan == "skip"

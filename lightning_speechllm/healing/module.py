@@ -64,8 +64,9 @@ class HealingConfig:
     lora: LoraConfig | None = field(default_factory=_healing_lora)
     """LoRA on the decoder; `layers: null` means the layer(s) receiving the cut (every layer when nothing is
     removed). None: no LoRA."""
-    losses: list[LossSpec] = field(default_factory=lambda: [LossSpec()])
-    """Weighted healing losses (class_path, init_args, weight, name)."""
+    losses: list[dict[str, Any]] = field(default_factory=lambda: [{"class_path": "TaskCrossEntropy"}])
+    """Weighted healing losses, each {class_path, init_args, weight, name} (see `LossSpec`; `LossSpec` objects are
+    accepted too). Plain dicts, because jsonargparse reserves `class_path`/`init_args` for its subclass syntax."""
     on_nan: str = "raise"
     """Non-finite loss: 'raise' (error naming step and loss part) or 'skip' (skip the optimizer step)."""
 
@@ -122,7 +123,7 @@ class HealingModule(SpeechLLMModule):
         self.healing = from_dict(HealingConfig, healing)
         if self.healing.on_nan not in ON_NAN:
             raise ValueError(f"healing.on_nan must be one of {ON_NAN}, got {self.healing.on_nan!r}")
-        self.healing.losses = [s if isinstance(s, LossSpec) else from_dict(LossSpec, s) for s in self.healing.losses]
+        self.healing.losses = [asdict(s) if isinstance(s, LossSpec) else dict(s) for s in self.healing.losses]
         self.plan = load_plan(self.healing, self.speechllm.layer_mask.num_layers, self.model_config.llm_path)
         self._apply_plan()
         self.model_config = self.speechllm.config
