@@ -39,7 +39,7 @@ def randomise_lora_b(module: HealingModule, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.speechllm.llm.named_parameters():
-            if "lora_B" in name:
+            if "lora_B.default" in name:  # the healing adapter only
                 param.copy_(0.5 * torch.randn(param.shape, generator=gen))
 
 
@@ -268,3 +268,53 @@ def test_yaml_config_builds_the_weighted_losses(tmp_path):
     assert list(module.loss_fn.parts) == ["task_cross_entropy", "kl_divergence"]
     assert module.loss_fn.weights["kl_divergence"] == 0.5 and module.loss_fn.parts["kl_divergence"].direction == "reverse"
     assert module.speechllm.config.lora.layers == [3] and module.healing.on_nan == "skip"
+
+
+def test_teacher_checkpoint_brings_its_projector_and_lora_as_a_frozen_adapter(tmp_path):
+    from lightning_speechllm.model.module import SpeechLLMModule
+
+    full_lora = LoraConfig(layers=[0, 1, 2, 3], r=4, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    tuned = SpeechLLMModule(optim=OptimConfig(lr=3e-2, warmup_steps=0, schedule="constant"),
+                            decoding=DecodingConfig(generate_in_validation=False),
+                            speechllm=tiny_speechllm(seed=0, lora=full_lora))
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    t.fit(tuned, train_dataloaders=loader(2))
+    t.save_checkpoint(tmp_path / "teacher.ckpt")
+    batch = make_batch(seed=7)
+    tuned.eval()
+    with torch.no_grad():
+        reference = tuned.speechllm(batch)[1].logits
+
+    config = HealingConfig(removed_layers=[1, 2], lora=SMALL_LORA, losses=KL_CE,
+                           teacher_checkpoint=str(tmp_path / "teacher.ckpt"))
+    module = HealingModule(healing=config, speechllm=tiny_speechllm(seed=0),
+                           optim=OptimConfig(lr=1e-2, warmup_steps=0))
+    randomise_lora_b(module)
+    for key, value in tuned.speechllm.trainable_state_dict().items():
+        if key.startswith("projector."):
+            torch.testing.assert_close(module.speechllm.projector.state_dict()[key[len("projector."):]], value)
+    module.train()
+    with torch.no_grad():
+        inputs = module.speechllm.build_inputs(batch)
+        teacher_logits, _ = module.teacher_pass(module.teacher_inputs(batch, inputs))
+    torch.testing.assert_close(teacher_logits, reference, atol=1e-6, rtol=0)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and not any(".teacher." in n or n.startswith("teacher_projector") for n in trainable)
+    assert any(".default." in n for n in trainable)
+    module.eval()
+    with torch.no_grad():
+        student = module.student_pass(inputs)[0]
+        module.teacher_pass(inputs)
+        torch.testing.assert_close(module.student_pass(inputs)[0], student, atol=0, rtol=0)  # back on 'default'
+    teacher_before = {k: v.clone() for k, v in module.teacher_projector.state_dict().items()}
+    module.train()
+    heal = trainer(tmp_path / "heal", max_steps=2, limit_val_batches=0)
+    heal.fit(module, train_dataloaders=loader(2))
+    for key, value in module.teacher_projector.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    healed = module.speechllm.trainable_state_dict()
+    assert not any(".teacher." in k for k in healed)
+    heal.save_checkpoint(tmp_path / "healed.ckpt")
+    reloaded = HealingModule.load_from_checkpoint(tmp_path / "healed.ckpt", speechllm=tiny_speechllm(seed=3))
+    for key, value in healed.items():
+        torch.testing.assert_close(reloaded.speechllm.trainable_state_dict()[key], value, atol=0, rtol=0)

@@ -15,6 +15,7 @@ loading refuses a checkpoint made for another plan or another base model.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +40,7 @@ from lightning_speechllm.model.speechllm import LLMInputs, LoraConfig, SpeechLLM
 __all__ = ["HealingConfig", "HealingModule", "NonFiniteLossError", "PlanMismatchError", "load_plan", "receiving_layers"]
 
 ON_NAN = ("raise", "skip")
+TEACHER_ADAPTER = "teacher"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,6 +71,11 @@ class HealingConfig:
     accepted too). Plain dicts, because jsonargparse reserves `class_path`/`init_args` for its subclass syntax."""
     on_nan: str = "raise"
     """Non-finite loss: 'raise' (error naming step and loss part) or 'skip' (skip the optimizer step)."""
+    teacher_checkpoint: str | None = None
+    """A `SpeechLLMModule` checkpoint of the unpruned model (its projector, optional LoRA) to distil from instead of
+    the bare base model. Its LoRA becomes a frozen second PEFT adapter on the shared decoder weights."""
+    init_projector_from_teacher: bool = True
+    """With `teacher_checkpoint`: start the student's projector from the teacher's."""
 
 
 def receiving_layers(removed: list[int] | tuple[int, ...], num_layers: int) -> list[int]:
@@ -130,6 +137,10 @@ class HealingModule(SpeechLLMModule):
         self.save_hyperparameters({"model": asdict(self.model_config), "healing": asdict(self.healing)})
         self.loss_fn: WeightedHealingLoss = build_losses(self.healing.losses)
         self.skipped_steps = 0
+        self.teacher_projector: torch.nn.Module | None = None
+        self.has_teacher_adapter = False
+        if self.healing.teacher_checkpoint:
+            self._load_teacher(self.healing.teacher_checkpoint)
 
     # ------------------------------------------------------------------------------------------------ the plan
     def _apply_plan(self) -> None:
@@ -149,15 +160,77 @@ class HealingModule(SpeechLLMModule):
             sl.layer_mask.remove_layers(removed)
         sl.config.removed_layers = list(removed)
 
+    # ------------------------------------------------------------------------------------------ teacher checkpoint
+    def _load_teacher(self, path: str) -> None:
+        """Teacher projector (a frozen copy) and LoRA (a frozen PEFT adapter named 'teacher') from a checkpoint."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = {k.removeprefix("speechllm."): v for k, v in checkpoint.get("state_dict", {}).items()}
+        projector = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
+        if projector:
+            if self.speechllm.projector is None:
+                raise PlanMismatchError(f"teacher checkpoint {path} has a projector, this model is text-only")
+            self.teacher_projector = copy.deepcopy(self.speechllm.projector).requires_grad_(False)
+            self.teacher_projector.load_state_dict(projector)
+            if self.healing.init_projector_from_teacher:
+                self.speechllm.projector.load_state_dict(projector)
+        lora = {k: v for k, v in state.items() if "lora_" in k}
+        if lora:
+            teacher_lora = from_dict(LoraConfig, checkpoint["hyper_parameters"]["model"]["lora"])
+            self._add_teacher_adapter(path, teacher_lora, lora)
+        unused = sorted(set(state) - {f"projector.{k}" for k in projector} - set(lora))
+        if unused:
+            raise PlanMismatchError(f"teacher checkpoint {path} holds weights the teacher cannot use: {unused[:5]}")
+
+    def _add_teacher_adapter(self, path: str, lora: LoraConfig, state: dict[str, Tensor]) -> None:
+        sl = self.speechllm
+        if not sl.has_lora:
+            raise PlanMismatchError(f"teacher checkpoint {path} has LoRA adapters; the student needs healing.lora "
+                                    "to hold them as a second adapter")
+        mask = sl.layer_mask
+        with mask.active(range(mask.num_layers)):
+            sl.llm.add_adapter(TEACHER_ADAPTER, peft_lora_config(lora))
+            renamed = {k.replace(".default.", f".{TEACHER_ADAPTER}."): v for k, v in state.items()}
+            expected = {k for k in sl.state_dict() if f".{TEACHER_ADAPTER}." in k}
+            if set(renamed) != expected:
+                raise PlanMismatchError(f"teacher checkpoint {path}: LoRA weights do not fit its LoRA config "
+                                        f"(missing {sorted(expected - set(renamed))[:3]}, "
+                                        f"unexpected {sorted(set(renamed) - expected)[:3]})")
+            sl.load_state_dict(renamed, strict=False)
+            for name, param in sl.named_parameters():
+                if f".{TEACHER_ADAPTER}." in name:
+                    param.requires_grad_(False)
+        self.has_teacher_adapter = True
+
+    def teacher_inputs(self, batch: SpeechBatch, student_inputs: LLMInputs) -> LLMInputs:
+        """The student's inputs, or (with a teacher projector) the same batch embedded by the teacher's projector."""
+        if self.teacher_projector is None or batch.text_only:
+            return student_inputs
+        sl = self.speechllm
+        student_projector = sl.projector
+        try:
+            sl.projector = self.teacher_projector
+            with torch.no_grad():
+                inputs = sl.build_inputs(batch, with_targets=True)
+        finally:
+            sl.projector = student_projector
+        if not torch.equal(inputs.segment_ids, student_inputs.segment_ids):
+            raise PlanMismatchError("the teacher projector lays the batch out differently from the student's "
+                                    "(another downsampling?); logits cannot be compared token by token")
+        return inputs
+
     # ------------------------------------------------------------------------------------------------- passes
     def teacher_pass(self, inputs: LLMInputs, hidden: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """Logits (and residual states x^0..x^L when `hidden`) of the unpruned model without adapters."""
+        """Logits (and residual states x^0..x^L when `hidden`) of the unpruned model: no healing adapters, the
+        teacher adapter when a teacher checkpoint brought one."""
         sl = self.speechllm
         mask = sl.layer_mask
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             stack.enter_context(mask.active(range(mask.num_layers)))
-            stack.enter_context(sl.llm.disable_adapter() if sl.has_lora else nullcontext())
+            if self.has_teacher_adapter:
+                stack.enter_context(_active_adapter(sl.llm, TEACHER_ADAPTER))
+            elif sl.has_lora:
+                stack.enter_context(sl.llm.disable_adapter())
             stack.enter_context(_eval_mode(sl.llm))
             stream = stack.enter_context(mask.record_residual_stream()) if hidden else None
             output = sl.llm(inputs_embeds=inputs.inputs_embeds.detach(), attention_mask=inputs.attention_mask,
@@ -179,8 +252,8 @@ class HealingModule(SpeechLLMModule):
             raise ValueError(f"batch {batch.ids[:3]}... has no target tokens: cannot heal on it")
         hidden = self.loss_fn.needs_hidden_states
         student_logits, student_hidden = self.student_pass(inputs, hidden)
-        teacher_logits, teacher_hidden = (self.teacher_pass(inputs, hidden) if self.loss_fn.needs_teacher
-                                          else (None, []))
+        teacher_logits, teacher_hidden = (self.teacher_pass(self.teacher_inputs(batch, inputs), hidden)
+                                          if self.loss_fn.needs_teacher else (None, []))
         return HealingInputs(
             student_logits=student_logits, labels=inputs.labels, target_mask=prediction_mask(inputs.labels),
             attention_mask=inputs.attention_mask, teacher_logits=teacher_logits, student_hidden=student_hidden,
@@ -247,6 +320,29 @@ def _same_models(a: dict[str, str | None], b: dict[str, str | None]) -> bool:
     if set(a) != set(b):
         return False
     return all(a[k] == b[k] or (a[k] is not None and b[k] is not None and same_model_id(a[k], b[k])) for k in a)
+
+
+def peft_lora_config(lora: LoraConfig) -> Any:
+    """The PEFT LoraConfig of a project LoraConfig (as `SpeechLLM.add_lora` builds it)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, layers_to_transform=lora.layers,
+                          layers_pattern="layers" if lora.layers is not None else None, bias="none")
+
+
+@contextmanager
+def _active_adapter(peft_model: Any, name: str) -> Iterator[None]:
+    """Run `name` as the active adapter; the previous adapter and every requires_grad flag restored on exit."""
+    previous = peft_model.active_adapter
+    flags = [(param, param.requires_grad) for param in peft_model.parameters()]
+    peft_model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 @contextmanager
