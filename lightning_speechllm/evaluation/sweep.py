@@ -1,0 +1,590 @@
+"""Pruning sweep: score a SpeechLLM at several pruning sizes, optionally heal each, and apply the paper's stopping rule.
+
+For each point (a fraction of the decoder layers, or a layer count ``n``) :func:`run_sweep` builds a
+:class:`~lightning_speechllm.pruning.plan.PruningPlan` (``angular`` / ``block_influence`` from a measured redundancy
+map, or ``last``), masks the layers, scores every named evaluation set (WER for ASR sets, BLEU for translation sets)
+with ``Trainer.validate`` / ``Trainer.test``, optionally heals a copy of the pruned model with a
+:class:`~lightning_speechllm.healing.module.HealingModule` for ``heal_steps`` steps and scores it again, then resets
+the mask. The unpruned baseline is scored first.
+
+Every finished point is written at once (atomically) to ``<output_dir>/points/<method>_<value>.json`` and a rerun
+skips the points already there, so an interrupted sweep resumes. The outputs are ``sweep.csv``, ``sweep.md``,
+``sweep.json`` (table + chosen fraction) and ``sweep.png`` (metric vs removed fraction).
+
+Stopping rule (Moumen et al., 2026): keep the largest removed fraction whose relative WER increase is at most
+``max_rel_wer_increase`` (0.25) on every ASR set and whose relative BLEU drop is at most ``max_rel_bleu_drop``
+(0.10) on every translation set, judged after healing when healing ran. The curves need not be monotone: the rule
+takes the *largest passing* fraction even when a smaller one fails (see :func:`choose_point`).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
+from lightning_speechllm.model.speechllm import LoraConfig, SpeechLLM
+from lightning_speechllm.pruning.plan import PruningPlan, plan_angular, plan_block_influence, plan_last
+from lightning_speechllm.redundancy.analysis import RedundancyResult
+from lightning_speechllm.redundancy.report import _atomic_write_text, read_json, write_json
+
+__all__ = [
+    "SWEEP_FORMAT_VERSION",
+    "Scores",
+    "SweepConfig",
+    "SweepError",
+    "SweepPoint",
+    "SweepTable",
+    "Thresholds",
+    "build_plan",
+    "choose_fraction",
+    "choose_point",
+    "evaluate",
+    "format_markdown",
+    "heal",
+    "passes",
+    "plot_curves",
+    "point_name",
+    "relative_change",
+    "run_sweep",
+    "write_csv",
+    "write_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+SWEEP_FORMAT_VERSION = 1
+METRICS = ("wer", "bleu")
+SweepMethod = Literal["angular", "block_influence", "last"]
+Scores = dict[str, dict[str, float]]
+"""Per evaluation set, its metrics: ``{"clean": {"wer": 4.2}, "covost": {"bleu": 31.0}}`` (percent)."""
+
+
+class SweepError(ValueError):
+    """A bad sweep configuration, or a point file that does not belong to this sweep."""
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+@dataclass
+class Thresholds:
+    """The stopping rule's tolerances, relative to the unpruned baseline."""
+
+    max_rel_wer_increase: float = 0.25
+    """Largest allowed (WER - WER_base) / WER_base on every ASR set."""
+    max_rel_bleu_drop: float = 0.10
+    """Largest allowed (BLEU_base - BLEU) / BLEU_base on every translation set."""
+
+
+@dataclass
+class SweepConfig:
+    """What to sweep, how to heal and where the results go."""
+
+    method: SweepMethod = "angular"
+    """Plan builder: angular (pruning path of the map), block_influence (lowest BI of the map) or last."""
+    fractions: list[float] | None = None
+    """Fractions of the decoder layers to remove (default 0.1 .. 0.5 when `ns` is not given either)."""
+    ns: list[int] | None = None
+    """Numbers of layers to remove (instead of `fractions`)."""
+    map_path: str | None = None
+    """Redundancy map JSON (`RedundancyResult`, e.g. redundancy/<set>/<modality>/epoch=E.json); needed by angular and
+    block_influence."""
+    sets: list[str] | None = None
+    """Names of the evaluation sets the rule looks at (default: every set the datamodule scores)."""
+    stage: Literal["validate", "test"] = "validate"
+    """Score the datamodule's validation sets (val/<set>/...) or its test sets (test/<set>/...)."""
+    heal: bool = False
+    """Heal each pruned model (LoRA on the receiving layer + trainable projector) and score it again."""
+    heal_steps: int = 200
+    """Optimizer steps of healing per point (the paper: 5000)."""
+    heal_lr: float = 5e-4
+    """Peak learning rate of healing (linear decay, the paper's setting)."""
+    heal_warmup_steps: int = 0
+    """Linear warm-up steps of healing."""
+    heal_lora_r: int = 64
+    """LoRA rank of healing."""
+    heal_lora_alpha: int = 64
+    """LoRA alpha of healing."""
+    max_rel_wer_increase: float = 0.25
+    """Stopping rule: largest relative WER increase on every ASR set."""
+    max_rel_bleu_drop: float = 0.10
+    """Stopping rule: largest relative BLEU drop on every translation set."""
+    max_batches: int | None = None
+    """Score at most this many batches per set (None: all)."""
+    output_dir: str = "checkpoints/sweep"
+    """Where points/, sweep.csv, sweep.md, sweep.json and sweep.png go."""
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.max_rel_wer_increase, self.max_rel_bleu_drop)
+
+    def values(self) -> list[tuple[str, float | int]]:
+        """The sweep points as ``("fraction", f)`` or ``("n", n)``, in the given order."""
+        if self.fractions is not None and self.ns is not None:
+            raise SweepError(f"give fractions or ns, not both (fractions={self.fractions}, ns={self.ns})")
+        if self.ns is not None:
+            bad = [n for n in self.ns if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+            if bad or not self.ns:
+                raise SweepError(f"ns must be a non-empty list of positive ints, got {self.ns}")
+            return [("n", n) for n in self.ns]
+        fractions = self.fractions if self.fractions is not None else [0.1, 0.2, 0.3, 0.4, 0.5]
+        bad = [f for f in fractions if not 0.0 < float(f) < 1.0]
+        if bad or not fractions:
+            raise SweepError(f"fractions must be a non-empty list of values in (0, 1), got {fractions}")
+        return [("fraction", float(f)) for f in fractions]
+
+    def check(self) -> None:
+        """Raise :class:`SweepError` for inconsistent options."""
+        self.values()
+        if self.method in ("angular", "block_influence") and not self.map_path:
+            raise SweepError(f"method {self.method!r} needs map_path (a redundancy map JSON)")
+        if self.heal and self.heal_steps < 1:
+            raise SweepError(f"heal_steps must be >= 1 when heal is true, got {self.heal_steps}")
+        if self.max_rel_wer_increase < 0 or self.max_rel_bleu_drop < 0:
+            raise SweepError("thresholds must be >= 0, got "
+                             f"max_rel_wer_increase={self.max_rel_wer_increase}, max_rel_bleu_drop={self.max_rel_bleu_drop}")
+
+
+# ------------------------------------------------------------------------------------------------- the table
+@dataclass
+class SweepPoint:
+    """One pruned model: its plan and its scores before and (when healed) after healing."""
+
+    method: str
+    value: float | int
+    """The requested fraction or n."""
+    kind: Literal["fraction", "n"]
+    n: int
+    num_layers: int
+    removed_layers: list[int]
+    before: Scores
+    after: Scores | None = None
+    heal_steps: int = 0
+
+    @property
+    def removed_fraction(self) -> float:
+        """Share of the decoder layers removed: n / num_layers."""
+        return self.n / self.num_layers
+
+    @property
+    def final(self) -> Scores:
+        """The scores the rule judges: after healing when healing ran, else before."""
+        return self.after if self.after is not None else self.before
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["before"], data["after"] = _scores_to_json(self.before), _scores_to_json(self.after)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "SweepPoint":
+        try:
+            return cls(method=data["method"], value=data["value"], kind=data["kind"], n=int(data["n"]),
+                       num_layers=int(data["num_layers"]), removed_layers=[int(i) for i in data["removed_layers"]],
+                       before=_scores_from_json(data["before"]), after=_scores_from_json(data.get("after")),
+                       heal_steps=int(data.get("heal_steps", 0)))
+        except KeyError as error:
+            raise SweepError(f"{source}: missing key {error.args[0]!r}") from error
+
+
+@dataclass
+class SweepTable:
+    """The baseline scores and every sweep point."""
+
+    baseline: Scores
+    num_layers: int
+    points: list[SweepPoint] = field(default_factory=list)
+
+    @property
+    def healed(self) -> bool:
+        return any(point.after is not None for point in self.points)
+
+    def set_metrics(self) -> list[tuple[str, str]]:
+        """``(set, metric)`` pairs of the baseline, sorted by set name, WER before BLEU."""
+        return [(name, metric) for name in sorted(self.baseline) for metric in METRICS if metric in self.baseline[name]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": SWEEP_FORMAT_VERSION, "baseline": _scores_to_json(self.baseline),
+                "num_layers": self.num_layers, "points": [point.to_dict() for point in self.points]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "SweepTable":
+        if data.get("format_version") != SWEEP_FORMAT_VERSION:
+            raise SweepError(f"{source}: unsupported format_version {data.get('format_version')!r}, "
+                             f"expected {SWEEP_FORMAT_VERSION}")
+        points = [SweepPoint.from_dict(p, f"{source}: points[{i}]") for i, p in enumerate(data.get("points", []))]
+        return cls(baseline=_scores_from_json(data["baseline"]) or {}, num_layers=int(data["num_layers"]),
+                   points=points)
+
+
+def _scores_to_json(scores: Scores | None) -> dict | None:
+    if scores is None:
+        return None
+    return {name: {k: (v if math.isfinite(v) else None) for k, v in metrics.items()} for name, metrics in scores.items()}
+
+
+def _scores_from_json(data: dict | None) -> Scores | None:
+    if data is None:
+        return None
+    return {name: {k: (math.nan if v is None else float(v)) for k, v in metrics.items()} for name, metrics in data.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+def relative_change(value: float, baseline: float) -> float:
+    """``(value - baseline) / baseline``; with a zero baseline 0 when equal, else ±inf; NaN stays NaN."""
+    if math.isnan(value) or math.isnan(baseline):
+        return math.nan
+    if baseline == 0:
+        return 0.0 if value == 0 else math.copysign(math.inf, value)
+    return (value - baseline) / baseline
+
+
+def _metric_passes(metric: str, change: float, thresholds: Thresholds) -> bool:
+    if math.isnan(change):
+        return False
+    if metric == "wer":
+        return change <= thresholds.max_rel_wer_increase + 1e-12
+    return -change <= thresholds.max_rel_bleu_drop + 1e-12
+
+
+def passes(point: SweepPoint, baseline: Scores, thresholds: Thresholds = Thresholds()) -> tuple[bool, list[str]]:
+    """Whether ``point`` (its :attr:`~SweepPoint.final` scores) meets the rule on every set of ``baseline``; the
+    second item lists the failures (``"clean wer +31.0%"``, ``"covost bleu missing"``)."""
+    failures = []
+    for name in sorted(baseline):
+        for metric in METRICS:
+            if metric not in baseline[name]:
+                continue
+            value = point.final.get(name, {}).get(metric)
+            if value is None:
+                failures.append(f"{name} {metric} missing")
+                continue
+            change = relative_change(value, baseline[name][metric])
+            if not _metric_passes(metric, change, thresholds):
+                failures.append(f"{name} {metric} {100 * change:+.1f}%")
+    return not failures, failures
+
+
+def choose_point(table: SweepTable, thresholds: Thresholds = Thresholds()) -> SweepPoint | None:
+    """The paper's stopping rule: the point with the largest removed fraction that passes :func:`passes`.
+
+    This is "largest passing", not "last before the first failure": on a non-monotone curve (say 20% fails, 30%
+    passes) the 30% point is chosen. None when no point passes (or the baseline has no WER/BLEU).
+    """
+    if not table.set_metrics():
+        return None
+    passing = [point for point in table.points if passes(point, table.baseline, thresholds)[0]]
+    return max(passing, key=lambda point: point.removed_fraction, default=None)
+
+
+def choose_fraction(table: SweepTable, thresholds: Thresholds = Thresholds()) -> float | None:
+    """The removed fraction (n / num_layers) of :func:`choose_point`, or None when no point passes."""
+    point = choose_point(table, thresholds)
+    return None if point is None else point.removed_fraction
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _trainer(trainer_kwargs: dict[str, Any] | None, **overrides: Any) -> L.Trainer:
+    defaults = dict(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False)
+    return L.Trainer(**{**defaults, **(trainer_kwargs or {}), **overrides})
+
+
+def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str = "validate",
+             decoding: DecodingConfig | None = None, trainer_kwargs: dict[str, Any] | None = None,
+             max_batches: int | None = None, sets: Sequence[str] | None = None) -> Scores:
+    """Score ``speechllm`` as it is (mask included) on the datamodule's named sets with ``Trainer.validate`` or
+    ``Trainer.test``; returns the logged ``<val|test>/<set>/{wer,bleu}`` (percent) of ``sets`` (default: all)."""
+    if stage not in ("validate", "test"):
+        raise SweepError(f"stage must be 'validate' or 'test', got {stage!r}")
+    decoding = copy.copy(decoding or DecodingConfig())
+    decoding.generate_in_validation = True
+    module = SpeechLLMModule(speechllm=speechllm, decoding=decoding)
+    limit = {"limit_val_batches" if stage == "validate" else "limit_test_batches": max_batches or 1.0}
+    trainer = _trainer(trainer_kwargs, **limit)
+    getattr(trainer, stage)(module, datamodule=datamodule, verbose=False)
+    prefix = "val" if stage == "validate" else "test"
+    scores: Scores = {}
+    for key, value in trainer.callback_metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == prefix and parts[2] in METRICS:
+            scores.setdefault(parts[1], {})[parts[2]] = float(value)
+    if sets is not None:
+        missing = [name for name in sets if name not in scores]
+        if missing:
+            raise SweepError(f"evaluation sets {missing} were not scored (scored: {sorted(scores)}); check the "
+                             "datamodule's set names")
+        scores = {name: scores[name] for name in sets}
+    if not scores:
+        raise SweepError(f"{stage} logged no WER/BLEU: does the datamodule have named {prefix} sets?")
+    return scores
+
+
+def heal(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataModule, config: SweepConfig,
+         trainer_kwargs: dict[str, Any] | None = None) -> SpeechLLM:
+    """Heal a copy of ``speechllm`` (unmasked on entry) pruned by ``plan`` for ``config.heal_steps`` steps with a
+    :class:`HealingModule` (LoRA on the receiving layer, task cross-entropy); returns the healed, masked copy. The
+    original model is left untouched, so the next point starts from the same weights."""
+    from lightning_speechllm.healing.module import HealingConfig, HealingModule
+
+    if speechllm.has_lora:
+        raise SweepError("healing in a sweep needs a model without LoRA adapters (merge a LoRA-tuned decoder's "
+                         "adapters into its weights first): the healing LoRA would be taken for them")
+    student = copy.deepcopy(speechllm)
+    student.layer_mask.reset()
+    lora = LoraConfig(layers=None, r=config.heal_lora_r, alpha=config.heal_lora_alpha, dropout=0.05)
+    module = HealingModule(healing=HealingConfig(removed_layers=list(plan.removed_layers), lora=lora),
+                           optim=OptimConfig(lr=config.heal_lr, warmup_steps=config.heal_warmup_steps,
+                                             schedule="linear"),
+                           speechllm=student)
+    trainer = _trainer(trainer_kwargs, max_steps=config.heal_steps, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    return module.speechllm
+
+
+# ------------------------------------------------------------------------------------------------ plans
+def build_plan(config: SweepConfig, kind: str, value: float | int, num_layers: int,
+               result: RedundancyResult | None, model_id: str | None = None) -> PruningPlan:
+    """The plan of one sweep point (``kind`` 'fraction' or 'n')."""
+    size = {"fraction": value} if kind == "fraction" else {"n": value}
+    if config.method == "last":
+        return plan_last(num_layers, model_id=model_id, **size)
+    if result is None:
+        raise SweepError(f"method {config.method!r} needs a redundancy map (map_path)")
+    if result.num_layers != num_layers:
+        raise SweepError(f"the map {config.map_path} is for {result.num_layers} layers, the model has {num_layers}")
+    builder = plan_angular if config.method == "angular" else plan_block_influence
+    return builder(result, source_map=config.map_path, **size)
+
+
+def point_name(method: str, kind: str, value: float | int) -> str:
+    """File stem of a point: ``angular_0.25`` for a fraction, ``angular_n3`` for a layer count."""
+    return f"{method}_{value:g}" if kind == "fraction" else f"{method}_n{value}"
+
+
+def _signature(config: SweepConfig, num_layers: int) -> dict[str, Any]:
+    """What a point file must agree on to be reused."""
+    return {"method": config.method, "map_path": config.map_path, "stage": config.stage, "heal": config.heal,
+            "heal_steps": config.heal_steps if config.heal else 0, "num_layers": num_layers,
+            "max_batches": config.max_batches}
+
+
+def _load_reusable(path: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    stored = data.get("signature")
+    if stored != signature:
+        raise SweepError(f"{path} was written by another sweep ({stored}); this one is {signature}: delete the file "
+                         "or use another output_dir")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: SweepConfig,
+              decoding: DecodingConfig | None = None, trainer_kwargs: dict[str, Any] | None = None,
+              evaluate_fn: Callable[..., Scores] | None = None) -> tuple[SweepTable, SweepPoint | None]:
+    """Baseline, then every point (plan -> mask -> score -> optional heal -> score -> reset); resumable.
+
+    ``speechllm`` must be unpruned on entry (its mask is reset between points). Returns the table and the point
+    the stopping rule chooses; writes the points, ``sweep.{csv,md,json,png}`` under ``config.output_dir``.
+    """
+    config.check()
+    score = evaluate_fn or evaluate
+    out = Path(config.output_dir)
+    mask = speechllm.layer_mask
+    if mask.removed_layers:
+        raise SweepError(f"the model already masks layers {list(mask.removed_layers)}; a sweep starts unpruned")
+    num_layers = mask.num_layers
+    signature = _signature(config, num_layers)
+    result = RedundancyResult.from_json(config.map_path) if config.method != "last" else None
+    model_id = getattr(speechllm.config, "llm_path", None)
+
+    def run_eval(model: SpeechLLM) -> Scores:
+        return score(model, datamodule, stage=config.stage, decoding=decoding, trainer_kwargs=trainer_kwargs,
+                     max_batches=config.max_batches, sets=config.sets)
+
+    baseline_file = out / "points" / "baseline.json"
+    stored = _load_reusable(baseline_file, signature)
+    if stored is None:
+        baseline = run_eval(speechllm)
+        write_json({"signature": signature, "scores": _scores_to_json(baseline)}, baseline_file)
+    else:
+        baseline = _scores_from_json(stored["scores"]) or {}
+    table = SweepTable(baseline=baseline, num_layers=num_layers)
+    for kind, value in config.values():
+        plan = build_plan(config, kind, value, num_layers, result, model_id)
+        path = out / "points" / f"{point_name(config.method, kind, value)}.json"
+        stored = _load_reusable(path, signature)
+        if stored is not None:
+            table.points.append(SweepPoint.from_dict(stored["point"], str(path)))
+            log.info("sweep: reusing %s", path)
+            continue
+        point = _run_point(speechllm, plan, kind, value, config, datamodule, trainer_kwargs, run_eval)
+        write_json({"signature": signature, "point": point.to_dict(), "plan": plan.to_dict()}, path)
+        table.points.append(point)
+    chosen = choose_point(table, config.thresholds)
+    write_outputs(table, out, config.thresholds, chosen)
+    return table, chosen
+
+
+def _run_point(speechllm: SpeechLLM, plan: PruningPlan, kind: str, value: float | int, config: SweepConfig,
+               datamodule: L.LightningDataModule, trainer_kwargs: dict[str, Any] | None,
+               run_eval: Callable[[SpeechLLM], Scores]) -> SweepPoint:
+    mask = speechllm.layer_mask
+    try:
+        mask.remove_layers(plan.removed_layers)
+        before = run_eval(speechllm)
+    finally:
+        mask.reset()
+    after = None
+    if config.heal:
+        healed = heal(speechllm, plan, datamodule, config, trainer_kwargs)
+        after = run_eval(healed)
+        del healed
+    return SweepPoint(method=config.method, value=value, kind=kind, n=len(plan.removed_layers),
+                      num_layers=plan.num_layers, removed_layers=list(plan.removed_layers), before=before,
+                      after=after, heal_steps=config.heal_steps if config.heal else 0)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def _columns(table: SweepTable) -> list[str]:
+    columns = ["method", "requested", "n", "removed_fraction", "removed_layers", "passes"]
+    stages = ("before", "after") if table.healed else ("before",)
+    for name, metric in table.set_metrics():
+        for stage in stages:
+            columns += [f"{name}/{metric}_{stage}", f"{name}/rel_d{metric}_{stage}"]
+    return columns
+
+
+def _rows(table: SweepTable, thresholds: Thresholds) -> list[dict[str, Any]]:
+    base_row: dict[str, Any] = {"method": "baseline", "requested": "", "n": 0, "removed_fraction": 0.0,
+                                "removed_layers": "", "passes": ""}
+    for name, metric in table.set_metrics():
+        for stage in ("before", "after"):
+            base_row[f"{name}/{metric}_{stage}"] = table.baseline[name][metric]
+            base_row[f"{name}/rel_d{metric}_{stage}"] = 0.0
+    rows = [base_row]
+    for point in sorted(table.points, key=lambda p: (p.removed_fraction, str(p.value))):
+        row: dict[str, Any] = {"method": point.method, "requested": f"{point.kind}={point.value:g}", "n": point.n,
+                               "removed_fraction": point.removed_fraction,
+                               "removed_layers": " ".join(str(i) for i in point.removed_layers),
+                               "passes": passes(point, table.baseline, thresholds)[0]}
+        for name, metric in table.set_metrics():
+            for stage, scores in (("before", point.before), ("after", point.after)):
+                value = (scores or {}).get(name, {}).get(metric, math.nan)
+                row[f"{name}/{metric}_{stage}"] = value
+                row[f"{name}/rel_d{metric}_{stage}"] = relative_change(value, table.baseline[name][metric])
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, percent: bool = False) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{100 * value:+.1f}%" if percent else f"{value:.2f}"
+    return str(value)
+
+
+def write_csv(table: SweepTable, path: str | Path, thresholds: Thresholds = Thresholds()) -> Path:
+    """One row per point (and the baseline first), columns from :func:`_columns`; empty cells for NaN."""
+    columns = _columns(table)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in _rows(table, thresholds):
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return _atomic_write_text(buffer.getvalue(), path)
+
+
+def format_markdown(table: SweepTable, thresholds: Thresholds = Thresholds(),
+                    chosen: SweepPoint | None = None) -> str:
+    """The sweep as a Markdown table plus the rule's verdict."""
+    columns = _columns(table)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in _rows(table, thresholds):
+        lines.append("| " + " | ".join(_fmt(row.get(c, ""), percent="/rel_d" in c) for c in columns) + " |")
+    lines.append("")
+    lines.append(describe_choice(table, thresholds, chosen))
+    return "\n".join(lines) + "\n"
+
+
+def describe_choice(table: SweepTable, thresholds: Thresholds, chosen: SweepPoint | None) -> str:
+    """One sentence stating the rule and its outcome."""
+    judged = "after healing" if table.healed else "without healing"
+    rule = (f"rule: largest removed fraction with relative WER increase <= {thresholds.max_rel_wer_increase:.0%} on "
+            f"every ASR set and relative BLEU drop <= {thresholds.max_rel_bleu_drop:.0%} on every AST set, {judged}")
+    if chosen is None:
+        return f"No sweep point passes ({rule})."
+    return (f"Chosen: remove {chosen.n}/{chosen.num_layers} layers ({chosen.removed_fraction:.1%}), layers "
+            f"{chosen.removed_layers} ({rule}).")
+
+
+def plot_curves(table: SweepTable, path: str | Path, thresholds: Thresholds = Thresholds(),
+                chosen: SweepPoint | None = None) -> Path:
+    """WER/BLEU vs removed fraction per set: before (and after) healing, the baseline and the allowed band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = table.set_metrics()
+    if not pairs:
+        raise SweepError("nothing to plot: the baseline has no WER/BLEU")
+    figure, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.4), squeeze=False)
+    points = sorted(table.points, key=lambda p: p.removed_fraction)
+    for ax, (name, metric) in zip(axes[0], pairs):
+        base = table.baseline[name][metric]
+        xs = [0.0] + [p.removed_fraction for p in points]
+        before = [base] + [p.before.get(name, {}).get(metric, math.nan) for p in points]
+        ax.plot(xs, before, "o-", label="pruned")
+        if table.healed:
+            after = [base] + [(p.after or {}).get(name, {}).get(metric, math.nan) for p in points]
+            ax.plot(xs, after, "s--", label="pruned + healed")
+        ax.axhline(base, color="grey", lw=1, label="baseline")
+        if metric == "wer":
+            ax.axhspan(base, base * (1 + thresholds.max_rel_wer_increase), color="green", alpha=0.12,
+                       label=f"allowed (+{thresholds.max_rel_wer_increase:.0%})")
+        else:
+            ax.axhspan(base * (1 - thresholds.max_rel_bleu_drop), base, color="green", alpha=0.12,
+                       label=f"allowed (-{thresholds.max_rel_bleu_drop:.0%})")
+        if chosen is not None:
+            ax.axvline(chosen.removed_fraction, color="red", ls=":", lw=1, label="chosen")
+        ax.set_xlabel("fraction of decoder layers removed")
+        ax.set_ylabel(f"{metric.upper()} (%)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=110)
+    plt.close(figure)
+    return target
+
+
+def write_outputs(table: SweepTable, out_dir: str | Path, thresholds: Thresholds = Thresholds(),
+                  chosen: SweepPoint | None = None) -> dict[str, Path]:
+    """``sweep.csv``, ``sweep.md``, ``sweep.json`` (table, thresholds, chosen) and ``sweep.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    paths = {"csv": write_csv(table, out / "sweep.csv", thresholds),
+             "md": _atomic_write_text(format_markdown(table, thresholds, chosen), out / "sweep.md")}
+    summary = table.to_dict()
+    summary["thresholds"] = asdict(thresholds)
+    summary["chosen"] = None if chosen is None else {
+        "n": chosen.n, "removed_fraction": chosen.removed_fraction, "removed_layers": chosen.removed_layers,
+        "requested": f"{chosen.kind}={chosen.value:g}"}
+    summary["rule"] = describe_choice(table, thresholds, chosen)
+    paths["json"] = write_json(summary, out / "sweep.json")
+    if table.set_metrics():
+        paths["png"] = plot_curves(table, out / "sweep.png", thresholds, chosen)
+    return paths

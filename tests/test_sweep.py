@@ -1,0 +1,169 @@
+"""Pruning sweep: the stopping rule on hand-made tables, a tiny 2-point sweep with and without healing, resume."""
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from lightning_speechllm.evaluation import sweep as sweep_mod
+from lightning_speechllm.evaluation.sweep import (
+    SweepConfig,
+    SweepError,
+    SweepPoint,
+    SweepTable,
+    Thresholds,
+    choose_fraction,
+    choose_point,
+    passes,
+    relative_change,
+    run_sweep,
+)
+from lightning_speechllm.model.module import DecodingConfig
+from lightning_speechllm.redundancy.analysis import RedundancyResult
+from tests.test_module import NamedSets
+from tests.tiny_speechllm import tiny_speechllm
+
+TRAINER = dict(accelerator="cpu", devices=1)
+
+
+def point(n: int, wer: float, bleu: float | None = None, after_wer: float | None = None, num_layers: int = 10,
+          after_bleu: float | None = None) -> SweepPoint:
+    before = {"clean": {"wer": wer}}
+    if bleu is not None:
+        before["fr-en"] = {"bleu": bleu}
+    after = None
+    if after_wer is not None:
+        after = {"clean": {"wer": after_wer}}
+        if after_bleu is not None:
+            after["fr-en"] = {"bleu": after_bleu}
+    return SweepPoint(method="angular", value=n, kind="n", n=n, num_layers=num_layers,
+                      removed_layers=list(range(n)), before=before, after=after)
+
+
+# ------------------------------------------------------------------------------------------------ the rule
+def test_rule_picks_largest_fraction_within_25_percent_wer():
+    table = SweepTable({"clean": {"wer": 4.0}}, 10, [point(1, 4.2), point(2, 4.7), point(3, 5.0), point(4, 5.2)])
+    assert choose_fraction(table) == pytest.approx(0.3)  # 5.0 is exactly +25%: passes
+    assert choose_fraction(table, Thresholds(max_rel_wer_increase=0.2)) == pytest.approx(0.2)
+
+
+def test_rule_returns_none_when_no_point_passes_and_on_empty_tables():
+    table = SweepTable({"clean": {"wer": 4.0}}, 10, [point(1, 6.0), point(2, 9.0)])
+    assert choose_point(table) is None and choose_fraction(table) is None
+    assert choose_fraction(SweepTable({"clean": {"wer": 4.0}}, 10, [])) is None
+    assert choose_fraction(SweepTable({}, 10, [point(1, 4.0)])) is None
+
+
+def test_rule_is_largest_passing_even_on_non_monotone_curves():
+    table = SweepTable({"clean": {"wer": 4.0}}, 10, [point(1, 4.1), point(2, 7.0), point(3, 4.8), point(4, 9.0)])
+    assert choose_point(table).n == 3  # 20% fails but 30% passes: the largest passing point wins
+
+
+def test_rule_needs_every_set_and_bleu_drop_within_10_percent():
+    baseline = {"clean": {"wer": 4.0}, "fr-en": {"bleu": 30.0}}
+    table = SweepTable(baseline, 10, [point(1, 4.1, bleu=28.0), point(2, 4.2, bleu=26.0), point(3, 4.3, bleu=29.0)])
+    assert choose_point(table).n == 3
+    ok, failures = passes(table.points[1], baseline)
+    assert not ok and failures == ["fr-en bleu -13.3%"]
+    assert passes(point(1, 4.1), baseline)[1] == ["fr-en bleu missing"]  # a set not scored fails
+
+
+def test_rule_judges_after_healing_when_healing_ran():
+    table = SweepTable({"clean": {"wer": 4.0}}, 10, [point(2, 8.0, after_wer=4.5), point(3, 9.0, after_wer=6.0)])
+    assert choose_point(table).n == 2
+    nan_point = point(1, 4.0, after_wer=math.nan)
+    assert not passes(nan_point, table.baseline)[0]
+
+
+def test_relative_change_edge_cases():
+    assert relative_change(5.0, 4.0) == pytest.approx(0.25)
+    assert relative_change(0.0, 0.0) == 0.0 and relative_change(1.0, 0.0) == math.inf
+    assert math.isnan(relative_change(math.nan, 1.0))
+
+
+def test_config_checks():
+    with pytest.raises(SweepError, match="not both"):
+        SweepConfig(method="last", fractions=[0.1], ns=[1]).check()
+    with pytest.raises(SweepError, match="needs map_path"):
+        SweepConfig(method="angular", ns=[1]).check()
+    with pytest.raises(SweepError, match=r"in \(0, 1\)"):
+        SweepConfig(method="last", fractions=[1.2]).check()
+    assert SweepConfig(method="last").values()[0] == ("fraction", 0.1)
+
+
+# ------------------------------------------------------------------------------------------------ fake scoring
+class CountingEvaluator:
+    """Scores that grow with the number of masked layers; counts calls and records the masks it saw."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, model, datamodule, **kwargs):
+        removed = tuple(model.layer_mask.removed_layers)
+        self.calls.append(removed)
+        return {"clean": {"wer": 10.0 + 2.0 * len(removed)}, "ast-fr": {"bleu": 20.0 - 1.0 * len(removed)}}
+
+
+def test_resume_recomputes_only_the_deleted_point(tmp_path):
+    model = tiny_speechllm()
+    config = SweepConfig(method="last", ns=[1, 2], output_dir=str(tmp_path))
+    spy = CountingEvaluator()
+    table, chosen = run_sweep(model, NamedSets(), config, evaluate_fn=spy)
+    assert spy.calls == [(), (2,), (1, 2)]  # baseline, n=1, n=2 (last: the final layer is kept)
+    assert [p.n for p in table.points] == [1, 2] and chosen.n == 1  # n=2: WER +40%; n=1: +20%, BLEU -5%
+    assert model.layer_mask.removed_layers == ()  # reset after the sweep
+    (tmp_path / "points" / "last_n2.json").unlink()
+    again = CountingEvaluator()
+    table2, _ = run_sweep(model, NamedSets(), config, evaluate_fn=again)
+    assert again.calls == [(1, 2)]
+    assert table2.to_dict() == table.to_dict()
+    with pytest.raises(SweepError, match="another sweep"):
+        run_sweep(model, NamedSets(), SweepConfig(method="last", ns=[1, 2], heal=True, heal_steps=1,
+                                                  output_dir=str(tmp_path)), evaluate_fn=CountingEvaluator())
+
+
+def test_angular_sweep_follows_the_pruning_path_of_the_map(tmp_path):
+    table = np.full((4, 4), np.nan)
+    for n in range(1, 5):
+        for first in range(0, 5 - n):
+            table[n - 1, first] = 0.5 + 0.05 * first
+    table[0, 2], table[1, 1] = 0.01, 0.02  # n=1 -> layer 2, n=2 -> layers 1..2
+    result = RedundancyResult.from_tables(table, [0.3, 0.2, 0.1, 0.4], model_id="<memory>", token_selection="last",
+                                          set_name="clean", modality="speech", num_samples=4, n_boot=0)
+    map_path = result.to_json(tmp_path / "map.json")
+    spy = CountingEvaluator()
+    run_sweep(tiny_speechllm(), NamedSets(), SweepConfig(method="angular", fractions=[0.25, 0.5], map_path=str(map_path),
+                                                        output_dir=str(tmp_path / "sweep")), evaluate_fn=spy)
+    assert spy.calls == [(), (2,), (1, 2)]
+    assert sorted(p.name for p in (tmp_path / "sweep" / "points").iterdir()) == [
+        "angular_0.25.json", "angular_0.5.json", "baseline.json"]
+
+
+# ------------------------------------------------------------------------------------------------ real scoring
+def _read_csv(path):
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.mark.parametrize("heal", [False, True])
+def test_two_point_sweep_writes_table_markdown_and_curve(tmp_path, heal):
+    config = SweepConfig(method="last", fractions=[0.25, 0.5], heal=heal, heal_steps=2, heal_lora_r=4,
+                         heal_lora_alpha=4, output_dir=str(tmp_path))
+    model = tiny_speechllm()
+    table, chosen = run_sweep(model, NamedSets(n_train=2), config, decoding=DecodingConfig(max_new_tokens=3),
+                              trainer_kwargs=TRAINER)
+    assert set(table.baseline) == {"clean", "ast-fr"}
+    assert "wer" in table.baseline["clean"] and "bleu" in table.baseline["ast-fr"]
+    rows = _read_csv(tmp_path / "sweep.csv")
+    assert [r["method"] for r in rows] == ["baseline", "last", "last"]
+    assert [r["n"] for r in rows] == ["0", "1", "2"] and rows[2]["removed_layers"] == "1 2"
+    assert ("clean/wer_after" in rows[0]) == heal and "ast-fr/rel_dbleu_before" in rows[0]
+    if heal:
+        assert all(p.after is not None and p.heal_steps == 2 for p in table.points)
+        assert not model.has_lora  # healing worked on a copy
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert markdown.count("\n| last |") == 2 and ("Chosen:" in markdown or "No sweep point passes" in markdown)
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert model.layer_mask.removed_layers == ()
