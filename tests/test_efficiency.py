@@ -18,6 +18,7 @@ from lightning_speechllm.evaluation.efficiency import (
     ideal_speedup,
     main,
     measure_latency,
+    median_report,
     per_token_flops,
     prefill_flops,
     run_benchmark,
@@ -150,12 +151,24 @@ def test_compare_math():
         compare(full, report("other", 18, 1, 1, 1, 1, 1, 1, new_tokens=16))
 
 
+def test_median_report_takes_field_medians_and_max_memory():
+    reports = [report("full", 30, prefill=p, decode=d, total=t, rtf=r, params=1000, peak=m)
+               for p, d, t, r, m in [(40, 10, 110, 0.05, 800), (90, 30, 300, 0.2, 900), (50, 11, 120, 0.06, 700)]]
+    merged = median_report(reports)
+    assert (merged.prefill_ms, merged.decode_ms_per_token, merged.total_ms, merged.rtf) == (50, 11, 120, 0.06)
+    assert merged.peak_memory_bytes == 900 and merged.repeats == 9 and merged.speech_ms == 5.0
+    with pytest.raises(ValueError, match="report 1 .* another setting"):
+        median_report([reports[0], report("pruned", 18, 1, 1, 1, 1, 1, 1)])
+    with pytest.raises(ValueError, match="at least one"):
+        median_report([])
+
+
 def test_run_benchmark_on_tiny_model_masks_the_same_object():
     model = tiny_speechllm(layers=4)
     batches = [make_batch(seconds=(0.4,)), make_batch(seconds=(0.3,), seed=1)]
-    args = BenchArgs(remove=[1, 2], max_new_tokens=3, repeats=1, warmup=0, device="cpu", threads=1)
+    args = BenchArgs(remove=[1, 2], max_new_tokens=3, repeats=2, warmup=1, device="cpu", threads=1)
     full, pruned, comparison = run_benchmark(args, model.config, model=model, batches=batches)
-    assert (full.decoder_layers, pruned.decoder_layers, full.batches) == (4, 2, 2)
+    assert (full.decoder_layers, pruned.decoder_layers, full.batches, full.repeats) == (4, 2, 2, 2)
     assert comparison["removed_layers"] == [1, 2] and comparison["layers_removed"] == 2
     assert comparison["ideal_context_len"] == round(full.prompt_tokens + 1.5)
     expected = ideal_speedup(model.llm.config, 2, comparison["ideal_context_len"], num_layers=4)

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ __all__ = [
     "ideal_speedup",
     "main",
     "measure_latency",
+    "median_report",
     "per_token_flops",
     "prefill_flops",
     "run_benchmark",
@@ -340,6 +341,25 @@ def measure_latency(speechllm: SpeechLLM, batch: SpeechBatch | Sequence[SpeechBa
     )
 
 
+_TIMED_FIELDS = ("speech_ms", "prefill_ms", "decode_ms_per_token", "total_ms", "rtf")
+
+
+def median_report(reports: Sequence[EfficiencyReport]) -> EfficiencyReport:
+    """One report from several single-repeat reports of the same setting: the median of each timed field, the
+    maximum peak memory, ``repeats`` summed."""
+    if not reports:
+        raise ValueError("median_report needs at least one report")
+    first = reports[0]
+    for index, other in enumerate(reports[1:], start=1):
+        if (other.decoder_layers, other.new_tokens, other.batches) != (first.decoder_layers, first.new_tokens,
+                                                                      first.batches):
+            raise ValueError(f"report {index} ({other.label!r}) measured another setting than report 0")
+    timed = {key: (statistics.median(values) if None not in values else None)
+             for key in _TIMED_FIELDS for values in [[getattr(r, key) for r in reports]]}
+    return replace(first, **timed, peak_memory_bytes=max(r.peak_memory_bytes for r in reports),
+                   repeats=sum(r.repeats for r in reports))
+
+
 def compare(full: EfficiencyReport, pruned: EfficiencyReport, ideal: float | None = None) -> dict[str, Any]:
     """Speed-ups (full time / pruned time) and ratios (pruned / full) of two reports; with the FLOP ``ideal``
     decode speed-up also the achieved fraction of it and whether it meets the goal (≥ 0.9 × ideal)."""
@@ -421,8 +441,9 @@ def _batches(args: BenchArgs) -> list[SpeechBatch]:
 def run_benchmark(args: BenchArgs, model_config: SpeechLLMConfig,
                   model: SpeechLLM | None = None,
                   batches: Sequence[SpeechBatch] | None = None) -> tuple[EfficiencyReport, EfficiencyReport, dict]:
-    """Measure the full model, then the same object with the layers masked; return both reports and
-    :func:`compare` with the ideal decode speed-up at the mean decoding context."""
+    """Measure the full model and the same object with the layers masked, in interleaved rounds (median of
+    ``args.repeats``); return both reports and :func:`compare` with the ideal decode speed-up at the mean decoding
+    context (prompt + half the new tokens)."""
     if args.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -434,11 +455,18 @@ def run_benchmark(args: BenchArgs, model_config: SpeechLLMConfig,
     mask = model.layer_mask
     full_indices = range(mask.num_layers)
     kept = [i for i in full_indices if i not in removed]
-    with mask.active(full_indices):
-        full = measure_latency(model, batches, args.max_new_tokens, args.repeats, args.warmup, label="full")
-    with mask.active(kept):
-        pruned = measure_latency(model, batches, args.max_new_tokens, args.repeats, args.warmup,
-                                 label=f"pruned (-{len(removed)})")
+    variants = {"full": list(full_indices), f"pruned (-{len(removed)})": kept}
+    for _ in range(args.warmup):
+        for indices in variants.values():
+            with mask.active(indices):
+                measure_latency(model, batches, args.max_new_tokens, repeats=1, warmup=0)
+    # Interleaved rounds (full, pruned, full, pruned, ...): load drift on a shared machine hits both alike.
+    rounds: dict[str, list[EfficiencyReport]] = {label: [] for label in variants}
+    for _ in range(args.repeats):
+        for label, indices in variants.items():
+            with mask.active(indices):
+                rounds[label].append(measure_latency(model, batches, args.max_new_tokens, 1, 0, label=label))
+    full, pruned = (median_report(reports) for reports in rounds.values())
     context = max(1, round(full.prompt_tokens + args.max_new_tokens / 2))
     ideal = ideal_speedup(_base_model(model.llm).config, len(kept), context, num_layers=mask.num_layers)
     comparison = compare(full, pruned, ideal)
