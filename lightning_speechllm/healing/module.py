@@ -160,6 +160,22 @@ class HealingModule(SpeechLLMModule):
             sl.layer_mask.remove_layers(removed)
         sl.config.removed_layers = list(removed)
 
+    def remove_more_layers(self, layers: list[int] | tuple[int, ...], iterative: bool = True) -> None:
+        """Remove `layers` (original numbering) on top of the current plan (an iterative prune-heal round); the
+        plan, the mask and the model config follow. `iterative` marks the plan so that a checkpoint taken after
+        the round reloads into a module built with the first-round plan."""
+        sl = self.speechllm
+        num_layers = sl.layer_mask.num_layers
+        bad = [i for i in layers if not 0 <= int(i) < num_layers or int(i) in self.plan["removed_layers"]]
+        if bad:
+            raise PlanMismatchError(f"cannot remove layers {bad}: out of range for {num_layers} layers or already "
+                                    f"removed ({self.plan['removed_layers']})")
+        removed = sorted({*self.plan["removed_layers"], *(int(i) for i in layers)})
+        sl.layer_mask.remove_layers(removed)
+        sl.config.removed_layers = list(removed)
+        self.plan = {**self.plan, "removed_layers": removed, "receiving_layers": receiving_layers(removed, num_layers),
+                     "iterative": bool(iterative or self.plan.get("iterative"))}
+
     # ------------------------------------------------------------------------------------------ teacher checkpoint
     def _load_teacher(self, path: str) -> None:
         """Teacher projector (a frozen copy) and LoRA (a frozen PEFT adapter named 'teacher') from a checkpoint."""
@@ -288,6 +304,13 @@ class HealingModule(SpeechLLMModule):
             return flag
         return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
 
+    def configure_optimizers(self) -> dict:
+        """As SpeechLLMModule, over the trainables of EVERY layer (masked ones too), so that the optimizer's
+        parameter groups do not depend on the mask (iterative rounds, resume after a round)."""
+        mask = self.speechllm.layer_mask
+        with mask.active(range(mask.num_layers)):
+            return super().configure_optimizers()
+
     # ----------------------------------------------------------------------------------------------- checkpoints
     def base_model_ids(self) -> dict[str, str | None]:
         return {"llm_path": self.model_config.llm_path, "encoder_path": self.model_config.encoder_path}
@@ -302,6 +325,9 @@ class HealingModule(SpeechLLMModule):
         if not isinstance(saved, dict) or "plan" not in saved:
             raise PlanMismatchError("not a healing checkpoint: it has no 'healing' plan entry")
         theirs, ours = saved["plan"]["removed_layers"], self.plan["removed_layers"]
+        if saved["plan"].get("iterative") and set(ours) < set(theirs):
+            self.remove_more_layers(sorted(set(theirs) - set(ours)))  # later rounds of an iterative schedule
+            ours = self.plan["removed_layers"]
         if list(theirs) != list(ours):
             raise PlanMismatchError(f"checkpoint was healed with removed layers {list(theirs)}, this module removes "
                                     f"{list(ours)}")

@@ -1,0 +1,154 @@
+"""``python -m lightning_speechllm export --ckpt PATH --out DIR``: a healed (or trained) checkpoint -> deployable files.
+
+The output directory holds:
+
+- ``decoder/``: the pruned decoder as a stock Hugging Face directory (active layers only, LoRA merged, tokenizer,
+  ``pruning.json``), loadable with ``AutoModelForCausalLM.from_pretrained``;
+- ``projector.safetensors``: the projector weights (speech models only);
+- ``speechllm.json``: ``SpeechLLM.describe()`` plus the resolved encoder directory and the source checkpoint;
+- ``plan.json``: the pruning plan (a ``PruningPlan`` file; a plain record when nothing was removed).
+
+It is written to a temporary sibling directory and renamed into place, so a failed export leaves no partial output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from safetensors.torch import save_file
+
+from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.healing.module import HealingConfig, HealingModule
+from lightning_speechllm.model.export import save_pruned_decoder
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
+from lightning_speechllm.model.speechllm import SpeechLLMConfig
+
+__all__ = ["CheckpointError", "export_checkpoint", "load_module", "main", "write_export"]
+
+
+class CheckpointError(ValueError):
+    """The checkpoint file cannot be exported (missing, not a SpeechLLM checkpoint, missing keys)."""
+
+
+def _read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} is a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
+    for key in ("hyper_parameters", "state_dict"):
+        if key not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} has no {key!r} entry (keys: {sorted(checkpoint)[:8]})")
+    if "model" not in checkpoint["hyper_parameters"]:
+        raise CheckpointError(f"checkpoint {path}: hyper_parameters has no 'model' entry (not a SpeechLLMModule)")
+    return checkpoint
+
+
+def load_module(ckpt_path: str | Path) -> SpeechLLMModule:
+    """Rebuild the module of a checkpoint (a HealingModule when it holds a 'healing' entry, else a
+    SpeechLLMModule) from its hyper-parameters, with the trained weights loaded and the final plan applied."""
+    checkpoint = _read_checkpoint(ckpt_path)
+    hp = checkpoint["hyper_parameters"]
+    model = from_dict(SpeechLLMConfig, dict(hp["model"]))
+    common = {"optim": from_dict(OptimConfig, hp.get("optim")), "decoding": from_dict(DecodingConfig, hp.get("decoding"))}
+    if "healing" in checkpoint:
+        if "healing" not in hp:
+            raise CheckpointError(f"checkpoint {ckpt_path}: a healing checkpoint without 'healing' hyper-parameters")
+        removed = list(checkpoint["healing"]["plan"]["removed_layers"])  # the final plan (iterative rounds too)
+        healing = from_dict(HealingConfig, dict(hp["healing"]))
+        healing.removed_layers, healing.plan_path, healing.teacher_checkpoint = removed, None, None
+        model.removed_layers = removed
+        module: SpeechLLMModule = HealingModule(model=model, healing=healing, **common)
+    else:
+        module = SpeechLLMModule(model=model, **common)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+def _plan_json(module: SpeechLLMModule) -> dict[str, Any]:
+    from lightning_speechllm.pruning.plan import plan_explicit
+
+    mask = module.speechllm.layer_mask
+    removed = list(mask.removed_layers)
+    if not removed:
+        return {"removed_layers": [], "num_layers": mask.num_layers, "method": "none",
+                "model_id": module.model_config.llm_path}
+    return plan_explicit(mask.num_layers, removed, model_id=module.model_config.llm_path).to_dict()
+
+
+def write_export(module: SpeechLLMModule, directory: Path, source: str | None = None) -> None:
+    """Write decoder/, projector.safetensors, speechllm.json and plan.json of `module` into `directory`."""
+    from lightning_speechllm.assets import resolve
+
+    sl = module.speechllm
+    save_pruned_decoder(sl.llm, directory / "decoder", sl.tokenizer)
+    if sl.projector is not None:
+        state = {k: v.detach().contiguous().cpu() for k, v in sl.projector.state_dict().items()}
+        save_file(state, str(directory / "projector.safetensors"))
+    description = sl.describe()
+    config = sl.config
+    description["encoder_dir"] = str(resolve(config.encoder_path)) if config.encoder_path else None
+    description["projector_config"] = asdict(config.projector)
+    description["source_checkpoint"] = source
+    (directory / "speechllm.json").write_text(json.dumps(description, indent=2) + "\n")
+    (directory / "plan.json").write_text(json.dumps(_plan_json(module), indent=2) + "\n")
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Export a checkpoint to `out_dir` atomically (temporary sibling directory, then rename); returns `out_dir`."""
+    module = load_module(ckpt_path)
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export target {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_export(module, tmp, source=str(Path(ckpt_path).resolve()))
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+        if backup is not None:
+            os.replace(out, backup)
+        os.replace(tmp, out)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_parser() -> ArgumentParser:
+    """jsonargparse parser: ``--ckpt``, ``--out``, ``--config`` (YAML) and ``--print_config``."""
+    parser = ArgumentParser(prog="lightning_speechllm export", exit_on_error=False,
+                            description="Export a SpeechLLM / healing checkpoint (pruned decoder, LoRA merged).")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--ckpt", type=str, required=True,
+                        help="Lightning checkpoint (.ckpt) of a SpeechLLMModule or HealingModule")
+    parser.add_argument("--out", type=str, required=True, help="output directory (replaced atomically)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; returns 0 on success, 2 on bad arguments or a bad checkpoint or target."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except ArgumentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        out = export_checkpoint(args.ckpt, args.out)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.ckpt} -> {out}")
+    return 0
