@@ -167,3 +167,37 @@ def test_two_point_sweep_writes_table_markdown_and_curve(tmp_path, heal):
     assert markdown.count("\n| last |") == 2 and ("Chosen:" in markdown or "No sweep point passes" in markdown)
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert model.layer_mask.removed_layers == ()
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def test_cli_print_config_lists_every_group(capsys):
+    from lightning_speechllm.evaluation import sweep_cli
+
+    assert sweep_cli.main(["--print_config"]) == 0
+    printed = capsys.readouterr().out
+    for key in ("sweep:", "max_rel_wer_increase: 0.25", "model:", "data:", "decoding:", "trainer:", "ckpt_path:"):
+        assert key in printed
+
+
+def test_cli_runs_from_yaml_prints_table_and_writes_report(tmp_path, monkeypatch, capsys):
+    from lightning_speechllm.evaluation import sweep_cli
+
+    monkeypatch.setattr(sweep_cli, "build_model", lambda model, ckpt_path: tiny_speechllm())
+    monkeypatch.setattr(sweep_cli, "build_datamodule", lambda data, sweep: NamedSets())
+    spy = CountingEvaluator()
+    monkeypatch.setattr(sweep_mod, "evaluate", spy)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"sweep:\n  method: last\n  ns: [1, 2]\n  output_dir: {tmp_path / 'out'}\n"
+                      "trainer:\n  accelerator: cpu\n")
+    assert sweep_cli.main(["--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen fraction: 0.250" in printed and f"report: {tmp_path / 'out' / 'report.md'}" in printed
+    assert len(spy.calls) == 3 and (tmp_path / "out" / "report.html").is_file()
+
+
+def test_cli_reports_bad_options_with_exit_code_2(tmp_path, capsys):
+    from lightning_speechllm.evaluation import sweep_cli
+
+    assert sweep_cli.main(["--sweep.method", "angular", "--sweep.ns", "[1]", "--data.val_sets", "{a: a.jsonl}",
+                           "--sweep.output_dir", str(tmp_path)]) == 2
+    assert "needs map_path" in capsys.readouterr().err

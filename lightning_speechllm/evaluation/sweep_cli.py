@@ -1,0 +1,175 @@
+"""``python -m lightning_speechllm sweep``: prune at several sizes, score (and optionally heal) each, pick the fraction.
+
+Examples::
+
+    python -m lightning_speechllm sweep --ckpt_path runs/last.ckpt --data.val_sets '{clean: clean.jsonl}' \\
+        --sweep.map_path runs/redundancy/clean/speech/epoch=0.json --sweep.fractions '[0.1, 0.2, 0.3]'
+    python -m lightning_speechllm sweep --config sweep.yaml --sweep.heal true --sweep.heal_steps 500 \\
+        --data.train data_cache/synth/train.jsonl
+    python -m lightning_speechllm sweep --print_config > sweep.yaml          # every option is a YAML key
+
+The table (WER/BLEU per set before/after healing, relative deltas vs the unpruned baseline), the fraction chosen by
+the paper's rule and the path of ``report.md`` / ``report.html`` (written into ``--sweep.output_dir``) are printed.
+Rerunning with the same ``--sweep.output_dir`` resumes: finished points are read back, not recomputed.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+
+from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.evaluation.report import write_report
+from lightning_speechllm.evaluation.sweep import (
+    SweepConfig,
+    SweepError,
+    SweepPoint,
+    SweepTable,
+    format_markdown,
+    run_sweep,
+)
+from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
+from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
+
+__all__ = ["SweepArgs", "TrainerArgs", "build_parser", "main", "parse_args", "run"]
+
+
+@dataclass
+class SweepArgs:
+    """Options of the ``sweep`` command besides the groups."""
+
+    ckpt_path: str | None = None
+    """SpeechLLMModule checkpoint with the trained projector (and LoRA); trainable weights only."""
+    seed: int = 0
+    """Seed of the projector initialisation when no checkpoint is given, and of healing."""
+    report: bool = True
+    """Write report.md / report.html into --sweep.output_dir."""
+    redundancy_dir: str | None = None
+    """Redundancy output to include in the report (default: <output_dir>/redundancy, else the folder the map is in)."""
+    efficiency_json: str | None = None
+    """Efficiency result (`efficiency --json_out`) to include in the report (default: <output_dir>/efficiency.json)."""
+
+
+@dataclass
+class TrainerArgs:
+    """Lightning Trainer options used for scoring and healing."""
+
+    accelerator: str = "auto"
+    """cpu, gpu, auto ..."""
+    devices: int = 1
+    """Devices (scoring and healing run on one process)."""
+    precision: str | None = None
+    """e.g. bf16-mixed (default: the model's dtype)."""
+
+
+def build_parser() -> ArgumentParser:
+    """jsonargparse parser: command flags, ``--sweep.*``, ``--model.*``, ``--data.*``, ``--decoding.*``,
+    ``--trainer.*`` and ``--config``."""
+    parser = ArgumentParser(prog="python -m lightning_speechllm sweep", description=__doc__.split("\n")[0],
+                            print_config="--print_config", exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_class_arguments(SweepArgs, as_group=True)
+    parser.add_class_arguments(SweepConfig, "sweep", help="Sweep points, healing, thresholds, output directory.")
+    parser.add_class_arguments(SpeechLLMConfig, "model", help="The unpruned SpeechLLM.")
+    parser.add_class_arguments(SpeechDataModule, "data",
+                               help="Evaluation sets (--data.val_sets name: manifest) and, to heal, --data.train.")
+    parser.add_class_arguments(DecodingConfig, "decoding", help="Decoding for WER/BLEU (greedy by default).")
+    parser.add_class_arguments(TrainerArgs, "trainer", help="Lightning Trainer options.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` into ``{"args", "sweep", "model", "data", "decoding", "trainer"}`` (dataclasses / kwargs)."""
+    values = build_parser().parse_args(argv).as_dict()
+    return {"args": SweepArgs(**{key: values[key] for key in SweepArgs.__dataclass_fields__}),
+            "sweep": from_dict(SweepConfig, values["sweep"]), "model": from_dict(SpeechLLMConfig, values["model"]),
+            "data": dict(values["data"]), "decoding": from_dict(DecodingConfig, values["decoding"]),
+            "trainer": from_dict(TrainerArgs, values["trainer"])}
+
+
+def build_model(model: SpeechLLMConfig, ckpt_path: str | None) -> SpeechLLM:
+    """The SpeechLLM of ``model``, with the trainable weights of ``ckpt_path`` when given."""
+    from lightning_speechllm.redundancy.cli import _load_checkpoint
+
+    module = SpeechLLMModule(model=model)
+    if ckpt_path is not None:
+        _load_checkpoint(module, ckpt_path)
+    return module.speechllm
+
+
+def build_datamodule(data: dict[str, Any], sweep: SweepConfig) -> L.LightningDataModule:
+    """A :class:`SpeechDataModule` restricted to ``sweep.sets`` (of the val or test sets, per ``sweep.stage``)."""
+    key = "val_sets" if sweep.stage == "validate" else "test_sets"
+    sets = dict(data.get(key) or {})
+    if not sets:
+        raise SweepError(f"--data.{key} is empty: give at least one name: manifest to score")
+    if sweep.sets is not None:
+        unknown = [name for name in sweep.sets if name not in sets]
+        if unknown:
+            raise SweepError(f"--sweep.sets names {unknown}, not in --data.{key} ({sorted(sets)})")
+        data = {**data, key: {name: sets[name] for name in sweep.sets}}
+    if sweep.heal and not data.get("train"):
+        raise SweepError("--sweep.heal needs training data: give --data.train")
+    return SpeechDataModule(**data)
+
+
+def _redundancy_dir(args: SweepArgs, sweep: SweepConfig) -> Path | None:
+    if args.redundancy_dir:
+        return Path(args.redundancy_dir)
+    if (Path(sweep.output_dir) / "redundancy").is_dir() or not sweep.map_path:
+        return None
+    parents = Path(sweep.map_path).parents  # .../redundancy/<set>/<modality>/epoch=E.json
+    return parents[2] if len(parents) > 2 and parents[2].is_dir() else None
+
+
+def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None,
+        datamodule: L.LightningDataModule | None = None) -> tuple[SweepTable, SweepPoint | None, Path | None]:
+    """Run the sweep (``speechllm`` / ``datamodule`` inject ready-made ones) and write the report; returns the
+    table, the chosen point and the report.md path (None with ``--report false``)."""
+    args, sweep = parsed["args"], parsed["sweep"]
+    sweep.check()
+    L.seed_everything(args.seed, verbose=False)
+    datamodule = datamodule or build_datamodule(parsed["data"], sweep)
+    speechllm = speechllm or build_model(parsed["model"], args.ckpt_path)
+    trainer = parsed["trainer"]
+    trainer_kwargs = {"accelerator": trainer.accelerator, "devices": trainer.devices}
+    if trainer.precision is not None:
+        trainer_kwargs["precision"] = trainer.precision
+    table, chosen = run_sweep(speechllm, datamodule, sweep, decoding=parsed["decoding"], trainer_kwargs=trainer_kwargs)
+    report = None
+    if args.report:
+        report, _ = write_report(sweep.output_dir, sweep_dir=sweep.output_dir,
+                                 redundancy_dir=_redundancy_dir(args, sweep), efficiency_json=args.efficiency_json)
+    return table, chosen, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m lightning_speechllm sweep``; returns an exit code (2 on bad input)."""
+    try:
+        parsed = parse_args(argv)
+    except SystemExit as stop:  # --help, --print_config, or a parse error already reported by jsonargparse
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    except ArgumentError as error:
+        print(f"sweep: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        table, chosen, report = run(parsed)
+    except (FileNotFoundError, KeyError, ValueError) as error:  # SweepError / PlanError are ValueErrors
+        print(f"sweep: error: {error}", file=sys.stderr)
+        return 2
+    sweep = parsed["sweep"]
+    print(format_markdown(table, sweep.thresholds, chosen), end="")
+    print(f"chosen fraction: {'none' if chosen is None else f'{chosen.removed_fraction:.3f}'}")
+    print(f"sweep results in {sweep.output_dir}")
+    if report is not None:
+        print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
