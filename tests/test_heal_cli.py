@@ -1,0 +1,155 @@
+"""`heal` command (LightningCLI over HealingModule + SpeechDataModule) and exact mid-epoch resume of healing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import WhisperModel
+
+from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.healing.cli import main
+from lightning_speechllm.healing.module import HealingConfig, HealingModule
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig
+from lightning_speechllm.model.projector import ProjectorConfig
+from lightning_speechllm.model.speechllm import LoraConfig, SpeechLLMConfig
+from tests.tiny_speechllm import tiny_llama, tiny_tokenizer, tiny_whisper_config
+
+TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox", "le chat est sur le tapis",
+         "transcribe the audio", "one two three four five", "this is a test"]
+LORA = {"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def tiny_assets(root: Path) -> dict[str, Path]:
+    """A 4-layer tiny llama + tokenizer dir, a tiny Whisper dir, and an 8-utterance manifest of WAVs."""
+    root.mkdir(parents=True, exist_ok=True)
+    tiny_llama(layers=4).save_pretrained(root / "llm")
+    tiny_tokenizer().save_pretrained(root / "llm")
+    whisper_config = tiny_whisper_config()
+    whisper_config.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1})
+    whisper_config.suppress_tokens = whisper_config.begin_suppress_tokens = None
+    WhisperModel(whisper_config).save_pretrained(root / "whisper")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, text in enumerate(TEXTS):
+        sf.write(root / f"u{i}.wav", (0.05 * rng.standard_normal(4000 + 1000 * (i % 4))).astype(np.float32), 16000)
+        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "text": text, "task": "asr"})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"llm": root / "llm", "whisper": root / "whisper", "manifest": root / "train.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    return tiny_assets(tmp_path_factory.mktemp("heal_assets"))
+
+
+def model_config(assets: dict[str, Path]) -> dict:
+    return {"llm_path": str(assets["llm"]), "encoder_path": str(assets["whisper"]),
+            "projector": {"downsample": 2, "hidden_dim": 32}}
+
+
+def heal_yaml(assets: dict[str, Path], out: Path, **trainer) -> Path:
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "limit_val_batches": 0, "default_root_dir": str(out),
+                    "max_steps": 2, **trainer},
+        "model": {"model": model_config(assets),
+                  "healing": {"removed_layers": [1, 2], "lora": LORA,
+                              "losses": [{"class_path": "TaskCrossEntropy"},
+                                         {"class_path": "KLDivergence", "init_args": {"temperature": 2.0},
+                                          "weight": 0.5}]},
+                  "optim": {"lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},
+                  "decoding": {"generate_in_validation": False}},
+        "data": {"train": str(assets["manifest"]), "max_duration": 1.2, "num_buckets": 2, "seed": 3},
+    }
+    path = out / "heal.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_print_config_shows_every_healing_key(assets, tmp_path, capsys):
+    config = heal_yaml(assets, tmp_path)
+    assert main(["--config", str(config), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    healing = printed["model"]["healing"]
+    assert healing["removed_layers"] == [1, 2] and healing["losses"][1]["init_args"] == {"temperature": 2.0}
+    assert printed["trainer"]["use_distributed_sampler"] is False and printed["model"]["optim"]["lr"] == 0.01
+
+
+def test_heal_from_yaml_then_resume_from_last(assets, tmp_path):
+    config = heal_yaml(assets, tmp_path, callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                                     "init_args": {"dirpath": str(tmp_path / "ck"),
+                                                                   "save_last": True}}])
+    assert main(["--config", str(config)]) == 0
+    first = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 2 and first["healing"]["plan"]["removed_layers"] == [1, 2]
+    lora_layers = {k.split(".layers.")[1].split(".")[0] for k in first["state_dict"] if "lora_" in k}
+    assert lora_layers == {"3"}  # the receiving layer only
+    assert main(["--config", str(config), "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 3
+    with pytest.raises(ValueError, match="on_nan must be one of"):
+        main(["--config", str(config), "--model.healing.on_nan", "maybe"])
+    assert main(["--config", str(config), "--trainer.max_steps", "many"]) == 2  # jsonargparse error: exit code 2
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.ids: list[list[str]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.ids.append(list(batch.ids))
+
+
+class StopAt(L.Callback):
+    """Interrupts training after `step` optimizer steps (same max_epochs, so the LR schedule's length is equal)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def healing_run(assets: dict[str, Path], root: Path, ckpt_path: str | None = None, **trainer_kw):
+    torch.manual_seed(0)
+    module = HealingModule(model=SpeechLLMConfig(llm_path=str(assets["llm"]), encoder_path=str(assets["whisper"]),
+                                                 projector=ProjectorConfig(downsample=2, hidden_dim=32)),
+                           healing=HealingConfig(removed_layers=[1, 2], lora=LoraConfig(**LORA)),
+                           optim=OptimConfig(lr=1e-2, warmup_steps=2, schedule="linear"),
+                           decoding=DecodingConfig(generate_in_validation=False))
+    recorder = LossRecorder()
+    callbacks = [recorder, *trainer_kw.pop("callbacks", [])]
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
+                        default_root_dir=root, callbacks=callbacks, **trainer_kw)
+    data = SpeechDataModule(assets["manifest"], max_duration=1.2, num_buckets=2, seed=3)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, recorder
+
+
+def test_mid_epoch_resume_equals_an_uninterrupted_run(assets, tmp_path):
+    reference, ref_log = healing_run(assets, tmp_path / "ref", max_epochs=2)
+    per_epoch = len(ref_log.losses) // 2
+    assert per_epoch >= 3
+    step = per_epoch + 2  # inside the second epoch
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=step, save_top_k=-1)
+    _, cut_log = healing_run(assets, tmp_path / "a", max_epochs=2, callbacks=[StopAt(step), checkpoint])
+    [path] = list((tmp_path / "ck").iterdir())
+    assert len(cut_log.losses) == step
+    resumed, rest_log = healing_run(assets, tmp_path / "b", max_epochs=2, ckpt_path=str(path))
+    assert cut_log.ids + rest_log.ids == ref_log.ids
+    np.testing.assert_allclose(cut_log.losses + rest_log.losses, ref_log.losses, rtol=1e-5, atol=1e-6)
+    ours, theirs = resumed.speechllm.trainable_state_dict(), reference.speechllm.trainable_state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
