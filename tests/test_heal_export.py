@@ -1,0 +1,75 @@
+"""`export`: checkpoint -> stock HF pruned decoder (LoRA merged) equal to the live masked student, projector, JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lightning_speechllm.healing.cli import main as heal
+from lightning_speechllm.healing.export import CheckpointError, export_checkpoint, load_module, main
+from lightning_speechllm.healing.module import HealingModule
+from lightning_speechllm.pruning.plan import PruningPlan
+from tests.test_heal_cli import heal_yaml, tiny_assets
+from tests.test_speechllm import make_batch
+
+
+@pytest.fixture(scope="module")
+def healed(tmp_path_factory) -> Path:
+    """A healing checkpoint (layers 1, 2 removed; LoRA on layer 3 after 3 steps at a high LR)."""
+    root = tmp_path_factory.mktemp("heal_export")
+    assets = tiny_assets(root / "assets")
+    config = heal_yaml(assets, root / "run", max_steps=3, callbacks=[
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "ck"), "save_last": True}}])
+    assert heal(["--config", str(config)]) == 0
+    return root / "ck" / "last.ckpt"
+
+
+def test_exported_decoder_equals_the_masked_student(healed, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["--ckpt", str(healed), "--out", str(out)]) == 0
+    assert "exported" in capsys.readouterr().out
+    module = load_module(healed)
+    assert isinstance(module, HealingModule) and module.speechllm.layer_mask.active_layers == (0, 3)
+    lora_b = [v for k, v in module.speechllm.trainable_state_dict().items() if "lora_B" in k]
+    assert lora_b and max(float(v.abs().max()) for v in lora_b) > 1e-3  # the merge matters
+
+    exported = AutoModelForCausalLM.from_pretrained(out / "decoder").eval()
+    assert exported.config.num_hidden_layers == 2 and len(exported.model.layers) == 2
+    batch = make_batch()
+    with torch.no_grad():
+        inputs = module.speechllm.build_inputs(batch)
+        student, _ = module.student_pass(inputs)
+        theirs = exported(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                          position_ids=inputs.position_ids, use_cache=False).logits
+    torch.testing.assert_close(theirs, student, atol=1e-5, rtol=0)
+
+    projector = load_file(out / "projector.safetensors")
+    for key, value in module.speechllm.projector.state_dict().items():
+        torch.testing.assert_close(projector[key], value, atol=0, rtol=0)
+    description = json.loads((out / "speechllm.json").read_text())
+    assert description["removed_layers"] == [1, 2] and description["num_layers"] == 4
+    assert Path(description["encoder_dir"]).is_dir() and description["config"]["projector"]["downsample"] == 2
+    plan = PruningPlan.from_json(out / "plan.json")
+    assert plan.removed_layers == [1, 2] and plan.num_layers == 4
+    assert (out / "decoder" / "tokenizer.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temp dir left
+
+
+def test_export_replaces_an_old_export_and_refuses_bad_checkpoints(healed, tmp_path, capsys):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert export_checkpoint(healed, out) == out.resolve()
+    assert not (out / "stale.txt").exists() and (out / "decoder" / "config.json").is_file()
+    assert main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(out)]) == 2
+    assert "missing.ckpt does not exist" in capsys.readouterr().err
+    bogus = tmp_path / "bogus.ckpt"
+    torch.save({"state_dict": {}}, bogus)
+    with pytest.raises(CheckpointError, match="no 'hyper_parameters' entry"):
+        export_checkpoint(bogus, tmp_path / "x")
+    assert main(["--out", str(out)]) == 2  # --ckpt is required
