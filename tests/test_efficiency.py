@@ -16,6 +16,7 @@ from lightning_speechllm.evaluation.efficiency import (
     decoder_parameter_count,
     format_markdown,
     ideal_speedup,
+    kv_cache_bytes,
     main,
     measure_latency,
     median_report,
@@ -75,6 +76,8 @@ def test_per_token_flops_equals_hand_computation():
     assert prefill_flops(config, 3, 3) == 3 * (3 * no_context + 2 * 2 * 8 * (1 + 2 + 3)) + head
     with pytest.raises(ValueError, match="context_len"):
         per_token_flops(config, 3, 0)
+    # K and V: 2 kv heads x 2 dims per layer and position, 3 layers, 7 positions, batch 2, 2-byte values
+    assert kv_cache_bytes(config, 3, context_len=7, batch_size=2, bytes_per_value=2) == 2 * 3 * 2 * 2 * 7 * 2 * 2
 
 
 def test_smollm2_ratio_with_12_of_30_layers_removed_is_about_1_46():
@@ -109,6 +112,9 @@ def test_measure_latency_on_tiny_speechllm_full_and_masked():
         assert report.peak_memory_bytes > 0 and report.memory_kind == "process_peak_rss"
         assert report.prompt_tokens > 10 and report.batch_size == 2 and report.new_tokens == 4
     assert full.decoder_layers == 4 and pruned.decoder_layers == 2
+    # tiny llama: 2 kv heads x 12 dims, float32; the padded prompt plus 4 new tokens for both rows
+    assert full.kv_cache_bytes == 2 * 4 * 2 * 12 * (full.prompt_tokens + 4) * 2 * 4
+    assert pruned.kv_cache_bytes == full.kv_cache_bytes // 2
     assert pruned.decoder_params < full.decoder_params
     assert pruned.active_weight_bytes < full.active_weight_bytes
     assert model.layer_mask.active_layers == (0, 1, 2, 3)
@@ -128,7 +134,8 @@ def report(label: str, layers: int, prefill: float, decode: float, total: float,
     return EfficiencyReport(label=label, decoder_layers=layers, decoder_params=params, active_weight_bytes=4 * params,
                             batches=2, batch_size=1, prompt_tokens=50.0, new_tokens=new_tokens, audio_seconds=4.0,
                             speech_ms=5.0, prefill_ms=prefill, decode_ms_per_token=decode, total_ms=total, rtf=rtf,
-                            peak_memory_bytes=peak, memory_kind="process_peak_rss", device="cpu", repeats=3)
+                            peak_memory_bytes=peak, memory_kind="process_peak_rss", kv_cache_bytes=layers * 100,
+                            device="cpu", repeats=3)
 
 
 def test_compare_math():
@@ -141,7 +148,7 @@ def test_compare_math():
     assert result["total_speedup"] == pytest.approx(110 / 84.5)
     assert result["rtf_ratio"] == pytest.approx(0.76818, rel=1e-4)
     assert result["decoder_param_ratio"] == pytest.approx(0.7) and result["weight_bytes_ratio"] == pytest.approx(0.7)
-    assert result["peak_memory_ratio"] == pytest.approx(0.75)
+    assert result["peak_memory_ratio"] == pytest.approx(0.75) and result["kv_cache_ratio"] == pytest.approx(0.6)
     assert result["fraction_of_ideal"] == pytest.approx((4 / 3) / 1.5)
     assert result["meets_goal"] is False  # 0.889 < 0.9
     assert compare(full, pruned, ideal=1.45)["meets_goal"] is True

@@ -43,6 +43,7 @@ __all__ = [
     "main",
     "measure_latency",
     "median_report",
+    "kv_cache_bytes",
     "per_token_flops",
     "prefill_flops",
     "run_benchmark",
@@ -149,6 +150,14 @@ def prefill_flops(config: Any, num_layers: int | None = None, prompt_len: int = 
     return layers * (prompt_len * no_context + attention) + lm_head_tokens * 2 * shape.hidden * shape.vocab
 
 
+def kv_cache_bytes(config: Any, num_layers: int | None = None, context_len: int = 1, batch_size: int = 1,
+                   bytes_per_value: int = 4) -> int:
+    """Size of the key/value cache of ``num_layers`` GQA layers holding ``context_len`` positions per sequence."""
+    shape = _decoder_shape(config)
+    layers = shape.num_layers if num_layers is None else num_layers
+    return 2 * layers * shape.kv_heads * shape.head_dim * context_len * batch_size * bytes_per_value
+
+
 def _kept_count(kept_layers: int | Sequence[int], full_layers: int) -> int:
     kept = kept_layers if isinstance(kept_layers, int) else len(set(kept_layers))
     if not isinstance(kept_layers, int):
@@ -202,6 +211,8 @@ class EfficiencyReport:
     peak_memory_bytes: int
     memory_kind: str
     """'cuda_max_allocated' (reset before the timed runs) or 'process_peak_rss' (lifetime peak of the process)."""
+    kv_cache_bytes: int
+    """Analytic KV-cache size at the end of generation of the largest batch (active layers, decoder dtype)."""
     device: str
     repeats: int
     threads: int = field(default_factory=torch.get_num_threads)
@@ -330,6 +341,10 @@ def measure_latency(speechllm: SpeechLLM, batch: SpeechBatch | Sequence[SpeechBa
         per_repeat["rtf"].append(total / audio if audio > 0 else float("nan"))
     median = {key: statistics.median(values) if values else None for key, values in per_repeat.items()}
     peak, kind = _peak_memory(device)
+    llm = _base_model(speechllm.llm)
+    kv_bytes = max(kv_cache_bytes(llm.config, len(speechllm.layer_mask.active_layers), tokens + max_new_tokens,
+                                  len(item), llm.get_input_embeddings().weight.element_size())
+                   for tokens, item in zip(prompt_tokens, batches))
     return EfficiencyReport(
         label=label, decoder_layers=len(speechllm.layer_mask.active_layers),
         decoder_params=decoder_parameter_count(speechllm.llm), active_weight_bytes=_parameter_bytes(speechllm),
@@ -337,7 +352,7 @@ def measure_latency(speechllm: SpeechLLM, batch: SpeechBatch | Sequence[SpeechBa
         prompt_tokens=sum(prompt_tokens) / len(prompt_tokens), new_tokens=max_new_tokens, audio_seconds=audio,
         speech_ms=None if median["speech"] is None else 1e3 * median["speech"], prefill_ms=1e3 * median["prefill"],
         decode_ms_per_token=1e3 * median["decode"], total_ms=1e3 * median["total"], rtf=median["rtf"],
-        peak_memory_bytes=peak, memory_kind=kind, device=str(device), repeats=repeats,
+        peak_memory_bytes=peak, memory_kind=kind, kv_cache_bytes=kv_bytes, device=str(device), repeats=repeats,
     )
 
 
@@ -376,6 +391,7 @@ def compare(full: EfficiencyReport, pruned: EfficiencyReport, ideal: float | Non
         "decoder_param_ratio": pruned.decoder_params / full.decoder_params,
         "weight_bytes_ratio": pruned.active_weight_bytes / full.active_weight_bytes,
         "peak_memory_ratio": pruned.peak_memory_bytes / full.peak_memory_bytes,
+        "kv_cache_ratio": pruned.kv_cache_bytes / full.kv_cache_bytes,
     }
     if ideal is not None:
         result["ideal_decode_speedup"] = ideal
@@ -486,8 +502,9 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("total / batch (ms)", "total_ms", "{:.1f}"),
     ("RTF", "rtf", "{:.3f}"),
     ("peak memory (MiB)", "peak_memory_bytes", "{:.1f}"),
+    ("KV cache (KiB)", "kv_cache_bytes", "{:.1f}"),
 )
-_SCALE = {"decoder_params": 1e-6, "active_weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20}
+_SCALE = {"decoder_params": 1e-6, "active_weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20, "kv_cache_bytes": 1 / 2**10}
 
 
 def _cells(report: EfficiencyReport) -> list[str]:
