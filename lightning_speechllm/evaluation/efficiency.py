@@ -504,7 +504,8 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("peak memory (MiB)", "peak_memory_bytes", "{:.1f}"),
     ("KV cache (KiB)", "kv_cache_bytes", "{:.1f}"),
 )
-_SCALE = {"decoder_params": 1e-6, "active_weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20, "kv_cache_bytes": 1 / 2**10}
+_SCALE = {"decoder_params": 1e-6, "active_weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20,
+          "kv_cache_bytes": 1 / 2**10}
 
 
 def _cells(report: EfficiencyReport) -> list[str]:
