@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import re
@@ -201,30 +200,10 @@ SENTENCE = "I would like a cup of coffee with milk and sugar please."
 
 
 def _espeak(text: str, voice: str = "en-us") -> tuple[np.ndarray, int]:
-    """Render ``text`` with the libespeak-ng bundled in espeakng-loader (synchronous mode, int16 callback)."""
-    import espeakng_loader
+    """Render ``text`` with the project's espeak-ng synthesizer (float32, native sample rate)."""
+    from lightning_speechllm.data.synth import EspeakSynthesizer
 
-    lib = ctypes.CDLL(espeakng_loader.get_library_path())
-    audio_output_synchronous = 0x02  # espeak_AUDIO_OUTPUT: PLAYBACK=0, RETRIEVAL=1, SYNCHRONOUS=2
-    espeak_chars_utf8 = 1
-    rate = lib.espeak_Initialize(audio_output_synchronous, 0, espeakng_loader.get_data_path().encode(), 0)
-    assert rate > 0, f"espeak_Initialize failed ({rate})"
-    chunks: list[np.ndarray] = []
-    callback_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-
-    def on_audio(wav, n, events):
-        if n > 0:
-            chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-        return 0
-
-    callback = callback_t(on_audio)
-    lib.espeak_SetSynthCallback(callback)
-    assert lib.espeak_SetVoiceByName(voice.encode()) == 0
-    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-    data = text.encode() + b"\0"
-    assert lib.espeak_Synth(data, len(data), 0, 0, 0, espeak_chars_utf8, None, None) == 0
-    return np.concatenate(chunks).astype(np.float32) / 32768.0, rate
+    return EspeakSynthesizer(voice=voice).speak(text)
 
 
 def _normalise(text: str) -> str:

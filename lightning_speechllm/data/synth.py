@@ -19,12 +19,15 @@ Layout written by :func:`synthesize_corpus`::
 from __future__ import annotations
 
 import _ctypes
+import atexit
 import ctypes
 import ctypes.util
 import contextlib
 import functools
 import json
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -101,7 +104,7 @@ class _Espeak:
             import espeakng_loader
         except ImportError as err:  # pragma: no cover - a declared dependency
             raise EspeakError("espeak-ng is missing: pip install espeakng-loader") from err
-        self._library_path = espeakng_loader.get_library_path()
+        self._library_path = _private_copy(Path(espeakng_loader.get_library_path()))
         self._data_path = espeakng_loader.get_data_path().encode()
         self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         self._chunks: list[np.ndarray] = []
@@ -148,6 +151,16 @@ class _Espeak:
             raise EspeakError(f"espeak_Synth returned {status} for text {text!r} (voice {voice!r})")
         chunks, self._chunks = self._chunks, []
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+
+
+def _private_copy(library: Path) -> str:
+    """A per-process copy of libespeak-ng, so that dlclose really unloads it even when other code in the process
+    (another ctypes user of espeakng-loader) holds the original: a second handle would keep its static state alive."""
+    directory = Path(tempfile.mkdtemp(prefix="lsllm-espeak-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    copy = directory / library.name
+    shutil.copy2(library, copy)
+    return str(copy)
 
 
 _ENGINE: _Espeak | None = None
