@@ -1,0 +1,343 @@
+"""The shipped configs (configs/**) and SLURM scripts: every YAML parses with its command's parser (keys and types
+checked, no weights loaded), holds the paper's settings, and the trainer presets merge with the task configs.
+
+LightningCLI-based commands (fit, heal) are parsed through their own entry points with instantiation replaced by a
+stop (see :func:`parse_only_cli`), so the parsers carry exactly the entry points' settings.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig
+from lightning_speechllm.model.speechllm import SpeechLLMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SLURM = ROOT / "scripts" / "slurm"
+
+# command -> (module with the entry point and the CLI class, CLI class attribute, entry function)
+LIGHTNING_COMMANDS = {
+    "fit": ("lightning_speechllm.cli", "SpeechLLMCLI", "fit"),
+    "heal": ("lightning_speechllm.healing.cli", "HealingCLI", "main"),
+}
+# configs/<folder>/ -> the command that reads its files (configs/default.yaml belongs to the integrator)
+FOLDER_COMMAND = {"asr": "fit", "ast": "fit", "heal": "heal", "measure": "measure", "prune": "prune",
+                  "trainer": "fit"}
+FIT_CONFIGS = sorted((CONFIGS / "asr").glob("*.yaml")) + sorted((CONFIGS / "ast").glob("*.yaml"))
+TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+PLACEHOLDER = "/path/to/"
+
+
+# ------------------------------------------------------------------------------------------------ parse-only CLIs
+def importable(module_name: str) -> bool:
+    """True when `module_name` imports (a colleague's CLI may not exist yet)."""
+    try:
+        importlib.import_module(module_name)
+    except ImportError:
+        return False
+    return True
+
+
+HEAL_CLI = importable("lightning_speechllm.healing.cli")
+MEASURE_CLI = importable("lightning_speechllm.redundancy.cli")
+needs_heal = pytest.mark.skipif(not HEAL_CLI, reason="lightning_speechllm.healing.cli is not importable yet")
+needs_measure = pytest.mark.skipif(not MEASURE_CLI, reason="lightning_speechllm.redundancy.cli is not importable yet")
+
+
+class ParsedConfig(Exception):
+    """Raised by a parse-only CLI right after parsing; carries the CLI (its `parser` and `config`)."""
+
+    def __init__(self, cli: LightningCLI) -> None:
+        super().__init__("parsed")
+        self.cli = cli
+
+
+def parse_only_cli(command: str, argv: list[str]) -> LightningCLI:
+    """Run the `command` entry point on `argv` with instantiation replaced by a stop; return the parsed CLI."""
+    module_name, class_name, function_name = LIGHTNING_COMMANDS[command]
+    module = importlib.import_module(module_name)
+    base: type[LightningCLI] = getattr(module, class_name)
+
+    class ParseOnly(base):  # type: ignore[misc, valid-type]
+        def before_instantiate_classes(self) -> None:
+            raise ParsedConfig(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, class_name, ParseOnly)
+        try:
+            getattr(module, function_name)(argv)
+        except ParsedConfig as parsed:
+            return parsed.cli
+    raise AssertionError(f"{command} {argv} returned without reaching instantiation")
+
+
+def parse_lightning(cli: LightningCLI, configs: list[Path | str], extra: list[str] | None = None) -> Namespace:
+    """Parse `--config` files (later ones override earlier ones) with `cli`'s parser; return the fit section.
+
+    Results are cached per (parser, files, extra): tests read them and must not modify them.
+    """
+    return _parse_cached(cli, tuple(str(path) for path in configs), tuple(extra or ()))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_cached(cli: LightningCLI, configs: tuple[str, ...], extra: tuple[str, ...]) -> Namespace:
+    argv = ["fit"]
+    for path in configs:
+        argv += ["--config", path]
+    return cli.parser.parse_args(argv + list(extra)).fit
+
+
+@functools.lru_cache(maxsize=None)
+def cached_cli(command: str) -> LightningCLI:
+    """One parse-only CLI per command (building a LightningCLI parser takes seconds)."""
+    return parse_only_cli(command, [])
+
+
+@pytest.fixture
+def fit_cli() -> LightningCLI:
+    return cached_cli("fit")
+
+
+@pytest.fixture
+def heal_cli() -> LightningCLI:
+    if not HEAL_CLI:
+        pytest.skip("lightning_speechllm.healing.cli is not importable yet")
+    return cached_cli("heal")
+
+
+def _dict(value) -> dict:
+    return value.as_dict() if isinstance(value, Namespace) else dict(value)
+
+
+def _model_config(cfg: Namespace) -> SpeechLLMConfig:
+    return from_dict(SpeechLLMConfig, _dict(cfg.model.model))
+
+
+# ------------------------------------------------------------------------------------------------ inventory
+def test_every_shipped_yaml_belongs_to_a_command():
+    shipped = [p for p in CONFIGS.rglob("*.yaml") if p != CONFIGS / "default.yaml"]
+    orphans = [str(p.relative_to(ROOT)) for p in shipped if p.parent.name not in FOLDER_COMMAND]
+    assert not orphans, f"configs with no known command (add their folder to FOLDER_COMMAND): {orphans}"
+    for folder in FOLDER_COMMAND:
+        assert list((CONFIGS / folder).glob("*.yaml")), f"configs/{folder}/ holds no YAML"
+    for path in shipped:
+        assert isinstance(yaml.safe_load(path.read_text()), dict), f"{path}: not a YAML mapping"
+
+
+def test_cluster_configs_name_placeholder_model_dirs_with_an_edit_note():
+    for path in [*FIT_CONFIGS, *(CONFIGS / "heal").glob("lora.yaml"), *(CONFIGS / "measure").glob("*.yaml"),
+                 *(CONFIGS / "prune").glob("*.yaml")]:
+        text = path.read_text()
+        assert "EDIT" in text.split("\n\n")[0].split("seed_everything")[0], f"{path}: no EDIT note in the header"
+        assert text.lstrip().startswith("#"), f"{path}: the header comment must come first"
+        assert PLACEHOLDER in text, f"{path}: no {PLACEHOLDER}... placeholder for the local model directories"
+
+
+# ------------------------------------------------------------------------------------------------ fit configs
+@pytest.mark.parametrize("path", FIT_CONFIGS, ids=lambda p: p.stem)
+def test_fit_config_parses_with_the_paper_setup(fit_cli, path):
+    cfg = parse_lightning(fit_cli, [path])
+    model = _model_config(cfg)
+    assert model.llm_path.startswith(PLACEHOLDER) and model.encoder_path.startswith(PLACEHOLDER)
+    assert (model.projector.kind, model.projector.downsample, model.projector.hidden_dim) == ("mlp", 5, 2048)
+    assert model.lora is None and not model.train_encoder and model.train_projector  # frozen encoder + decoder
+    assert model.llm_dtype == "bfloat16" and str(cfg.trainer.precision).startswith("bf16")
+    assert 50_000 <= cfg.trainer.max_steps <= 75_000
+    optim = from_dict(OptimConfig, _dict(cfg.model.optim))
+    assert optim.schedule in ("linear", "cosine") and 0 < optim.lr < 1e-2
+    assert from_dict(DecodingConfig, _dict(cfg.model.decoding)).num_beams == 1  # greedy decoding
+    data = SpeechDataModule(**_dict(cfg.data))  # constructor checks (no manifest is read)
+    assert data.train_paths and data.max_duration > 0
+    expected = {"asr": {"test-clean", "test-other"}, "ast": {"fr-en", "en-de"}}[path.parent.name]
+    assert set(data.val_set_names) == expected
+    encoder = {"asr": "wavlm", "ast": "whisper"}[path.parent.name]
+    assert encoder in model.encoder_path.lower()
+    monitored = [c.init_args.monitor for c in cfg.trainer.callbacks if c.class_path.endswith("ModelCheckpoint")]
+    assert monitored and all(m.split("/")[1] in expected for m in monitored), monitored
+
+
+def test_config_values_reach_the_parsed_namespace(fit_cli):
+    """An override after the config wins, the rest of the config stays (the merge the presets rely on)."""
+    path = CONFIGS / "asr" / "wavlm-large_qwen2.5-7b_librispeech.yaml"
+    cfg = parse_lightning(fit_cli, [path], ["--trainer.max_steps", "60000"])
+    assert cfg.trainer.max_steps == 60000
+    assert cfg.model.model.llm_path == yaml.safe_load(path.read_text())["model"]["model"]["llm_path"]
+
+
+# ------------------------------------------------------------------------------------------------ trainer presets
+def _strategy_class(cfg: Namespace) -> str:
+    strategy = cfg.trainer.strategy
+    return strategy if isinstance(strategy, str) else strategy.class_path
+
+
+@pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=lambda p: p.stem)
+def test_trainer_preset_merges_with_every_fit_config(fit_cli, preset):
+    raw = yaml.safe_load(preset.read_text())
+    assert set(raw) == {"trainer"}, f"{preset}: a trainer preset holds only the trainer section"
+    assert "callbacks" not in raw["trainer"] and "logger" not in raw["trainer"], \
+        f"{preset}: lists like callbacks are replaced on merge; leave them to the task configs"
+    for path in FIT_CONFIGS:
+        task = parse_lightning(fit_cli, [path])
+        merged = parse_lightning(fit_cli, [path, preset])
+        assert merged.trainer.devices == raw["trainer"]["devices"]
+        assert merged.trainer.num_nodes == raw["trainer"]["num_nodes"]
+        assert merged.trainer.precision == raw["trainer"]["precision"]
+        assert _strategy_class(merged) == raw["trainer"]["strategy"]["class_path"]
+        # everything the preset does not set comes from the task config
+        assert merged.trainer.max_steps == task.trainer.max_steps
+        assert merged.trainer.callbacks == task.trainer.callbacks
+        assert merged.model == task.model and merged.data == task.data
+
+
+def _instantiate_strategy(cfg: Namespace):
+    strategy = cfg.trainer.strategy
+    module_name, class_name = strategy.class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**_dict(strategy.init_args), **dict(strategy.get("dict_kwargs") or {}))
+
+
+def test_fsdp_preset_wraps_decoder_layers_with_original_params(fit_cli):
+    from torch import nn
+
+    cfg = parse_lightning(fit_cli, [CONFIGS / "trainer" / "fsdp.yaml"])
+    policy = cfg.trainer.strategy.init_args.auto_wrap_policy
+    names = {cls.__name__ for cls in policy}
+    assert {"Qwen2DecoderLayer", "LlamaDecoderLayer"} <= names  # the paper's two LLM families
+    assert all(issubclass(cls, nn.Module) for cls in policy)
+    strategy = _instantiate_strategy(cfg)
+    assert strategy.kwargs["use_orig_params"] is True  # frozen decoder + trainable LoRA/projector
+    assert strategy.sharding_strategy.name == "FULL_SHARD"
+    assert "same sharded module" in (CONFIGS / "trainer" / "fsdp.yaml").read_text()
+
+
+def test_ddp_presets_build_their_strategy(fit_cli):
+    for name in ("ddp.yaml", "multinode.yaml"):
+        strategy = _instantiate_strategy(parse_lightning(fit_cli, [CONFIGS / "trainer" / name]))
+        assert type(strategy).__name__ == "DDPStrategy"
+        assert strategy._ddp_kwargs["find_unused_parameters"] is False
+
+
+def test_multinode_preset_uses_the_slurm_environment(fit_cli):
+    cfg = parse_lightning(fit_cli, [CONFIGS / "trainer" / "multinode.yaml"])
+    assert cfg.trainer.num_nodes > 1
+    plugins = [p.class_path for p in cfg.trainer.plugins]
+    assert plugins == ["lightning.pytorch.plugins.environments.SLURMEnvironment"]
+    assert cfg.trainer.plugins[0].init_args.requeue_signal.name == "SIGUSR1"
+
+
+# ------------------------------------------------------------------------------------------------ heal
+@needs_heal
+def test_heal_lora_config_is_the_paper_healing(heal_cli):
+    from lightning_speechllm.healing.losses import build_losses
+    from lightning_speechllm.healing.module import HealingConfig
+
+    cfg = parse_lightning(heal_cli, [CONFIGS / "heal" / "lora.yaml"])
+    healing = from_dict(HealingConfig, _dict(cfg.model.healing))
+    assert healing.plan_path and healing.plan_path.startswith(PLACEHOLDER)
+    lora = healing.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.layers) == (64, 64, 0.05, None)  # None: the receiving layer
+    assert _model_config(cfg).train_projector and _model_config(cfg).lora is None
+    optim = from_dict(OptimConfig, _dict(cfg.model.optim))
+    assert (optim.lr, optim.schedule, optim.weight_decay, optim.min_lr_ratio) == (5e-4, "linear", 0.0, 0.0)
+    assert cfg.trainer.max_steps == 5000
+    assert list(build_losses(healing.losses).parts) == ["task_cross_entropy"]
+
+
+@needs_heal
+def test_heal_kd_overlay_adds_distillation_losses(heal_cli):
+    from lightning_speechllm.healing.losses import KLDivergence, build_losses
+
+    lora = parse_lightning(heal_cli, [CONFIGS / "heal" / "lora.yaml"])
+    cfg = parse_lightning(heal_cli, [CONFIGS / "heal" / "lora.yaml", CONFIGS / "heal" / "kd.yaml"])
+    loss = build_losses(_dict(cfg.model)["healing"]["losses"])
+    assert sorted(type(part).__name__ for part in loss.parts.values()) == [
+        "HiddenStateMSE", "KLDivergence", "TaskCrossEntropy"]
+    kl = next(part for part in loss.parts.values() if isinstance(part, KLDivergence))
+    assert (kl.direction, kl.temperature) == ("forward", 2.0)
+    assert all(weight > 0 for weight in loss.weights.values())
+    assert any(part.needs_hidden_states for part in loss.parts.values())
+    assert cfg.model.healing.teacher_checkpoint  # the fit run's projector feeds the teacher
+    # the overlay changes only the losses and where the run writes
+    assert cfg.model.healing.lora == lora.model.healing.lora and cfg.model.optim == lora.model.optim
+    assert cfg.trainer.default_root_dir != lora.trainer.default_root_dir
+
+
+@needs_heal
+@pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=lambda p: p.stem)
+def test_trainer_preset_merges_with_heal(heal_cli, preset):
+    heal = [CONFIGS / "heal" / "lora.yaml", CONFIGS / "heal" / "kd.yaml"]
+    cfg = parse_lightning(heal_cli, [*heal, preset])
+    assert _strategy_class(cfg) == yaml.safe_load(preset.read_text())["trainer"]["strategy"]["class_path"]
+    assert cfg.trainer.max_steps == 5000 and len(cfg.model.healing.losses) == 3
+
+
+# ------------------------------------------------------------------------------------------------ measure, prune
+@needs_measure
+def test_measure_config_parses():
+    from lightning_speechllm.redundancy.cli import parse_args
+
+    args, model, data = parse_args(["--config", str(CONFIGS / "measure" / "librispeech.yaml")])
+    assert args.token_selection == "last" and set(args.modalities) == {"speech", "text"}
+    assert args.ckpt_path.startswith(PLACEHOLDER) and model.llm_path.startswith(PLACEHOLDER)
+    assert (model.projector.downsample, model.projector.hidden_dim) == (5, 2048)
+    assert set(SpeechDataModule(**data).val_set_names) == {"test-clean", "test-other"}
+    fit = yaml.safe_load((CONFIGS / "asr" / "wavlm-large_qwen2.5-7b_librispeech.yaml").read_text())
+    assert asdict(model.projector) == fit["model"]["model"]["projector"]  # measures the model fit trained
+
+
+def test_prune_config_parses_and_points_at_a_measured_map():
+    from lightning_speechllm.pruning.cli import parse_args
+
+    args = parse_args(["--config", str(CONFIGS / "prune" / "angular.yaml")])
+    assert args.method == "angular" and args.map.endswith(".json")
+    assert (args.n is None) != (args.fraction is None)
+    assert args.llm_path.startswith(PLACEHOLDER) and args.out and args.export
+
+
+# ------------------------------------------------------------------------------------------------ SLURM scripts
+def _sbatch(path: Path) -> tuple[dict[str, str], dict[str, str], str]:
+    """(#SBATCH options, default shell variables VAR=${VAR:-value}, text) of an sbatch script."""
+    text = path.read_text()
+    options = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, flags=re.M))
+    defaults = dict(re.findall(r"^(\w+)=\$\{\1:-([^}]*)\}", text, flags=re.M))
+    return options, defaults, text
+
+
+@pytest.mark.parametrize("name", ["fit", "heal", "measure"])
+def test_sbatch_shape_matches_its_trainer_preset(name):
+    path = SLURM / f"{name}.sbatch"
+    options, defaults, text = _sbatch(path)
+    body = text[text.index("set -euo pipefail"):]
+    assert not re.search(r"^#SBATCH", body, flags=re.M), f"{path}: #SBATCH after the first command is ignored"
+    assert re.search(rf"^srun .* -m lightning_speechllm {name} ", text, flags=re.M), f"{path}: no srun {name}"
+    config = ROOT / defaults["CONFIG"]
+    assert config.is_file(), f"{path}: CONFIG default {config} does not exist"
+    nodes, tasks, gpus = (int(options[key]) for key in ("nodes", "ntasks-per-node", "gpus-per-node"))
+    assert tasks == gpus, f"{path}: Lightning's SLURMEnvironment needs one task per GPU"
+    if name == "measure":
+        assert (nodes, tasks) == (1, 1), f"{path}: measure runs on one device"
+        return
+    preset = yaml.safe_load((ROOT / defaults["TRAINER"]).read_text())["trainer"]
+    assert (nodes, tasks) == (preset["num_nodes"], preset["devices"]), \
+        f"{path}: #SBATCH nodes x tasks {nodes}x{tasks} != {defaults['TRAINER']} {preset['num_nodes']}x{preset['devices']}"
+    assert "SIGUSR1" in options.get("signal", ""), f"{path}: no requeue signal"
+
+
+def test_multinode_example_in_fit_sbatch_matches_the_preset():
+    _, _, text = _sbatch(SLURM / "fit.sbatch")
+    example = next(line for line in text.splitlines() if "TRAINER=configs/trainer/multinode.yaml" in line)
+    shape = dict(re.findall(r"--([\w-]+)=(\d+)", example))
+    preset = yaml.safe_load((CONFIGS / "trainer" / "multinode.yaml").read_text())["trainer"]
+    assert int(shape["nodes"]) == preset["num_nodes"]
+    assert int(shape["ntasks-per-node"]) == int(shape["gpus-per-node"]) == preset["devices"]
