@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -15,12 +16,28 @@ TRAINER_DEFAULTS = {
 }
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CORPUS = Path("data_cache/synth")
+
+
 class SpeechLLMCLI(LightningCLI):
-    """LightningCLI bound to SpeechLLMModule + SpeechDataModule."""
+    """LightningCLI bound to SpeechLLMModule + SpeechDataModule; synthesizes the default corpus when it is used."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        manifests = [config.data.train, *(config.data.val_sets or {}).values(), *(config.data.test_sets or {}).values()]
+        if any(m and Path(str(m)).parent == DEFAULT_CORPUS and not Path(str(m)).exists() for m in manifests):
+            from lightning_speechllm.data.synth import synthesize_corpus
+
+            print(f"synthesizing the default espeak-ng corpus into {DEFAULT_CORPUS}/ (once, about 2 minutes)")
+            synthesize_corpus(DEFAULT_CORPUS)
 
 
 def run(subcommand: str, argv: list[str]) -> int:
+    """Run a LightningCLI subcommand; with no options at all, `fit` uses configs/default.yaml (the embedded default)."""
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    if not argv and subcommand == "fit" and DEFAULT_CONFIG.is_file():
+        argv = ["--config", str(DEFAULT_CONFIG)]
     SpeechLLMCLI(
         SpeechLLMModule, SpeechDataModule, args=[subcommand, *argv], trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True}, seed_everything_default=0, auto_configure_optimizers=False,
