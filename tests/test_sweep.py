@@ -134,8 +134,9 @@ def test_angular_sweep_follows_the_pruning_path_of_the_map(tmp_path):
                                           set_name="clean", modality="speech", num_samples=4, n_boot=0)
     map_path = result.to_json(tmp_path / "map.json")
     spy = CountingEvaluator()
-    run_sweep(tiny_speechllm(), NamedSets(), SweepConfig(method="angular", fractions=[0.25, 0.5], map_path=str(map_path),
-                                                        output_dir=str(tmp_path / "sweep")), evaluate_fn=spy)
+    config = SweepConfig(method="angular", fractions=[0.25, 0.5], map_path=str(map_path),
+                         output_dir=str(tmp_path / "sweep"))
+    run_sweep(tiny_speechllm(), NamedSets(), config, evaluate_fn=spy)
     assert spy.calls == [(), (2,), (1, 2)]
     assert sorted(p.name for p in (tmp_path / "sweep" / "points").iterdir()) == [
         "angular_0.25.json", "angular_0.5.json", "baseline.json"]

@@ -144,9 +144,21 @@ def _efficiency_blocks(efficiency_json: Path) -> list[Block]:
     try:
         full, pruned = EfficiencyReport(**data["full"]), EfficiencyReport(**data["pruned"])
         text = format_markdown(full, pruned, data["comparison"])
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{efficiency_json}: not an efficiency result ({error})") from error
+    except (KeyError, TypeError) as error:  # another version of the result format: show what is there
+        text = f"Efficiency: {efficiency_json} does not match this version's format ({error}); raw values:\n\n"
+        text += _raw_efficiency_table(data)
     return blocks + [Block("markdown", text)]
+
+
+def _raw_efficiency_table(data: dict[str, Any]) -> str:
+    """Every scalar of the ``full`` / ``pruned`` entries side by side (``-`` where absent)."""
+    columns = [key for key in ("full", "pruned") if isinstance(data.get(key), dict)]
+    keys = sorted({k for c in columns for k, v in data[c].items() if isinstance(v, (int, float, str))})
+    if not columns or not keys:
+        return "(no full/pruned values)"
+    lines = ["| field | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {k} | " + " | ".join(str(data[c].get(k, "-")) for c in columns) + " |" for k in keys]
+    return "\n".join(lines)
 
 
 def collect_blocks(run_dir: str | Path, sweep_dir: str | Path | None = None, redundancy_dir: str | Path | None = None,

@@ -47,6 +47,7 @@ __all__ = [
     "build_plan",
     "choose_fraction",
     "choose_point",
+    "describe_choice",
     "evaluate",
     "format_markdown",
     "heal",
@@ -148,8 +149,8 @@ class SweepConfig:
         if self.heal and self.heal_steps < 1:
             raise SweepError(f"heal_steps must be >= 1 when heal is true, got {self.heal_steps}")
         if self.max_rel_wer_increase < 0 or self.max_rel_bleu_drop < 0:
-            raise SweepError("thresholds must be >= 0, got "
-                             f"max_rel_wer_increase={self.max_rel_wer_increase}, max_rel_bleu_drop={self.max_rel_bleu_drop}")
+            raise SweepError(f"thresholds must be >= 0, got max_rel_wer_increase={self.max_rel_wer_increase}, "
+                             f"max_rel_bleu_drop={self.max_rel_bleu_drop}")
 
 
 # ------------------------------------------------------------------------------------------------- the table
@@ -227,13 +228,15 @@ class SweepTable:
 def _scores_to_json(scores: Scores | None) -> dict | None:
     if scores is None:
         return None
-    return {name: {k: (v if math.isfinite(v) else None) for k, v in metrics.items()} for name, metrics in scores.items()}
+    return {name: {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+            for name, metrics in scores.items()}
 
 
 def _scores_from_json(data: dict | None) -> Scores | None:
     if data is None:
         return None
-    return {name: {k: (math.nan if v is None else float(v)) for k, v in metrics.items()} for name, metrics in data.items()}
+    return {name: {k: (math.nan if v is None else float(v)) for k, v in metrics.items()}
+            for name, metrics in data.items()}
 
 
 # ---------------------------------------------------------------------------------------------- the rule
@@ -369,11 +372,13 @@ def point_name(method: str, kind: str, value: float | int) -> str:
     return f"{method}_{value:g}" if kind == "fraction" else f"{method}_n{value}"
 
 
-def _signature(config: SweepConfig, num_layers: int) -> dict[str, Any]:
-    """What a point file must agree on to be reused."""
-    return {"method": config.method, "map_path": config.map_path, "stage": config.stage, "heal": config.heal,
-            "heal_steps": config.heal_steps if config.heal else 0, "num_layers": num_layers,
-            "max_batches": config.max_batches}
+def _signature(config: SweepConfig, num_layers: int, decoding: DecodingConfig | None) -> dict[str, Any]:
+    """What a point file must agree on to be reused (the thresholds need not: the rule is re-applied)."""
+    decoding = decoding or DecodingConfig()
+    return {"method": config.method, "map_path": config.map_path, "stage": config.stage, "sets": config.sets,
+            "heal": config.heal, "heal_steps": config.heal_steps if config.heal else 0, "num_layers": num_layers,
+            "max_batches": config.max_batches, "max_new_tokens": decoding.max_new_tokens,
+            "num_beams": decoding.num_beams}
 
 
 def _load_reusable(path: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
@@ -403,7 +408,7 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     if mask.removed_layers:
         raise SweepError(f"the model already masks layers {list(mask.removed_layers)}; a sweep starts unpruned")
     num_layers = mask.num_layers
-    signature = _signature(config, num_layers)
+    signature = _signature(config, num_layers, decoding)
     result = RedundancyResult.from_json(config.map_path) if config.method != "last" else None
     model_id = getattr(speechllm.config, "llm_path", None)
 
