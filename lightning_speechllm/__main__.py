@@ -12,10 +12,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("lightning_speechllm.cli:validate", "score a checkpoint on the validation sets"),
     "test": ("lightning_speechllm.cli:test", "score a checkpoint on the test sets"),
     "predict": ("lightning_speechllm.cli:predict", "transcribe / translate a manifest"),
+    "measure": ("lightning_speechllm.redundancy.cli:main", "measure layer redundancy (speech and text) on val sets"),
     "prune": ("lightning_speechllm.pruning.cli:main", "build a pruning plan and optionally export the pruned decoder"),
+    "heal": ("lightning_speechllm.healing.cli:main", "heal a pruned SpeechLLM: LoRA and/or distillation from the full model"),
+    "sweep": ("lightning_speechllm.evaluation.sweep_cli:main", "prune -> evaluate -> heal -> evaluate over fractions; the paper's rule"),
+    "export": ("lightning_speechllm.healing.export:main", "write a (healed, pruned) checkpoint as an HF decoder + projector"),
     "assets": ("lightning_speechllm.assets:main", "list or pull the offline pretrained weights"),
     "data": ("lightning_speechllm.data.prepare:main", "synthesize the espeak corpus or prepare real corpora"),
-    "measure": ("lightning_speechllm.redundancy.cli:main", "measure layer redundancy (speech and text) on val sets"),
     "demo": ("lightning_speechllm.demo:main", "pull the default model, measure its text redundancy, run one utterance"),
 }
 
