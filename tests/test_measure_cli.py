@@ -15,7 +15,6 @@ from lightning_speechllm.redundancy.analysis import RedundancyResult
 from lightning_speechllm.redundancy.cli import main
 from tests.tiny_speechllm import tiny_llama, tiny_tokenizer, tiny_whisper_config
 
-REPO = Path(__file__).resolve().parents[1]
 LAYERS = 3
 TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox"]
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.redundancy import plots, report
-from lightning_speechllm.redundancy.analysis import Modality, RedundancyResult, path_agreement, spearman_rho
+from lightning_speechllm.redundancy.analysis import RedundancyResult, path_agreement, spearman_rho
 from lightning_speechllm.redundancy.measure import RedundancyAccumulator
 from lightning_speechllm.redundancy.metrics import TOKEN_SELECTIONS, TokenSelection
 
