@@ -11,8 +11,7 @@ import yaml
 from lightning_speechllm import __main__ as entry
 from tests.test_configs import CONFIGS, HEAL_CLI, MEASURE_CLI, cached_cli, parse_lightning
 
-# Commands whose entry point exists but that the dispatcher may not list yet.
-FALLBACK_TARGETS = {"heal": "lightning_speechllm.healing.cli:main", "measure": "lightning_speechllm.redundancy.cli:main"}
+# Commands written by colleagues: skipped while their module does not import.
 AVAILABLE = {"heal": HEAL_CLI, "measure": MEASURE_CLI}
 
 TRAINER_DATA_KEYS = ["--config", "--print_config", "--data.val_sets", "--data.max_duration", "--trainer.max_steps",
@@ -29,6 +28,9 @@ HELP_MENTIONS = {
                 "--model.llm_path", "--model.projector.downsample", "--data.val_sets"],
     "prune": ["--config", "--print_config", "--method", "--map", "--n", "--fraction", "--llm_path", "--out",
               "--export"],
+    "sweep": ["--config", "--print_config", "--ckpt_path", "--sweep.method", "--sweep.fractions",
+              "--sweep.max_rel_wer_increase", "--sweep.heal", "--model.llm_path"],
+    "export": ["--config", "--print_config", "--ckpt", "--out"],
     "assets": ["list", "pull"],
     "data": ["synth", "prepare"],
     "demo": ["--out", "--seed"],
@@ -40,12 +42,10 @@ def run_command(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
     if not AVAILABLE.get(name, True):
         pytest.skip(f"the {name} CLI is not importable yet")
     capsys.readouterr()
+    if name not in entry.COMMANDS:
+        pytest.fail(f"{name} is not a command of `python -m lightning_speechllm` ({sorted(entry.COMMANDS)})")
     try:
-        if name in entry.COMMANDS:
-            code = entry.main([name, *argv])
-        else:  # written, not yet wired into the dispatcher: call its entry point
-            module_name, function_name = FALLBACK_TARGETS[name].split(":")
-            code = getattr(importlib.import_module(module_name), function_name)(argv)
+        code = entry.main([name, *argv])
     except SystemExit as stop:  # jsonargparse exits on --help / --print_config / errors
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     captured = capsys.readouterr()
