@@ -137,13 +137,27 @@ def test_every_shipped_yaml_belongs_to_a_command():
         assert isinstance(yaml.safe_load(path.read_text()), dict), f"{path}: not a YAML mapping"
 
 
+def _header(text: str) -> str:
+    """The comment lines at the top of a file."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def test_cluster_configs_name_placeholder_model_dirs_with_an_edit_note():
-    for path in [*FIT_CONFIGS, *(CONFIGS / "heal").glob("lora.yaml"), *(CONFIGS / "measure").glob("*.yaml"),
+    for path in [*FIT_CONFIGS, CONFIGS / "heal" / "lora.yaml", *(CONFIGS / "measure").glob("*.yaml"),
                  *(CONFIGS / "prune").glob("*.yaml")]:
         text = path.read_text()
-        assert "EDIT" in text.split("\n\n")[0].split("seed_everything")[0], f"{path}: no EDIT note in the header"
-        assert text.lstrip().startswith("#"), f"{path}: the header comment must come first"
+        header = _header(text)
+        assert "EDIT" in header, f"{path}: the header comment does not say what to EDIT"
         assert PLACEHOLDER in text, f"{path}: no {PLACEHOLDER}... placeholder for the local model directories"
+        for key in re.findall(r"^\s*(\w+): /path/to/", text, flags=re.M):
+            assert key in header, f"{path}: placeholder key {key!r} is not named in the header"
+    for path in [*TRAINER_PRESETS, CONFIGS / "heal" / "kd.yaml"]:
+        assert "python -m lightning_speechllm" in _header(path.read_text()), f"{path}: no usage line in the header"
 
 
 # ------------------------------------------------------------------------------------------------ fit configs
@@ -336,10 +350,15 @@ def test_sbatch_shape_matches_its_trainer_preset(name):
     assert "SIGUSR1" in options.get("signal", ""), f"{path}: no requeue signal"
 
 
-def test_multinode_example_in_fit_sbatch_matches_the_preset():
-    _, _, text = _sbatch(SLURM / "fit.sbatch")
-    example = next(line for line in text.splitlines() if "TRAINER=configs/trainer/multinode.yaml" in line)
-    shape = dict(re.findall(r"--([\w-]+)=(\d+)", example))
-    preset = yaml.safe_load((CONFIGS / "trainer" / "multinode.yaml").read_text())["trainer"]
-    assert int(shape["nodes"]) == preset["num_nodes"]
-    assert int(shape["ntasks-per-node"]) == int(shape["gpus-per-node"]) == preset["devices"]
+@pytest.mark.parametrize("name", ["fit", "heal"])
+def test_preset_examples_in_sbatch_comments_match_their_presets(name):
+    """Lines like `TRAINER=configs/trainer/X.yaml sbatch [--nodes=N ...] script` run X with the shape they give."""
+    options, _, text = _sbatch(SLURM / f"{name}.sbatch")
+    examples = [line for line in text.splitlines() if line.startswith("#") and "TRAINER=configs/trainer/" in line]
+    assert examples, f"{name}.sbatch shows no example with another trainer preset"
+    for line in examples:
+        preset_path = re.search(r"TRAINER=(configs/trainer/[\w.]+\.yaml)", line).group(1)
+        preset = yaml.safe_load((ROOT / preset_path).read_text())["trainer"]
+        shape = {**options, **dict(re.findall(r"--([\w-]+)=(\d+)", line))}
+        assert int(shape["nodes"]) == preset["num_nodes"], line
+        assert int(shape["ntasks-per-node"]) == int(shape["gpus-per-node"]) == preset["devices"], line
