@@ -73,3 +73,31 @@ def test_export_replaces_an_old_export_and_refuses_bad_checkpoints(healed, tmp_p
     with pytest.raises(CheckpointError, match="no 'hyper_parameters' entry"):
         export_checkpoint(bogus, tmp_path / "x")
     assert main(["--out", str(out)]) == 2  # --ckpt is required
+
+
+def test_iterative_healing_checkpoint_exports_its_final_plan(tmp_path):
+    assets = tiny_assets(tmp_path / "assets")
+    callbacks = [{"class_path": "lightning_speechllm.healing.iterative.IterativePruning",
+                  "init_args": {"layers_per_round": 1, "rounds": 2, "heal_steps": 1, "measure_batches": 1}},
+                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True}}]
+    config = heal_yaml(assets, tmp_path / "run", max_steps=2, callbacks=callbacks)
+    argv = ["--config", str(config), "--model.healing.removed_layers", "[]",
+            "--data.val_sets", json.dumps({"dev": str(assets["manifest"])})]
+    assert heal(argv) == 0
+    checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    [state] = [v for k, v in checkpoint["callbacks"].items() if k.startswith("IterativePruning")]
+    removed = sorted(i for r in state["history"] for i in r["removed"])
+    assert len(removed) == 2 and checkpoint["healing"]["plan"]["removed_layers"] == removed
+
+    out = export_checkpoint(tmp_path / "ck" / "last.ckpt", tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(out / "decoder").eval()
+    assert exported.config.num_hidden_layers == 2
+    assert PruningPlan.from_json(out / "plan.json").removed_layers == removed
+    module = load_module(tmp_path / "ck" / "last.ckpt")
+    with torch.no_grad():
+        inputs = module.speechllm.build_inputs(make_batch())
+        student, _ = module.student_pass(inputs)
+        theirs = exported(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                          position_ids=inputs.position_ids, use_cache=False).logits
+    torch.testing.assert_close(theirs, student, atol=1e-5, rtol=0)
