@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import re
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -362,3 +364,25 @@ def test_preset_examples_in_sbatch_comments_match_their_presets(name):
         shape = {**options, **dict(re.findall(r"--([\w-]+)=(\d+)", line))}
         assert int(shape["nodes"]) == preset["num_nodes"], line
         assert int(shape["ntasks-per-node"]) == int(shape["gpus-per-node"]) == preset["devices"], line
+
+
+@pytest.mark.parametrize("name, env, expected", [
+    ("fit", {}, ["fit", "--config", "configs/asr/wavlm-large_qwen2.5-7b_librispeech.yaml",
+                 "--config", "configs/trainer/ddp.yaml"]),
+    ("heal", {"KD": "configs/heal/kd.yaml", "TRAINER": "configs/trainer/fsdp.yaml"},
+     ["heal", "--config", "configs/heal/lora.yaml", "--config", "configs/heal/kd.yaml",
+      "--config", "configs/trainer/fsdp.yaml"]),
+    ("heal", {}, ["heal", "--config", "configs/heal/lora.yaml", "--config", "configs/trainer/ddp.yaml"]),
+    ("measure", {}, ["measure", "--config", "configs/measure/librispeech.yaml"]),
+])
+def test_sbatch_script_runs_the_command_through_srun(name, env, expected, tmp_path):
+    """Run the script with a stand-in `srun` that prints its arguments: the configs and extra options arrive."""
+    fake_srun = tmp_path / "srun"
+    fake_srun.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    fake_srun.chmod(0o755)
+    environ = {**os.environ, **env, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(ROOT),
+               "PYTHON": "python"}
+    done = subprocess.run(["bash", str(SLURM / f"{name}.sbatch"), "--seed_everything", "1"], env=environ,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["python", "-m", "lightning_speechllm", *expected, "--seed_everything", "1"]
