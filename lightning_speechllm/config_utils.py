@@ -1,6 +1,7 @@
 """Rebuild (nested) config dataclasses from plain dicts, e.g. hyper-parameters read back from a checkpoint."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -10,11 +11,13 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], data: T | dict[str, Any] | None) -> T:
-    """`cls(**data)` with nested dataclass fields rebuilt too; unknown keys raise a KeyError naming them."""
+    """`cls(**data)` with nested dataclass fields rebuilt too; unknown keys raise a KeyError naming them.
+
+    An instance is deep-copied, so that a shared default (e.g. a signature default) is never mutated through it."""
     if data is None:
         return cls()
     if isinstance(data, cls):
-        return data
+        return copy.deepcopy(data)
     if not isinstance(data, dict):
         raise TypeError(f"expected a dict or {cls.__name__} for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
