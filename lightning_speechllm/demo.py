@@ -55,7 +55,7 @@ def text_redundancy(model: SpeechLLM, batch: SpeechBatch, out_dir: Path) -> None
     """d(l, n) of the decoder on text inputs (the transcripts), written as JSON + CSV + heatmap."""
     from lightning_speechllm.redundancy.plots import plot_result_heatmap
 
-    accumulator = RedundancyAccumulator(model.layer_mask.num_layers, token_selection="last")
+    accumulator = RedundancyAccumulator(len(model.layer_mask.active_layers), token_selection="last")
     accumulator.update(model, batch.as_text_only())
     result = accumulator.result(model_id=model.config.llm_path, set_name="demo", modality="text")
     result.to_json(out_dir / "text_redundancy.json")

@@ -175,3 +175,15 @@ def test_load_loss_errors_name_the_class_path():
         load_loss("KLDivergence", {"tmp": 2})
     with pytest.raises(KeyError, match=r"losses\[1\]"):
         build_losses([LossSpec(), {"class_path": "KLDivergence", "wieght": 1.0}])
+
+
+def test_kl_is_finite_when_the_teacher_rules_tokens_out():
+    """-inf teacher logits (a masked vocabulary) give 0 · log 0 = 0, not NaN."""
+    student = torch.randn(1, 3, 5)
+    teacher = torch.randn(1, 3, 5)
+    teacher[..., 0] = float("-inf")
+    labels = torch.tensor([[-100, 1, 2]])
+    inputs = HealingInputs(student_logits=student, teacher_logits=teacher, labels=labels,
+                           target_mask=prediction_mask(labels), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    loss, _ = KLDivergence(direction="forward")(inputs)
+    assert torch.isfinite(loss)

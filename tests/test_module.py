@@ -107,3 +107,13 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert lr_lambda(12, 4, 12, "cosine", 0.1) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="'step'"):
         lr_lambda(5, 0, 10, "step", 0.0)
+
+
+def test_a_batch_emptied_by_the_skip_policy_trains_nothing_and_is_counted(tmp_path):
+    model = module(lora=True)
+    empty = make_batch().subset([])
+    before = {k: v.clone() for k, v in model.speechllm.trainable_state_dict().items()}
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(model, train_dataloaders=DataLoader([empty, empty], batch_size=None))
+    assert model.empty_batches == 2
+    for key, value in model.speechllm.trainable_state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=0, rtol=0)

@@ -230,3 +230,15 @@ def test_batch_subset_trims_audio_and_text_only_view():
     torch.testing.assert_close(part.audio[1, :4000], batch.audio[2, :4000])
     text = batch.as_text_only()
     assert text.text_only and text.audio.shape == (3, 0) and text.transcripts == batch.transcripts
+
+
+def test_projector_ignores_frames_past_each_utterance():
+    """Encoder frames beyond an utterance's length (padding) must not change its projected speech."""
+    projector = Projector(4, 6, ProjectorConfig(downsample=3, hidden_dim=8))
+    frames = torch.randn(1, 7, 4)
+    garbage = frames.clone()
+    garbage[:, 5:] = 100.0
+    out, lens = projector(frames, torch.tensor([5]))
+    out_garbage, _ = projector(garbage, torch.tensor([5]))
+    assert lens.tolist() == [2]
+    torch.testing.assert_close(out[:, :2], out_garbage[:, :2])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -372,13 +373,30 @@ def point_name(method: str, kind: str, value: float | int) -> str:
     return f"{method}_{value:g}" if kind == "fraction" else f"{method}_n{value}"
 
 
-def _signature(config: SweepConfig, num_layers: int, decoding: DecodingConfig | None) -> dict[str, Any]:
-    """What a point file must agree on to be reused (the thresholds need not: the rule is re-applied)."""
+def _signature(config: SweepConfig, speechllm: SpeechLLM, decoding: DecodingConfig | None) -> dict[str, Any]:
+    """What a point file must agree on to be reused (the thresholds need not: the rule is re-applied): the settings,
+    the model (base paths and a hash of its trained weights) and the content of the redundancy map."""
     decoding = decoding or DecodingConfig()
-    return {"method": config.method, "map_path": config.map_path, "stage": config.stage, "sets": config.sets,
-            "heal": config.heal, "heal_steps": config.heal_steps if config.heal else 0, "num_layers": num_layers,
+    healing = {key: getattr(config, key) for key in ("heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
+                                                     "heal_lora_alpha")} if config.heal else {}
+    return {"method": config.method, "map_path": config.map_path, "map_sha256": _file_sha256(config.map_path),
+            "stage": config.stage, "sets": config.sets, "heal": config.heal, **healing,
+            "num_layers": speechllm.layer_mask.num_layers, "llm_path": speechllm.config.llm_path,
+            "encoder_path": speechllm.config.encoder_path, "trained_weights_sha256": _weights_sha256(speechllm),
             "max_batches": config.max_batches, "max_new_tokens": decoding.max_new_tokens,
             "num_beams": decoding.num_beams}
+
+
+def _file_sha256(path: str | None) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
+
+
+def _weights_sha256(speechllm: SpeechLLM) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(speechllm.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _load_reusable(path: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
@@ -408,7 +426,7 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     if mask.removed_layers:
         raise SweepError(f"the model already masks layers {list(mask.removed_layers)}; a sweep starts unpruned")
     num_layers = mask.num_layers
-    signature = _signature(config, num_layers, decoding)
+    signature = _signature(config, speechllm, decoding)
     result = RedundancyResult.from_json(config.map_path) if config.method != "last" else None
     model_id = getattr(speechllm.config, "llm_path", None)
 

@@ -188,7 +188,8 @@ class KLDivergence(HealingLoss):
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     """Per-row KL(a || b) from log-probabilities (0 · log 0 counts as 0)."""
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
+    terms = log_a.exp() * (log_a - log_b)
+    return torch.where(torch.isneginf(log_a), torch.zeros_like(terms), terms).sum(-1)
 
 
 class _HiddenStateLoss(HealingLoss):

@@ -282,6 +282,8 @@ class HealingModule(SpeechLLMModule):
 
     # ----------------------------------------------------------------------------------------------- training
     def training_step(self, batch: SpeechBatch, batch_idx: int) -> Tensor | None:
+        if len(batch) == 0:
+            return self.empty_batch_loss()
         total, parts = self.healing_step(batch)
         bad = _non_finite(total, parts)
         if self._any_rank(bool(bad)):

@@ -92,6 +92,7 @@ class SpeechLLMModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable weights; load_state_dict checks them
         self.eval_metrics = nn.ModuleDict()
         self.hypotheses: list[Hypothesis] = []
+        self.empty_batches = 0
 
     # ----------------------------------------------------------------------------------------------- steps
     def model_step(self, batch: SpeechBatch) -> tuple[torch.Tensor, Any]:
@@ -100,6 +101,8 @@ class SpeechLLMModule(L.LightningModule):
         return loss, (output, inputs)
 
     def training_step(self, batch: SpeechBatch, batch_idx: int) -> torch.Tensor:
+        if len(batch) == 0:
+            return self.empty_batch_loss()
         loss, _ = self.model_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
@@ -114,7 +117,17 @@ class SpeechLLMModule(L.LightningModule):
         hyps = self.speechllm.generate(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
         return [{"id": i, "hypothesis": h} for i, h in zip(batch.ids, hyps)]
 
+    def empty_batch_loss(self) -> torch.Tensor:
+        """A zero loss on every trainable weight, for a batch whose utterances were all rejected by the data layer
+        (on_bad_sample='skip'): the step still runs, so DDP ranks stay in step; gradients are zero (AdamW's decoupled
+        weight decay, if set, still applies)."""
+        self.empty_batches += 1
+        self.log("train/empty_batches", float(self.empty_batches))
+        return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
+
     def _eval_step(self, stage: str, batch: SpeechBatch, dataloader_idx: int) -> None:
+        if len(batch) == 0:
+            return
         set_name = self.set_name(stage, dataloader_idx)
         loss, _ = self.model_step(batch)
         self.log(f"{stage}/{set_name}/loss", loss, batch_size=len(batch), add_dataloader_idx=False, sync_dist=True)
@@ -156,7 +169,7 @@ class SpeechLLMModule(L.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, stage: str) -> None:
-        for key, metric in self.eval_metrics.items():
+        for key, metric in sorted(self.eval_metrics.items()):  # the same collective order on every rank
             metric_stage, set_name, task = key.split("|")
             if metric_stage != stage or not metric.update_called:
                 continue

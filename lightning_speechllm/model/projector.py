@@ -43,8 +43,10 @@ class Projector(nn.Module):
 
     def forward(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.config.downsample
-        frames = frames.to(self._dtype())
         batch, time, dim = frames.shape
+        # Frames past an utterance's end (encoder output over padding) must not leak into its last stacked group.
+        valid = torch.arange(time, device=frames.device)[None, :] < lens[:, None]
+        frames = (frames * valid[..., None]).to(self._dtype())
         frames = nn.functional.pad(frames, (0, 0, 0, (-time) % k))
         if self.down is None:
             stacked = frames.reshape(batch, -1, dim * k)

@@ -22,6 +22,8 @@ class RedundancyAccumulator(nn.Module):
                  compute_dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.token_selection = token_selection
+        # ShortGPT's Block Influence is an expectation over all tokens; a segment selection narrows both measures.
+        self.bi_token_selection: TokenSelection = "all" if token_selection == "last" else token_selection
         self.angular = AngularDistanceMetric(num_layers, keep_per_sample=keep_per_sample, compute_dtype=compute_dtype)
         self.influence = BlockInfluenceMetric(num_layers, compute_dtype=compute_dtype)
 
@@ -39,7 +41,7 @@ class RedundancyAccumulator(nn.Module):
         """Add an already recorded residual stream ``x^0..x^L`` (each ``[B, T, D]``) with its segment ids."""
         token_mask = select_tokens(segment_ids, self.token_selection)
         self.angular.update(states, token_mask)
-        self.influence.update(states, token_mask)
+        self.influence.update(states, select_tokens(segment_ids, self.bi_token_selection))
 
     def result(self, *, model_id: str, set_name: str, modality: Modality, epoch: int | None = None,
                n_boot: int = 1000) -> RedundancyResult:
@@ -50,7 +52,7 @@ class RedundancyAccumulator(nn.Module):
             self.angular.compute(), self.influence.compute(), model_id=model_id,
             token_selection=self.token_selection, set_name=set_name, modality=modality,
             num_samples=int(self.angular.utterance_count), per_sample_tables=per_sample if has_samples else None,
-            epoch=epoch, n_boot=n_boot,
+            epoch=epoch, n_boot=n_boot, extra={"bi_token_selection": self.bi_token_selection},
         )
 
     def reset(self) -> None:
