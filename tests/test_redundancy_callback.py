@@ -12,7 +12,7 @@ from matplotlib.image import imread
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLM
 from lightning_speechllm.redundancy.analysis import RedundancyResult
-from lightning_speechllm.redundancy.callback import RedundancyCallback, text_only_copy
+from lightning_speechllm.redundancy.callback import RedundancyCallback
 from lightning_speechllm.redundancy.measure import RedundancyAccumulator
 from tests.test_module import NamedSets, trainer
 from tests.test_speechllm import make_batch
@@ -75,7 +75,7 @@ def test_map_equals_a_direct_accumulator_run(validated):
         for modality in ("speech", "text"):
             direct = RedundancyAccumulator(LAYERS, token_selection="last")
             for batch in batches:
-                direct.update(module.speechllm, batch if modality == "speech" else text_only_copy(batch))
+                direct.update(module.speechllm, batch if modality == "speech" else batch.as_text_only())
             expected = direct.angular.compute().numpy()
             written = RedundancyResult.from_json(out / set_name / modality / "epoch=0.json")
             np.testing.assert_allclose(written.table, expected, atol=1e-6, equal_nan=True)
@@ -95,7 +95,7 @@ def test_every_n_epochs_sets_filter_and_no_sanity_check(tmp_path):
 def test_text_only_model_measures_text_with_max_batches_and_tensorboard(tmp_path):
     text_model = SpeechLLM(tiny_llama(layers=LAYERS), tiny_tokenizer(), None, tiny_speechllm().config)
     data = NamedSets()
-    data.val = [[text_only_copy(batch) for batch in batches] * 2 for batches in data.val]
+    data.val = [[batch.as_text_only() for batch in batches] * 2 for batches in data.val]
     logger = TensorBoardLogger(tmp_path, name="tb")
     callback = RedundancyCallback(max_batches=1, n_boot=0)
     trainer(tmp_path, logger=logger, callbacks=[callback]).validate(_module(text_model), datamodule=data)
@@ -128,7 +128,7 @@ def test_bad_arguments_are_refused(kwargs, message):
 
 def test_text_only_copy_keeps_transcripts():
     batch = make_batch()
-    copy = text_only_copy(batch)
+    copy = batch.as_text_only()
     assert copy.text_only and copy.audio.shape == (3, 0) and copy.audio_lens.tolist() == [0, 0, 0]
     assert copy.transcripts == batch.transcripts and not batch.text_only and batch.audio.numel() > 0
     assert torch.equal(batch.audio_lens, make_batch().audio_lens)

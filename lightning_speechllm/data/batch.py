@@ -47,5 +47,5 @@ class SpeechBatch:
                        src_langs=pick(self.src_langs), tgt_langs=pick(self.tgt_langs))
 
     def as_text_only(self) -> "SpeechBatch":
-        """The same utterances with the transcripts read as text in place of the speech."""
-        return replace(self, audio=self.audio[:, :0], text_only=True)
+        """The same utterances as a text-only batch: [B, 0] audio, zero lengths, transcripts read as text."""
+        return replace(self, audio=self.audio[:, :0], audio_lens=torch.zeros_like(self.audio_lens), text_only=True)

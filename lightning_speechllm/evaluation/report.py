@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_speechllm.redundancy.report import _atomic_write_text, read_json
+from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.redundancy.report import read_json
 
 __all__ = ["Block", "collect_blocks", "render_html", "render_markdown", "write_report"]
 
@@ -267,6 +268,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, swee
     out = Path(out_dir) if out_dir is not None else run
     blocks = collect_blocks(run, sweep_dir, redundancy_dir, efficiency_json, title)
     page_title = blocks[0].text
-    markdown = _atomic_write_text(render_markdown(blocks, out), out / "report.md")
-    page = _atomic_write_text(render_html(blocks, page_title), out / "report.html")
+    markdown = atomic_write_text(render_markdown(blocks, out), out / "report.md")
+    page = atomic_write_text(render_html(blocks, page_title), out / "report.html")
     return markdown, page

@@ -31,11 +31,21 @@ from typing import Any, Literal
 
 import lightning as L
 
-from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
+from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.model.module import (
+    DecodingConfig,
+    OptimConfig,
+    SpeechLLMModule,
+)
 from lightning_speechllm.model.speechllm import LoraConfig, SpeechLLM
-from lightning_speechllm.pruning.plan import PruningPlan, plan_angular, plan_block_influence, plan_last
+from lightning_speechllm.pruning.plan import (
+    PruningPlan,
+    plan_angular,
+    plan_block_influence,
+    plan_last,
+)
 from lightning_speechllm.redundancy.analysis import RedundancyResult
-from lightning_speechllm.redundancy.report import _atomic_write_text, read_json, write_json
+from lightning_speechllm.redundancy.report import read_json, write_json
 
 __all__ = [
     "SWEEP_FORMAT_VERSION",
@@ -527,7 +537,7 @@ def write_csv(table: SweepTable, path: str | Path, thresholds: Thresholds = Thre
     writer.writeheader()
     for row in _rows(table, thresholds):
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return _atomic_write_text(buffer.getvalue(), path)
+    return atomic_write_text(buffer.getvalue(), path)
 
 
 def format_markdown(table: SweepTable, thresholds: Thresholds = Thresholds(),
@@ -600,7 +610,7 @@ def write_outputs(table: SweepTable, out_dir: str | Path, thresholds: Thresholds
     """``sweep.csv``, ``sweep.md``, ``sweep.json`` (table, thresholds, chosen) and ``sweep.png`` in ``out_dir``."""
     out = Path(out_dir)
     paths = {"csv": write_csv(table, out / "sweep.csv", thresholds),
-             "md": _atomic_write_text(format_markdown(table, thresholds, chosen), out / "sweep.md")}
+             "md": atomic_write_text(format_markdown(table, thresholds, chosen), out / "sweep.md")}
     summary = table.to_dict()
     summary["thresholds"] = asdict(thresholds)
     summary["chosen"] = None if chosen is None else {

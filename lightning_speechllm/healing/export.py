@@ -13,7 +13,6 @@ It is written to a temporary sibling directory and renamed into place, so a fail
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -27,8 +26,13 @@ from safetensors.torch import save_file
 
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.healing.module import HealingConfig, HealingModule
+from lightning_speechllm.io_utils import replace_dir
 from lightning_speechllm.model.export import save_pruned_decoder
-from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
+from lightning_speechllm.model.module import (
+    DecodingConfig,
+    OptimConfig,
+    SpeechLLMModule,
+)
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
 
 __all__ = ["CheckpointError", "export_checkpoint", "load_module", "main", "write_export"]
@@ -114,12 +118,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write_export(module, tmp, source=str(Path(ckpt_path).resolve()))
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-        if backup is not None:
-            os.replace(out, backup)
-        os.replace(tmp, out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,7 +35,7 @@ from lightning_speechllm.healing.losses import (
     prediction_mask,
 )
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
-from lightning_speechllm.model.speechllm import LLMInputs, LoraConfig, SpeechLLM, SpeechLLMConfig
+from lightning_speechllm.model.speechllm import LLMInputs, LoraConfig, SpeechLLM, SpeechLLMConfig, peft_lora_config
 
 __all__ = ["HealingConfig", "HealingModule", "NonFiniteLossError", "PlanMismatchError", "load_plan", "receiving_layers"]
 
@@ -348,15 +348,6 @@ def _same_models(a: dict[str, str | None], b: dict[str, str | None]) -> bool:
     if set(a) != set(b):
         return False
     return all(a[k] == b[k] or (a[k] is not None and b[k] is not None and same_model_id(a[k], b[k])) for k in a)
-
-
-def peft_lora_config(lora: LoraConfig) -> Any:
-    """The PEFT LoraConfig of a project LoraConfig (as `SpeechLLM.add_lora` builds it)."""
-    from peft import LoraConfig as PeftLoraConfig
-
-    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=lora.target_modules, layers_to_transform=lora.layers,
-                          layers_pattern="layers" if lora.layers is not None else None, bias="none")
 
 
 @contextmanager

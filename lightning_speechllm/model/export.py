@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer_mask import LayerMaskError, find_decoder_layers, get_layer_mask_state
+from lightning_speechllm.io_utils import replace_dir
+
+from .layer_mask import (
+    LayerMaskError,
+    _unwrap_peft,
+    find_decoder_layers,
+    get_layer_mask_state,
+)
 
 __all__ = ["ExportError", "PRUNING_FILE", "merged_state_dict", "pruning_info", "save_pruned_decoder"]
 
@@ -30,11 +36,6 @@ _PEFT_KEY_MARKERS = ("lora_", "base_layer", "modules_to_save", "original_module"
 
 class ExportError(LayerMaskError):
     """The model cannot be exported as a plain HF checkpoint (unsupported adapter, write failure...)."""
-
-
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
 
 
 def pruning_info(model: nn.Module) -> dict[str, Any]:
@@ -164,24 +165,10 @@ def save_pruned_decoder(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_pruned(hf_model, tmp, tokenizer, info)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished ``src`` to ``dst``; an existing ``dst`` is swapped out first and deleted afterwards."""
-    backup = None
-    if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, backup)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, dst)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

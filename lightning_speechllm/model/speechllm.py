@@ -120,20 +120,14 @@ class SpeechLLM(nn.Module):
 
     def add_lora(self, lora: LoraConfig) -> None:
         """Wrap the decoder with PEFT LoRA adapters on the chosen layers (original layer numbering)."""
-        from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
         num_layers = self.layer_mask.num_layers
         bad = [i for i in lora.layers or [] if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"LoRA layers {bad} out of range for a decoder with {num_layers} layers")
-        peft_config = PeftLoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            layers_to_transform=lora.layers, layers_pattern="layers" if lora.layers is not None else None,
-            bias="none",
-        )
         with self.layer_mask.active(range(num_layers)):
-            self.llm = get_peft_model(self.llm, peft_config)
+            self.llm = get_peft_model(self.llm, peft_lora_config(lora))
 
     @property
     def has_lora(self) -> bool:
@@ -254,14 +248,23 @@ class SpeechLLM(nn.Module):
         path.write_text(json.dumps(self.describe(), indent=2))
 
 
+def peft_lora_config(lora: LoraConfig):
+    """The PEFT LoraConfig of a project LoraConfig (layer indices in the original numbering)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, layers_to_transform=lora.layers,
+                          layers_pattern="layers" if lora.layers is not None else None, bias="none")
+
+
 def target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Next-token cross-entropy averaged over the target tokens (labels != -100), in float32."""
     if labels is None:
         raise ValueError("no target tokens in the batch: cannot compute a loss")
-    shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    return nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                       ignore_index=IGNORE_INDEX)
+    targets = shift_labels != IGNORE_INDEX
+    # Only the target positions are upcast: [B, T, V] in float32 is large with 150k-token vocabularies.
+    return nn.functional.cross_entropy(logits[:, :-1][targets].float(), shift_labels[targets])
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -16,7 +16,6 @@ rank measures its shard and the maps are synced; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,16 +35,10 @@ from lightning_speechllm.redundancy.analysis import RedundancyResult, path_agree
 from lightning_speechllm.redundancy.measure import RedundancyAccumulator
 from lightning_speechllm.redundancy.metrics import TOKEN_SELECTIONS, TokenSelection
 
-__all__ = ["MODALITIES", "RedundancyCallback", "text_only_copy"]
+__all__ = ["MODALITIES", "RedundancyCallback"]
 
 log = logging.getLogger(__name__)
 MODALITIES: tuple[str, ...] = ("speech", "text")
-
-
-def text_only_copy(batch: SpeechBatch) -> SpeechBatch:
-    """The same utterances as a text-only batch: ``[B, 0]`` audio, zero lengths, transcripts read as text."""
-    return dataclasses.replace(batch, audio=batch.audio.new_zeros(len(batch), 0),
-                               audio_lens=torch.zeros_like(batch.audio_lens), text_only=True)
 
 
 def figure_to_rgb(figure: Figure) -> np.ndarray:
@@ -157,7 +150,7 @@ class RedundancyCallback(L.Callback):
             if modality == own and recorded is not None:
                 accumulator.update_states(*recorded)
             else:  # the other modality, or a validation_step that did not call the SpeechLLM
-                accumulator.update(speechllm, batch if modality == own else text_only_copy(batch))
+                accumulator.update(speechllm, batch if modality == own else batch.as_text_only())
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._detach_recorder()

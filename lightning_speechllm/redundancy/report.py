@@ -4,14 +4,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from io import StringIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from lightning_speechllm.io_utils import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_speechllm.redundancy.analysis import RedundancyResult
@@ -31,23 +31,9 @@ def array_from_json(data: Any, where: str = "<json>") -> np.ndarray:
         raise ValueError(f"{where}: not a rectangular numeric array ({error})") from error
 
 
-def _atomic_write_text(text: str, path: str | Path) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
-
-
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     """Write ``data`` as strict JSON (``allow_nan=False``: convert NaN first) atomically."""
-    return _atomic_write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", path)
+    return atomic_write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", path)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -91,7 +77,7 @@ def write_table_csv(
 def _write_csv(lines: list[list[str]], path: str | Path) -> Path:
     buffer = StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)
-    return _atomic_write_text(buffer.getvalue(), path)
+    return atomic_write_text(buffer.getvalue(), path)
 
 
 def write_summary_csv(results: Sequence["RedundancyResult"], path: str | Path) -> Path:

@@ -1,0 +1,39 @@
+"""Crash-safe file output: a failure mid-write never leaves a half-written file or directory behind."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write `text` to a temporary sibling, then rename it over `path`; returns `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory `src` to `dst`; an existing `dst` is swapped out first and deleted afterwards,
+    and put back if the move fails."""
+    backup = None
+    if dst.exists():
+        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, backup)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, dst)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
