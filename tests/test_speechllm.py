@@ -52,7 +52,7 @@ def test_whisper_encoder_keeps_frames_covering_audio():
 
 def test_whisper_encoder_refuses_audio_longer_than_window():
     encoder = build_speech_encoder(tiny_whisper_config(window_seconds=1))
-    with pytest.raises(EncoderError, match="exceeds Whisper's 1 s window"):
+    with pytest.raises(EncoderError, match="exceeds Whisper's 1.0 s window"):
         encoder(torch.randn(1, 20000), torch.tensor([20000]))
 
 
@@ -242,3 +242,19 @@ def test_projector_ignores_frames_past_each_utterance():
     out_garbage, _ = projector(garbage, torch.tensor([5]))
     assert lens.tolist() == [2]
     torch.testing.assert_close(out[:, :2], out_garbage[:, :2])
+
+
+def test_whisper_short_window_reproduces_hf_on_a_full_window_and_keeps_frame_lengths():
+    encoder = build_speech_encoder(tiny_whisper_config(window_seconds=4)).eval()
+    audio, lens = torch.randn(2, 16000), torch.tensor([16000, 9000])
+    full, full_lens = encoder(audio, lens)
+    with torch.no_grad():
+        mel = encoder.features(torch.nn.functional.pad(audio, (0, encoder.full_window_samples - 16000)))
+        torch.testing.assert_close(encoder._encode_short_window(mel), encoder.encoder(input_features=mel).last_hidden_state)
+    encoder.set_window(1.5)
+    short, short_lens = encoder(audio, lens)
+    assert short_lens.tolist() == full_lens.tolist() == [50, 29] and short.shape == full.shape
+    with pytest.raises(EncoderError, match="exceeds Whisper's 1.5 s window"):
+        encoder(torch.randn(1, 40000), torch.tensor([40000]))
+    with pytest.raises(EncoderError, match="window_seconds must be in"):
+        encoder.set_window(9)

@@ -7,6 +7,7 @@ family is one entry in `ENCODER_REGISTRY`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,7 +64,20 @@ class WhisperSpeechEncoder(SpeechEncoder):
         self.encoder = WhisperEncoder(config)
         self.output_dim = config.d_model
         # 2 mel frames per encoder frame (conv2 stride 2), 160 samples per mel frame.
-        self.window_samples = config.max_source_positions * 2 * 160
+        self.full_window_samples = config.max_source_positions * 2 * 160
+        self.window_samples = self.full_window_samples
+
+    def set_window(self, seconds: float | None) -> None:
+        """Pad to `seconds` instead of Whisper's 30 s (None restores 30 s). Much faster on short utterances, but the
+        encoder then sees a shorter context than in pre-training, so train and evaluate with the same window."""
+        if seconds is None:
+            self.window_samples = self.full_window_samples
+            return
+        samples = int(math.ceil(seconds * SAMPLE_RATE / 320)) * 320  # whole encoder frames
+        if not 0 < samples <= self.full_window_samples:
+            raise EncoderError(f"window_seconds must be in (0, {self.full_window_samples / SAMPLE_RATE:.0f}], "
+                               f"got {seconds}")
+        self.window_samples = samples
 
     @classmethod
     def from_pretrained(cls, path: Path, config: WhisperConfig) -> "WhisperSpeechEncoder":
@@ -74,6 +88,16 @@ class WhisperSpeechEncoder(SpeechEncoder):
             raise EncoderError(f"{path}: Whisper encoder weights missing from the checkpoint: {missing[:5]}...")
         return module
 
+    def _encode_short_window(self, mel: torch.Tensor) -> torch.Tensor:
+        """HF's WhisperEncoder.forward with the positional table cut to the window (HF insists on 3000 frames)."""
+        encoder = self.encoder
+        hidden = nn.functional.gelu(encoder.conv2(nn.functional.gelu(encoder.conv1(mel)))).permute(0, 2, 1)
+        hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
+        for layer in encoder.layers:
+            hidden = layer(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return encoder.layer_norm(hidden)
+
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         mel_frames = torch.div(audio_lens + 159, 160, rounding_mode="floor")
         return torch.div(mel_frames + 1, 2, rounding_mode="floor").clamp(min=1)
@@ -81,12 +105,15 @@ class WhisperSpeechEncoder(SpeechEncoder):
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if audio.shape[1] > self.window_samples:
             raise EncoderError(
-                f"audio of {audio.shape[1] / SAMPLE_RATE:.2f} s exceeds Whisper's {self.window_samples / SAMPLE_RATE:.0f} s "
+                f"audio of {audio.shape[1] / SAMPLE_RATE:.2f} s exceeds Whisper's {self.window_samples / SAMPLE_RATE:.1f} s "
                 "window; filter long utterances in the data layer (max_audio_seconds)"
             )
         padded = nn.functional.pad(audio, (0, self.window_samples - audio.shape[1]))
         mel = self.features(padded).to(self.encoder.conv1.weight.dtype)
-        hidden = self.encoder(input_features=mel).last_hidden_state
+        if self.window_samples == self.full_window_samples:
+            hidden = self.encoder(input_features=mel).last_hidden_state
+        else:
+            hidden = self._encode_short_window(mel)
         lens = self.frame_lengths(audio_lens)
         return hidden[:, : int(lens.max())], lens
 

@@ -50,6 +50,9 @@ class SpeechLLMConfig:
     """Local HF causal-LM directory, or a registered offline asset name."""
     encoder_path: str | None = "whisper-tiny.en"
     """Local HF speech-encoder directory, or a registered offline asset name; None for a text-only model."""
+    encoder_window_seconds: float | None = None
+    """Whisper only: pad to this many seconds instead of 30 (faster for short utterances; the encoder then sees a
+    shorter context than in pre-training). None = Whisper's 30 s window, as the paper."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     """Projector shape."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -90,6 +93,10 @@ class SpeechLLM(nn.Module):
         self.prompts = PromptBuilder(tokenizer, self.config.prompt)
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.projector = Projector(encoder.output_dim, llm_dim, self.config.projector) if encoder else None
+        if self.config.encoder_window_seconds is not None:
+            if not hasattr(encoder, "set_window"):
+                raise ValueError("encoder_window_seconds applies to Whisper encoders only")
+            encoder.set_window(self.config.encoder_window_seconds)
         self.layer_mask = DecoderLayerMask(self.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
