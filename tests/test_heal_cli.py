@@ -1,17 +1,14 @@
 """`heal` command (LightningCLI over HealingModule + SpeechDataModule) and exact mid-epoch resume of healing."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import WhisperModel
 
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.healing.cli import main
@@ -19,7 +16,7 @@ from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig
 from lightning_speechllm.model.projector import ProjectorConfig
 from lightning_speechllm.model.speechllm import LoraConfig, SpeechLLMConfig
-from tests.tiny_speechllm import tiny_llama, tiny_tokenizer, tiny_whisper_config
+from tests.tiny_speechllm import save_tiny_assets
 
 TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox", "le chat est sur le tapis",
          "transcribe the audio", "one two three four five", "this is a test"]
@@ -28,20 +25,7 @@ LORA = {"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj
 
 def tiny_assets(root: Path) -> dict[str, Path]:
     """A 4-layer tiny llama + tokenizer dir, a tiny Whisper dir, and an 8-utterance manifest of WAVs."""
-    root.mkdir(parents=True, exist_ok=True)
-    tiny_llama(layers=4).save_pretrained(root / "llm")
-    tiny_tokenizer().save_pretrained(root / "llm")
-    whisper_config = tiny_whisper_config()
-    whisper_config.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1})
-    whisper_config.suppress_tokens = whisper_config.begin_suppress_tokens = None
-    WhisperModel(whisper_config).save_pretrained(root / "whisper")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, text in enumerate(TEXTS):
-        sf.write(root / f"u{i}.wav", (0.05 * rng.standard_normal(4000 + 1000 * (i % 4))).astype(np.float32), 16000)
-        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "text": text, "task": "asr"})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"llm": root / "llm", "whisper": root / "whisper", "manifest": root / "train.jsonl"}
+    return save_tiny_assets(root, TEXTS, [4000 + 1000 * (i % 4) for i in range(len(TEXTS))])
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from transformers import WhisperModel
 
 from lightning_speechllm.assets import resolve
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 from lightning_speechllm.redundancy.cli import main
-from tests.tiny_speechllm import tiny_llama, tiny_tokenizer, tiny_whisper_config
+from tests.tiny_speechllm import save_tiny_assets
 
 LAYERS = 3
 TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox"]
@@ -22,21 +21,8 @@ TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brow
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """A tiny llama + tokenizer dir, a tiny Whisper dir, and a 4-utterance manifest."""
-    root = tmp_path_factory.mktemp("measure")
-    llm = tiny_llama(layers=LAYERS)
-    llm.save_pretrained(root / "llm")
-    tiny_tokenizer().save_pretrained(root / "llm")
-    whisper_config = tiny_whisper_config()
-    whisper_config.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1})
-    whisper_config.suppress_tokens = whisper_config.begin_suppress_tokens = None
-    WhisperModel(whisper_config).save_pretrained(root / "whisper")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, text in enumerate(TEXTS):
-        sf.write(root / f"u{i}.wav", (0.05 * rng.standard_normal(16000 * (1 + i % 2) // 2)).astype(np.float32), 16000)
-        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "text": text, "task": "asr"})
-    (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"root": root, "llm": root / "llm", "whisper": root / "whisper", "manifest": root / "dev.jsonl"}
+    samples = [16000 * (1 + i % 2) // 2 for i in range(len(TEXTS))]
+    return save_tiny_assets(tmp_path_factory.mktemp("measure"), TEXTS, samples, layers=LAYERS, manifest="dev.jsonl")
 
 
 def _config(dirs: dict[str, Path], out: Path, **overrides) -> Path:

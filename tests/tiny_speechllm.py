@@ -3,10 +3,14 @@ encoder and a tiny decoder, all built from configs (no downloads)."""
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, WhisperConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperModel
 
 from lightning_speechllm.model.encoders import WhisperSpeechEncoder
 from lightning_speechllm.model.projector import ProjectorConfig
@@ -63,3 +67,22 @@ def tiny_speechllm(seed: int = 0, chat: bool = True, layers: int = 4, **config_k
     config = SpeechLLMConfig(llm_path="<memory>", encoder_path="<memory>",
                              projector=ProjectorConfig(downsample=2, hidden_dim=64), **config_kwargs)
     return SpeechLLM(tiny_llama(layers=layers, seed=seed), tiny_tokenizer(chat), encoder, config)
+
+
+def save_tiny_assets(root: Path, texts: list[str], samples: list[int], layers: int = 4,
+                     manifest: str = "train.jsonl") -> dict[str, Path]:
+    """On disk: a tiny llama + tokenizer dir, a tiny Whisper dir and a JSONL manifest of noise WAVs (one per text)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tiny_llama(layers=layers).save_pretrained(root / "llm")
+    tiny_tokenizer().save_pretrained(root / "llm")
+    whisper_config = tiny_whisper_config()
+    whisper_config.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1})
+    whisper_config.suppress_tokens = whisper_config.begin_suppress_tokens = None
+    WhisperModel(whisper_config).save_pretrained(root / "whisper")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (text, count) in enumerate(zip(texts, samples)):
+        sf.write(root / f"u{i}.wav", (0.05 * rng.standard_normal(count)).astype(np.float32), 16000)
+        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "text": text, "task": "asr"})
+    (root / manifest).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "llm": root / "llm", "whisper": root / "whisper", "manifest": root / manifest}
