@@ -1,6 +1,7 @@
 """LightningCLI front end for fit / validate / test / predict: every option is a YAML key, `--print_config` works."""
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,20 @@ class SpeechLLMCLI(LightningCLI):
 
             print(f"synthesizing the default espeak-ng corpus into {DEFAULT_CORPUS}/ (once, about 2 minutes)")
             synthesize_corpus(DEFAULT_CORPUS)
+
+    def after_fit(self) -> None:
+        """Print the last validation scores and write report.md/html (redundancy maps, agreement) into the run."""
+        from lightning_speechllm.evaluation.report import write_report
+
+        if not self.trainer.is_global_zero:
+            return
+        scores = {k: round(float(v), 4) for k, v in sorted(self.trainer.callback_metrics.items())
+                  if k.startswith("val/") and k.count("/") == 2}
+        print("last validation:", json.dumps(scores))
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        markdown, page = write_report(run_dir, title="lightning_speechllm fit")
+        checkpoints = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else run_dir
+        print(f"report: {markdown} and {page}; checkpoints in {checkpoints}")
 
 
 def run(subcommand: str, argv: list[str]) -> int:

@@ -1,0 +1,36 @@
+"""`python -m lightning_speechllm fit` end to end on tiny on-disk models: train, validate, report, resume."""
+from __future__ import annotations
+
+import torch
+
+from lightning_speechllm import cli
+from tests.tiny_speechllm import save_tiny_assets
+
+TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox"]
+
+
+def fit_args(assets: dict, root, max_steps: int) -> list[str]:
+    return ["--model.model.llm_path", str(assets["llm"]), "--model.model.encoder_path", str(assets["whisper"]),
+            "--model.model.projector.hidden_dim", "16", "--model.model.projector.downsample", "2",
+            "--model.decoding.max_new_tokens", "3", "--data.train", str(assets["manifest"]),
+            "--data.val_sets", f"{{dev: {assets['manifest']}}}", "--data.max_duration", "2",
+            "--trainer.accelerator", "cpu", "--trainer.max_steps", str(max_steps), "--trainer.limit_val_batches", "1",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=lightning_speechllm.redundancy.callback.RedundancyCallback",
+            "--trainer.callbacks.n_boot", "10"]
+
+
+def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path, capsys):
+    assets = save_tiny_assets(tmp_path / "assets", TEXTS, [8000, 6000, 4000, 7000])
+    assert cli.fit(fit_args(assets, tmp_path / "run", max_steps=2)) == 0
+    out = capsys.readouterr().out
+    assert "last validation:" in out and '"val/dev/wer"' in out
+    run = tmp_path / "run" / "lightning_logs" / "version_0"
+    report = (run / "report.md").read_text()
+    assert "### dev — speech (epoch 0)" in report and "redundancy/dev/text/epoch=0.png" in report
+    assert (run / "report.html").read_text().count("data:image/png;base64") >= 2
+    checkpoint = next((run / "checkpoints").glob("*.ckpt"))
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+    assert cli.fit([*fit_args(assets, tmp_path / "run", max_steps=4), "--ckpt_path", str(checkpoint)]) == 0
+    resumed = next((tmp_path / "run" / "lightning_logs" / "version_1" / "checkpoints").glob("*.ckpt"))
+    assert torch.load(resumed, weights_only=False)["global_step"] == 4
