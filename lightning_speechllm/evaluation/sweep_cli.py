@@ -94,11 +94,11 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
 
 def build_model(model: SpeechLLMConfig, ckpt_path: str | None) -> SpeechLLM:
     """The SpeechLLM of ``model``, with the trainable weights of ``ckpt_path`` when given."""
-    from lightning_speechllm.redundancy.cli import _load_checkpoint
+    from lightning_speechllm.redundancy.cli import load_trained_weights
 
     module = SpeechLLMModule(model=model)
     if ckpt_path is not None:
-        _load_checkpoint(module, ckpt_path)
+        load_trained_weights(module, ckpt_path)
     return module.speechllm
 
 

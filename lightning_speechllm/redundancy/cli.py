@@ -90,7 +90,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[MeasureArgs, SpeechLLMCon
     return args, from_dict(SpeechLLMConfig, values["model"]), dict(values["data"])
 
 
-def _load_checkpoint(module: SpeechLLMModule, ckpt_path: str) -> None:
+def load_trained_weights(module: SpeechLLMModule, ckpt_path: str) -> None:
+    """Load a SpeechLLMModule checkpoint's trainable weights (projector, LoRA) into `module`, warning when it was
+    trained with other model settings."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {path} does not exist")
@@ -154,7 +156,7 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
     L.seed_everything(args.seed, verbose=False)
     module = SpeechLLMModule(model=model, decoding=DecodingConfig(generate_in_validation=args.decode))
     if args.ckpt_path is not None:
-        _load_checkpoint(module, args.ckpt_path)
+        load_trained_weights(module, args.ckpt_path)
     datamodule = SpeechDataModule(**data)
     callback = RedundancyCallback(token_selection=args.token_selection, modalities=modalities, sets=args.sets,
                                   max_batches=args.max_batches, output_dir=args.output_dir, n_boot=args.n_boot)
