@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from lightning_speechllm.evaluation import normalize_english
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule, lr_lambda
 from lightning_speechllm.model.speechllm import LoraConfig
 from tests.test_speechllm import make_batch
@@ -117,3 +118,15 @@ def test_a_batch_emptied_by_the_skip_policy_trains_nothing_and_is_counted(tmp_pa
     assert model.empty_batches == 2
     for key, value in model.speechllm.trainable_state_dict().items():
         torch.testing.assert_close(value, before[key], atol=0, rtol=0)
+
+
+def test_lhotse_padding_duplicates_are_not_scored(tmp_path):
+    model = module()
+    batch = make_batch()
+    batch.ids = ["u0", "u1", "u0_dup0"]
+    hyps = ["the cat sat on the mat", "one two three", "something else entirely"]
+    model._update_metrics("val", "dev", batch, hyps)
+    counts = model.eval_metrics["val|dev|asr"].compute()
+    expected_words = sum(len(normalize_english(text).split()) for text in hyps[:2])
+    assert counts["wer"].item() == 0.0 and counts["reference_words"].item() == expected_words
+    assert [h.id for h in model.hypotheses] == ["u0", "u1"]

@@ -1,11 +1,18 @@
 """The batch contract between the data layer and the model: raw 16 kHz audio plus text and task metadata."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
 
 SAMPLE_RATE = 16_000
+_PADDING_DUPLICATE = re.compile(r"_dup\d+$")
+
+
+def is_padding_duplicate(utterance_id: str) -> bool:
+    """True for the copies Lhotse adds to pad the last DDP eval step (`<id>_dup<k>`); they must not be scored."""
+    return bool(_PADDING_DUPLICATE.search(utterance_id))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_speechllm.config_utils import from_dict
-from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.data.batch import SpeechBatch, is_padding_duplicate
 from lightning_speechllm.evaluation import WordErrorCounts, corpus_bleu_metric
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 
@@ -139,6 +139,8 @@ class SpeechLLMModule(L.LightningModule):
         self._update_metrics(stage, set_name, batch, hyps)
 
     def _update_metrics(self, stage: str, set_name: str, batch: SpeechBatch, hyps: list[str]) -> None:
+        scored = [i for i, uid in enumerate(batch.ids) if not is_padding_duplicate(uid)]
+        batch, hyps = batch.subset(scored), [hyps[i] for i in scored]
         for task in sorted(set(batch.tasks)):
             rows = [i for i, t in enumerate(batch.tasks) if t == task]
             metric = self._metric(stage, set_name, task)
