@@ -293,3 +293,10 @@ def test_cli_angular_plan_on_real_smollm2_exports_a_stock_pruned_model(tmp_path:
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-4)
     assert AutoTokenizer.from_pretrained(export).eos_token == tokenizer.eos_token
+
+
+def test_receiving_layers_cover_every_block_and_a_cut_at_the_end():
+    split = plan_explicit(7, [0, 2, 3, 5])
+    assert split.receiving_layers == [1, 4, 6] and split.receiving_layer == 6
+    at_end = plan_explicit(4, [2, 3])
+    assert at_end.receiving_layers == [1] and at_end.receiving_layer is None

@@ -36,6 +36,7 @@ from lightning_speechllm.healing.losses import (
 )
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import LLMInputs, LoraConfig, SpeechLLM, SpeechLLMConfig, peft_lora_config
+from lightning_speechllm.pruning.plan import receiving_layers
 
 __all__ = ["HealingConfig", "HealingModule", "NonFiniteLossError", "PlanMismatchError", "load_plan", "receiving_layers"]
 
@@ -76,25 +77,6 @@ class HealingConfig:
     the bare base model. Its LoRA becomes a frozen second PEFT adapter on the shared decoder weights."""
     init_projector_from_teacher: bool = True
     """With `teacher_checkpoint`: start the student's projector from the teacher's."""
-
-
-def receiving_layers(removed: list[int] | tuple[int, ...], num_layers: int) -> list[int]:
-    """The kept layer that receives each removed block: the first kept layer after it (or, for a block at the
-    end of the decoder, the last kept layer before it)."""
-    removed_set = set(removed)
-    kept = [i for i in range(num_layers) if i not in removed_set]
-    if not kept:
-        raise PlanMismatchError(f"the plan removes all {num_layers} decoder layers")
-    receivers = set()
-    for i in removed_set:
-        if i - 1 in removed_set:
-            continue  # not the start of a block
-        end = i
-        while end + 1 in removed_set:
-            end += 1
-        after = [k for k in kept if k > end]
-        receivers.add(after[0] if after else max(k for k in kept if k < i))
-    return sorted(receivers)
 
 
 def load_plan(config: HealingConfig, num_layers: int, model_id: str | None = None) -> dict[str, Any]:

@@ -68,6 +68,25 @@ def same_model_id(a: str, b: str) -> bool:
     return bool(name_a) and name_a == name_b
 
 
+def receiving_layers(removed: list[int] | tuple[int, ...], num_layers: int) -> list[int]:
+    """The kept layer that receives each removed block: the first kept layer after it (or, for a block at the
+    end of the decoder, the last kept layer before it)."""
+    removed_set = set(removed)
+    kept = [i for i in range(num_layers) if i not in removed_set]
+    if not kept:
+        raise PlanError(f"the plan removes all {num_layers} decoder layers")
+    receivers = set()
+    for i in removed_set:
+        if i - 1 in removed_set:
+            continue  # not the start of a block
+        end = i
+        while end + 1 in removed_set:
+            end += 1
+        after = [k for k in kept if k > end]
+        receivers.add(after[0] if after else max(k for k in kept if k < i))
+    return sorted(receivers)
+
+
 @dataclass
 class PruningPlan:
     """Decoder layers to remove from a model of ``num_layers`` layers.
@@ -117,6 +136,12 @@ class PruningPlan:
             return None
         after = [i for i in self.kept_layers if i > self.removed_layers[-1]]
         return after[0] if after else None
+
+    @property
+    def receiving_layers(self) -> list[int]:
+        """The kept layer receiving each removed block (what healing puts LoRA on by default); unlike
+        :attr:`receiving_layer`, a block at the end of the decoder is received by the last kept layer before it."""
+        return receiving_layers(self.removed_layers, self.num_layers) if self.removed_layers else []
 
     @property
     def receiving_layer_pruned(self) -> int | None:
