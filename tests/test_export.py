@@ -18,15 +18,6 @@ REMOVED = (0, 3)
 KEPT = [1, 2, 4, 5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls run fastest single-threaded; more threads oversubscribe the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reload(directory: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
 

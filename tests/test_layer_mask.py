@@ -21,15 +21,6 @@ REMOVED = (1, 4)
 KEPT = (0, 2, 3, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls run fastest single-threaded; more threads oversubscribe the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hand_pruned(model: nn.Module, arch: str, kept: tuple[int, ...]) -> nn.Module:
     """An independently built model with only ``kept`` layers, weights copied from the unmasked ``model``."""
     layer_types = getattr(model.config, "layer_types", None)
