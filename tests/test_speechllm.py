@@ -116,6 +116,20 @@ def test_prompt_uses_chat_template_and_targets_end_with_eos():
     assert tokenizer.decode(sample.target[:-1]) == "the cat"
 
 
+def test_chat_target_ends_with_the_templates_end_of_turn_token_when_eos_differs():
+    # Qwen2.5-base style: the chat template closes turns with <|im_end|>, the tokenizer's EOS is <|endoftext|>.
+    tokenizer = tiny_tokenizer(chat=True)
+    tokenizer.eos_token = "<|endoftext|>"
+    builder = PromptBuilder(tokenizer)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert builder.end_token_id == end != tokenizer.eos_token_id
+    assert builder.encode("asr", None, "the cat").target[-1] == end
+    assert PromptBuilder(tokenizer, PromptConfig(use_chat_template=False)).end_token_id == tokenizer.eos_token_id
+    model = tiny_speechllm()
+    model.prompts = builder
+    assert end in model._stop_token_ids() and tokenizer.eos_token_id in model._stop_token_ids()
+
+
 def test_prompt_plain_template_and_translation_language():
     builder = PromptBuilder(tiny_tokenizer(chat=False), PromptConfig())
     assert not builder.uses_chat_template
@@ -166,7 +180,14 @@ def test_loss_is_mean_cross_entropy_over_target_tokens():
     model = tiny_speechllm().eval()
     batch = make_batch()
     loss, output, inputs = model(batch)
-    logits, labels = output.logits, inputs.labels
+    labels = inputs.labels
+    with torch.no_grad():
+        logits = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                           position_ids=inputs.position_ids).logits
+    # The LM head runs on the target window only: the longest target plus the position predicting its first token.
+    window = int((labels != IGNORE_INDEX).sum(1).max()) + 1
+    assert output.logits.shape[1] == window < labels.shape[1]
+    torch.testing.assert_close(output.logits, logits[:, -window:])
     total, count = 0.0, 0
     for row in range(len(batch)):
         for t in range(1, labels.shape[1]):

@@ -7,7 +7,7 @@ splices speech embeddings (or, in text-only mode, the transcript's token embeddi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
@@ -84,6 +84,24 @@ class PromptBuilder:
     def eos_token_id(self) -> int:
         return self.tokenizer.eos_token_id
 
+    @cached_property
+    def end_token_id(self) -> int:
+        """The token that ends a target: the chat template's end-of-turn token (``<|eot_id|>`` for Llama 3,
+        ``<|im_end|>`` for Qwen2.5 base, whose EOS is ``<|endoftext|>``) when it closes the assistant turn with a
+        special token, else the tokenizer's EOS."""
+        if not self.uses_chat_template:
+            return self.eos_token_id
+        marker = "@@speechllm-target@@"
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
+        except Exception:  # noqa: BLE001 - templates that refuse this conversation keep EOS
+            return self.eos_token_id
+        after = text.split(marker, 1)[1] if marker in text else ""
+        ids = self._tokenize(after.lstrip(" "))
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
+        return ids[0] if ids and ids[0] in special else self.eos_token_id
+
     def instruction(self, task: str, tgt_lang: str | None) -> str:
         if task == "asr":
             return self.config.asr_instruction
@@ -123,7 +141,7 @@ class PromptBuilder:
                text_only: bool = False) -> EncodedSample:
         """Token ids for one sample; `target=None` builds a generation prompt (no target tokens)."""
         pieces = self.pieces(task, tgt_lang)
-        target_ids = [] if target is None else [*self._tokenize(target.strip()), self.eos_token_id]
+        target_ids = [] if target is None else [*self._tokenize(target.strip()), self.end_token_id]
         speech_tokens = None
         if text_only:
             if not transcript or not transcript.strip():

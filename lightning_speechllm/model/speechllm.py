@@ -203,11 +203,16 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward/generate
     def forward(self, batch: SpeechBatch, **llm_kwargs) -> tuple[torch.Tensor, object, LLMInputs]:
-        """Teacher-forced pass: (cross-entropy on target tokens, the HF model output, the inputs used)."""
+        """Teacher-forced pass: (cross-entropy on target tokens, the HF model output, the inputs used).
+
+        Targets are right-aligned (left padding), so only the last `target_window(labels)` positions get logits: the
+        LM head and its backward skip the prompt and speech positions (`output.logits` covers that window only)."""
         inputs = self.build_inputs(batch, with_targets=True)
+        window = target_window(inputs.labels)
         output = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                          position_ids=inputs.position_ids, use_cache=False, **llm_kwargs)
-        return target_cross_entropy(output.logits, inputs.labels), output, inputs
+                          position_ids=inputs.position_ids, use_cache=False, logits_to_keep=window, **llm_kwargs)
+        labels = inputs.labels[:, -window:] if inputs.labels is not None and window else inputs.labels
+        return target_cross_entropy(output.logits, labels), output, inputs
 
     @torch.no_grad()
     def generate(self, batch: SpeechBatch, max_new_tokens: int = 128, num_beams: int = 1,
@@ -224,7 +229,7 @@ class SpeechLLM(nn.Module):
     def _stop_token_ids(self) -> list[int]:
         configured = getattr(self.llm.generation_config, "eos_token_id", None)
         configured = [configured] if isinstance(configured, int) else list(configured or [])
-        return sorted({self.prompts.eos_token_id, *configured})
+        return sorted({self.prompts.end_token_id, self.prompts.eos_token_id, *configured})
 
     # ------------------------------------------------------------------------------------ layers & checkpoints
     def set_active_layers(self, indices: Sequence[int]) -> None:
@@ -262,6 +267,13 @@ def peft_lora_config(lora: LoraConfig):
     return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora.target_modules, layers_to_transform=lora.layers,
                           layers_pattern="layers" if lora.layers is not None else None, bias="none")
+
+
+def target_window(labels: torch.Tensor | None) -> int:
+    """How many final positions hold every target token and the position that predicts the first (0 = all)."""
+    if labels is None:
+        return 0
+    return int((labels != IGNORE_INDEX).sum(dim=1).max()) + 1
 
 
 def target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
