@@ -1,11 +1,13 @@
 """Pruning sweep: the stopping rule on hand-made tables, a tiny 2-point sweep with and without healing, resume."""
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
 import numpy as np
 import pytest
+import torch
 
 from lightning_speechllm.evaluation import sweep as sweep_mod
 from lightning_speechllm.evaluation.sweep import (
@@ -153,6 +155,7 @@ def test_two_point_sweep_writes_table_markdown_and_curve(tmp_path, heal):
     config = SweepConfig(method="last", fractions=[0.25, 0.5], heal=heal, heal_steps=2, heal_lora_r=4,
                          heal_lora_alpha=4, output_dir=str(tmp_path))
     model = tiny_speechllm()
+    state, model_config = _state(model), copy.deepcopy(model.config)
     table, chosen = run_sweep(model, NamedSets(n_train=2), config, decoding=DecodingConfig(max_new_tokens=3),
                               trainer_kwargs=TRAINER)
     assert set(table.baseline) == {"clean", "ast-fr"}
@@ -163,11 +166,56 @@ def test_two_point_sweep_writes_table_markdown_and_curve(tmp_path, heal):
     assert ("clean/wer_after" in rows[0]) == heal and "ast-fr/rel_dbleu_before" in rows[0]
     if heal:
         assert all(p.after is not None and p.heal_steps == 2 for p in table.points)
-        assert not model.has_lora  # healing worked on a copy
+    _assert_restored(model, state, model_config)  # healed in place, then restored bit for bit
     markdown = (tmp_path / "sweep.md").read_text()
     assert markdown.count("\n| last |") == 2 and ("Chosen:" in markdown or "No sweep point passes" in markdown)
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert model.layer_mask.removed_layers == ()
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _assert_restored(model, state: dict[str, torch.Tensor], model_config) -> None:
+    assert not model.has_lora and model.layer_mask.removed_layers == ()
+    now = model.state_dict()
+    assert list(now) == list(state)
+    assert all(torch.equal(now[key], value) for key, value in state.items())
+    assert model.config == model_config
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == [
+        name for name, _ in model.projector.named_parameters(prefix="projector")]
+
+
+class FailingEvaluator(CountingEvaluator):
+    """Scores the unhealed model, then fails on the healed one (recording what it saw)."""
+
+    def __init__(self):
+        super().__init__()
+        self.healed: list[tuple[int, ...]] = []
+        self.projector: dict[str, torch.Tensor] = {}
+
+    def __call__(self, model, datamodule, **kwargs):
+        if model.has_lora:
+            self.healed.append(tuple(model.layer_mask.removed_layers))
+            self.projector = {k: v.clone() for k, v in model.projector.state_dict().items()}
+            raise RuntimeError("evaluation failed")
+        return super().__call__(model, datamodule, **kwargs)
+
+
+def test_healing_is_undone_when_the_evaluation_of_the_healed_model_raises(tmp_path):
+    model = tiny_speechllm()
+    model.train(False)
+    state, model_config = _state(model), copy.deepcopy(model.config)
+    spy = FailingEvaluator()
+    config = SweepConfig(method="last", ns=[2], heal=True, heal_steps=1, heal_lora_r=2, heal_lora_alpha=2,
+                         output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_sweep(model, NamedSets(n_train=1), config, trainer_kwargs=TRAINER, evaluate_fn=spy)
+    assert spy.calls == [(), (1, 2)] and spy.healed == [(1, 2)]  # the healed model: LoRA and the plan's mask
+    assert any(not torch.equal(v, state[f"projector.{k}"]) for k, v in spy.projector.items())  # the projector trained
+    _assert_restored(model, state, model_config)
+    assert not any(m.training for m in model.modules())  # eval mode as on entry, though fit trains
 
 
 # ------------------------------------------------------------------------------------------------ the command

@@ -3,9 +3,10 @@
 For each point (a fraction of the decoder layers, or a layer count ``n``) :func:`run_sweep` builds a
 :class:`~lightning_speechllm.pruning.plan.PruningPlan` (``angular`` / ``block_influence`` from a measured redundancy
 map, or ``last``), masks the layers, scores every named evaluation set (WER for ASR sets, BLEU for translation sets)
-with ``Trainer.validate`` / ``Trainer.test``, optionally heals a copy of the pruned model with a
-:class:`~lightning_speechllm.healing.module.HealingModule` for ``heal_steps`` steps and scores it again, then resets
-the mask. The unpruned baseline is scored first.
+with ``Trainer.validate`` / ``Trainer.test``, optionally heals the pruned model in place with a
+:class:`~lightning_speechllm.healing.module.HealingModule` for ``heal_steps`` steps and scores it again (see
+:func:`healed`: no copy of the decoder; the model is restored exactly afterwards), then resets the mask. The unpruned
+baseline is scored first.
 
 Every finished point is written at once (atomically) to ``<output_dir>/points/<method>_<value>.json`` and a rerun
 skips the points already there, so an interrupted sweep resumes. The outputs are ``sweep.csv``, ``sweep.md``,
@@ -24,12 +25,15 @@ import hashlib
 import io
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
+from torch import Tensor, nn
 
 from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.model.module import (
@@ -37,7 +41,7 @@ from lightning_speechllm.model.module import (
     OptimConfig,
     SpeechLLMModule,
 )
-from lightning_speechllm.model.speechllm import LoraConfig, SpeechLLM
+from lightning_speechllm.model.speechllm import LoraConfig, SpeechLLM, SpeechLLMConfig
 from lightning_speechllm.pruning.plan import (
     PruningPlan,
     plan_angular,
@@ -61,7 +65,7 @@ __all__ = [
     "describe_choice",
     "evaluate",
     "format_markdown",
-    "heal",
+    "healed",
     "passes",
     "plot_curves",
     "point_name",
@@ -341,26 +345,75 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
     return scores
 
 
-def heal(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataModule, config: SweepConfig,
-         trainer_kwargs: dict[str, Any] | None = None) -> SpeechLLM:
-    """Heal a copy of ``speechllm`` (unmasked on entry) pruned by ``plan`` for ``config.heal_steps`` steps with a
-    :class:`HealingModule` (LoRA on the receiving layer, task cross-entropy); returns the healed, masked copy. The
-    original model is left untouched, so the next point starts from the same weights."""
+@contextmanager
+def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataModule, config: SweepConfig,
+           trainer_kwargs: dict[str, Any] | None = None) -> Iterator[SpeechLLM]:
+    """Heal ``speechllm`` itself (unmasked, without LoRA on entry), pruned by ``plan``, for ``config.heal_steps``
+    steps with a :class:`HealingModule` (LoRA on the receiving layer, trainable projector, task cross-entropy), and
+    yield it healed and masked; no second copy of the decoder is made.
+
+    On exit, also after an exception (in healing or in the body), the model is restored exactly: the mask reset, the
+    LoRA modules removed without merging (PEFT ``unload``), the trainable weights (projector, a tuned encoder) put
+    back, and ``speechllm.config``, every ``requires_grad`` flag and every module's train/eval mode as on entry.
+    """
     from lightning_speechllm.healing.module import HealingConfig, HealingModule
 
     if speechllm.has_lora:
         raise SweepError("healing in a sweep needs a model without LoRA adapters (merge a LoRA-tuned decoder's "
                          "adapters into its weights first): the healing LoRA would be taken for them")
-    student = copy.deepcopy(speechllm)
-    student.layer_mask.reset()
-    lora = LoraConfig(layers=None, r=config.heal_lora_r, alpha=config.heal_lora_alpha, dropout=0.05)
-    module = HealingModule(healing=HealingConfig(removed_layers=list(plan.removed_layers), lora=lora),
-                           optim=OptimConfig(lr=config.heal_lr, warmup_steps=config.heal_warmup_steps,
-                                             schedule="linear"),
-                           speechllm=student)
-    trainer = _trainer(trainer_kwargs, max_steps=config.heal_steps, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=datamodule)
-    return module.speechllm
+    if speechllm.layer_mask.removed_layers:
+        raise SweepError(f"healing in a sweep starts unpruned; the model masks layers "
+                         f"{list(speechllm.layer_mask.removed_layers)}")
+    snapshot = _Snapshot.take(speechllm)
+    try:
+        lora = LoraConfig(layers=None, r=config.heal_lora_r, alpha=config.heal_lora_alpha, dropout=0.05)
+        module = HealingModule(healing=HealingConfig(removed_layers=list(plan.removed_layers), lora=lora),
+                               optim=OptimConfig(lr=config.heal_lr, warmup_steps=config.heal_warmup_steps,
+                                                 schedule="linear"),
+                               speechllm=speechllm)
+        trainer = _trainer(trainer_kwargs, max_steps=config.heal_steps, limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=datamodule)
+        del module, trainer  # the optimizer state goes with them
+        yield speechllm
+    finally:
+        snapshot.restore(speechllm)
+
+
+@dataclass
+class _Snapshot:
+    """What healing changes on a SpeechLLM, saved so that :func:`healed` can put it back."""
+
+    config: SpeechLLMConfig
+    trainable: dict[str, Tensor]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    modes: list[tuple[nn.Module, bool]]
+    had_input_grad_hooks: bool
+
+    @classmethod
+    def take(cls, speechllm: SpeechLLM) -> "_Snapshot":
+        return cls(config=copy.deepcopy(speechllm.config), trainable=speechllm.trainable_state_dict(),
+                   requires_grad=[(p, p.requires_grad) for p in speechllm.parameters()],
+                   modes=[(m, m.training) for m in speechllm.modules()],
+                   had_input_grad_hooks=bool(getattr(speechllm.llm, "_require_grads_hooks", None)))
+
+    def restore(self, speechllm: SpeechLLM) -> None:
+        """Mask reset, LoRA unloaded (not merged), config, trainable weights, flags and modes as snapshotted."""
+        speechllm.layer_mask.reset()  # every layer back in the list, so that unload() reaches every LoRA module
+        if speechllm.has_lora:
+            speechllm.llm = speechllm.llm.unload()
+        if not self.had_input_grad_hooks and hasattr(speechllm.llm, "disable_input_require_grads"):
+            speechllm.llm.disable_input_require_grads()  # PEFT adds them to a gradient-checkpointing decoder
+        for item in fields(self.config):
+            if getattr(speechllm.config, item.name) != getattr(self.config, item.name):
+                setattr(speechllm.config, item.name, copy.deepcopy(getattr(self.config, item.name)))
+        with torch.no_grad():
+            params = dict(speechllm.named_parameters())
+            for name, value in self.trainable.items():
+                params[name].copy_(value)
+        for param, flag in self.requires_grad:
+            param.requires_grad_(flag)
+        for module, training in self.modes:
+            module.training = training
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -479,9 +532,8 @@ def _run_point(speechllm: SpeechLLM, plan: PruningPlan, kind: str, value: float 
         mask.reset()
     after = None
     if config.heal:
-        healed = heal(speechllm, plan, datamodule, config, trainer_kwargs)
-        after = run_eval(healed)
-        del healed
+        with healed(speechllm, plan, datamodule, config, trainer_kwargs) as model:
+            after = run_eval(model)
     return SweepPoint(method=config.method, value=value, kind=kind, n=len(plan.removed_layers),
                       num_layers=plan.num_layers, removed_layers=list(plan.removed_layers), before=before,
                       after=after, heal_steps=config.heal_steps if config.heal else 0)
