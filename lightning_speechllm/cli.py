@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.model.module import SpeechLLMModule
 
 TRAINER_DEFAULTS = {
@@ -33,19 +35,48 @@ class SpeechLLMCLI(LightningCLI):
             print(f"synthesizing the default espeak-ng corpus into {DEFAULT_CORPUS}/ (once, about 2 minutes)")
             synthesize_corpus(DEFAULT_CORPUS)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="After `fit`, test the best checkpoint (by the ModelCheckpoint monitor; the last "
+                                 "weights without one) on the datamodule's test sets; scores go to scores.json and "
+                                 "the report.")
+
     def after_fit(self) -> None:
-        """Print the last validation scores and write report.md/html (redundancy maps, agreement) into the run."""
+        """Test the best checkpoint (with --test_after_fit), print the scores and write scores.json and
+        report.md/html (scores, examples, redundancy maps, agreement) into the run directory."""
         from lightning_speechllm.evaluation.report import write_report
 
+        validation = _scores(self.trainer.callback_metrics, "val/")
+        test = self._test_best() if self.config[self.subcommand].get("test_after_fit") else {}
         if not self.trainer.is_global_zero:
             return
-        scores = {k: round(float(v), 4) for k, v in sorted(self.trainer.callback_metrics.items())
-                  if k.startswith("val/") and k.count("/") == 2}
-        print("last validation:", json.dumps(scores))
+        print("last validation:", json.dumps(validation))
+        if test:
+            print("test (best checkpoint):", json.dumps(test))
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        examples = [asdict(h) for h in self.model.hypotheses[:8]] if test else []
+        summary = {"global_step": self.trainer.global_step, "validation": validation, "test": test,
+                   "test_checkpoint": self._best_checkpoint() if test else None, "test_examples": examples}
+        atomic_write_text(json.dumps(summary, indent=2), run_dir / "scores.json")
         markdown, page = write_report(run_dir, title="lightning_speechllm fit")
         checkpoints = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else run_dir
         print(f"report: {markdown} and {page}; checkpoints in {checkpoints}")
+
+    def _best_checkpoint(self) -> str | None:
+        callback = self.trainer.checkpoint_callback
+        return callback.best_model_path if callback is not None and callback.best_model_path else None
+
+    def _test_best(self) -> dict[str, float]:
+        if not getattr(self.datamodule, "test_set_names", None):
+            warnings.warn("--test_after_fit: the datamodule has no test sets; nothing tested", stacklevel=2)
+            return {}
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(), verbose=False)
+        return _scores(self.trainer.callback_metrics, "test/")
+
+
+def _scores(metrics: dict, prefix: str) -> dict[str, float]:
+    """Per-set scores (`<stage>/<set>/<metric>`) from Lightning's callback metrics, rounded for printing."""
+    return {k: round(float(v), 4) for k, v in sorted(metrics.items()) if k.startswith(prefix) and k.count("/") == 2}
 
 
 def run(subcommand: str, argv: list[str]) -> int:

@@ -1,6 +1,8 @@
 """`python -m lightning_speechllm fit` end to end on tiny on-disk models: train, validate, report, resume."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from lightning_speechllm import cli
@@ -22,11 +24,17 @@ def fit_args(assets: dict, root, max_steps: int) -> list[str]:
 
 def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path, capsys):
     assets = save_tiny_assets(tmp_path / "assets", TEXTS, [8000, 6000, 4000, 7000])
-    assert cli.fit(fit_args(assets, tmp_path / "run", max_steps=2)) == 0
+    test_args = ["--data.test_sets", f"{{heldout: {assets['manifest']}}}", "--test_after_fit", "true"]
+    assert cli.fit([*fit_args(assets, tmp_path / "run", max_steps=2), *test_args]) == 0
     out = capsys.readouterr().out
-    assert "last validation:" in out and '"val/dev/wer"' in out
+    assert "last validation:" in out and '"val/dev/wer"' in out and '"test/heldout/wer"' in out
     run = tmp_path / "run" / "lightning_logs" / "version_0"
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["global_step"] == 2 and scores["test_checkpoint"].endswith(".ckpt")
+    assert 0 <= scores["test"]["test/heldout/wer"] and len(scores["test_examples"]) == len(TEXTS)
+    assert {e["reference"] for e in scores["test_examples"]} == set(TEXTS)
     report = (run / "report.md").read_text()
+    assert "## Scores" in report and "`test/heldout/wer`" in report and "| heldout | hello world |" in report
     assert "### dev — speech (epoch 0)" in report and "redundancy/dev/text/epoch=0.png" in report
     assert (run / "report.html").read_text().count("data:image/png;base64") >= 2
     checkpoint = next((run / "checkpoints").glob("*.ckpt"))

@@ -102,6 +102,32 @@ def _pct(value: Any) -> str:
     return "-" if not isinstance(value, (int, float)) else f"{100 * value:.0f}%"
 
 
+def _scores_blocks(scores_json: Path) -> list[Block]:
+    """WER/BLEU/loss per set from the `scores.json` that `fit` writes, with a few test hypotheses."""
+    if not scores_json.is_file():
+        return []
+    data = read_json(scores_json)
+    rows = [(stage, key, value) for stage in ("validation", "test") for key, value in (data.get(stage) or {}).items()]
+    blocks = [Block("heading", "Scores")]
+    if rows:
+        table = ["| stage | metric | value |", "|---|---|---:|"]
+        table += [f"| {stage} | `{key}` | {_num(value)} |" for stage, key, value in rows]
+        where = f" Test scores are of `{data['test_checkpoint']}`." if data.get("test_checkpoint") else ""
+        blocks.append(Block("markdown", f"After {data.get('global_step', '?')} training steps.{where}\n\n"
+                                        + "\n".join(table)))
+    examples = data.get("test_examples") or []
+    if examples:
+        table = ["| set | reference | hypothesis |", "|---|---|---|"]
+        table += [f"| {e['set_name']} | {_cell(e['reference'])} | {_cell(e['hypothesis'])} |" for e in examples]
+        blocks.append(Block("markdown", "Test examples:\n\n" + "\n".join(table)))
+    return blocks
+
+
+def _cell(text: str) -> str:
+    # The HTML table renderer splits rows on "|", so a pipe inside a hypothesis is shown as a broken bar.
+    return " ".join(text.replace("|", "\u00a6").split()) or "(empty)"
+
+
 def _find_sweep(run_dir: Path, sweep_dir: Path | None) -> Path | None:
     candidates = [sweep_dir] if sweep_dir is not None else [run_dir, run_dir / "sweep"]
     return next((d for d in candidates if (d / "sweep.json").is_file()), None)
@@ -169,6 +195,7 @@ def collect_blocks(run_dir: str | Path, sweep_dir: str | Path | None = None, red
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     blocks = [Block("heading", title or f"Run report: {run.name}", 1),
               Block("markdown", f"Run directory `{run}`, generated {now}.")]
+    blocks += _scores_blocks(run / "scores.json")
     blocks += _redundancy_blocks(Path(redundancy_dir) if redundancy_dir else run / "redundancy")
     blocks += _sweep_blocks(_find_sweep(run, Path(sweep_dir) if sweep_dir else None))
     blocks += _efficiency_blocks(Path(efficiency_json) if efficiency_json else run / "efficiency.json")
