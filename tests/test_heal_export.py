@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lightning_speechllm.healing.cli import main as heal
-from lightning_speechllm.healing.export import CheckpointError, export_checkpoint, load_module, main
+from lightning_speechllm.healing.export import export_checkpoint, main
 from lightning_speechllm.healing.module import HealingModule
+from lightning_speechllm.model.checkpoint import CheckpointError, load_module
 from lightning_speechllm.pruning.plan import PruningPlan
 from tests.test_heal_cli import heal_yaml, tiny_assets
 from tests.test_speechllm import make_batch

@@ -8,6 +8,9 @@ Examples::
         --data.train data_cache/synth/train.jsonl
     python -m lightning_speechllm sweep --print_config > sweep.yaml          # every option is a YAML key
 
+With ``--ckpt_path`` the model is rebuilt from the checkpoint's own settings (``--model.*`` is ignored); the
+checkpoint must hold an unpruned model: a healing checkpoint is refused.
+
 The table (WER/BLEU per set before/after healing, relative deltas vs the unpruned baseline), the fraction chosen by
 the paper's rule and the path of ``report.md`` / ``report.html`` (written into ``--sweep.output_dir``) are printed.
 Rerunning with the same ``--sweep.output_dir`` resumes: finished points are read back, not recomputed.
@@ -33,6 +36,7 @@ from lightning_speechllm.evaluation.sweep import (
     format_markdown,
     run_sweep,
 )
+from lightning_speechllm.model.checkpoint import CheckpointError, load_module
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 
@@ -41,10 +45,14 @@ __all__ = ["SweepArgs", "TrainerArgs", "build_parser", "main", "parse_args", "ru
 
 @dataclass
 class SweepArgs:
-    """Options of the ``sweep`` command besides the groups."""
+    """Options of the ``sweep`` command besides the groups. With --ckpt_path the model is rebuilt from that
+    checkpoint's own model settings (--model.* is ignored; values given differently are logged) and trained weights;
+    it must be the checkpoint of an unpruned model: a healing checkpoint (removed layers) is refused."""
 
     ckpt_path: str | None = None
-    """SpeechLLMModule checkpoint with the trained projector (and LoRA); trainable weights only."""
+    """SpeechLLMModule checkpoint of the unpruned model. The model is then rebuilt from the checkpoint's own model
+    settings (the --model.* options are ignored; the ones given differently are logged) with its trained projector
+    (and LoRA). A checkpoint of a pruned model (a healing checkpoint) is refused."""
     seed: int = 0
     """Seed of the projector initialisation when no checkpoint is given, and of healing."""
     report: bool = True
@@ -73,7 +81,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m lightning_speechllm sweep", description=__doc__.split("\n")[0],
                             print_config="--print_config", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_class_arguments(SweepArgs, as_group=True)
+    parser.add_class_arguments(SweepArgs, as_group=True, help=" ".join(SweepArgs.__doc__.split()))
     parser.add_class_arguments(SweepConfig, "sweep", help="Sweep points, healing, thresholds, output directory.")
     parser.add_class_arguments(SpeechLLMConfig, "model", help="The unpruned SpeechLLM.")
     parser.add_class_arguments(SpeechDataModule, "data",
@@ -93,12 +101,16 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def build_model(model: SpeechLLMConfig, ckpt_path: str | None) -> SpeechLLM:
-    """The SpeechLLM of ``model``, with the trainable weights of ``ckpt_path`` when given."""
-    from lightning_speechllm.redundancy.cli import load_trained_weights
-
-    module = SpeechLLMModule(model=model)
-    if ckpt_path is not None:
-        load_trained_weights(module, ckpt_path)
+    """The unpruned SpeechLLM of ``model``, or, with ``ckpt_path``, the one rebuilt from the checkpoint by
+    :func:`~lightning_speechllm.model.checkpoint.load_module` (its own model settings win over ``model``). A
+    checkpoint whose model has removed layers (a healing checkpoint) is refused: a sweep starts unpruned."""
+    if ckpt_path is None:
+        return SpeechLLMModule(model=model).speechllm
+    try:
+        module = load_module(ckpt_path, requested=model, allow_pruned=False)
+    except CheckpointError as error:
+        raise SweepError(f"--ckpt_path: {error}; a sweep prunes from the unpruned model (e.g. the checkpoint of "
+                         "the `fit` run that trained its projector)") from error
     return module.speechllm
 
 

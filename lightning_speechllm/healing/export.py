@@ -9,6 +9,8 @@ The output directory holds:
 - ``plan.json``: the pruning plan (a ``PruningPlan`` file; a plain record when nothing was removed).
 
 It is written to a temporary sibling directory and renamed into place, so a failed export leaves no partial output.
+The module is rebuilt by :func:`lightning_speechllm.model.checkpoint.load_module` (the loader ``measure`` and
+``sweep`` use too).
 """
 from __future__ import annotations
 
@@ -20,63 +22,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from safetensors.torch import save_file
 
-from lightning_speechllm.config_utils import from_dict
-from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.io_utils import replace_dir
+from lightning_speechllm.model.checkpoint import CheckpointError, load_module
 from lightning_speechllm.model.export import save_pruned_decoder
-from lightning_speechllm.model.module import (
-    DecodingConfig,
-    OptimConfig,
-    SpeechLLMModule,
-)
-from lightning_speechllm.model.speechllm import SpeechLLMConfig
+from lightning_speechllm.model.module import SpeechLLMModule
 
-__all__ = ["CheckpointError", "export_checkpoint", "load_module", "main", "write_export"]
-
-
-class CheckpointError(ValueError):
-    """The checkpoint file cannot be exported (missing, not a SpeechLLM checkpoint, missing keys)."""
-
-
-def _read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"checkpoint {path} is a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
-    for key in ("hyper_parameters", "state_dict"):
-        if key not in checkpoint:
-            raise CheckpointError(f"checkpoint {path} has no {key!r} entry (keys: {sorted(checkpoint)[:8]})")
-    if "model" not in checkpoint["hyper_parameters"]:
-        raise CheckpointError(f"checkpoint {path}: hyper_parameters has no 'model' entry (not a SpeechLLMModule)")
-    return checkpoint
-
-
-def load_module(ckpt_path: str | Path) -> SpeechLLMModule:
-    """Rebuild the module of a checkpoint (a HealingModule when it holds a 'healing' entry, else a
-    SpeechLLMModule) from its hyper-parameters, with the trained weights loaded and the final plan applied."""
-    checkpoint = _read_checkpoint(ckpt_path)
-    hp = checkpoint["hyper_parameters"]
-    model = from_dict(SpeechLLMConfig, dict(hp["model"]))
-    common = {"optim": from_dict(OptimConfig, hp.get("optim")), "decoding": from_dict(DecodingConfig, hp.get("decoding"))}
-    if "healing" in checkpoint:
-        if "healing" not in hp:
-            raise CheckpointError(f"checkpoint {ckpt_path}: a healing checkpoint without 'healing' hyper-parameters")
-        removed = list(checkpoint["healing"]["plan"]["removed_layers"])  # the final plan (iterative rounds too)
-        healing = from_dict(HealingConfig, dict(hp["healing"]))
-        healing.removed_layers, healing.plan_path, healing.teacher_checkpoint = removed, None, None
-        model.removed_layers = removed
-        module: SpeechLLMModule = HealingModule(model=model, healing=healing, **common)
-    else:
-        module = SpeechLLMModule(model=model, **common)
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
+__all__ = ["export_checkpoint", "main", "write_export"]
 
 
 def _plan_json(module: SpeechLLMModule) -> dict[str, Any]:

@@ -8,7 +8,9 @@ Examples::
     python -m lightning_speechllm measure --print_config > measure.yaml
 
 The model (``--model.*``, a :class:`SpeechLLMConfig`) is loaded from local directories or registered offline
-assets; ``--ckpt_path`` adds the trained projector / LoRA of a ``SpeechLLMModule`` checkpoint. Text-only
+assets; with ``--ckpt_path`` it is rebuilt from the checkpoint instead (a ``SpeechLLMModule`` or a healing
+checkpoint: its own model settings win over ``--model.*``, its trained projector / LoRA are loaded, and a healing
+checkpoint's pruned model is measured, so the map covers its remaining layers). Text-only
 measurement needs no trained projector; speech measurement without one measures an untrained projector's input.
 Results (JSON, CSV, PNG per set/modality, speech-vs-text agreement, ``summary.csv``) go to ``--output_dir``
 (default ``<log dir>/redundancy``); a table of the best block per size and the text-vs-speech ρ is printed.
@@ -17,16 +19,16 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import torch
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.model.checkpoint import load_module
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
 from lightning_speechllm.redundancy.analysis import RedundancyResult
@@ -34,17 +36,21 @@ from lightning_speechllm.redundancy.callback import RedundancyCallback
 from lightning_speechllm.redundancy.metrics import TokenSelection
 from lightning_speechllm.redundancy.report import write_summary_csv
 
-__all__ = ["MeasureArgs", "build_parser", "format_summary", "main", "run"]
+__all__ = ["MeasureArgs", "build_module", "build_parser", "format_summary", "main", "run"]
 
 SUMMARY_MAX_BLOCK = 8
 
 
 @dataclass
 class MeasureArgs:
-    """Options of the ``measure`` command (besides ``--model.*`` and ``--data.*``)."""
+    """Options of the ``measure`` command (besides ``--model.*`` and ``--data.*``). With --ckpt_path the model is
+    rebuilt from that checkpoint's own model settings (--model.* is ignored; values given differently are logged)
+    and trained weights; a healing checkpoint's removed layers stay removed: the pruned model is measured."""
 
     ckpt_path: str | None = None
-    """SpeechLLMModule checkpoint with the trained projector / LoRA (trainable weights only)."""
+    """SpeechLLMModule or HealingModule checkpoint. The model is then rebuilt from the checkpoint's own model
+    settings (the --model.* options are ignored; the ones given differently are logged) with its trained projector
+    / LoRA; a healing checkpoint's removed layers stay removed, so the pruned model is measured."""
     token_selection: TokenSelection = "last"
     """Token positions averaged: last (Gromov et al.), all, speech, prompt or target."""
     modalities: list[Literal["speech", "text"]] = field(default_factory=lambda: ["speech", "text"])
@@ -76,7 +82,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m lightning_speechllm measure", description=__doc__.split("\n")[0],
                             print_config="--print_config", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_class_arguments(MeasureArgs, as_group=True)
+    parser.add_class_arguments(MeasureArgs, as_group=True, help=" ".join(MeasureArgs.__doc__.split()))
     parser.add_class_arguments(SpeechLLMConfig, "model", help="The SpeechLLM to measure.")
     parser.add_class_arguments(SpeechDataModule, "data", help="Validation sets (--data.val_sets name: manifest).")
     return parser
@@ -90,23 +96,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[MeasureArgs, SpeechLLMCon
     return args, from_dict(SpeechLLMConfig, values["model"]), dict(values["data"])
 
 
-def load_trained_weights(module: SpeechLLMModule, ckpt_path: str) -> None:
-    """Load a SpeechLLMModule checkpoint's trainable weights (projector, LoRA) into `module`, warning when it was
-    trained with other model settings."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" not in checkpoint:
-        raise KeyError(f"{path} has no 'state_dict': not a Lightning checkpoint")
-    saved = (checkpoint.get("hyper_parameters") or {}).get("model")
-    if isinstance(saved, dict):
-        current = asdict(module.model_config)
-        differing = sorted(k for k in ("llm_path", "encoder_path", "projector", "lora") if saved.get(k) != current[k])
-        if differing:
-            warnings.warn(f"{path} was trained with other model settings for {differing}: "
-                          f"{ {k: saved.get(k) for k in differing} }", stacklevel=2)
-    module.load_state_dict(checkpoint["state_dict"])
+def build_module(args: MeasureArgs, model: SpeechLLMConfig) -> SpeechLLMModule:
+    """The module to measure: built from ``model``, or, with ``--ckpt_path``, rebuilt from the checkpoint by
+    :func:`~lightning_speechllm.model.checkpoint.load_module` (its own model settings, trained weights and, for a
+    healing checkpoint, its pruning plan: the pruned model is measured)."""
+    decoding = DecodingConfig(generate_in_validation=args.decode)
+    if args.ckpt_path is None:
+        return SpeechLLMModule(model=model, decoding=decoding)
+    loaded = load_module(args.ckpt_path, requested=model)
+    return SpeechLLMModule(speechllm=loaded.speechllm, decoding=decoding)
 
 
 def format_summary(results: dict[tuple[str, str], RedundancyResult], agreements: dict[str, dict]) -> str:
@@ -143,8 +141,10 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
     """Build the module, datamodule and trainer, run ``Trainer.validate`` with the callback; return it."""
     if not data.get("val_sets"):
         raise ValueError("--data.val_sets is empty: give at least one name: manifest")
+    L.seed_everything(args.seed, verbose=False)
+    module = build_module(args, model)
     modalities = list(dict.fromkeys(args.modalities))
-    if model.encoder_path is None and "speech" in modalities:
+    if module.speechllm.encoder is None and "speech" in modalities:
         modalities.remove("speech")
         print("measure: the model has no speech encoder, measuring text only", file=sys.stderr)
     if not modalities:
@@ -153,10 +153,6 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
         data["text_only"] = True  # the module's own forward is then the text forward: no audio, no extra pass
     elif "speech" in modalities and args.ckpt_path is None:
         warnings.warn("measuring speech input without --ckpt_path: the projector is untrained", stacklevel=2)
-    L.seed_everything(args.seed, verbose=False)
-    module = SpeechLLMModule(model=model, decoding=DecodingConfig(generate_in_validation=args.decode))
-    if args.ckpt_path is not None:
-        load_trained_weights(module, args.ckpt_path)
     datamodule = SpeechDataModule(**data)
     callback = RedundancyCallback(token_selection=args.token_selection, modalities=modalities, sets=args.sets,
                                   max_batches=args.max_batches, output_dir=args.output_dir, n_boot=args.n_boot)

@@ -1,0 +1,99 @@
+"""One way to rebuild a trained model from a checkpoint, shared by ``measure``, ``sweep`` and ``export``.
+
+A checkpoint of a :class:`~lightning_speechllm.model.module.SpeechLLMModule` (or of a
+:class:`~lightning_speechllm.healing.module.HealingModule`) holds only the trainable weights plus, in its
+hyper-parameters, the model settings (base model paths, projector, LoRA, prompt ...); a healing checkpoint also holds
+its final pruning plan. :func:`load_module` rebuilds the module from those, so the model always matches the weights:
+the checkpoint's settings win over any settings a command was given (the ones it ignores are logged).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
+from lightning_speechllm.model.speechllm import SpeechLLMConfig
+
+__all__ = ["CheckpointError", "ignored_settings", "load_module", "read_checkpoint", "removed_layers_of"]
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be used: missing file, not a SpeechLLM checkpoint, or unfit for the command."""
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of ``ckpt_path`` (on CPU), checked to be a SpeechLLMModule/HealingModule checkpoint."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} is a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
+    for key in ("hyper_parameters", "state_dict"):
+        if key not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} has no {key!r} entry (keys: {sorted(checkpoint)[:8]})")
+    if "model" not in checkpoint["hyper_parameters"]:
+        raise CheckpointError(f"checkpoint {path}: hyper_parameters has no 'model' entry (not a SpeechLLMModule)")
+    if "healing" in checkpoint and "healing" not in checkpoint["hyper_parameters"]:
+        raise CheckpointError(f"checkpoint {path}: a healing checkpoint without 'healing' hyper-parameters")
+    return checkpoint
+
+
+def removed_layers_of(checkpoint: dict[str, Any]) -> list[int]:
+    """The decoder layers the checkpoint's model has removed (original numbering): a healing checkpoint's final
+    plan (iterative rounds included), else the model settings' ``removed_layers``."""
+    if "healing" in checkpoint:
+        return sorted(int(i) for i in checkpoint["healing"]["plan"]["removed_layers"])
+    return sorted(int(i) for i in checkpoint["hyper_parameters"]["model"].get("removed_layers") or [])
+
+
+def ignored_settings(requested: SpeechLLMConfig, saved: SpeechLLMConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (given, checkpoint's)}`` for the model settings a command set away from their defaults to a value
+    other than the checkpoint's (settings left at their defaults are not reported)."""
+    given, theirs, default = asdict(requested), asdict(saved), asdict(SpeechLLMConfig())
+    return {item.name: (given[item.name], theirs[item.name]) for item in fields(SpeechLLMConfig)
+            if given[item.name] != theirs[item.name] and given[item.name] != default[item.name]}
+
+
+def load_module(ckpt_path: str | Path, requested: SpeechLLMConfig | None = None,
+                allow_pruned: bool = True) -> SpeechLLMModule:
+    """Rebuild the module of a checkpoint from its hyper-parameters, trained weights loaded, in eval mode.
+
+    A checkpoint with a 'healing' entry gives a :class:`HealingModule` carrying its final plan (layers masked, LoRA
+    on the receiving layers), any other a :class:`SpeechLLMModule`. ``requested`` is the model configuration the
+    command was given: the checkpoint's settings win, and the ones ``requested`` set differently are logged as
+    ignored. ``allow_pruned=False`` refuses, before loading any weight, a checkpoint whose model has removed layers.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    removed = removed_layers_of(checkpoint)
+    if removed and not allow_pruned:
+        raise CheckpointError(f"checkpoint {ckpt_path} holds a pruned model (removed decoder layers {removed}); "
+                              "give the checkpoint of the unpruned model")
+    hp = checkpoint["hyper_parameters"]
+    model = from_dict(SpeechLLMConfig, dict(hp["model"]))
+    if requested is not None:
+        ignored = ignored_settings(requested, model)
+        if ignored:
+            log.warning("%s: the model is built from the checkpoint's settings; ignoring the given %s", ckpt_path,
+                        "; ".join(f"{k}={given!r} (checkpoint: {theirs!r})" for k, (given, theirs) in ignored.items()))
+    common = {"optim": from_dict(OptimConfig, hp.get("optim")), "decoding": from_dict(DecodingConfig, hp.get("decoding"))}
+    if "healing" in checkpoint:
+        from lightning_speechllm.healing.module import HealingConfig, HealingModule
+
+        healing = from_dict(HealingConfig, dict(hp["healing"]))
+        healing.removed_layers, healing.plan_path, healing.teacher_checkpoint = removed, None, None
+        model.removed_layers = removed
+        module: SpeechLLMModule = HealingModule(model=model, healing=healing, **common)
+    else:
+        module = SpeechLLMModule(model=model, **common)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    log.info("loaded %s: %s, removed decoder layers %s", ckpt_path, type(module).__name__, removed or "none")
+    return module.eval()
