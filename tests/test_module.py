@@ -130,3 +130,112 @@ def test_lhotse_padding_duplicates_are_not_scored(tmp_path):
     expected_words = sum(len(normalize_english(text).split()) for text in hyps[:2])
     assert counts["wer"].item() == 0.0 and counts["reference_words"].item() == expected_words
     assert [h.id for h in model.hypotheses] == ["u0", "u1"]
+
+
+class _MetricKeysAtStart(L.Callback):
+    """Records the module's metric keys when validation starts, before any batch."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def on_validation_start(self, trainer, pl_module):
+        self.keys = sorted(pl_module.eval_metrics)
+
+
+class TaskedSets(NamedSets):
+    """NamedSets that also states the tasks of each set, as SpeechDataModule.eval_set_tasks does."""
+
+    def eval_set_tasks(self, split):
+        return {"clean": ("asr",), "ast-fr": ("ast",)} if split == "val" else {}
+
+
+@pytest.mark.parametrize("datamodule, expected", [
+    (TaskedSets, ["val|ast-fr|ast", "val|clean|asr"]),
+    (NamedSets, ["val|ast-fr|asr", "val|ast-fr|ast", "val|clean|asr", "val|clean|ast"]),  # tasks unknown: both
+])
+def test_eval_metrics_exist_before_the_first_batch_and_unscored_ones_are_not_logged(tmp_path, datamodule, expected):
+    model, keys = module(), _MetricKeysAtStart()
+    trainer(tmp_path, callbacks=[keys], limit_val_batches=1).validate(model, datamodule=datamodule(), verbose=False)
+    assert keys.keys == expected
+    metrics = model.trainer.callback_metrics
+    assert "val/clean/wer" in metrics and "val/ast-fr/bleu" in metrics
+    assert "val/clean/bleu" not in metrics and "val/ast-fr/wer" not in metrics  # created, never updated: not logged
+
+
+def test_speech_datamodule_states_the_tasks_of_each_named_set(tmp_path):
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from lightning_speechllm.data.datamodule import SpeechDataModule
+
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    rows = {"asr": [{"id": "u0", "audio": "a.wav", "text": "hello", "task": "asr"}],
+            "mixed": [{"id": "u1", "audio": "a.wav", "text": "hello", "task": "asr"},
+                      {"id": "u2", "audio": "a.wav", "text": "bonjour", "task": "ast", "translation": "hello",
+                       "src_lang": "fr", "tgt_lang": "en"}]}
+    for name, lines in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data = SpeechDataModule(val_sets={"b": tmp_path / "mixed.jsonl", "a": tmp_path / "asr.jsonl"},
+                            test_sets={"t": tmp_path / "asr.jsonl"})
+    assert data.eval_set_tasks("val") == {"b": ("asr", "ast"), "a": ("asr",)}
+    assert data.eval_set_tasks("test") == {"t": ("asr",)}
+    with pytest.raises(KeyError, match="'train'"):
+        data.eval_set_tasks("train")
+
+
+DDP_EVAL_SCRIPT = """
+import json
+import sys
+import lightning as L
+import torch
+from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
+from tests.tiny_speechllm import tiny_speechllm
+
+torch.set_num_threads(1)
+manifest, out = sys.argv[1], sys.argv[2]
+module = SpeechLLMModule(decoding=DecodingConfig(max_new_tokens=3), speechllm=tiny_speechllm(seed=0))
+# max_cuts=1: batch k goes to rank k % 2, so rank 0 scores u0, u2 (ASR) and rank 1 scores u1 (AST), u3 (ASR).
+data = SpeechDataModule(val_sets={"mixed": manifest}, max_cuts=1, text_only=True)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+trainer.validate(module, datamodule=data, verbose=False)
+scored = sorted({h.task for h in module.hypotheses})
+metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("/wer", "/bleu"))}
+with open(f"{out}.{trainer.global_rank}", "w") as stream:
+    json.dump({"tasks": scored, "metrics": metrics}, stream)
+"""
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_validation_logs_bleu_although_one_shard_has_no_ast(tmp_path):
+    """Rank 0's shard holds no AST utterance, so lazily created metrics would differ per rank and the BLEU sync
+    would hang or mismatch; pre-created metrics give every rank the same collectives and the same BLEU."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    rows = [{"id": "u0", "audio": "a.wav", "text": "the cat sat on the mat", "task": "asr"},
+            {"id": "u1", "audio": "a.wav", "text": "le chat", "task": "ast", "translation": "the cat",
+             "src_lang": "fr", "tgt_lang": "en"},
+            {"id": "u2", "audio": "a.wav", "text": "one two three", "task": "asr"},
+            {"id": "u3", "audio": "a.wav", "text": "hello world", "task": "asr"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = tmp_path / "eval_ddp.py"
+    script.write_text(DDP_EVAL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "mixed.jsonl"), str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    assert ranks[0]["tasks"] == ["asr"] and ranks[1]["tasks"] == ["asr", "ast"]
+    assert set(ranks[0]["metrics"]) == {"val/mixed/wer", "val/mixed/bleu"}
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]

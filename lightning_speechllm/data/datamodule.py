@@ -40,6 +40,8 @@ from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.data.dataset import SpeechDataset
 from lightning_speechllm.data.manifest import (
     DEFAULT_MAX_AUDIO_SECONDS,
+    TASKS,
+    cut_fields,
     detect_manifest_format,
     open_shar,
     read_manifests,
@@ -251,6 +253,21 @@ class SpeechDataModule(L.LightningDataModule):
         if name not in sets:
             raise KeyError(f"unknown {split} set {name!r}; known: {list(sets)}")
         return self._read(sets[name])
+
+    def eval_set_tasks(self, split: str) -> dict[str, tuple[str, ...]]:
+        """The tasks (``"asr"``, ``"ast"``) of each named ``"val"``/``"test"`` set, in name order, from the whole set
+        (not a rank's shard), so every DDP rank gets the same answer. JSONL / CutSet manifests are read (and cached)
+        anyway; a streamed Shar set is not read here and is taken to hold every task."""
+        sets = {"val": self.val_sets, "test": self.test_sets}.get(split)
+        if sets is None:
+            raise KeyError(f"unknown split {split!r}; expected 'val' or 'test'")
+        tasks: dict[str, tuple[str, ...]] = {}
+        for name, path in sets.items():
+            if detect_manifest_format(path) == "shar":
+                tasks[name] = TASKS
+            else:
+                tasks[name] = tuple(sorted({cut_fields(cut)["task"] for cut in self._read(path)}))
+        return tasks
 
     # ------------------------------------------------------------------ dataloaders
     def _dataset(self, text_only: bool, source: PathLike, streamed: bool) -> SpeechDataset:

@@ -6,19 +6,24 @@ never a second copy of the frozen decoder.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics.aggregation import SumMetric
 
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.batch import SpeechBatch, is_padding_duplicate
+from lightning_speechllm.data.manifest import TASKS
 from lightning_speechllm.evaluation import WordErrorCounts, corpus_bleu_metric
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 
 STATE_PREFIX = "speechllm."
+EVAL_SPLITS = {"fit": ("val",), "validate": ("val",), "test": ("test",)}
+"""Trainer stage -> the metric stages whose sets it evaluates."""
 
 
 @dataclass
@@ -91,6 +96,7 @@ class SpeechLLMModule(L.LightningModule):
         self.speechllm = speechllm or SpeechLLM.from_config(self.model_config)
         self.strict_loading = False  # checkpoints hold only the trainable weights; load_state_dict checks them
         self.eval_metrics = nn.ModuleDict()
+        self.eval_counts = nn.ModuleDict()  # per metric key: utterances scored, summed across ranks
         self.hypotheses: list[Hypothesis] = []
         self.empty_batches = 0
 
@@ -144,6 +150,7 @@ class SpeechLLMModule(L.LightningModule):
         for task in sorted(set(batch.tasks)):
             rows = [i for i, t in enumerate(batch.tasks) if t == task]
             metric = self._metric(stage, set_name, task)
+            self.eval_counts[f"{stage}|{set_name}|{task}"].update(float(len(rows)))
             if task == "asr":
                 metric.update([hyps[i] for i in rows], [batch.texts[i] for i in rows])
             else:
@@ -152,11 +159,38 @@ class SpeechLLMModule(L.LightningModule):
                                for uid, task, ref, hyp in zip(batch.ids, batch.tasks, batch.texts, hyps))
 
     def _metric(self, stage: str, set_name: str, task: str) -> nn.Module:
+        """The metric of (stage, set, task); created here only when :meth:`setup` could not create it up front."""
         key = f"{stage}|{set_name}|{task}"
         if key not in self.eval_metrics:
-            metric = WordErrorCounts() if task == "asr" else corpus_bleu_metric()
-            self.eval_metrics[key] = metric.to(self.device)
+            self._create_metric(key, task)
         return self.eval_metrics[key]
+
+    def _create_metric(self, key: str, task: str) -> None:
+        metric = WordErrorCounts() if task == "asr" else corpus_bleu_metric()
+        self.eval_metrics[key] = metric.to(self.device)
+        self.eval_counts[key] = SumMetric().to(self.device)
+
+    def setup(self, stage: str) -> None:
+        """Create every (stage, set, task) metric of the datamodule's named sets before the first batch, so that all
+        DDP ranks compute (and sync) the same metrics in the same order, whatever utterances their shards hold."""
+        for split in EVAL_SPLITS.get(stage, ()):
+            for set_name, tasks in self.expected_eval_tasks(split).items():
+                for task in tasks:
+                    key = f"{split}|{set_name}|{task}"
+                    if key not in self.eval_metrics:
+                        self._create_metric(key, task)
+
+    def expected_eval_tasks(self, split: str) -> dict[str, tuple[str, ...]]:
+        """{set name: tasks} of the datamodule's ``split`` ('val'/'test') sets: from its ``eval_set_tasks`` when it
+        has one, else every task for each name in ``<split>_set_names``; empty without a datamodule (the metrics are
+        then created lazily, which is safe on one process only)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return {}
+        eval_set_tasks = getattr(datamodule, "eval_set_tasks", None)
+        if callable(eval_set_tasks):
+            return {name: tuple(tasks) for name, tasks in eval_set_tasks(split).items()}
+        return {name: TASKS for name in getattr(datamodule, f"{split}_set_names", None) or []}
 
     def on_validation_epoch_start(self) -> None:
         self.hypotheses = []
@@ -171,18 +205,27 @@ class SpeechLLMModule(L.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, stage: str) -> None:
-        for key, metric in sorted(self.eval_metrics.items()):  # the same collective order on every rank
+        """Compute every metric of ``stage`` on every rank (same keys, same order: the same collectives), and log
+        those that scored at least one utterance on some rank (a count summed across ranks)."""
+        for key, metric in sorted(self.eval_metrics.items()):
             metric_stage, set_name, task = key.split("|")
-            if metric_stage != stage or not metric.update_called:
+            if metric_stage != stage:
+                continue
+            counter = self.eval_counts[key]
+            with warnings.catch_warnings():  # a rank whose shard had none of this set/task still joins the sync
+                warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+                scored = int(counter.compute())
+                value = metric.compute()
+            counter.reset()
+            metric.reset()
+            if scored == 0:
                 continue
             if task == "asr":
-                counts = metric.compute()
-                self.log(f"{stage}/{set_name}/wer", 100 * counts["wer"], add_dataloader_idx=False)
+                self.log(f"{stage}/{set_name}/wer", 100 * value["wer"], add_dataloader_idx=False)
                 for part in ("substitutions", "deletions", "insertions"):
-                    self.log(f"{stage}/{set_name}/{part}", counts[part].float(), add_dataloader_idx=False)
+                    self.log(f"{stage}/{set_name}/{part}", value[part].float(), add_dataloader_idx=False)
             else:
-                self.log(f"{stage}/{set_name}/bleu", 100 * metric.compute(), add_dataloader_idx=False)
-            metric.reset()
+                self.log(f"{stage}/{set_name}/bleu", 100 * value, add_dataloader_idx=False)
 
     def set_name(self, stage: str, dataloader_idx: int) -> str:
         """The validation/test set name the datamodule gave this dataloader (or '<stage><idx>')."""
