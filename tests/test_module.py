@@ -233,7 +233,7 @@ def test_two_rank_ddp_validation_logs_bleu_although_one_shard_has_no_ast(tmp_pat
     script.write_text(DDP_EVAL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "mixed.jsonl"), str(tmp_path / "out")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
     assert ranks[0]["tasks"] == ["asr"] and ranks[1]["tasks"] == ["asr", "ast"]

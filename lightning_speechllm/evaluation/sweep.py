@@ -390,7 +390,7 @@ class _Snapshot:
     had_input_grad_hooks: bool
 
     @classmethod
-    def take(cls, speechllm: SpeechLLM) -> "_Snapshot":
+    def take(cls, speechllm: SpeechLLM) -> _Snapshot:
         return cls(config=copy.deepcopy(speechllm.config), trainable=speechllm.trainable_state_dict(),
                    requires_grad=[(p, p.requires_grad) for p in speechllm.parameters()],
                    modes=[(m, m.training) for m in speechllm.modules()],
