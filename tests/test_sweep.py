@@ -250,3 +250,25 @@ def test_cli_reports_bad_options_with_exit_code_2(tmp_path, capsys):
     assert sweep_cli.main(["--sweep.method", "angular", "--sweep.ns", "[1]", "--data.val_sets", "{a: a.jsonl}",
                            "--sweep.output_dir", str(tmp_path)]) == 2
     assert "needs map_path" in capsys.readouterr().err
+
+
+def test_healed_sweep_of_a_lora_tuned_model_merges_its_adapters_first(tmp_path):
+    from lightning_speechllm.model.speechllm import LoraConfig
+    from tests.test_speechllm import make_batch
+
+    lora = LoraConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = tiny_speechllm(lora=lora).eval()
+    with torch.no_grad():  # non-zero B, so the adapters change the output
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    batch = make_batch()
+    with torch.no_grad():
+        tuned = model(batch)[1].logits
+    spy = CountingEvaluator()
+    config = SweepConfig(method="last", ns=[1], heal=True, heal_steps=1, heal_lora_r=2, heal_lora_alpha=2,
+                         output_dir=str(tmp_path))
+    run_sweep(model, NamedSets(n_train=1), config, trainer_kwargs=TRAINER, evaluate_fn=spy)
+    assert not model.has_lora and model.config.lora is None
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch)[1].logits, tuned, atol=1e-5, rtol=1e-5)

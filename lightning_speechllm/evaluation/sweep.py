@@ -479,7 +479,8 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
               evaluate_fn: Callable[..., Scores] | None = None) -> tuple[SweepTable, SweepPoint | None]:
     """Baseline, then every point (plan -> mask -> score -> optional heal -> score -> reset); resumable.
 
-    ``speechllm`` must be unpruned on entry (its mask is reset between points). Returns the table and the point
+    ``speechllm`` must be unpruned on entry (its mask is reset between points); with ``config.heal``, a LoRA-tuned
+    model's adapters are merged into its decoder weights first, in place (the signature hashes them before). Returns the table and the point
     the stopping rule chooses; writes the points, ``sweep.{csv,md,json,png}`` under ``config.output_dir``.
     """
     config.check()
@@ -490,6 +491,9 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
         raise SweepError(f"the model already masks layers {list(mask.removed_layers)}; a sweep starts unpruned")
     num_layers = mask.num_layers
     signature = _signature(config, speechllm, decoding)
+    if config.heal and speechllm.has_lora:
+        log.info("sweep: merging the model's LoRA adapters into its decoder weights (healing adds its own)")
+        speechllm.merge_lora()
     result = RedundancyResult.from_json(config.map_path) if config.method != "last" else None
     model_id = getattr(speechllm.config, "llm_path", None)
 

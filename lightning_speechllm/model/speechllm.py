@@ -140,6 +140,16 @@ class SpeechLLM(nn.Module):
     def has_lora(self) -> bool:
         return hasattr(self.llm, "peft_config")
 
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the decoder weights (PEFT ``merge_and_unload``), in place: the decoder is then
+        adapter-free and frozen again, and ``config.lora`` is None."""
+        if not self.has_lora:
+            raise ValueError("this SpeechLLM has no LoRA adapters to merge")
+        with self.layer_mask.active(range(self.layer_mask.num_layers)):
+            self.llm = self.llm.merge_and_unload()
+        self.config.lora = None
+        self._apply_trainability()
+
     def train(self, mode: bool = True) -> "SpeechLLM":
         super().train(mode)
         # Frozen parts stay in eval mode (no dropout), as in SLAM-style training.
