@@ -61,6 +61,12 @@ class SpeechLLMCLI(LightningCLI):
         markdown, page = write_report(run_dir, title="lightning_speechllm fit")
         checkpoints = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else run_dir
         print(f"report: {markdown} and {page}; checkpoints in {checkpoints}")
+        maps = sorted(run_dir.glob("redundancy/*/speech/epoch=*.json"), key=lambda p: p.stat().st_mtime)
+        checkpoint = self._best_checkpoint()
+        if maps and checkpoint:
+            print("prune and heal this model along its speech map (configs/sweep/default.yaml fits the default run):\n"
+                  f"  python -m lightning_speechllm sweep --config configs/sweep/default.yaml --ckpt_path {checkpoint} "
+                  f"--sweep.map_path '{maps[-1]}'")
 
     def _best_checkpoint(self) -> str | None:
         callback = self.trainer.checkpoint_callback

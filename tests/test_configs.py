@@ -35,7 +35,7 @@ LIGHTNING_COMMANDS = {
 }
 # configs/<folder>/ -> the command that reads its files (configs/default.yaml belongs to the integrator)
 FOLDER_COMMAND = {"asr": "fit", "ast": "fit", "heal": "heal", "measure": "measure", "prune": "prune",
-                  "trainer": "fit"}
+                  "sweep": "sweep", "trainer": "fit"}
 FIT_CONFIGS = sorted((CONFIGS / "asr").glob("*.yaml")) + sorted((CONFIGS / "ast").glob("*.yaml"))
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 PLACEHOLDER = "/path/to/"
@@ -321,6 +321,18 @@ def test_prune_config_parses_and_points_at_a_measured_map():
     assert args.method == "angular" and args.map.endswith(".json")
     assert (args.n is None) != (args.fraction is None)
     assert args.llm_path.startswith(PLACEHOLDER) and args.out and args.export
+
+
+def test_default_sweep_config_parses_and_scores_what_the_default_fit_validates():
+    from lightning_speechllm.evaluation.sweep_cli import parse_args
+
+    parsed = parse_args(["--config", str(CONFIGS / "sweep" / "default.yaml")])
+    sweep, fit = parsed["sweep"], yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert sweep.method == "angular" and sweep.heal and sweep.sets == ["dev"] and sweep.stage == "validate"
+    assert (sweep.max_rel_wer_increase, sweep.max_rel_bleu_drop) == (0.25, 0.10)  # the paper's rule
+    for key in ("train", "val_sets", "max_audio_seconds"):
+        assert parsed["data"][key] == fit["data"][key], key
+    assert parsed["decoding"].max_new_tokens == fit["model"]["decoding"]["max_new_tokens"]
 
 
 # ------------------------------------------------------------------------------------------------ SLURM scripts
