@@ -272,3 +272,12 @@ def test_healed_sweep_of_a_lora_tuned_model_merges_its_adapters_first(tmp_path):
     assert not model.has_lora and model.config.lora is None
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(batch)[1].logits, tuned, atol=1e-5, rtol=1e-5)
+
+
+def test_sweep_trainers_keep_lightnings_banner_out_of_the_log(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        sweep_mod._trainer({"accelerator": "cpu"}, max_steps=1)
+    assert not [r for r in caplog.records if "GPU available" in r.getMessage()]
+    assert logging.getLogger("lightning.pytorch.utilities.rank_zero").level == logging.NOTSET  # restored

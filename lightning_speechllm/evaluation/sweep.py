@@ -312,7 +312,14 @@ def choose_fraction(table: SweepTable, thresholds: Thresholds = Thresholds()) ->
 def _trainer(trainer_kwargs: dict[str, Any] | None, **overrides: Any) -> L.Trainer:
     defaults = dict(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
                     enable_model_summary=False, enable_checkpointing=False)
-    return L.Trainer(**{**defaults, **(trainer_kwargs or {}), **overrides})
+    # A sweep builds a trainer per evaluation and per healing: keep Lightning's accelerator banner and tips out.
+    banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = banner.level
+    banner.setLevel(logging.WARNING)
+    try:
+        return L.Trainer(**{**defaults, **(trainer_kwargs or {}), **overrides})
+    finally:
+        banner.setLevel(level)
 
 
 def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str = "validate",
