@@ -61,6 +61,10 @@ class SpeechLLMCLI(LightningCLI):
         markdown, page = write_report(run_dir, title="lightning_speechllm fit")
         checkpoints = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else run_dir
         print(f"report: {markdown} and {page}; checkpoints in {checkpoints}")
+        self._print_sweep_command(run_dir)
+
+    def _print_sweep_command(self, run_dir: Path) -> None:
+        """The next step: the `sweep` of this run's best checkpoint along its latest speech map."""
         maps = sorted(run_dir.glob("redundancy/*/speech/epoch=*.json"), key=lambda p: p.stat().st_mtime)
         checkpoint = self._best_checkpoint()
         if maps and checkpoint:

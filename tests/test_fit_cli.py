@@ -28,6 +28,8 @@ def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path,
     assert cli.fit([*fit_args(assets, tmp_path / "run", max_steps=2), *test_args]) == 0
     out = capsys.readouterr().out
     assert "last validation:" in out and '"val/dev/wer"' in out and '"test/heldout/wer"' in out
+    assert "python -m lightning_speechllm sweep --config configs/sweep/default.yaml --ckpt_path" in out
+    assert "redundancy/dev/speech/epoch=0.json" in out
     run = tmp_path / "run" / "lightning_logs" / "version_0"
     scores = json.loads((run / "scores.json").read_text())
     assert scores["global_step"] == 2 and scores["test_checkpoint"].endswith(".ckpt")
