@@ -16,7 +16,7 @@ from lightning_speechllm.redundancy import (
 
 P, S, G, X = Segment.PROMPT, Segment.SPEECH, Segment.TARGET, Segment.PAD
 NUM_LAYERS = 5
-MODES = ["last", "all", "speech", "prompt", "target"]
+MODES = ["last", "last_prompt", "all", "speech", "prompt", "target"]
 
 
 def _segments() -> torch.Tensor:
@@ -94,6 +94,18 @@ def test_select_tokens_modes_with_left_padding():
 def test_select_tokens_last_with_right_padding_and_empty_rows():
     segments = torch.tensor([[P, S, G, X], [X, X, X, X]])
     assert select_tokens(segments, "last").tolist() == [[False, False, True, False], [False] * 4]
+
+
+def test_select_tokens_last_prompt_is_the_position_that_predicts_the_first_target_token():
+    segments = torch.tensor([
+        [P, S, S, P, P, G, G],  # prefix, speech, suffix, target: the suffix's last token
+        [X, X, P, S, P, G, G],
+        [X, X, X, P, S, S, P],  # a generation prompt (no target): its last token
+        [X, X, X, X, S, S, G],  # no prompt at all: nothing
+    ])
+    picked = select_tokens(segments, "last_prompt")
+    assert picked.nonzero().tolist() == [[0, 4], [1, 4], [2, 6]]
+    assert select_tokens(segments, "last").nonzero().tolist() == [[0, 6], [1, 6], [2, 6], [3, 6]]
 
 
 def test_select_tokens_rejects_bad_input():

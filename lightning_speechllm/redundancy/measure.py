@@ -23,7 +23,7 @@ class RedundancyAccumulator(nn.Module):
         super().__init__()
         self.token_selection = token_selection
         # ShortGPT's Block Influence is an expectation over all tokens; a segment selection narrows both measures.
-        self.bi_token_selection: TokenSelection = "all" if token_selection == "last" else token_selection
+        self.bi_token_selection: TokenSelection = "all" if token_selection in ("last", "last_prompt") else token_selection
         self.angular = AngularDistanceMetric(num_layers, keep_per_sample=keep_per_sample, compute_dtype=compute_dtype)
         self.influence = BlockInfluenceMetric(num_layers, compute_dtype=compute_dtype)
 

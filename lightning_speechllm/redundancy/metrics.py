@@ -24,7 +24,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_speechllm.model.segments import Segment
 
-TokenSelection = Literal["last", "all", "speech", "prompt", "target"]
+TokenSelection = Literal["last", "last_prompt", "all", "speech", "prompt", "target"]
 Reduction = Literal["token", "utterance"]
 StatesLike = Union[Sequence[Tensor], Tensor]
 
@@ -36,8 +36,11 @@ def select_tokens(segment_ids: Tensor, mode: TokenSelection) -> Tensor:
     """Boolean mask ``[B, T]`` of the token positions a redundancy metric averages over.
 
     ``last``: the last non-PAD position of each sequence (Gromov et al.), whatever its segment — with
-    teacher-forced targets in the batch that is the target's end token; ``all``: every non-PAD position;
-    ``speech`` / ``prompt`` / ``target``: the positions of that :class:`Segment`. PAD is never selected.
+    teacher-forced targets in the batch that is the target's end token; ``last_prompt``: the last PROMPT position,
+    the one that predicts the first target token (where generation starts): its state has read the speech (or, in
+    text mode, the transcript) but no target token, so speech and text maps compared there differ only by the input
+    modality; ``all``: every non-PAD position; ``speech`` / ``prompt`` / ``target``: the positions of that
+    :class:`Segment`. PAD is never selected.
     """
     if segment_ids.dim() != 2:
         raise ValueError(f"segment_ids must be [B, T], got shape {tuple(segment_ids.shape)}")
@@ -46,11 +49,11 @@ def select_tokens(segment_ids: Tensor, mode: TokenSelection) -> Tensor:
     valid = segment_ids != Segment.PAD
     if mode == "all":
         return valid
-    if mode == "last":
+    if mode in ("last", "last_prompt"):
+        candidates = valid if mode == "last" else segment_ids == Segment.PROMPT
         positions = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-        last = torch.where(valid, positions, -1).amax(dim=1)
-        mask = positions == last.unsqueeze(1)
-        return mask & valid
+        last = torch.where(candidates, positions, -1).amax(dim=1)
+        return (positions == last.unsqueeze(1)) & candidates
     if mode in _SEGMENT_OF_MODE:
         return segment_ids == _SEGMENT_OF_MODE[mode]
     raise ValueError(f"unknown token selection mode {mode!r}; expected one of {TOKEN_SELECTIONS}")
