@@ -487,8 +487,9 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     """Baseline, then every point (plan -> mask -> score -> optional heal -> score -> reset); resumable.
 
     ``speechllm`` must be unpruned on entry (its mask is reset between points); with ``config.heal``, a LoRA-tuned
-    model's adapters are merged into its decoder weights first, in place (the signature hashes them before). Returns the table and the point
-    the stopping rule chooses; writes the points, ``sweep.{csv,md,json,png}`` under ``config.output_dir``.
+    model's adapters are merged into its decoder weights first, in place (the signature hashes them before). Returns
+    the table and the point the stopping rule chooses; writes the points, ``sweep.{csv,md,json,png}`` under
+    ``config.output_dir``.
     """
     config.check()
     score = evaluate_fn or evaluate

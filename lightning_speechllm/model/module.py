@@ -149,8 +149,8 @@ class SpeechLLMModule(L.LightningModule):
         batch, hyps = batch.subset(scored), [hyps[i] for i in scored]
         for task in sorted(set(batch.tasks)):
             rows = [i for i, t in enumerate(batch.tasks) if t == task]
-            metric = self._metric(stage, set_name, task)
-            self.eval_counts[f"{stage}|{set_name}|{task}"].update(float(len(rows)))
+            metric, counter = self._metric(stage, set_name, task)
+            counter.update(float(len(rows)))
             if task == "asr":
                 metric.update([hyps[i] for i in rows], [batch.texts[i] for i in rows])
             else:
@@ -158,17 +158,15 @@ class SpeechLLMModule(L.LightningModule):
         self.hypotheses.extend(Hypothesis(set_name, uid, task, ref, hyp)
                                for uid, task, ref, hyp in zip(batch.ids, batch.tasks, batch.texts, hyps))
 
-    def _metric(self, stage: str, set_name: str, task: str) -> nn.Module:
-        """The metric of (stage, set, task); created here only when :meth:`setup` could not create it up front."""
+    def _metric(self, stage: str, set_name: str, task: str) -> tuple[nn.Module, SumMetric]:
+        """The metric of (stage, set, task) and its utterance counter; created here only when :meth:`setup` could
+        not create them up front."""
         key = f"{stage}|{set_name}|{task}"
         if key not in self.eval_metrics:
-            self._create_metric(key, task)
-        return self.eval_metrics[key]
-
-    def _create_metric(self, key: str, task: str) -> None:
-        metric = WordErrorCounts() if task == "asr" else corpus_bleu_metric()
-        self.eval_metrics[key] = metric.to(self.device)
-        self.eval_counts[key] = SumMetric().to(self.device)
+            metric = WordErrorCounts() if task == "asr" else corpus_bleu_metric()
+            self.eval_metrics[key] = metric.to(self.device)
+            self.eval_counts[key] = SumMetric().to(self.device)
+        return self.eval_metrics[key], self.eval_counts[key]
 
     def setup(self, stage: str) -> None:
         """Create every (stage, set, task) metric of the datamodule's named sets before the first batch, so that all
@@ -176,9 +174,7 @@ class SpeechLLMModule(L.LightningModule):
         for split in EVAL_SPLITS.get(stage, ()):
             for set_name, tasks in self.expected_eval_tasks(split).items():
                 for task in tasks:
-                    key = f"{split}|{set_name}|{task}"
-                    if key not in self.eval_metrics:
-                        self._create_metric(key, task)
+                    self._metric(split, set_name, task)
 
     def expected_eval_tasks(self, split: str) -> dict[str, tuple[str, ...]]:
         """{set name: tasks} of the datamodule's ``split`` ('val'/'test') sets: from its ``eval_set_tasks`` when it

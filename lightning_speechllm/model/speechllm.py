@@ -221,7 +221,7 @@ class SpeechLLM(nn.Module):
         window = target_window(inputs.labels)
         output = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                           position_ids=inputs.position_ids, use_cache=False, logits_to_keep=window, **llm_kwargs)
-        labels = inputs.labels[:, -window:] if inputs.labels is not None and window else inputs.labels
+        labels = inputs.labels[:, -window:] if window else None  # window is 0 only without targets
         return target_cross_entropy(output.logits, labels), output, inputs
 
     @torch.no_grad()

@@ -52,7 +52,8 @@ class MeasureArgs:
     settings (the --model.* options are ignored; the ones given differently are logged) with its trained projector
     / LoRA; a healing checkpoint's removed layers stay removed, so the pruned model is measured."""
     token_selection: TokenSelection = "last"
-    """Token positions averaged: last (Gromov et al.), all, speech, prompt or target."""
+    """Token positions averaged: last (Gromov et al.), last_prompt (where generation starts), all, speech, prompt
+    or target."""
     modalities: list[Literal["speech", "text"]] = field(default_factory=lambda: ["speech", "text"])
     """Measure the speech input, the text-only input (transcripts), or both (then also their agreement)."""
     sets: list[str] | None = None
