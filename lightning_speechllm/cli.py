@@ -21,19 +21,19 @@ TRAINER_DEFAULTS = {
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 DEFAULT_CORPUS = Path("data_cache/synth")
+REAL_SPEECH_CORPUS = Path("data_cache/asterisk")
 
 
 class SpeechLLMCLI(LightningCLI):
-    """LightningCLI bound to SpeechLLMModule + SpeechDataModule; synthesizes the default corpus when it is used."""
+    """LightningCLI bound to SpeechLLMModule + SpeechDataModule; prepares the default corpora when they are used."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
-        manifests = [config.data.train, *(config.data.val_sets or {}).values(), *(config.data.test_sets or {}).values()]
-        if any(m and Path(str(m)).parent == DEFAULT_CORPUS and not Path(str(m)).exists() for m in manifests):
-            from lightning_speechllm.data.synth import synthesize_corpus
-
-            print(f"synthesizing the default espeak-ng corpus into {DEFAULT_CORPUS}/ (once, about 2 minutes)")
-            synthesize_corpus(DEFAULT_CORPUS)
+        _prepare_default_corpora(config.data)
+        trainer = config.trainer
+        if self.subcommand == "fit" and trainer.val_check_interval is None and trainer.check_val_every_n_epoch is None \
+                and (trainer.max_steps or -1) > 0:
+            trainer.val_check_interval = trainer.max_steps  # validate (and checkpoint) once, at the last step
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
@@ -84,16 +84,53 @@ class SpeechLLMCLI(LightningCLI):
         return _scores(self.trainer.callback_metrics, "test/")
 
 
+def _prepare_default_corpora(data) -> None:
+    """Synthesize the espeak-ng corpus, and convert the Asterisk real recordings, when a config reads them and they
+    are missing. Without Debian's Asterisk packages the real-speech sets are dropped, with a printed note."""
+    train = data.train if isinstance(data.train, list) else [data.train]
+    manifests = [*train, *(data.val_sets or {}).values(), *(data.test_sets or {}).values()]
+    missing = {Path(str(m)).parent for m in manifests if m and not Path(str(m)).exists()}
+    if DEFAULT_CORPUS in missing:
+        from lightning_speechllm.data.synth import synthesize_corpus
+
+        print(f"synthesizing the default espeak-ng corpus into {DEFAULT_CORPUS}/ (once, about 2 minutes)")
+        synthesize_corpus(DEFAULT_CORPUS)
+    if REAL_SPEECH_CORPUS in missing:
+        from lightning_speechllm.data.prepare import ASTERISK_PACKAGES, prepare_asterisk
+
+        try:
+            prepare_asterisk(REAL_SPEECH_CORPUS)
+        except FileNotFoundError as missing_packages:
+            for kind in ("val_sets", "test_sets"):
+                sets = getattr(data, kind) or {}
+                dropped = [name for name, path in sets.items() if Path(str(path)).parent == REAL_SPEECH_CORPUS]
+                for name in dropped:
+                    del sets[name]
+                    print(f"note: data.{kind}.{name} (real recorded speech) is skipped: {missing_packages}. "
+                          f"Install Debian's {ASTERISK_PACKAGES} to score it.")
+
+
 def _scores(metrics: dict, prefix: str) -> dict[str, float]:
     """Per-set scores (`<stage>/<set>/<metric>`) from Lightning's callback metrics, rounded for printing."""
     return {k: round(float(v), 4) for k, v in sorted(metrics.items()) if k.startswith(prefix) and k.count("/") == 2}
 
 
+def with_embedded_default(subcommand: str, argv: list[str]) -> list[str]:
+    """`fit` without a `--config` starts from configs/default.yaml (the embedded default), so options on the command
+    line override it (`fit --trainer.max_steps 1000` trains the default longer); any `--config` replaces it."""
+    if subcommand != "fit" or not DEFAULT_CONFIG.is_file() or _names_a_config(argv):
+        return argv
+    return ["--config", str(DEFAULT_CONFIG), *argv]
+
+
+def _names_a_config(argv: list[str]) -> bool:
+    return any(arg in ("--config", "-c") or arg.startswith("--config=") for arg in argv)
+
+
 def run(subcommand: str, argv: list[str]) -> int:
-    """Run a LightningCLI subcommand; with no options at all, `fit` uses configs/default.yaml (the embedded default)."""
+    """Run a LightningCLI subcommand (`fit` starts from the embedded default unless a `--config` is given)."""
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-    if not argv and subcommand == "fit" and DEFAULT_CONFIG.is_file():
-        argv = ["--config", str(DEFAULT_CONFIG)]
+    argv = with_embedded_default(subcommand, argv)
     SpeechLLMCLI(
         SpeechLLMModule, SpeechDataModule, args=[subcommand, *argv], trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True}, seed_everything_default=0, auto_configure_optimizers=False,

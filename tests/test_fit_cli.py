@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import torch
+import yaml
 
 from lightning_speechllm import cli
 from tests.tiny_speechllm import save_tiny_assets
@@ -12,7 +13,10 @@ TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brow
 
 
 def fit_args(assets: dict, root, max_steps: int) -> list[str]:
-    return ["--model.model.llm_path", str(assets["llm"]), "--model.model.encoder_path", str(assets["whisper"]),
+    """Options of a tiny run; its own --config replaces the embedded default."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "fit.yaml").write_text("seed_everything: 0\n")
+    return ["--config", str(root / "fit.yaml"), "--model.model.llm_path", str(assets["llm"]), "--model.model.encoder_path", str(assets["whisper"]),
             "--model.model.projector.hidden_dim", "16", "--model.model.projector.downsample", "2",
             "--model.decoding.max_new_tokens", "3", "--data.train", str(assets["manifest"]),
             "--data.val_sets", f"{{dev: {assets['manifest']}}}", "--data.max_duration", "2",
@@ -44,3 +48,19 @@ def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path,
     assert cli.fit([*fit_args(assets, tmp_path / "run", max_steps=4), "--ckpt_path", str(checkpoint)]) == 0
     resumed = next((tmp_path / "run" / "lightning_logs" / "version_1" / "checkpoints").glob("*.ckpt"))
     assert torch.load(resumed, weights_only=False)["global_step"] == 4
+
+
+def test_options_override_the_embedded_default_and_a_config_replaces_it(capsys):
+    assert cli.with_embedded_default("fit", ["--trainer.max_steps", "1000"]) == [
+        "--config", str(cli.DEFAULT_CONFIG), "--trainer.max_steps", "1000"]
+    assert cli.with_embedded_default("fit", ["--config=my.yaml"]) == ["--config=my.yaml"]
+    assert cli.with_embedded_default("test", ["--ckpt_path", "x.ckpt"]) == ["--ckpt_path", "x.ckpt"]
+    try:
+        cli.fit(["--trainer.max_steps", "1000", "--print_config"])
+    except SystemExit as stop:
+        assert stop.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    default = yaml.safe_load(cli.DEFAULT_CONFIG.read_text())
+    assert config["trainer"]["max_steps"] == 1000
+    assert config["data"]["train"] == default["data"]["train"]
+    assert config["model"]["model"]["llm_path"] == default["model"]["model"]["llm_path"]

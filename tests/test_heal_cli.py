@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.healing.cli import main
+from lightning_speechllm.healing.losses import HealingInputs, HealingLoss
 from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig
 from lightning_speechllm.model.projector import ProjectorConfig
@@ -81,6 +82,44 @@ def test_heal_from_yaml_then_resume_from_last(assets, tmp_path):
     with pytest.raises(ValueError, match="on_nan must be one of"):
         main(["--config", str(config), "--model.healing.on_nan", "maybe"])
     assert main(["--config", str(config), "--trainer.max_steps", "many"]) == 2  # jsonargparse error: exit code 2
+
+
+class TargetTokenMargin(HealingLoss):
+    """A user's own healing loss, defined here and given to `heal` by class_path: the student's mean margin between
+    the best wrong logit and the target logit on target tokens, plus the distance to the teacher's logits."""
+
+    needs_teacher = True
+    calls: list[float] = []
+
+    def __init__(self, teacher_weight: float = 0.5) -> None:
+        super().__init__()
+        self.teacher_weight = teacher_weight
+
+    def forward(self, inputs: HealingInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = inputs.student_logits[inputs.target_mask].float()
+        targets = inputs.labels[:, 1:][inputs.target_mask[:, :-1]]
+        target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+        margin = (logits.scatter(1, targets[:, None], float("-inf")).amax(1) - target_logit).mean()
+        teacher = (logits - inputs.teacher_logits[inputs.target_mask].float()).pow(2).mean()
+        TargetTokenMargin.calls.append(float(margin.detach()))
+        return margin + self.teacher_weight * teacher, {"margin": margin.detach()}
+
+
+def test_heal_takes_a_users_loss_class_by_class_path(assets, tmp_path):
+    config = heal_yaml(assets, tmp_path)
+    loss = {"class_path": f"{TargetTokenMargin.__module__}.TargetTokenMargin", "init_args": {"teacher_weight": 0.25},
+            "weight": 0.5}
+    data = yaml.safe_load(config.read_text())
+    data["model"]["healing"]["losses"] = [{"class_path": "TaskCrossEntropy"}, loss]
+    data["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                     "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True}}]
+    config.write_text(yaml.safe_dump(data))
+    TargetTokenMargin.calls.clear()
+    assert main(["--config", str(config), "--trainer.max_steps", "3"]) == 0
+    assert len(TargetTokenMargin.calls) == 3 and all(np.isfinite(TargetTokenMargin.calls))
+    checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["hyper_parameters"]["healing"]["losses"][1]["class_path"].endswith(".TargetTokenMargin")
 
 
 class LossRecorder(L.Callback):

@@ -279,3 +279,31 @@ def test_whisper_short_window_reproduces_hf_on_a_full_window_and_keeps_frame_len
         encoder(torch.randn(1, 40000), torch.tensor([40000]))
     with pytest.raises(EncoderError, match="window_seconds must be in"):
         encoder.set_window(9)
+
+
+def test_whisper_window_per_utterance_matches_a_pinned_window_of_its_size_and_refuses_past_30s_equivalent():
+    """With a window step, each utterance is encoded in the smallest multiple of the step that holds it, as a window
+    pinned to that size would: its frames do not depend on the other utterances of the batch."""
+    encoder = build_speech_encoder(tiny_whisper_config(window_seconds=4)).eval()
+    audio, lens = torch.randn(3, 26000), torch.tensor([8000, 26000, 16000])
+    audio[0, 8000:] = audio[2, 16000:] = 0.0
+    encoder.set_window_step(1.0)
+    assert encoder.windows(lens).tolist() == [16000, 32000, 16000]
+    with torch.no_grad():
+        batched, batched_lens = encoder(audio, lens)
+        expected = {}
+        for seconds, rows in ((1.0, [0, 2]), (2.0, [1])):
+            encoder.set_window(seconds)
+            expected[seconds] = encoder(audio[rows, : int(lens[rows].max())], lens[rows])[0]
+    assert batched_lens.tolist() == [25, 82, 50]
+    torch.testing.assert_close(batched[0, :25], expected[1.0][0, :25])
+    torch.testing.assert_close(batched[2, :50], expected[1.0][1, :50])
+    torch.testing.assert_close(batched[1, :82], expected[2.0][0, :82])
+    encoder.set_window_step(1.0)
+    with pytest.raises(EncoderError, match=r"audio of 5.00 s exceeds Whisper's 4.0 s window"):
+        encoder(torch.randn(1, 80000), torch.tensor([80000]))
+
+
+def test_speechllm_refuses_a_pinned_window_together_with_a_window_step():
+    with pytest.raises(ValueError, match="encoder_window_seconds .* encoder_window_step_seconds .* not both"):
+        tiny_speechllm(encoder_window_seconds=2.0, encoder_window_step_seconds=1.0)

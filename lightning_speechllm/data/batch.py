@@ -35,6 +35,12 @@ class SpeechBatch:
     tgt_langs: list[str | None] = field(default_factory=list)
     text_only: bool = False
     """True when the model should read `transcripts` as text instead of the audio."""
+    encoder_frames: torch.Tensor | None = None
+    """Cached frozen-encoder output [B, T, D], right-padded (then `audio` is [B, 0]); see `data.encoder_cache`."""
+    encoder_frame_lens: torch.Tensor | None = None
+    """Valid frames per utterance of `encoder_frames`, int64 [B]."""
+    encoder_key: str | None = None
+    """The encoder cache key `encoder_frames` were made with; the model refuses frames of another encoder."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -42,6 +48,9 @@ class SpeechBatch:
     def to(self, device: torch.device | str) -> "SpeechBatch":
         self.audio = self.audio.to(device, non_blocking=True)
         self.audio_lens = self.audio_lens.to(device, non_blocking=True)
+        if self.encoder_frames is not None:
+            self.encoder_frames = self.encoder_frames.to(device, non_blocking=True)
+            self.encoder_frame_lens = self.encoder_frame_lens.to(device, non_blocking=True)
         return self
 
     def subset(self, rows: list[int]) -> "SpeechBatch":
@@ -49,10 +58,16 @@ class SpeechBatch:
         lens = self.audio_lens[rows]
         width = int(lens.max()) if len(rows) and self.audio.shape[1] else 0
         pick = lambda values: [values[i] for i in rows] if values else []  # noqa: E731
-        return replace(self, ids=pick(self.ids), audio=self.audio[rows, :width], audio_lens=lens,
+        frames = {}
+        if self.encoder_frames is not None:
+            frame_lens = self.encoder_frame_lens[rows]
+            frames = {"encoder_frames": self.encoder_frames[rows, : int(frame_lens.max()) if len(rows) else 0],
+                      "encoder_frame_lens": frame_lens}
+        return replace(self, **frames, ids=pick(self.ids), audio=self.audio[rows, :width], audio_lens=lens,
                        texts=pick(self.texts), tasks=pick(self.tasks), transcripts=pick(self.transcripts),
                        src_langs=pick(self.src_langs), tgt_langs=pick(self.tgt_langs))
 
     def as_text_only(self) -> "SpeechBatch":
         """The same utterances as a text-only batch: [B, 0] audio, zero lengths, transcripts read as text."""
-        return replace(self, audio=self.audio[:, :0], audio_lens=torch.zeros_like(self.audio_lens), text_only=True)
+        return replace(self, audio=self.audio[:, :0], audio_lens=torch.zeros_like(self.audio_lens), text_only=True,
+                       encoder_frames=None, encoder_frame_lens=None, encoder_key=None)

@@ -38,6 +38,7 @@ from lightning_speechllm.data.bad_samples import (
 )
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.data.dataset import SpeechDataset
+from lightning_speechllm.data.encoder_cache import EncodeFn, cached_encoder_outputs
 from lightning_speechllm.data.manifest import (
     DEFAULT_MAX_AUDIO_SECONDS,
     TASKS,
@@ -107,6 +108,9 @@ class SpeechDataModule(L.LightningDataModule):
         rejected_dir: where ``rejected.jsonl`` goes (default: trainer ``log_dir``, else a temporary directory).
         text_only: all dataloaders yield text-only batches (``[B, 0]`` audio, transcripts).
         rank, world_size: override the DDP position (default: from the trainer, else 0 / 1).
+        encoder_cache: a directory for the train set's frozen-encoder outputs, computed once (see
+            :meth:`use_encoder_cache`, which the model calls) and read instead of the audio at every epoch; ``None``
+            runs the encoder at every step. Validation and test always run the encoder.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class SpeechDataModule(L.LightningDataModule):
         num_cuts_for_bins_estimate: int = 10_000,
         rank: int | None = None,
         world_size: int | None = None,
+        encoder_cache: PathLike | None = None,
     ) -> None:
         super().__init__()
         self.train_paths = [train] if isinstance(train, (str, Path)) else list(train or [])
@@ -157,6 +162,8 @@ class SpeechDataModule(L.LightningDataModule):
         self.quadratic_duration = quadratic_duration
         self.num_cuts_for_bins_estimate = num_cuts_for_bins_estimate
         self._rank, self._world_size = rank, world_size
+        self.encoder_cache = Path(encoder_cache) if encoder_cache is not None else None
+        self._cached_train: CutSet | None = None
         self._cuts: dict[str, CutSet] = {}
         self._handler: BadSampleHandler | None = None
         self.train_sampler: DynamicBucketingSampler | None = None
@@ -248,7 +255,7 @@ class SpeechDataModule(L.LightningDataModule):
         if split == "train":
             if not self.train_paths:
                 raise ValueError("no train manifests were given")
-            return self._read(*self.train_paths)
+            return self._cached_train if self._cached_train is not None else self._read(*self.train_paths)
         sets = {"val": self.val_sets, "test": self.test_sets}[split]
         if name not in sets:
             raise KeyError(f"unknown {split} set {name!r}; known: {list(sets)}")
@@ -268,6 +275,21 @@ class SpeechDataModule(L.LightningDataModule):
             else:
                 tasks[name] = tuple(sorted({cut_fields(cut)["task"] for cut in self._read(path)}))
         return tasks
+
+    def use_encoder_cache(self, encode: EncodeFn, key: str, description: dict | None = None) -> bool:
+        """Train on cached frozen-encoder outputs: computed with ``encode`` into ``encoder_cache/<key>`` unless that
+        cache is complete already, then read instead of the audio. False (nothing done) without ``encoder_cache`` or
+        for a streamed Shar train set."""
+        if self.encoder_cache is None or not self.train_paths:
+            return False
+        if self._is_shar(self.train_paths):
+            warnings.warn("encoder_cache is not used for a streamed Shar train set; the encoder runs at every step",
+                          stacklevel=2)
+            return False
+        cuts = self._read(*self.train_paths)
+        self._cached_train = cached_encoder_outputs(cuts, encode, key, self.encoder_cache, description=description,
+                                                    progress=self.rank == 0)
+        return True
 
     # ------------------------------------------------------------------ dataloaders
     def _dataset(self, text_only: bool, source: PathLike, streamed: bool) -> SpeechDataset:

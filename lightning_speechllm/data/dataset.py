@@ -1,6 +1,7 @@
 """Lhotse map-style dataset: a sampled ``CutSet`` → one :class:`SpeechBatch` of 16 kHz float32 waveforms.
 
-Lazy checks happen here, when the samples are read: decodable audio, non-empty, finite (no NaN/inf), real
+Cuts that carry cached frozen-encoder outputs (``encoder_cache``) give batches of encoder frames instead of
+waveforms. Lazy checks happen here, when the samples are read: decodable audio, non-empty, finite (no NaN/inf), real
 duration ≤ ``max_audio_seconds``; for streamed Shar cuts (never validated eagerly) also the text/task metadata.
 Under ``on_bad_sample="skip"`` a rejected utterance is dropped from its batch (possibly leaving an empty batch,
 ``len(batch) == 0``, which the model should skip) and recorded in ``rejected.jsonl``.
@@ -19,6 +20,11 @@ from lightning_speechllm.data.bad_samples import BadReason, BadSampleHandler
 from lightning_speechllm.data.batch import SAMPLE_RATE, SpeechBatch
 from lightning_speechllm.data.manifest import DEFAULT_MAX_AUDIO_SECONDS, CheckFailed, check_cut, cut_fields
 
+FRAMES_FIELD = "encoder_frames"
+"""Custom field of a cut holding its cached encoder output (a Lhotse TemporalArray)."""
+KEY_FIELD = "encoder_key"
+"""Custom field of a cut naming the encoder cache key of ``FRAMES_FIELD``."""
+
 
 @dataclass
 class Utterance:
@@ -33,6 +39,10 @@ class Utterance:
     transcript: str
     src_lang: str | None = None
     tgt_lang: str | None = None
+    encoder_frames: np.ndarray | None = None
+    """Cached frozen-encoder output [frames, dim] (see ``encoder_cache``); then ``audio`` is not read."""
+    encoder_key: str | None = None
+    """The key of the encoder that made ``encoder_frames``."""
 
 
 def load_waveform(cut: Cut, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -61,6 +71,8 @@ def check_waveform(audio: np.ndarray, sample_rate: int, max_audio_seconds: float
 
 def collate_utterances(utts: list[Utterance], text_only: bool = False) -> SpeechBatch:
     """Right-pad waveforms with zeros into ``[B, S]``; ``text_only`` gives ``[B, 0]`` audio and zero lengths."""
+    if not text_only and utts and all(u.encoder_frames is not None for u in utts):
+        return _collate_encoder_frames(utts)
     lens = torch.tensor([0 if text_only else len(u.audio) for u in utts], dtype=torch.int64)
     max_len = int(lens.max()) if len(utts) else 0
     audio = torch.zeros(len(utts), max_len, dtype=torch.float32)
@@ -77,6 +89,23 @@ def collate_utterances(utts: list[Utterance], text_only: bool = False) -> Speech
         src_langs=[u.src_lang for u in utts],
         tgt_langs=[u.tgt_lang for u in utts],
         text_only=text_only,
+    )
+
+
+def _collate_encoder_frames(utts: list[Utterance]) -> SpeechBatch:
+    """A batch of cached encoder outputs: frames right-padded into ``[B, T, D]``, no waveforms (``[B, 0]``)."""
+    keys = {u.encoder_key for u in utts}
+    if len(keys) != 1:
+        raise ValueError(f"one batch mixes encoder caches {sorted(map(str, keys))}")
+    frame_lens = torch.tensor([len(u.encoder_frames) for u in utts], dtype=torch.int64)
+    frames = torch.zeros(len(utts), int(frame_lens.max()), utts[0].encoder_frames.shape[1])
+    for row, u in enumerate(utts):
+        frames[row, : len(u.encoder_frames)] = torch.from_numpy(u.encoder_frames.astype(np.float32))
+    return SpeechBatch(
+        ids=[u.id for u in utts], audio=torch.zeros(len(utts), 0), audio_lens=torch.zeros(len(utts), dtype=torch.int64),
+        texts=[u.text for u in utts], tasks=[u.task for u in utts], transcripts=[u.transcript for u in utts],
+        src_langs=[u.src_lang for u in utts], tgt_langs=[u.tgt_lang for u in utts],
+        encoder_frames=frames, encoder_frame_lens=frame_lens, encoder_key=keys.pop(),
     )
 
 
@@ -113,14 +142,20 @@ class SpeechDataset(torch.utils.data.Dataset):
         if self.check_metadata:
             check_cut(cut, self.max_audio_seconds, check_files=False)
         fields = cut_fields(cut)
+        target = fields["translation"] if fields["task"] == "ast" else fields["text"]
         audio = np.zeros(0, dtype=np.float32)
+        if not self.text_only and cut.has_custom(FRAMES_FIELD):
+            return Utterance(
+                id=cut.id, audio=audio, text=target, task=fields["task"], transcript=fields["text"],
+                src_lang=fields["src_lang"], tgt_lang=fields["tgt_lang"],
+                encoder_frames=cut.load_custom(FRAMES_FIELD), encoder_key=cut.custom[KEY_FIELD],
+            )
         if not self.text_only:
             try:
                 audio = load_waveform(cut, self.sample_rate)
             except Exception as e:  # decoders raise many types; all mean "this file cannot be read"
                 raise CheckFailed(BadReason.UNREADABLE_AUDIO, f"cannot decode audio: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
             check_waveform(audio, self.sample_rate, self.max_audio_seconds)
-        target = fields["translation"] if fields["task"] == "ast" else fields["text"]
         return Utterance(
             id=cut.id, audio=audio, text=target, task=fields["task"], transcript=fields["text"],
             src_lang=fields["src_lang"], tgt_lang=fields["tgt_lang"],

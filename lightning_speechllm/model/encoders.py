@@ -66,18 +66,33 @@ class WhisperSpeechEncoder(SpeechEncoder):
         # 2 mel frames per encoder frame (conv2 stride 2), 160 samples per mel frame.
         self.full_window_samples = config.max_source_positions * 2 * 160
         self.window_samples = self.full_window_samples
+        self.window_step_samples: int | None = None
 
     def set_window(self, seconds: float | None) -> None:
-        """Pad to `seconds` instead of Whisper's 30 s (None restores 30 s). Much faster on short utterances, but the
-        encoder then sees a shorter context than in pre-training, so train and evaluate with the same window."""
-        if seconds is None:
-            self.window_samples = self.full_window_samples
-            return
+        """Pin the window to `seconds` instead of Whisper's 30 s (None restores 30 s). Much faster on short utterances,
+        but the encoder then sees a shorter context than in pre-training, so train and evaluate with the same window."""
+        self.window_step_samples = None
+        self.window_samples = self._window_samples(seconds, "window_seconds") if seconds else self.full_window_samples
+
+    def set_window_step(self, seconds: float) -> None:
+        """Choose the window per utterance: the smallest multiple of `seconds` that holds it, up to 30 s. Utterances
+        up to one step long are encoded exactly as with a window pinned to `seconds`; longer ones still fit."""
+        self.window_samples = self.full_window_samples
+        self.window_step_samples = self._window_samples(seconds, "window_step_seconds")
+
+    def _window_samples(self, seconds: float, name: str) -> int:
         samples = int(math.ceil(seconds * SAMPLE_RATE / 320)) * 320  # whole encoder frames
         if not 0 < samples <= self.full_window_samples:
-            raise EncoderError(f"window_seconds must be in (0, {self.full_window_samples / SAMPLE_RATE:.0f}], "
-                               f"got {seconds}")
-        self.window_samples = samples
+            raise EncoderError(f"{name} must be in (0, {self.full_window_samples / SAMPLE_RATE:.0f}], got {seconds}")
+        return samples
+
+    def windows(self, audio_lens: torch.Tensor) -> torch.Tensor:
+        """The window (in samples) each utterance is padded to."""
+        if self.window_step_samples is None:
+            return torch.full_like(audio_lens, self.window_samples)
+        step = self.window_step_samples
+        steps = torch.div(audio_lens.clamp(min=1) + step - 1, step, rounding_mode="floor")
+        return (steps * step).clamp(max=self.full_window_samples)
 
     @classmethod
     def from_pretrained(cls, path: Path, config: WhisperConfig) -> "WhisperSpeechEncoder":
@@ -103,19 +118,34 @@ class WhisperSpeechEncoder(SpeechEncoder):
         return torch.div(mel_frames + 1, 2, rounding_mode="floor").clamp(min=1)
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if audio.shape[1] > self.window_samples:
+        longest = int(audio_lens.max()) if len(audio_lens) else 0
+        limit = self.window_samples if self.window_step_samples is None else self.full_window_samples
+        if longest > limit:
             raise EncoderError(
-                f"audio of {audio.shape[1] / SAMPLE_RATE:.2f} s exceeds Whisper's {self.window_samples / SAMPLE_RATE:.1f} s "
-                "window; filter long utterances in the data layer (max_audio_seconds)"
+                f"audio of {longest / SAMPLE_RATE:.2f} s exceeds Whisper's {limit / SAMPLE_RATE:.1f} s window; filter "
+                "long utterances in the data layer (max_audio_seconds)"
             )
-        padded = nn.functional.pad(audio, (0, self.window_samples - audio.shape[1]))
+        lens = self.frame_lengths(audio_lens)
+        windows = self.windows(audio_lens)
+        hidden = None
+        for window in sorted(set(windows.tolist())):
+            rows = (windows == window).nonzero().flatten()
+            group = self._encode_window(audio[rows, : min(window, audio.shape[1])], window, int(lens[rows].max()))
+            if hidden is None:
+                hidden = group.new_zeros(len(audio), int(lens.max()), group.shape[-1])
+            hidden[rows, : group.shape[1]] = group
+        return hidden, lens
+
+    def _encode_window(self, audio: torch.Tensor, window: int, frames: int) -> torch.Tensor:
+        """Encode waveforms padded to `window` samples; the first `frames` encoder frames. The log-mel features are
+        computed in float32 whatever the module's dtype."""
+        padded = nn.functional.pad(audio.float(), (0, window - audio.shape[1]))
         mel = self.features(padded).to(self.encoder.conv1.weight.dtype)
-        if self.window_samples == self.full_window_samples:
+        if window == self.full_window_samples:
             hidden = self.encoder(input_features=mel).last_hidden_state
         else:
             hidden = self._encode_short_window(mel)
-        lens = self.frame_lengths(audio_lens)
-        return hidden[:, : int(lens.max())], lens
+        return hidden[:, :frames]
 
 
 class WaveformSpeechEncoder(SpeechEncoder):

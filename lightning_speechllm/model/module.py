@@ -175,6 +175,22 @@ class SpeechLLMModule(L.LightningModule):
             for set_name, tasks in self.expected_eval_tasks(split).items():
                 for task in tasks:
                     self._metric(split, set_name, task)
+        if stage == "fit":
+            self._use_encoder_cache()
+
+    def _use_encoder_cache(self) -> None:
+        """Hand the datamodule this model's frozen encoder (moved to the training device) and its cache key, so that
+        the train set's encoder outputs are computed once (the datamodule's ``encoder_cache``)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        use_cache = getattr(datamodule, "use_encoder_cache", None)
+        model = self.speechllm
+        if not callable(use_cache) or getattr(datamodule, "encoder_cache", None) is None or model.encoder is None:
+            return
+        if model.config.train_encoder:
+            warnings.warn("data.encoder_cache is ignored: the encoder trains (model.train_encoder)", stacklevel=2)
+            return
+        model.encoder.to(self.trainer.strategy.root_device)
+        use_cache(model.encode_frames, model.encoder_cache_key(), model.encoder_description())
 
     def expected_eval_tasks(self, split: str) -> dict[str, tuple[str, ...]]:
         """{set name: tasks} of the datamodule's ``split`` ('val'/'test') sets: from its ``eval_set_tasks`` when it

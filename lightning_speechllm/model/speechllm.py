@@ -5,6 +5,7 @@ with explicit position ids, so batched decoding equals one-by-one decoding.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,8 +52,12 @@ class SpeechLLMConfig:
     encoder_path: str | None = "whisper-tiny.en"
     """Local HF speech-encoder directory, or a registered offline asset name; None for a text-only model."""
     encoder_window_seconds: float | None = None
-    """Whisper only: pad to this many seconds instead of 30 (faster for short utterances; the encoder then sees a
-    shorter context than in pre-training). None = Whisper's 30 s window, as the paper."""
+    """Whisper only: pin the window to this many seconds instead of 30 (faster for short utterances; the encoder then
+    sees a shorter context than in pre-training; longer utterances are refused). None = Whisper's 30 s window, as the
+    paper, unless `encoder_window_step_seconds` is set."""
+    encoder_window_step_seconds: float | None = None
+    """Whisper only: choose the window per utterance, the smallest multiple of this many seconds that holds it (up to
+    30 s). Utterances up to one step long are encoded as with a window pinned to it; longer ones still fit."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     """Projector shape."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -93,10 +98,8 @@ class SpeechLLM(nn.Module):
         self.prompts = PromptBuilder(tokenizer, self.config.prompt)
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.projector = Projector(encoder.output_dim, llm_dim, self.config.projector) if encoder else None
-        if self.config.encoder_window_seconds is not None:
-            if not hasattr(encoder, "set_window"):
-                raise ValueError("encoder_window_seconds applies to Whisper encoders only")
-            encoder.set_window(self.config.encoder_window_seconds)
+        self._configure_encoder_window(encoder)
+        self._encoder_key: str | None = None
         self.layer_mask = DecoderLayerMask(self.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -105,6 +108,20 @@ class SpeechLLM(nn.Module):
             self.add_lora(self.config.lora)
         if self.config.removed_layers:
             self.layer_mask.remove_layers(self.config.removed_layers)
+
+    def _configure_encoder_window(self, encoder: SpeechEncoder | None) -> None:
+        pinned, step = self.config.encoder_window_seconds, self.config.encoder_window_step_seconds
+        if pinned is None and step is None:
+            return
+        if pinned is not None and step is not None:
+            raise ValueError("set either encoder_window_seconds (a pinned window) or encoder_window_step_seconds "
+                             f"(a window per utterance), not both: got {pinned} and {step}")
+        if not hasattr(encoder, "set_window"):
+            raise ValueError("encoder_window_seconds / encoder_window_step_seconds apply to Whisper encoders only")
+        if pinned is not None:
+            encoder.set_window(pinned)
+        else:
+            encoder.set_window_step(step)
 
     # ----------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -171,6 +188,45 @@ class SpeechLLM(nn.Module):
         frames, frame_lens = self.encoder(audio, audio_lens)
         return self.projector(frames, frame_lens)
 
+    def encoder_cache_key(self) -> str:
+        """A digest of what makes the (frozen) encoder's frames: its class, config, weights and window policy. Cached
+        encoder outputs (``data.encoder_cache``) are stored and checked under this key."""
+        if self.encoder is None:
+            raise RuntimeError("this SpeechLLM has no speech encoder")
+        if self._encoder_key is None:
+            digest = hashlib.sha256(json.dumps(self.encoder_description(), sort_keys=True).encode())
+            for name, tensor in sorted(self.encoder.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._encoder_key = digest.hexdigest()[:16]
+        return self._encoder_key
+
+    def encoder_description(self) -> dict:
+        """What the encoder cache key stands for (without the weights digest)."""
+        encoder = self.encoder
+        config = getattr(encoder, "config", None) or getattr(getattr(encoder, "model", None), "config", None)
+        return {"encoder_class": type(encoder).__name__, "encoder_path": self.config.encoder_path,
+                "encoder_config": config.to_dict() if config is not None else None,
+                "window_samples": getattr(encoder, "window_samples", None),
+                "window_step_samples": getattr(encoder, "window_step_samples", None),
+                "dtype": str(next(encoder.parameters()).dtype)}
+
+    def encode_frames(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveforms (on any device) -> frozen-encoder frames and lengths, computed on the model's device (the
+        encoding function of ``data.encoder_cache``)."""
+        device = next(self.encoder.parameters()).device
+        return self.encoder(audio.to(device), audio_lens.to(device))
+
+    def _speech_embeddings(self, batch: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.encoder_frames is None:
+            return self.encode_speech(batch.audio, batch.audio_lens)
+        if self.config.train_encoder:
+            raise ValueError("the batch holds cached encoder outputs, but train_encoder is set: the encoder must run")
+        if batch.encoder_key != self.encoder_cache_key():
+            raise ValueError(f"the batch's cached encoder outputs were made by encoder {batch.encoder_key!r}, not by "
+                             f"this model's ({self.encoder_cache_key()!r}): rebuild the cache")
+        return self.projector(batch.encoder_frames.to(self.device), batch.encoder_frame_lens.to(self.device))
+
     def build_inputs(self, batch: SpeechBatch, with_targets: bool = True) -> LLMInputs:
         """Token + speech embeddings, left-padded, with labels on the target tokens only."""
         samples = [
@@ -181,7 +237,7 @@ class SpeechLLM(nn.Module):
         if batch.text_only:
             speech, speech_lens = None, [len(s.speech_tokens) for s in samples]
         else:
-            speech, lens = self.encode_speech(batch.audio, batch.audio_lens)
+            speech, lens = self._speech_embeddings(batch)
             speech_lens = lens.tolist()
         return self._assemble(samples, speech, speech_lens)
 

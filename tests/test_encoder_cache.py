@@ -1,0 +1,59 @@
+"""Frozen-encoder outputs cached in the data layer: same model inputs as the live encoder, computed once, never stale."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_speechllm.data.datamodule import SpeechDataModule
+from tests.tiny_speechllm import save_tiny_assets, tiny_speechllm
+
+TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox"]
+
+
+def datamodule(assets: dict, cache) -> SpeechDataModule:
+    dm = SpeechDataModule(train=assets["manifest"], max_duration=100, shuffle=False, encoder_cache=cache,
+                          max_audio_seconds=4)
+    dm.setup("fit")
+    return dm
+
+
+def test_cached_batches_give_the_live_encoders_inputs_and_the_cache_is_computed_once(tmp_path):
+    assets = save_tiny_assets(tmp_path / "assets", TEXTS, [8000, 6000, 4000, 7000])
+    model = tiny_speechllm(encoder_window_step_seconds=1.0).eval()
+    live = next(iter(datamodule(assets, None).train_dataloader()))
+    calls = []
+
+    def encode(audio, lens):
+        calls.append(len(lens))
+        return model.encode_frames(audio, lens)
+
+    dm = datamodule(assets, tmp_path / "cache")
+    assert dm.use_encoder_cache(encode, model.encoder_cache_key(), model.encoder_description())
+    cached = next(iter(dm.train_dataloader()))
+    assert sum(calls) == len(TEXTS) and cached.encoder_key == model.encoder_cache_key()
+    assert cached.audio.shape[1] == 0 and cached.ids == live.ids
+    key = model.encoder_cache_key()
+    assert (tmp_path / "cache" / key / ".complete").is_file()
+    with torch.no_grad():
+        expected, from_cache = model.build_inputs(live), model.build_inputs(cached)
+    assert torch.equal(expected.attention_mask, from_cache.attention_mask)
+    torch.testing.assert_close(from_cache.inputs_embeds, expected.inputs_embeds, atol=2e-3, rtol=2e-3)
+
+    again = datamodule(assets, tmp_path / "cache")
+    assert again.use_encoder_cache(encode, key) and sum(calls) == len(TEXTS)  # read, not recomputed
+
+
+def test_frames_of_another_encoder_or_window_are_refused(tmp_path):
+    assets = save_tiny_assets(tmp_path / "assets", TEXTS, [8000, 6000, 4000, 7000])
+    model = tiny_speechllm(encoder_window_step_seconds=1.0)
+    dm = datamodule(assets, tmp_path / "cache")
+    dm.use_encoder_cache(model.encode_frames, model.encoder_cache_key())
+    batch = next(iter(dm.train_dataloader()))
+    other_weights = tiny_speechllm(seed=1, encoder_window_step_seconds=1.0)
+    other_window = tiny_speechllm(encoder_window_step_seconds=2.0)
+    assert len({model.encoder_cache_key(), other_weights.encoder_cache_key(), other_window.encoder_cache_key()}) == 3
+    for other in (other_weights, other_window):
+        with pytest.raises(ValueError, match="made by encoder .* not by this model's .* rebuild the cache"):
+            other.build_inputs(batch)
+    text_only = batch.as_text_only()
+    assert text_only.encoder_frames is None and other_window.build_inputs(text_only).inputs_embeds.shape[0] == len(batch)
