@@ -102,9 +102,8 @@ def _parse_cached(cli: LightningCLI, configs: tuple[str, ...], extra: tuple[str,
 
 @functools.lru_cache(maxsize=None)
 def cached_cli(command: str) -> LightningCLI:
-    """One parse-only CLI per command (building a LightningCLI parser takes seconds).
-
-    The argv is not empty, so that `fit` does not fall back to the embedded configs/default.yaml."""
+    """One parse-only CLI per command (building a LightningCLI parser takes seconds); tests parse their own
+    `--config` files with its parser."""
     return parse_only_cli(command, ["--seed_everything", "0"])
 
 
@@ -333,6 +332,18 @@ def test_default_sweep_config_parses_and_scores_what_the_default_fit_validates()
     for key in ("train", "val_sets", "max_audio_seconds"):
         assert parsed["data"][key] == fit["data"][key], key
     assert parsed["decoding"].max_new_tokens == fit["model"]["decoding"]["max_new_tokens"]
+
+
+def test_default_heal_config_matches_the_default_fit_model_and_parses():
+    heal, fit = (yaml.safe_load((CONFIGS / name).read_text()) for name in ("heal/default.yaml", "default.yaml"))
+    assert heal["model"]["model"] == fit["model"]["model"]  # the fit checkpoint's projector must fit the student
+    for key in ("train", "val_sets", "max_audio_seconds", "encoder_cache"):
+        assert heal["data"][key] == fit["data"][key], key
+    assert [loss["class_path"] for loss in heal["model"]["healing"]["losses"]] == ["TaskCrossEntropy", "KLDivergence"]
+    cli = parse_only_cli("heal", ["--config", str(CONFIGS / "heal/default.yaml"), "--model.healing.removed_layers",
+                                  "[5, 6, 7]"])
+    parsed = cli.config.fit
+    assert parsed.model.healing.removed_layers == [5, 6, 7] and parsed.trainer.max_steps == 200
 
 
 # ------------------------------------------------------------------------------------------------ SLURM scripts

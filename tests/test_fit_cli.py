@@ -28,8 +28,10 @@ def fit_args(assets: dict, root, max_steps: int) -> list[str]:
 
 def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path, capsys):
     assets = save_tiny_assets(tmp_path / "assets", TEXTS, [8000, 6000, 4000, 7000])
-    test_args = ["--data.test_sets", f"{{heldout: {assets['manifest']}}}", "--test_after_fit", "true"]
+    test_args = ["--data.test_sets", f"{{heldout: {assets['manifest']}}}", "--test_after_fit", "true",
+                 "--data.encoder_cache", str(tmp_path / "encoder_cache")]
     assert cli.fit([*fit_args(assets, tmp_path / "run", max_steps=2), *test_args]) == 0
+    assert len(list((tmp_path / "encoder_cache").glob("*/.complete"))) == 1  # the train set's encoder outputs
     out = capsys.readouterr().out
     assert "last validation:" in out and '"val/dev/wer"' in out and '"test/heldout/wer"' in out
     assert "python -m lightning_speechllm sweep --config configs/sweep/default.yaml --ckpt_path" in out
