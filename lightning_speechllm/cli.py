@@ -54,7 +54,7 @@ class SpeechLLMCLI(LightningCLI):
         if test:
             print("test (best checkpoint):", json.dumps(test))
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        examples = [asdict(h) for h in self.model.hypotheses[:8]] if test else []
+        examples = [asdict(h) for h in _examples_per_set(self.model.hypotheses)] if test else []
         summary = {"global_step": self.trainer.global_step, "validation": validation, "test": test,
                    "test_checkpoint": self._best_checkpoint() if test else None, "test_examples": examples}
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "scores.json")
@@ -108,6 +108,17 @@ def _prepare_default_corpora(data) -> None:
                     del sets[name]
                     print(f"note: data.{kind}.{name} (real recorded speech) is skipped: {missing_packages}. "
                           f"Install Debian's {ASTERISK_PACKAGES} to score it.")
+
+
+def _examples_per_set(hypotheses: list, per_set: int = 8) -> list:
+    """The first `per_set` hypotheses of each test set, in set order."""
+    counts: dict[str, int] = {}
+    picked = []
+    for hypothesis in hypotheses:
+        counts[hypothesis.set_name] = counts.get(hypothesis.set_name, 0) + 1
+        if counts[hypothesis.set_name] <= per_set:
+            picked.append(hypothesis)
+    return picked
 
 
 def _scores(metrics: dict, prefix: str) -> dict[str, float]:

@@ -66,3 +66,18 @@ def test_options_override_the_embedded_default_and_a_config_replaces_it(capsys):
     assert config["trainer"]["max_steps"] == 1000
     assert config["data"]["train"] == default["data"]["train"]
     assert config["model"]["model"]["llm_path"] == default["model"]["model"]["llm_path"]
+
+
+def test_real_speech_sets_are_skipped_with_a_note_without_the_asterisk_packages(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from lightning_speechllm.data import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "ASTERISK_TRANSCRIPTS", tmp_path / "missing.txt.gz")
+    data = SimpleNamespace(train=None, val_sets={}, test_sets={"test": "mine.jsonl",
+                                                               "real": "data_cache/asterisk/test.jsonl"})
+    cli._prepare_default_corpora(data)
+    assert data.test_sets == {"test": "mine.jsonl"}
+    out = capsys.readouterr().out
+    assert "data.test_sets.real (real recorded speech) is skipped" in out and "missing.txt.gz" in out
