@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.model.module import SpeechLLMModule
+from lightning_speechllm.progress import progress_defaults
 
 TRAINER_DEFAULTS = {
     # The Lhotse samplers shard batches across ranks themselves.
@@ -101,13 +102,21 @@ def _prepare_default_corpora(data) -> None:
         try:
             prepare_asterisk(REAL_SPEECH_CORPUS)
         except FileNotFoundError as missing_packages:
-            for kind in ("val_sets", "test_sets"):
-                sets = getattr(data, kind) or {}
-                dropped = [name for name, path in sets.items() if Path(str(path)).parent == REAL_SPEECH_CORPUS]
-                for name in dropped:
-                    del sets[name]
-                    print(f"note: data.{kind}.{name} (real recorded speech) is skipped: {missing_packages}. "
-                          f"Install Debian's {ASTERISK_PACKAGES} to score it.")
+            _skip_real_speech(data, f"{missing_packages}. Install Debian's {ASTERISK_PACKAGES} to use it.")
+
+
+def _skip_real_speech(data, reason: str) -> None:
+    """Drop the Asterisk manifests from the train list and the named sets, printing what was dropped and why."""
+    real = lambda path: Path(str(path)).parent == REAL_SPEECH_CORPUS  # noqa: E731
+    if isinstance(data.train, list) and any(real(p) for p in data.train):
+        print(f"note: the real recordings in data.train ({[str(p) for p in data.train if real(p)]}) are skipped: "
+              f"{reason}")
+        data.train = [p for p in data.train if not real(p)]
+    for kind in ("val_sets", "test_sets"):
+        sets = getattr(data, kind) or {}
+        for name in [name for name, path in sets.items() if real(path)]:
+            del sets[name]
+            print(f"note: data.{kind}.{name} (real recorded speech) is skipped: {reason}")
 
 
 def _examples_per_set(hypotheses: list, per_set: int = 8) -> list:
@@ -143,7 +152,8 @@ def run(subcommand: str, argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     argv = with_embedded_default(subcommand, argv)
     SpeechLLMCLI(
-        SpeechLLMModule, SpeechDataModule, args=[subcommand, *argv], trainer_defaults=TRAINER_DEFAULTS,
+        SpeechLLMModule, SpeechDataModule, args=[subcommand, *argv],
+        trainer_defaults={**TRAINER_DEFAULTS, **progress_defaults()},
         save_config_kwargs={"overwrite": True}, seed_everything_default=0, auto_configure_optimizers=False,
     )
     return 0

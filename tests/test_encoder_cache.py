@@ -33,7 +33,7 @@ def test_cached_batches_give_the_live_encoders_inputs_and_the_cache_is_computed_
     assert sum(calls) == len(TEXTS) and cached.encoder_key == model.encoder_cache_key()
     assert cached.audio.shape[1] == 0 and cached.ids == live.ids
     key = model.encoder_cache_key()
-    assert (tmp_path / "cache" / key / ".complete").is_file()
+    assert len(list((tmp_path / "cache" / key / "frames").glob("*.npy"))) == len(TEXTS)
     with torch.no_grad():
         expected, from_cache = model.build_inputs(live), model.build_inputs(cached)
     assert torch.equal(expected.attention_mask, from_cache.attention_mask)
@@ -41,6 +41,10 @@ def test_cached_batches_give_the_live_encoders_inputs_and_the_cache_is_computed_
 
     again = datamodule(assets, tmp_path / "cache")
     assert again.use_encoder_cache(encode, key) and sum(calls) == len(TEXTS)  # read, not recomputed
+
+    more = save_tiny_assets(tmp_path / "more", [*TEXTS, "a new sentence"], [8000, 6000, 4000, 7000, 5000])
+    grown = datamodule(more, tmp_path / "cache")  # other files under the same ids, plus one more utterance
+    assert grown.use_encoder_cache(encode, key) and sum(calls) == 2 * len(TEXTS) + 1
 
 
 def test_frames_of_another_encoder_or_window_are_refused(tmp_path):

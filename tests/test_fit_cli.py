@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -31,9 +32,11 @@ def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path,
     test_args = ["--data.test_sets", f"{{heldout: {assets['manifest']}}}", "--test_after_fit", "true",
                  "--data.encoder_cache", str(tmp_path / "encoder_cache")]
     assert cli.fit([*fit_args(assets, tmp_path / "run", max_steps=2), *test_args]) == 0
-    assert len(list((tmp_path / "encoder_cache").glob("*/.complete"))) == 1  # the train set's encoder outputs
+    assert len(list((tmp_path / "encoder_cache").glob("*/frames/*.npy"))) == len(TEXTS)  # the train set's frames
     out = capsys.readouterr().out
     assert "last validation:" in out and '"val/dev/wer"' in out and '"test/heldout/wer"' in out
+    progress = [line for line in out.splitlines() if line.startswith("step 2/2 | loss ")]  # stdout is no terminal
+    assert len(progress) == 1 and " utt/s | " in progress[0] and " tok/s | " in progress[0], out
     assert "python -m lightning_speechllm sweep --config configs/sweep/default.yaml --ckpt_path" in out
     assert "redundancy/dev/speech/epoch=0.json" in out
     run = tmp_path / "run" / "lightning_logs" / "version_0"
@@ -52,20 +55,25 @@ def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path,
     assert torch.load(resumed, weights_only=False)["global_step"] == 4
 
 
-def test_options_override_the_embedded_default_and_a_config_replaces_it(capsys):
+def test_options_override_the_embedded_default_and_a_config_replaces_it(monkeypatch):
     assert cli.with_embedded_default("fit", ["--trainer.max_steps", "1000"]) == [
         "--config", str(cli.DEFAULT_CONFIG), "--trainer.max_steps", "1000"]
     assert cli.with_embedded_default("fit", ["--config=my.yaml"]) == ["--config=my.yaml"]
     assert cli.with_embedded_default("test", ["--ckpt_path", "x.ckpt"]) == ["--ckpt_path", "x.ckpt"]
-    try:
-        cli.fit(["--trainer.max_steps", "1000", "--print_config"])
-    except SystemExit as stop:
-        assert stop.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
-    default = yaml.safe_load(cli.DEFAULT_CONFIG.read_text())
-    assert config["trainer"]["max_steps"] == 1000
-    assert config["data"]["train"] == default["data"]["train"]
-    assert config["model"]["model"]["llm_path"] == default["model"]["model"]["llm_path"]
+    parsed = {}
+
+    class ParseOnly(cli.SpeechLLMCLI):
+        def before_instantiate_classes(self) -> None:
+            parsed["fit"] = self.config.fit
+            raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "SpeechLLMCLI", ParseOnly)
+    with pytest.raises(SystemExit):
+        cli.fit(["--trainer.max_steps", "1000"])
+    config, default = parsed["fit"], yaml.safe_load(cli.DEFAULT_CONFIG.read_text())
+    assert config.trainer.max_steps == 1000 and config.trainer.precision == default["trainer"]["precision"]
+    assert config.data.train == default["data"]["train"] and len(default["data"]["train"]) == 2
+    assert config.model.model.llm_path == default["model"]["model"]["llm_path"]
 
 
 def test_real_speech_sets_are_skipped_with_a_note_without_the_asterisk_packages(tmp_path, monkeypatch, capsys):
@@ -75,9 +83,25 @@ def test_real_speech_sets_are_skipped_with_a_note_without_the_asterisk_packages(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(prepare, "ASTERISK_TRANSCRIPTS", tmp_path / "missing.txt.gz")
-    data = SimpleNamespace(train=None, val_sets={}, test_sets={"test": "mine.jsonl",
-                                                               "real": "data_cache/asterisk/test.jsonl"})
+    data = SimpleNamespace(train=["mine.jsonl", "data_cache/asterisk/train.jsonl"], val_sets={},
+                           test_sets={"test": "mine.jsonl", "real": "data_cache/asterisk/heldout.jsonl"})
     cli._prepare_default_corpora(data)
-    assert data.test_sets == {"test": "mine.jsonl"}
+    assert data.test_sets == {"test": "mine.jsonl"} and data.train == ["mine.jsonl"]
     out = capsys.readouterr().out
     assert "data.test_sets.real (real recorded speech) is skipped" in out and "missing.txt.gz" in out
+    assert "the real recordings in data.train (['data_cache/asterisk/train.jsonl']) are skipped" in out
+
+
+def test_progress_is_plain_lines_without_a_terminal_and_lightnings_bar_on_one():
+    from lightning_speechllm.progress import PlainProgressLog, progress_defaults
+
+    class Stream:
+        def __init__(self, tty: bool) -> None:
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    assert progress_defaults(Stream(True)) == {}
+    plain = progress_defaults(Stream(False))
+    assert plain["enable_progress_bar"] is False and isinstance(plain["callbacks"][0], PlainProgressLog)

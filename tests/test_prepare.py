@@ -15,6 +15,7 @@ from lightning_speechllm.data.prepare import (
     ASTERISK_TRANSCRIPTS,
     clean_prompt_text,
     main,
+    is_heldout_sentence,
     parse_asterisk_transcripts,
     prepare_asterisk,
     prepare_covost2,
@@ -106,6 +107,17 @@ def test_prepare_asterisk_on_a_fake_tree(fake_asterisk: tuple[Path, Path], tmp_p
                                   "no audio file": 1, "silent audio": 1}
     cuts = CutSet.from_file(out / "cuts_test.jsonl.gz")
     assert sorted(c.id for c in cuts) == sorted(rows) and all(c.sampling_rate == 16000 for c in cuts)
+    train, heldout = ({r["id"] for r in _rows(out / f"{split}.jsonl")} for split in ("train", "heldout"))
+    assert train | heldout == set(rows) and not train & heldout
+    assert heldout == {i for i in rows if is_heldout_sentence(rows[i]["text"], 0.25)}
+
+
+def test_heldout_sentences_are_chosen_by_their_words_not_by_case_punctuation_or_order():
+    sentences = [f"Please enter extension {n}, followed by pound." for n in range(400)]
+    heldout = [s for s in sentences if is_heldout_sentence(s, 0.25)]
+    assert 70 <= len(heldout) <= 130  # about a quarter
+    assert all(is_heldout_sentence(s.upper().replace(",", ""), 0.25) for s in heldout)
+    assert not any(is_heldout_sentence(s, 0.0) for s in sentences) and all(is_heldout_sentence(s, 1.0) for s in sentences)
 
 
 def test_prepare_asterisk_drops_long_prompts_and_is_idempotent(fake_asterisk: tuple[Path, Path],

@@ -4,7 +4,8 @@ Every preparer writes, for each split, our JSONL manifest ``<out>/<split>.jsonl`
 and the same utterances as a Lhotse CutSet ``<out>/cuts_<split>.jsonl.gz``, and returns ``<out>``.
 
 * :func:`prepare_asterisk`: Debian's ``asterisk-core-sounds-en-wav`` prompts (8 kHz, one speaker) with the
-  transcripts of ``asterisk-core-sounds-en``; written as 16 kHz 16-bit copies (split ``test``).
+  transcripts of ``asterisk-core-sounds-en``; written as 16 kHz 16-bit copies (split ``test``: every prompt; and
+  ``train`` / ``heldout``, split by sentence, so a model can train on some and be scored on sentences it never heard).
 * :func:`prepare_librispeech`: a thin wrapper over ``lhotse.recipes.prepare_librispeech`` (no download).
 * :func:`prepare_covost2`: lhotse 1.33 ships no CoVoST 2 recipe, so this reads the split TSVs written by CoVoST's
   ``get_covost_splits.py`` (``covost_v2.<src>_<tgt>.<split>.tsv``: path, sentence, translation, client_id) next to
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -52,6 +54,7 @@ ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-
 DEFAULT_MAX_SECONDS = 30.0
 _BRACKETED = re.compile(r"\[[^\]]*\]")
 MARKER = ".complete"
+ASTERISK_HELDOUT = "heldout"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,6 +163,13 @@ def parse_asterisk_transcripts(lines: Iterable[str]) -> ParseReport:
     return report
 
 
+def is_heldout_sentence(text: str, fraction: float) -> bool:
+    """Whether a sentence belongs to the held-out part: a hash of its lower-cased words, so every recording of the
+    same sentence falls on the same side, whatever the corpus version or order."""
+    words = " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+    return int(hashlib.sha1(words.encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
+
+
 def _read_text_lines(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
@@ -197,8 +207,10 @@ def _convert_prompt(entry: AsteriskEntry, sounds_dir: Path, wav_dir: Path, max_s
 
 def prepare_asterisk(out_dir: Path | str = Path("data_cache/asterisk"), sounds_dir: Path | str | None = None,
                      transcripts: Path | str | None = None, max_seconds: float = DEFAULT_MAX_SECONDS,
-                     force: bool = False, progress: bool = True) -> Path:
-    """Asterisk English prompts → 16 kHz WAV copies + ``test.jsonl`` / ``cuts_test.jsonl.gz`` in ``out_dir``.
+                     force: bool = False, progress: bool = True, heldout_fraction: float = 0.25) -> Path:
+    """Asterisk English prompts → 16 kHz WAV copies + ``test.jsonl`` / ``cuts_test.jsonl.gz`` (every prompt) in
+    ``out_dir``, and the same prompts split by sentence: ``train.jsonl`` and ``heldout.jsonl`` (about
+    ``heldout_fraction`` of the distinct sentences; no sentence is in both, see :func:`is_heldout_sentence`).
 
     Counts (kept, dropped by reason) go to ``<out>/prepare.json``. Prompts longer than ``max_seconds`` are
     dropped (the manifest reader rejects > 30 s by default).
@@ -212,7 +224,7 @@ def prepare_asterisk(out_dir: Path | str = Path("data_cache/asterisk"), sounds_d
         raise _asterisk_missing("transcripts", transcripts)
     if not sounds_dir.is_dir():
         raise _asterisk_missing("sounds directory", sounds_dir)
-    if not force and (out_dir / MARKER).is_file():
+    if not force and (out_dir / MARKER).is_file() and (out_dir / f"{ASTERISK_HELDOUT}.jsonl").is_file():
         return out_dir
     (out_dir / MARKER).unlink(missing_ok=True)
 
@@ -233,8 +245,13 @@ def prepare_asterisk(out_dir: Path | str = Path("data_cache/asterisk"), sounds_d
                            f"dropped {({k: len(v) for k, v in report.dropped.items()})}")
     cuts = _cuts_from(recordings, supervisions)
     write_split(out_dir, "test", cuts)
+    heldout = {c.id for c in cuts if is_heldout_sentence(c.supervisions[0].text, heldout_fraction)}
+    write_split(out_dir, "train", cuts.filter(lambda c: c.id not in heldout))
+    write_split(out_dir, ASTERISK_HELDOUT, cuts.filter(lambda c: c.id in heldout))
     summary = {"corpus": "asterisk-core-sounds-en", "sounds_dir": str(sounds_dir), "transcripts": str(transcripts),
                "kept": len(recordings), "hours": round(sum(r.duration for r in recordings) / 3600, 4),
+               "splits": {"test": len(recordings), "train": len(recordings) - len(heldout),
+                          ASTERISK_HELDOUT: len(heldout)}, "heldout_fraction": heldout_fraction,
                "dropped": {reason: len(names) for reason, names in report.dropped.items()},
                "dropped_names": report.dropped}
     (out_dir / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -344,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     asterisk.add_argument("--sounds-dir", type=Path, default=ASTERISK_SOUNDS_DIR)
     asterisk.add_argument("--transcripts", type=Path, default=ASTERISK_TRANSCRIPTS)
     asterisk.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS)
+    asterisk.add_argument("--heldout-fraction", type=float, default=0.25,
+                          help="share of the distinct sentences written to heldout.jsonl (the rest: train.jsonl)")
     asterisk.add_argument("--force", action="store_true")
     libri = corpora.add_parser("librispeech", help="LibriSpeech directory (lhotse recipe)")
     libri.add_argument("--corpus-dir", type=Path, required=True)
@@ -368,7 +387,7 @@ def _run(args: argparse.Namespace) -> Path:
             progress=not args.no_progress)
     if args.corpus == "asterisk":
         return prepare_asterisk(args.out, args.sounds_dir, args.transcripts, max_seconds=args.max_seconds,
-                                force=args.force)
+                                force=args.force, heldout_fraction=args.heldout_fraction)
     if args.corpus == "librispeech":
         parts = "auto" if args.parts == ["auto"] else args.parts
         return prepare_librispeech(args.corpus_dir, args.out, parts=parts, num_jobs=args.jobs)

@@ -22,6 +22,7 @@ from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
+from lightning_speechllm.progress import progress_defaults
 
 __all__ = ["HealingCLI", "main"]
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         HealingCLI(
-            HealingModule, SpeechDataModule, args=["fit", *args], trainer_defaults=HEAL_TRAINER_DEFAULTS,
+            HealingModule, SpeechDataModule, args=["fit", *args],
+            trainer_defaults={**HEAL_TRAINER_DEFAULTS, **progress_defaults()},
             save_config_kwargs={"overwrite": True}, seed_everything_default=0, auto_configure_optimizers=False,
         )
     except SystemExit as stop:  # --help / --print_config / argument errors exit through jsonargparse

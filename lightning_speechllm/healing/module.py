@@ -248,6 +248,7 @@ class HealingModule(SpeechLLMModule):
         inputs = self.speechllm.build_inputs(batch, with_targets=True)
         if inputs.labels is None:
             raise ValueError(f"batch {batch.ids[:3]}... has no target tokens: cannot heal on it")
+        self.tokens_in_last_batch = int(inputs.attention_mask.sum())
         hidden = self.loss_fn.needs_hidden_states
         student_logits, student_hidden = self.student_pass(inputs, hidden)
         teacher_logits, teacher_hidden = (self.teacher_pass(self.teacher_inputs(batch, inputs), hidden)

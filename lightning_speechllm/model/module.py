@@ -99,6 +99,7 @@ class SpeechLLMModule(L.LightningModule):
         self.eval_counts = nn.ModuleDict()  # per metric key: utterances scored, summed across ranks
         self.hypotheses: list[Hypothesis] = []
         self.empty_batches = 0
+        self.tokens_in_last_batch = 0  # LLM input tokens of the last training batch (for progress logs)
 
     # ----------------------------------------------------------------------------------------------- steps
     def model_step(self, batch: SpeechBatch) -> tuple[torch.Tensor, Any]:
@@ -109,7 +110,8 @@ class SpeechLLMModule(L.LightningModule):
     def training_step(self, batch: SpeechBatch, batch_idx: int) -> torch.Tensor:
         if len(batch) == 0:
             return self.empty_batch_loss()
-        loss, _ = self.model_step(batch)
+        loss, (_, inputs) = self.model_step(batch)
+        self.tokens_in_last_batch = int(inputs.attention_mask.sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
