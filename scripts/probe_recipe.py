@@ -1,9 +1,17 @@
-"""Recipe probe: train the default SpeechLLM's projector on cached encoder outputs, report WER vs time."""
+"""Recipe probe for the embedded default (issue 11): train the projector of Whisper tiny.en + SmolLM2-135M outside
+Lightning on cached encoder outputs, and print dev WER against training minutes, so that recipes (LR, prompt, batch,
+bf16, a text-teacher KL term) can be compared two at a time on 2 cores (``--threads 1`` each).
+
+    python scripts/probe_recipe.py --minutes 10 --threads 1 --lr 3e-3 --out probe_b.json
+
+The encoded corpus is kept in ``--feature_cache`` between probes. The framework's own cache is ``data.encoder_cache``.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
 import time
 
@@ -33,7 +41,8 @@ p.add_argument("--fp32", action="store_true")
 p.add_argument("--warmup", type=int, default=20)
 p.add_argument("--est_steps", type=int, default=800)
 p.add_argument("--sched", default="const")
-p.add_argument("--out", default="/tmp/probe.json")
+p.add_argument("--out", default="probe.json")
+p.add_argument("--feature_cache", default="data_cache/probe_features.pt")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
@@ -69,14 +78,13 @@ def encode_all(rows, root="data_cache/synth/"):
 
 train = load("data_cache/synth/train.jsonl")
 dev = load("data_cache/synth/dev.jsonl", args.n_dev)
-import os
-if os.path.exists("/tmp/probes/feats.pt"):
-    train_f, dev_f, t_enc = torch.load("/tmp/probes/feats.pt")
+if os.path.exists(args.feature_cache):
+    train_f, dev_f, t_enc = torch.load(args.feature_cache, weights_only=True)
     dev_f = dev_f[:len(dev)]
 else:
     train_f, t_enc = encode_all(train)
     dev_f, _ = encode_all(load("data_cache/synth/dev.jsonl"))
-    torch.save((train_f, dev_f, t_enc), "/tmp/probes/feats.pt")
+    torch.save((train_f, dev_f, t_enc), args.feature_cache)
     dev_f = dev_f[:len(dev)]
 print(f"encoded {len(train)} train utts in {t_enc:.1f}s")
 
@@ -160,7 +168,7 @@ while True:
         opt.zero_grad()
         step += 1
         t_train += time.time() - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         elapsed = time.time() - start - t_eval_total
         if step % 25 == 0:
             print(f"step {step} loss {np.mean(losses[-25:]):.3f} {t_train / step:.2f}s/step train_min {elapsed / 60:.1f}", flush=True)
