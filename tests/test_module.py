@@ -106,6 +106,10 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
 def test_lr_schedule_warmup_then_linear_decay():
     assert [round(lr_lambda(s, 4, 12, "linear", 0.0), 3) for s in (0, 3, 4, 8, 12)] == [0.25, 1.0, 1.0, 0.5, 0.0]
     assert lr_lambda(12, 4, 12, "cosine", 0.1) == pytest.approx(0.1)
+    # warmup-stable-decay: the peak until the last quarter of the 8 post-warm-up steps, then linear to 0
+    assert [lr_lambda(s, 4, 12, "linear", 0.0, 0.25) for s in (3, 4, 9, 10, 11, 12)] == [1.0, 1.0, 1.0, 1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="decay_fraction must be in"):
+        lr_lambda(5, 0, 10, "linear", 0.0, 0.0)
     with pytest.raises(ValueError, match="'step'"):
         lr_lambda(5, 0, 10, "step", 0.0)
 

@@ -307,3 +307,18 @@ def test_whisper_window_per_utterance_matches_a_pinned_window_of_its_size_and_re
 def test_speechllm_refuses_a_pinned_window_together_with_a_window_step():
     with pytest.raises(ValueError, match="encoder_window_seconds .* encoder_window_step_seconds .* not both"):
         tiny_speechllm(encoder_window_seconds=2.0, encoder_window_step_seconds=1.0)
+
+
+def test_whisper_features_stay_float32_when_the_encoder_is_cast_to_bfloat16():
+    """bf16-true casts every buffer; the log-mel filterbank must stay float32 and the features match fp32 ones."""
+    encoder = build_speech_encoder(tiny_whisper_config(window_seconds=4)).eval()
+    audio, lens = torch.randn(2, 16000), torch.tensor([16000, 9000])
+    with torch.no_grad():
+        reference = encoder.features(torch.nn.functional.pad(audio, (0, encoder.full_window_samples - 16000)))
+        encoder.to(torch.bfloat16)
+        assert encoder.encoder.conv1.weight.dtype == torch.bfloat16
+        assert all(b.dtype == torch.float32 for b in encoder.features.buffers())
+        features = encoder.features(torch.nn.functional.pad(audio, (0, encoder.full_window_samples - 16000)))
+        frames, frame_lens = encoder(audio, lens)
+    torch.testing.assert_close(features, reference)
+    assert frames.dtype == torch.bfloat16 and frame_lens.tolist() == [50, 29]

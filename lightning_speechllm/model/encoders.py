@@ -44,6 +44,13 @@ class WhisperLogMel(nn.Module):
             norm="slaney", mel_scale="slaney", center=True, pad_mode="reflect",
         )
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move with the module, but keep the window and filterbank in float32: the features are computed in float32
+        whatever the module's dtype (`bf16-true` casts every buffer)."""
+        super()._apply(fn, recurse)
+        self.mel.float()
+        return self
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """[B, S] waveforms (already padded to the window) -> [B, n_mels, S // 160] log-mel features."""
         with torch.autocast(device_type=audio.device.type, enabled=False):

@@ -42,6 +42,9 @@ class OptimConfig:
     """Decay after warm-up: 'linear' (to `min_lr_ratio * lr` at the last step), 'cosine' or 'constant'."""
     min_lr_ratio: float = 0.0
     """Floor of the decay, as a fraction of `lr`."""
+    decay_fraction: float = 1.0
+    """Share of the post-warm-up steps the decay takes, at the end; the LR stays at `lr` before it
+    (warmup-stable-decay). 1.0 decays from the end of warm-up on."""
 
 
 @dataclass
@@ -67,13 +70,19 @@ class Hypothesis:
     hypothesis: str
 
 
-def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float) -> float:
-    """Multiplier of the peak LR at optimiser step `step`."""
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float, decay_fraction: float = 1.0) -> float:
+    """Multiplier of the peak LR at optimiser step `step`: linear warm-up, the peak, then the decay over the last
+    `decay_fraction` of the post-warm-up steps."""
+    if not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant" or total <= warmup:
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay_start = total - round(decay_fraction * (total - warmup))
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
     if schedule == "linear":
         return floor + (1.0 - floor) * (1.0 - progress)
     if schedule == "cosine":
@@ -256,7 +265,8 @@ class SpeechLLMModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio))
+            optimizer, lambda step: lr_lambda(step, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio,
+                                             cfg.decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- checkpoints
