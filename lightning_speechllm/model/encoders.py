@@ -47,8 +47,12 @@ class WhisperLogMel(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """Move with the module, but keep the window and filterbank in float32: the features are computed in float32
         whatever the module's dtype (`bf16-true` casts every buffer)."""
+        float32 = {name: buffer for name, buffer in self.mel.named_buffers() if buffer.dtype == torch.float32}
         super()._apply(fn, recurse)
-        self.mel.float()
+        for name, moved in list(self.mel.named_buffers()):
+            if name in float32 and moved.dtype != torch.float32:
+                owner, _, leaf = name.rpartition(".")
+                self.mel.get_submodule(owner)._buffers[leaf] = float32[name].to(moved.device)
         return self
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
