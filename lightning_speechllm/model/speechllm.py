@@ -99,7 +99,7 @@ class SpeechLLM(nn.Module):
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.projector = Projector(encoder.output_dim, llm_dim, self.config.projector) if encoder else None
         self._configure_encoder_window(encoder)
-        self._encoder_key: str | None = None
+        self._encoder_weights_digest: str | None = None
         self.layer_mask = DecoderLayerMask(self.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -193,13 +193,14 @@ class SpeechLLM(nn.Module):
         encoder outputs (``data.encoder_cache``) are stored and checked under this key."""
         if self.encoder is None:
             raise RuntimeError("this SpeechLLM has no speech encoder")
-        if self._encoder_key is None:
-            digest = hashlib.sha256(json.dumps(self.encoder_description(), sort_keys=True).encode())
+        if self._encoder_weights_digest is None:  # the encoder is frozen: its weights are hashed once
+            digest = hashlib.sha256()
             for name, tensor in sorted(self.encoder.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._encoder_key = digest.hexdigest()[:16]
-        return self._encoder_key
+            self._encoder_weights_digest = digest.hexdigest()
+        description = json.dumps(self.encoder_description(), sort_keys=True)
+        return hashlib.sha256(f"{description}\n{self._encoder_weights_digest}".encode()).hexdigest()[:16]
 
     def encoder_description(self) -> dict:
         """What the encoder cache key stands for (without the weights digest)."""
@@ -208,11 +209,10 @@ class SpeechLLM(nn.Module):
         return {"encoder_class": type(encoder).__name__, "encoder_path": self.config.encoder_path,
                 "encoder_config": config.to_dict() if config is not None else None,
                 "window_samples": getattr(encoder, "window_samples", None),
-                "window_step_samples": getattr(encoder, "window_step_samples", None),
-                "dtype": str(next(encoder.parameters()).dtype)}
+                "window_step_samples": getattr(encoder, "window_step_samples", None)}
 
     def encode_frames(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Waveforms (on any device) -> frozen-encoder frames and lengths, computed on the model's device (the
+        """Waveforms (on any device) -> frozen-encoder frames and lengths, computed on the encoder's device (the
         encoding function of ``data.encoder_cache``)."""
         device = next(self.encoder.parameters()).device
         return self.encoder(audio.to(device), audio_lens.to(device))
