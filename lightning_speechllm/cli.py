@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,7 @@ class SpeechLLMCLI(LightningCLI):
     """LightningCLI bound to SpeechLLMModule + SpeechDataModule; prepares the default corpora when they are used."""
 
     def before_instantiate_classes(self) -> None:
+        self._created = time.monotonic()  # preparing the corpora and loading the models come next
         config = self.config.get(self.subcommand, self.config)
         _prepare_default_corpora(config.data)
         trainer = config.trainer
@@ -42,13 +44,21 @@ class SpeechLLMCLI(LightningCLI):
                                  "weights without one) on the datamodule's test sets; scores go to scores.json and "
                                  "the report.")
 
+    def before_fit(self) -> None:
+        self._fit_started = time.monotonic()
+
     def after_fit(self) -> None:
         """Test the best checkpoint (with --test_after_fit), print the scores and write scores.json and
         report.md/html (scores, examples, redundancy maps, agreement) into the run directory."""
         from lightning_speechllm.evaluation.report import write_report
 
+        seconds = {"startup": self._fit_started - self._created, "fit (encoder cache, training, validation)":
+                   time.monotonic() - self._fit_started}
         validation = _scores(self.trainer.callback_metrics, "val/")
+        test_started = time.monotonic()
         test = self._test_best() if self.config[self.subcommand].get("test_after_fit") else {}
+        if test:
+            seconds["test"] = time.monotonic() - test_started
         if not self.trainer.is_global_zero:
             return
         print("last validation:", json.dumps(validation))
@@ -56,7 +66,8 @@ class SpeechLLMCLI(LightningCLI):
             print("test (best checkpoint):", json.dumps(test))
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         examples = [asdict(h) for h in _examples_per_set(self.model.hypotheses)] if test else []
-        summary = {"global_step": self.trainer.global_step, "validation": validation, "test": test,
+        summary = {"global_step": self.trainer.global_step, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+                   "validation": validation, "test": test,
                    "test_checkpoint": self._best_checkpoint() if test else None, "test_examples": examples}
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "scores.json")
         markdown, page = write_report(run_dir, title="lightning_speechllm fit")

@@ -42,10 +42,13 @@ def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path,
     run = tmp_path / "run" / "lightning_logs" / "version_0"
     scores = json.loads((run / "scores.json").read_text())
     assert scores["global_step"] == 2 and scores["test_checkpoint"].endswith(".ckpt")
+    assert list(scores["seconds"]) == ["startup", "fit (encoder cache, training, validation)", "test"]
+    assert all(value >= 0 for value in scores["seconds"].values()) and sum(scores["seconds"].values()) > 0
     assert 0 <= scores["test"]["test/heldout/wer"] and len(scores["test_examples"]) == len(TEXTS)
     assert {e["reference"] for e in scores["test_examples"]} == set(TEXTS)
     report = (run / "report.md").read_text()
     assert "## Scores" in report and "`test/heldout/wer`" in report and "| heldout | hello world |" in report
+    assert "Wall time: startup 0 min" in report
     assert "### dev — speech (epoch 0)" in report and "redundancy/dev/text/epoch=0.png" in report
     assert (run / "report.html").read_text().count("data:image/png;base64") >= 2
     checkpoint = next((run / "checkpoints").glob("*.ckpt"))

@@ -102,6 +102,12 @@ def _pct(value: Any) -> str:
     return "-" if not isinstance(value, (int, float)) else f"{100 * value:.0f}%"
 
 
+def _timing(seconds: dict[str, float]) -> str:
+    """' Wall time: ...' from {phase: seconds} (empty without timings)."""
+    parts = [f"{phase} {int(value // 60)} min {round(value % 60)} s" for phase, value in seconds.items()]
+    return f" Wall time: {', '.join(parts)}." if parts else ""
+
+
 def _scores_blocks(scores_json: Path) -> list[Block]:
     """WER/BLEU/loss per set from the `scores.json` that `fit` writes, with a few test hypotheses."""
     if not scores_json.is_file():
@@ -113,8 +119,8 @@ def _scores_blocks(scores_json: Path) -> list[Block]:
         table = ["| stage | metric | value |", "|---|---|---:|"]
         table += [f"| {stage} | `{key}` | {_num(value)} |" for stage, key, value in rows]
         where = f" Test scores are of `{data['test_checkpoint']}`." if data.get("test_checkpoint") else ""
-        blocks.append(Block("markdown", f"After {data.get('global_step', '?')} training steps.{where}\n\n"
-                                        + "\n".join(table)))
+        blocks.append(Block("markdown", f"After {data.get('global_step', '?')} training steps.{where}"
+                                        f"{_timing(data.get('seconds') or {})}\n\n" + "\n".join(table)))
     examples = data.get("test_examples") or []
     if examples:
         table = ["| set | reference | hypothesis |", "|---|---|---|"]
