@@ -61,3 +61,17 @@ def test_frames_of_another_encoder_or_window_are_refused(tmp_path):
             other.build_inputs(batch)
     text_only = batch.as_text_only()
     assert text_only.encoder_frames is None and other_window.build_inputs(text_only).inputs_embeds.shape[0] == len(batch)
+
+
+def test_a_batch_with_cached_frames_for_some_utterances_only_is_refused():
+    import numpy as np
+
+    from lightning_speechllm.data.dataset import Utterance, collate_utterances
+
+    cached = Utterance("a", np.zeros(0, np.float32), "x", "asr", "x", encoder_frames=np.ones((3, 4), np.float16),
+                       encoder_key="k")
+    live = Utterance("b", np.ones(800, np.float32), "y", "asr", "y")
+    with pytest.raises(ValueError, match="1 of the 2 utterances of a batch carry cached encoder outputs"):
+        collate_utterances([cached, live])
+    batch = collate_utterances([cached, cached])
+    assert batch.encoder_frames.shape == (2, 3, 4) and batch.encoder_key == "k" and batch.audio.shape == (2, 0)

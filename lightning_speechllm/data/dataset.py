@@ -71,7 +71,11 @@ def check_waveform(audio: np.ndarray, sample_rate: int, max_audio_seconds: float
 
 def collate_utterances(utts: list[Utterance], text_only: bool = False) -> SpeechBatch:
     """Right-pad waveforms with zeros into ``[B, S]``; ``text_only`` gives ``[B, 0]`` audio and zero lengths."""
-    if not text_only and utts and all(u.encoder_frames is not None for u in utts):
+    cached = sum(u.encoder_frames is not None for u in utts)
+    if not text_only and cached:
+        if cached != len(utts):
+            raise ValueError(f"{cached} of the {len(utts)} utterances of a batch carry cached encoder outputs: "
+                             "cache the whole set (SpeechDataModule.use_encoder_cache)")
         return _collate_encoder_frames(utts)
     lens = torch.tensor([0 if text_only else len(u.audio) for u in utts], dtype=torch.int64)
     max_len = int(lens.max()) if len(utts) else 0
