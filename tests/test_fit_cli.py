@@ -67,14 +67,18 @@ def test_options_override_the_embedded_default_and_a_config_replaces_it(monkeypa
 
     class ParseOnly(cli.SpeechLLMCLI):
         def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
             parsed["fit"] = self.config.fit
             raise SystemExit(0)
 
     monkeypatch.setattr(cli, "SpeechLLMCLI", ParseOnly)
+    monkeypatch.setattr(cli, "_prepare_default_corpora", lambda data: None)
     with pytest.raises(SystemExit):
         cli.fit(["--trainer.max_steps", "1000"])
     config, default = parsed["fit"], yaml.safe_load(cli.DEFAULT_CONFIG.read_text())
     assert config.trainer.max_steps == 1000 and config.trainer.precision == default["trainer"]["precision"]
+    assert default["trainer"]["val_check_interval"] is None
+    assert config.trainer.val_check_interval == 1000  # validation (and the best checkpoint) follows max_steps
     assert config.data.train == default["data"]["train"] and len(default["data"]["train"]) == 2
     assert config.model.model.llm_path == default["model"]["model"]["llm_path"]
 
