@@ -36,3 +36,18 @@ class NonFiniteLoss(HealingLoss):
 
 class NotALoss(torch.nn.Module):
     """A module that is not a HealingLoss (load_loss must refuse it)."""
+
+
+class NonFiniteOnRank(HealingLoss):
+    """NaN on one DDP rank only, at its `at_call`-th call (0-based); zero elsewhere, attached to the student graph."""
+
+    def __init__(self, rank: int = 1, at_call: int = 0) -> None:
+        super().__init__()
+        self.rank, self.at_call, self.calls = rank, at_call, 0
+
+    def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        value = 0.0 * inputs.student_logits.sum()
+        nan = rank == self.rank and self.calls == self.at_call
+        self.calls += 1
+        return (value + float("nan") if nan else value), {}

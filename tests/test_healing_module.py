@@ -252,6 +252,66 @@ def test_two_rank_ddp_heals_like_one_rank_with_the_same_global_batch(tmp_path):
     assert any(not torch.allclose(results[1]["state"][k], v) for k, v in projector.items())  # it did train
 
 
+NAN_ON_ONE_RANK_SCRIPT = """
+import json
+import sys
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from lightning_speechllm.healing.losses import LossSpec
+from lightning_speechllm.healing.module import HealingConfig, HealingModule, NonFiniteLossError
+from lightning_speechllm.model.module import DecodingConfig, OptimConfig
+from lightning_speechllm.model.speechllm import LoraConfig
+from tests.test_speechllm import make_batch
+from tests.tiny_speechllm import tiny_speechllm
+
+torch.set_num_threads(1)
+on_nan, out = sys.argv[1], sys.argv[2]
+lora = LoraConfig(r=4, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+losses = [LossSpec("TaskCrossEntropy"), LossSpec("tests.healing_custom_loss.NonFiniteOnRank", {"rank": 1})]
+module = HealingModule(healing=HealingConfig(removed_layers=[1, 2], lora=lora, losses=losses, on_nan=on_nan),
+                       optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+                       decoding=DecodingConfig(generate_in_validation=False), speechllm=tiny_speechllm(seed=0))
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_val_batches=0, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+try:
+    trainer.fit(module, train_dataloaders=DataLoader([make_batch(seed=i) for i in range(4)], batch_size=None))
+    error = None
+except NonFiniteLossError as caught:
+    error = str(caught)
+state = {k: v.tolist() for k, v in module.speechllm.trainable_state_dict().items() if "projector" in k}
+with open(f"{out}.rank{trainer.global_rank}.json", "w") as handle:
+    json.dump({"skipped": module.skipped_steps, "step": trainer.global_step, "error": error, "state": state}, handle)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_nan", ["skip", "raise"])
+def test_a_nan_on_one_rank_only_is_decided_the_same_on_every_rank(tmp_path, on_nan):
+    """Rank 1's loss is NaN at its first step, rank 0's is finite: both ranks skip that update (the step is counted,
+    nothing moves) and then train in step, or both raise. Deciding on the local flag lets the ranks' weights diverge
+    (skip) or leaves rank 0 alone in the gradient all-reduce (raise: a hang, caught by the timeout)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "nan_one_rank.py"
+    script.write_text(NAN_ON_ONE_RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "result"
+    proc = subprocess.run([sys.executable, str(script), on_nan, str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    if on_nan == "skip":
+        assert [r["skipped"] for r in ranks] == [1, 1] and [r["step"] for r in ranks] == [2, 2]
+        assert ranks[0]["state"] == ranks[1]["state"]  # the ranks stayed in step
+    else:
+        assert "a loss part on another rank" in ranks[0]["error"] and "non_finite_on_rank" in ranks[1]["error"]
+
+
 def test_yaml_config_builds_the_weighted_losses(tmp_path):
     """`losses` is a YAML list of {class_path, init_args, weight} that jsonargparse keeps as plain dicts."""
     from jsonargparse import ArgumentParser

@@ -119,6 +119,7 @@ class HealingModule(SpeechLLMModule):
         self.save_hyperparameters({"model": asdict(self.model_config), "healing": asdict(self.healing)})
         self.loss_fn: WeightedHealingLoss = build_losses(self.healing.losses)
         self.skipped_steps = 0
+        self._skip_optimizer_step = False
         self.teacher_projector: torch.nn.Module | None = None
         self.has_teacher_adapter = False
         if self.healing.teacher_checkpoint:
@@ -264,7 +265,7 @@ class HealingModule(SpeechLLMModule):
         return self.loss_fn(self.healing_inputs(batch))
 
     # ----------------------------------------------------------------------------------------------- training
-    def training_step(self, batch: SpeechBatch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: SpeechBatch, batch_idx: int) -> Tensor:
         if len(batch) == 0:
             return self.empty_batch_loss()
         total, parts = self.healing_step(batch)
@@ -276,12 +277,26 @@ class HealingModule(SpeechLLMModule):
                                          "set healing.on_nan='skip' to skip such steps")
             self.skipped_steps += 1
             self.log("train/skipped_nonfinite", float(self.skipped_steps), batch_size=len(batch))
-            return None
+            self._skip_optimizer_step = True
+            # A zero loss on every trainable weight, not None (which Lightning refuses under DDP): every rank still
+            # runs backward and the gradient all-reduce; optimizer_step then skips the update on every rank.
+            return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
         size = len(batch)
         self.log("train/loss", total, prog_bar=True, batch_size=size)
         for name, value in parts.items():
             self.log(f"train/loss/{name}", value.detach(), batch_size=size)
         return total
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Skip the update of a step whose loss was non-finite on some rank (``on_nan='skip'``). The closure (training
+        step + backward) runs alone, as Lightning documents for skipped steps, so no weight, moment or decay moves."""
+        if optimizer_closure is None or self.healing.on_nan != "skip":
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer_closure()
+        if self._skip_optimizer_step:
+            self._skip_optimizer_step = False
+            return None
+        return optimizer.step()
 
     def _any_rank(self, flag: bool) -> bool:
         """True when `flag` holds on any rank (all ranks then take the same branch under DDP)."""
