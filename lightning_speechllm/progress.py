@@ -18,11 +18,11 @@ class PlainProgressLog(L.Callback):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
-        self._losses: deque[float] = deque(maxlen=every_n_steps)
+        self._losses: deque[Any] = deque(maxlen=every_n_steps)  # detached tensors: read only when printing
         self._start = 0.0
         self._start_step = 0
         self._utterances = 0
-        self._tokens = 0
+        self._tokens: Any = 0
         self._printed_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -32,10 +32,10 @@ class PlainProgressLog(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._utterances += len(batch) if hasattr(batch, "__len__") else 0
-        self._tokens += int(getattr(pl_module, "tokens_in_last_batch", 0) or 0)
+        self._tokens = self._tokens + getattr(pl_module, "tokens_in_last_batch", 0)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self._losses.append(float(loss.detach() if hasattr(loss, "detach") else loss))
+            self._losses.append(loss.detach() if hasattr(loss, "detach") else loss)
         step = trainer.global_step
         last = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if trainer.is_global_zero and step != self._printed_step and (step % self.every_n_steps == 0 or step == last):
@@ -47,12 +47,12 @@ class PlainProgressLog(L.Callback):
         done = max(step - self._start_step, 1)
         parts = [f"step {step}/{last}" if last else f"step {step}"]
         if self._losses:
-            parts.append(f"loss {sum(self._losses) / len(self._losses):.4f}")
+            parts.append(f"loss {float(sum(self._losses)) / len(self._losses):.4f}")
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
         parts.append(f"{self._utterances / elapsed:.1f} utt/s")
-        if self._tokens:
-            parts.append(f"{self._tokens / elapsed:.0f} tok/s")
+        if int(self._tokens):
+            parts.append(f"{int(self._tokens) / elapsed:.0f} tok/s")
         parts.append(f"elapsed {_clock(elapsed)}")
         if last:
             parts.append(f"ETA {_clock(elapsed / done * max(last - step, 0))}")

@@ -249,7 +249,7 @@ class HealingModule(SpeechLLMModule):
         inputs = self.speechllm.build_inputs(batch, with_targets=True)
         if inputs.labels is None:
             raise ValueError(f"batch {batch.ids[:3]}... has no target tokens: cannot heal on it")
-        self.tokens_in_last_batch = int(inputs.attention_mask.sum())
+        self.tokens_in_last_batch = inputs.attention_mask.sum().detach()
         hidden = self.loss_fn.needs_hidden_states
         student_logits, student_hidden = self.student_pass(inputs, hidden)
         teacher_logits, teacher_hidden = (self.teacher_pass(self.teacher_inputs(batch, inputs), hidden)
@@ -278,9 +278,9 @@ class HealingModule(SpeechLLMModule):
             self.skipped_steps += 1
             self.log("train/skipped_nonfinite", float(self.skipped_steps), batch_size=len(batch))
             self._skip_optimizer_step = True
-            # A zero loss on every trainable weight, not None (which Lightning refuses under DDP): every rank still
-            # runs backward and the gradient all-reduce; optimizer_step then skips the update on every rank.
-            return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
+            # A zero loss, not None (which Lightning refuses under DDP): every rank still runs backward and the
+            # gradient all-reduce; optimizer_step then skips the update on every rank.
+            return self.zero_loss()
         size = len(batch)
         self.log("train/loss", total, prog_bar=True, batch_size=size)
         for name, value in parts.items():
@@ -292,11 +292,11 @@ class HealingModule(SpeechLLMModule):
         step + backward) runs alone, as Lightning documents for skipped steps, so no weight, moment or decay moves."""
         if optimizer_closure is None or self.healing.on_nan != "skip":
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        optimizer_closure()
+        loss = optimizer_closure()
         if self._skip_optimizer_step:
             self._skip_optimizer_step = False
             return None
-        return optimizer.step()
+        return optimizer.step(closure=lambda: loss)  # the backward ran; precision plugins see its loss
 
     def _any_rank(self, flag: bool) -> bool:
         """True when `flag` holds on any rank (all ranks then take the same branch under DDP)."""

@@ -138,8 +138,11 @@ class WhisperSpeechEncoder(SpeechEncoder):
             )
         lens = self.frame_lengths(audio_lens)
         windows = self.windows(audio_lens)
+        groups = sorted(set(windows.tolist()))
+        if len(groups) == 1:  # one window for the whole batch (always so for a pinned window): no gather/scatter
+            return self._encode_window(audio[:, : groups[0]], groups[0], int(lens.max())), lens
         hidden = None
-        for window in sorted(set(windows.tolist())):
+        for window in groups:
             rows = (windows == window).nonzero().flatten()
             group = self._encode_window(audio[rows, : min(window, audio.shape[1])], window, int(lens[rows].max()))
             if hidden is None:

@@ -108,7 +108,8 @@ class SpeechLLMModule(L.LightningModule):
         self.eval_counts = nn.ModuleDict()  # per metric key: utterances scored, summed across ranks
         self.hypotheses: list[Hypothesis] = []
         self.empty_batches = 0
-        self.tokens_in_last_batch = 0  # LLM input tokens of the last training batch (for progress logs)
+        self.tokens_in_last_batch: torch.Tensor | int = 0  # LLM input tokens of the last training batch (a tensor:
+        # read by the progress log only when it prints, so training never waits on the device for it)
 
     # ----------------------------------------------------------------------------------------------- steps
     def model_step(self, batch: SpeechBatch) -> tuple[torch.Tensor, Any]:
@@ -120,7 +121,7 @@ class SpeechLLMModule(L.LightningModule):
         if len(batch) == 0:
             return self.empty_batch_loss()
         loss, (_, inputs) = self.model_step(batch)
-        self.tokens_in_last_batch = int(inputs.attention_mask.sum())
+        self.tokens_in_last_batch = inputs.attention_mask.sum().detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -140,6 +141,10 @@ class SpeechLLMModule(L.LightningModule):
         weight decay, if set, still applies)."""
         self.empty_batches += 1
         self.log("train/empty_batches", float(self.empty_batches))
+        return self.zero_loss()
+
+    def zero_loss(self) -> torch.Tensor:
+        """0 attached to every trainable weight: backward (and DDP's gradient all-reduce) runs, gradients are zero."""
         return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
 
     def _eval_step(self, stage: str, batch: SpeechBatch, dataloader_idx: int) -> None:
