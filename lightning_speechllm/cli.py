@@ -7,10 +7,11 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.model.checkpoint import check_checkpoint_file
 from lightning_speechllm.model.module import SpeechLLMModule
 from lightning_speechllm.progress import progress_defaults
 
@@ -26,7 +27,25 @@ DEFAULT_CORPUS = Path("data_cache/synth")
 REAL_SPEECH_CORPUS = Path("data_cache/asterisk")
 
 
-class SpeechLLMCLI(LightningCLI):
+class SafeResume:
+    """LightningCLI mixin: a ``--ckpt_path`` checkpoint is read as data (tensors, plain containers), never as code.
+
+    Lightning hands ``--weights_only`` (default None) to ``torch.load`` when it resumes; None means torch's own
+    default, True since torch 2.6 but False under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` and on older torch, so our
+    default is an explicit True. A checkpoint file holding anything else is refused before Lightning opens it, with a
+    CheckpointError naming the file and the offending object (Lightning's own refusal names neither).
+    """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        parser.set_defaults({f"{subcommand}.weights_only": True for subcommand in self.subcommands()})
+        super().parse_arguments(parser, args)  # type: ignore[misc]
+        config = self.config.get(str(self.config.get("subcommand")), self.config)  # type: ignore[attr-defined]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():  # "last", "best" ...: Lightning finds them, weights_only=True
+            check_checkpoint_file(ckpt_path)
+
+
+class SpeechLLMCLI(SafeResume, LightningCLI):
     """LightningCLI bound to SpeechLLMModule + SpeechDataModule; prepares the default corpora when they are used."""
 
     def before_instantiate_classes(self) -> None:

@@ -113,7 +113,7 @@ def test_sweep_refuses_a_checkpoint_of_a_pruned_model(assets, healed, tmp_path, 
 def test_removed_layers_come_from_the_plan_or_the_model_settings(assets, tmp_path):
     module = SpeechLLMModule(model=_model_config(assets, removed_layers=[3]))
     path = _save(module, tmp_path / "masked.ckpt")
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)
     assert removed_layers_of(checkpoint) == [3]
     with pytest.raises(CheckpointError, match=r"removed decoder layers \[3\]"):
         load_module(path, allow_pruned=False)

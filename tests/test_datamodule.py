@@ -135,7 +135,7 @@ def test_lightning_checkpoint_resume_continues_mid_epoch_with_workers(tmp_path: 
         cut_model, SpeechDataModule(manifest, **kw)
     )
     [path] = list((tmp_path / "ck").iterdir())
-    state = torch.load(path, weights_only=False)["SpeechDataModule"]["train_sampler"]
+    state = torch.load(path, weights_only=True)["SpeechDataModule"]["train_sampler"]
     assert state["epoch"] == 1 and state["diagnostics"]["stats_per_epoch"][1]["kept_batches"] == 2
 
     resumed = _RecordingModule()

@@ -52,10 +52,10 @@ def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path,
     assert "### dev — speech (epoch 0)" in report and "redundancy/dev/text/epoch=0.png" in report
     assert (run / "report.html").read_text().count("data:image/png;base64") >= 2
     checkpoint = next((run / "checkpoints").glob("*.ckpt"))
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
     assert cli.fit([*fit_args(assets, tmp_path / "run", max_steps=4), "--ckpt_path", str(checkpoint)]) == 0
     resumed = next((tmp_path / "run" / "lightning_logs" / "version_1" / "checkpoints").glob("*.ckpt"))
-    assert torch.load(resumed, weights_only=False)["global_step"] == 4
+    assert torch.load(resumed, weights_only=True)["global_step"] == 4
 
 
 def test_options_override_the_embedded_default_and_a_config_replaces_it(monkeypatch):

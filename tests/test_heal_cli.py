@@ -73,12 +73,12 @@ def test_heal_from_yaml_then_resume_from_last(assets, tmp_path):
                                                      "init_args": {"dirpath": str(tmp_path / "ck"),
                                                                    "save_last": True}}])
     assert main(["--config", str(config)]) == 0
-    first = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    first = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 2 and first["healing"]["plan"]["removed_layers"] == [1, 2]
     lora_layers = {k.split(".layers.")[1].split(".")[0] for k in first["state_dict"] if "lora_" in k}
     assert lora_layers == {"3"}  # the receiving layer only
     assert main(["--config", str(config), "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
-    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["global_step"] == 3
     with pytest.raises(ValueError, match="on_nan must be one of"):
         main(["--config", str(config), "--model.healing.on_nan", "maybe"])
     assert main(["--config", str(config), "--trainer.max_steps", "many"]) == 2  # jsonargparse error: exit code 2
@@ -117,7 +117,7 @@ def test_heal_takes_a_users_loss_class_by_class_path(assets, tmp_path):
     TargetTokenMargin.calls.clear()
     assert main(["--config", str(config), "--trainer.max_steps", "3"]) == 0
     assert len(TargetTokenMargin.calls) == 3 and all(np.isfinite(TargetTokenMargin.calls))
-    checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
     assert checkpoint["hyper_parameters"]["healing"]["losses"][1]["class_path"].endswith(".TargetTokenMargin")
 

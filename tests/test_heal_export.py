@@ -86,7 +86,7 @@ def test_iterative_healing_checkpoint_exports_its_final_plan(tmp_path):
     argv = ["--config", str(config), "--model.healing.removed_layers", "[]",
             "--data.val_sets", json.dumps({"dev": str(assets["manifest"])})]
     assert heal(argv) == 0
-    checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     [state] = [v for k, v in checkpoint["callbacks"].items() if k.startswith("IterativePruning")]
     removed = sorted(i for r in state["history"] for i in r["removed"])
     assert len(removed) == 2 and checkpoint["healing"]["plan"]["removed_layers"] == removed

@@ -34,6 +34,7 @@ from lightning_speechllm.healing.losses import (
     layer_map_for,
     prediction_mask,
 )
+from lightning_speechllm.model.checkpoint import load_checkpoint_file
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import LLMInputs, LoraConfig, SpeechLLM, SpeechLLMConfig, peft_lora_config
 from lightning_speechllm.pruning.plan import receiving_layers
@@ -161,8 +162,9 @@ class HealingModule(SpeechLLMModule):
 
     # ------------------------------------------------------------------------------------------ teacher checkpoint
     def _load_teacher(self, path: str) -> None:
-        """Teacher projector (a frozen copy) and LoRA (a frozen PEFT adapter named 'teacher') from a checkpoint."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        """Teacher projector (a frozen copy) and LoRA (a frozen PEFT adapter named 'teacher') from a checkpoint,
+        read as data only (a teacher checkpoint often comes from someone else)."""
+        checkpoint = load_checkpoint_file(path)
         state = {k.removeprefix("speechllm."): v for k, v in checkpoint.get("state_dict", {}).items()}
         projector = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
         if projector:
