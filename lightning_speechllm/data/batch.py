@@ -53,6 +53,19 @@ class SpeechBatch:
             self.encoder_frame_lens = self.encoder_frame_lens.to(device, non_blocking=True)
         return self
 
+    def pin_memory(self) -> "SpeechBatch":
+        """A copy whose tensors sit in pinned (page-locked) host memory, so that `to(device, non_blocking=True)` is
+        a truly asynchronous copy. The DataLoader's `pin_memory=True` calls this (it pins only what it knows how
+        to: tensors, containers, or objects with this method). Without an accelerator torch cannot pin: the
+        batch is returned as is."""
+        if not _can_pin():
+            return self
+        frames = {}
+        if self.encoder_frames is not None:
+            frames = {"encoder_frames": self.encoder_frames.pin_memory(),
+                      "encoder_frame_lens": self.encoder_frame_lens.pin_memory()}
+        return replace(self, **frames, audio=self.audio.pin_memory(), audio_lens=self.audio_lens.pin_memory())
+
     def subset(self, rows: list[int]) -> "SpeechBatch":
         """The utterances at `rows`, audio trimmed to the longest of them."""
         lens = self.audio_lens[rows]
@@ -71,3 +84,8 @@ class SpeechBatch:
         """The same utterances as a text-only batch: [B, 0] audio, zero lengths, transcripts read as text."""
         return replace(self, audio=self.audio[:, :0], audio_lens=torch.zeros_like(self.audio_lens), text_only=True,
                        encoder_frames=None, encoder_frame_lens=None, encoder_key=None)
+
+
+def _can_pin() -> bool:
+    """Whether host memory can be pinned: torch needs an accelerator (CUDA, XPU...) to page-lock memory."""
+    return torch.accelerator.is_available()

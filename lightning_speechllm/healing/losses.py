@@ -11,10 +11,14 @@ are detached tensors worth logging (e.g. per-layer terms). A YAML list of :class
         weight: 0.5
       - class_path: my_package.losses.MyLoss  # any importable HealingLoss subclass
 
-Conventions: logits and labels are ``[B, T, ...]`` and LEFT-padded as built by
-:meth:`lightning_speechllm.model.speechllm.SpeechLLM.build_inputs`; ``target_mask[b, t]`` is True where the
-logits at position ``t`` predict a target token, i.e. ``labels[b, t + 1] != -100`` (see :func:`prediction_mask`).
-Hidden states are the pre-norm residual stream recorded by
+Conventions: sequences are LEFT-padded as built by :meth:`lightning_speechllm.model.speechllm.SpeechLLM.build_inputs`,
+so the targets are right-aligned. The logits (student and teacher), ``labels`` and ``target_mask`` cover the TARGET
+WINDOW only: the last ``W`` of the ``T`` positions, ``W = target_window(labels)`` = the longest target + 1, i.e.
+every position whose logits predict a target token (a ``[B, T, V]`` tensor at a 150k vocabulary is GBs).
+``target_mask[b, t]`` is True where the logits at window position ``t`` predict a target token, i.e.
+``labels[b, t + 1] != -100`` (see :func:`prediction_mask`). ``attention_mask`` and the hidden states keep all ``T``
+positions; :meth:`HealingInputs.in_window` cuts them to the window. A loss that needs logits at every position
+sets ``needs_full_logits = True`` (then ``W == T``). Hidden states are the pre-norm residual stream recorded by
 :meth:`lightning_speechllm.model.layer_mask.DecoderLayerMask.record_residual_stream`.
 """
 from __future__ import annotations
@@ -69,24 +73,39 @@ def layer_map_for(kept_layers: Sequence[int]) -> dict[int, int]:
 
 @dataclass
 class HealingInputs:
-    """Everything a healing loss may read for one batch."""
+    """Everything a healing loss may read for one batch.
+
+    Logits, ``labels`` and ``target_mask`` cover the target window: the last ``W`` of the batch's ``T`` positions
+    (``W = target_window(labels)``: every position whose logits predict a target token; ``W == T`` when a loss
+    sets ``needs_full_logits``). ``attention_mask`` and hidden states cover all ``T`` positions."""
 
     student_logits: Tensor
-    """``[B, T, V]`` logits of the pruned (student) model."""
+    """``[B, W, V]`` logits of the pruned (student) model at the window's positions."""
     labels: Tensor
-    """``[B, T]`` token ids of the targets, -100 elsewhere (unshifted, as built by ``build_inputs``)."""
+    """``[B, W]`` token ids of the targets, -100 elsewhere (unshifted, as built by ``build_inputs``, cut to the
+    window)."""
     target_mask: Tensor
-    """``[B, T]`` bool: logits at ``t`` predict a target token (see :func:`prediction_mask`)."""
+    """``[B, W]`` bool: logits at window position ``t`` predict a target token (see :func:`prediction_mask`)."""
     attention_mask: Tensor | None = None
-    """``[B, T]`` 1 on real tokens, 0 on padding (for losses over all tokens)."""
+    """``[B, T]`` 1 on real tokens, 0 on padding, over ALL positions (for losses over all tokens)."""
     teacher_logits: Tensor | None = None
-    """``[B, T, V]`` logits of the unpruned teacher, when a loss needs them."""
+    """``[B, W, V]`` logits of the unpruned teacher at the same positions, when a loss needs them."""
     student_hidden: list[Tensor] = field(default_factory=list)
-    """Student residual states ``x^0 .. x^K`` (K kept layers), each ``[B, T, D]``."""
+    """Student residual states ``x^0 .. x^K`` (K kept layers), each ``[B, T, D]`` (all positions)."""
     teacher_hidden: list[Tensor] = field(default_factory=list)
-    """Teacher residual states ``x^0 .. x^L`` (all layers), each ``[B, T, D]``."""
+    """Teacher residual states ``x^0 .. x^L`` (all layers), each ``[B, T, D]`` (all positions)."""
     layer_map: dict[int, int] = field(default_factory=dict)
     """Student state index -> teacher state index (see :func:`layer_map_for`)."""
+
+    @property
+    def window(self) -> int:
+        """``W``: how many final positions the logits, labels and target mask cover."""
+        return self.labels.shape[1]
+
+    def in_window(self, tensor: Tensor) -> Tensor:
+        """The last ``W`` positions of an all-positions ``[B, T, ...]`` tensor (a hidden state, the attention
+        mask), aligned with the logits, labels and target mask."""
+        return tensor[:, tensor.shape[1] - self.window:]
 
 
 class HealingLoss(nn.Module):
@@ -98,6 +117,8 @@ class HealingLoss(nn.Module):
 
     needs_teacher: bool = False
     needs_hidden_states: bool = False
+    needs_full_logits: bool = False
+    """True: the logits cover every position (``W == T``), not just the target window; costly at a large vocabulary."""
 
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs)")
@@ -114,11 +135,6 @@ def _upcast(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-def _masked_mean(per_token: Tensor, mask: Tensor, loss: HealingLoss) -> Tensor:
-    count = mask.sum()
-    if int(count) == 0:
-        raise ValueError(f"{type(loss).__name__}: the batch has no selected tokens (empty mask)")
-    return (per_token * mask.to(per_token.dtype)).sum() / count
 
 
 class TaskCrossEntropy(HealingLoss):
@@ -132,9 +148,10 @@ class TaskCrossEntropy(HealingLoss):
 
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
         labels = _require(inputs.labels, "labels", self)
-        logits = _upcast(inputs.student_logits[:, :-1])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                           ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
+        targets = labels[:, 1:] != IGNORE_INDEX
+        # Only the target positions are upcast (the mean over them is what ignore_index gave on all positions).
+        logits = _upcast(inputs.student_logits[:, :-1][targets])
+        loss = nn.functional.cross_entropy(logits, labels[:, 1:][targets], label_smoothing=self.label_smoothing)
         return loss, {}
 
 
@@ -220,6 +237,8 @@ class _HiddenStateLoss(HealingLoss):
         return pairs
 
     def _token_mask(self, inputs: HealingInputs) -> Tensor:
+        """``[B, n]`` bool over the LAST n positions of the hidden states: all of them with tokens='all', the
+        target window otherwise."""
         if self.tokens == "all":
             mask = _require(inputs.attention_mask, "an attention mask (tokens='all')", self)
             return mask.bool()
@@ -230,13 +249,21 @@ class _HiddenStateLoss(HealingLoss):
 
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
         mask = self._token_mask(inputs)
+        if not bool(mask.any()):
+            raise ValueError(f"{type(self).__name__}: the batch has no selected tokens (empty mask)")
         terms = {}
         for s, t in self._pairs(inputs):
-            student = _upcast(inputs.student_hidden[s])
-            teacher = _upcast(inputs.teacher_hidden[t]).detach()
-            terms[f"state{s}"] = _masked_mean(self._per_token(student, teacher), mask, self)
+            # The chosen tokens are picked first, then upcast: [N, D] in float32, not [B, T, D].
+            student = _upcast(_last(inputs.student_hidden[s], mask.shape[1])[mask])
+            teacher = _upcast(_last(inputs.teacher_hidden[t], mask.shape[1])[mask]).detach()
+            terms[f"state{s}"] = self._per_token(student, teacher).mean()
         loss = torch.stack(list(terms.values())).mean()
         return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def _last(tensor: Tensor, count: int) -> Tensor:
+    """The last `count` positions of a ``[B, T, ...]`` tensor."""
+    return tensor[:, tensor.shape[1] - count:]
 
 
 class HiddenStateMSE(_HiddenStateLoss):
@@ -308,6 +335,10 @@ class WeightedHealingLoss(nn.Module):
     @property
     def needs_hidden_states(self) -> bool:
         return any(loss.needs_hidden_states for loss in self.parts.values())
+
+    @property
+    def needs_full_logits(self) -> bool:
+        return any(loss.needs_full_logits for loss in self.parts.values())
 
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total, parts)``: parts holds each loss (graph kept, unweighted) and its extras as ``name/key``."""

@@ -36,7 +36,14 @@ from lightning_speechllm.healing.losses import (
 )
 from lightning_speechllm.model.checkpoint import load_checkpoint_file
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
-from lightning_speechllm.model.speechllm import LLMInputs, LoraConfig, SpeechLLM, SpeechLLMConfig, peft_lora_config
+from lightning_speechllm.model.speechllm import (
+    LLMInputs,
+    LoraConfig,
+    SpeechLLM,
+    SpeechLLMConfig,
+    peft_lora_config,
+    target_window,
+)
 from lightning_speechllm.pruning.plan import receiving_layers
 
 __all__ = ["HealingConfig", "HealingModule", "NonFiniteLossError", "PlanMismatchError", "load_plan", "receiving_layers"]
@@ -220,9 +227,11 @@ class HealingModule(SpeechLLMModule):
         return inputs
 
     # ------------------------------------------------------------------------------------------------- passes
-    def teacher_pass(self, inputs: LLMInputs, hidden: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """Logits (and residual states x^0..x^L when `hidden`) of the unpruned model: no healing adapters, the
-        teacher adapter when a teacher checkpoint brought one."""
+    def teacher_pass(self, inputs: LLMInputs, hidden: bool = False,
+                     logits_to_keep: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """Logits of the last `logits_to_keep` positions (0 = all) and, when `hidden`, residual states x^0..x^L (all
+        positions) of the unpruned model: no healing adapters, the teacher adapter when a teacher checkpoint
+        brought one."""
         sl = self.speechllm
         mask = sl.layer_mask
         with ExitStack() as stack:
@@ -235,29 +244,35 @@ class HealingModule(SpeechLLMModule):
             stack.enter_context(_eval_mode(sl.llm))
             stream = stack.enter_context(mask.record_residual_stream()) if hidden else None
             output = sl.llm(inputs_embeds=inputs.inputs_embeds.detach(), attention_mask=inputs.attention_mask,
-                            position_ids=inputs.position_ids, use_cache=False)
+                            position_ids=inputs.position_ids, use_cache=False, logits_to_keep=logits_to_keep)
         return output.logits, (stream.states if stream is not None else [])
 
-    def student_pass(self, inputs: LLMInputs, hidden: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """Logits (and residual states x^0..x^K with their graph when `hidden`) of the pruned model."""
+    def student_pass(self, inputs: LLMInputs, hidden: bool = False,
+                     logits_to_keep: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """Logits of the last `logits_to_keep` positions (0 = all) and, when `hidden`, residual states x^0..x^K
+        (all positions, with their graph) of the pruned model (checkpointed with `gradient_checkpointing`)."""
         sl = self.speechllm
         with sl.layer_mask.record_residual_stream(detach=False) if hidden else nullcontext() as stream:
-            output = sl.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                            position_ids=inputs.position_ids, use_cache=False)
+            output = sl.run_decoder(inputs, logits_to_keep=logits_to_keep)
         return output.logits, (stream.states if stream is not None else [])
 
     def healing_inputs(self, batch: SpeechBatch) -> HealingInputs:
-        """Student pass, plus the teacher pass when a loss needs it."""
+        """Student pass, plus the teacher pass when a loss needs it. Logits, labels and target mask cover the
+        target window only (see `HealingInputs`), the same positions for student and teacher."""
         inputs = self.speechllm.build_inputs(batch, with_targets=True)
         if inputs.labels is None:
             raise ValueError(f"batch {batch.ids[:3]}... has no target tokens: cannot heal on it")
         self.tokens_in_last_batch = inputs.attention_mask.sum().detach()
         hidden = self.loss_fn.needs_hidden_states
-        student_logits, student_hidden = self.student_pass(inputs, hidden)
-        teacher_logits, teacher_hidden = (self.teacher_pass(self.teacher_inputs(batch, inputs), hidden)
-                                          if self.loss_fn.needs_teacher else (None, []))
+        # Targets are right-aligned (left padding): the LM head runs on the last `window` positions only.
+        window = 0 if self.loss_fn.needs_full_logits else target_window(inputs.labels)
+        student_logits, student_hidden = self.student_pass(inputs, hidden, logits_to_keep=window)
+        teacher_logits, teacher_hidden = (
+            self.teacher_pass(self.teacher_inputs(batch, inputs), hidden, logits_to_keep=window)
+            if self.loss_fn.needs_teacher else (None, []))
+        labels = inputs.labels[:, -window:] if window else inputs.labels
         return HealingInputs(
-            student_logits=student_logits, labels=inputs.labels, target_mask=prediction_mask(inputs.labels),
+            student_logits=student_logits, labels=labels, target_mask=prediction_mask(labels),
             attention_mask=inputs.attention_mask, teacher_logits=teacher_logits, student_hidden=student_hidden,
             teacher_hidden=teacher_hidden, layer_map=layer_map_for(self.speechllm.layer_mask.active_layers),
         )

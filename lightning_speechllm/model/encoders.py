@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torchaudio
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -68,11 +68,12 @@ class WhisperLogMel(nn.Module):
 class WhisperSpeechEncoder(SpeechEncoder):
     """Whisper encoder only: pads every utterance to the 30 s window and keeps the frames that cover real audio."""
 
-    def __init__(self, config: WhisperConfig) -> None:
+    def __init__(self, config: WhisperConfig, encoder: WhisperEncoder | None = None) -> None:
+        """`encoder`: an already built (loaded) HF encoder; None builds a randomly initialised one."""
         super().__init__()
         self.config = config
         self.features = WhisperLogMel(config.num_mel_bins)
-        self.encoder = WhisperEncoder(config)
+        self.encoder = encoder if encoder is not None else WhisperEncoder(config)
         self.output_dim = config.d_model
         # 2 mel frames per encoder frame (conv2 stride 2), 160 samples per mel frame.
         self.full_window_samples = config.max_source_positions * 2 * 160
@@ -106,13 +107,22 @@ class WhisperSpeechEncoder(SpeechEncoder):
         return (steps * step).clamp(max=self.full_window_samples)
 
     @classmethod
-    def from_pretrained(cls, path: Path, config: WhisperConfig) -> "WhisperSpeechEncoder":
-        module = cls(config)
-        state = _load_state_dict_with_prefix(path, ("model.encoder.", "encoder."))
-        missing, unexpected = module.encoder.load_state_dict(state, strict=False)
+    def from_pretrained(cls, path: Path, config: WhisperConfig,
+                        dtype: torch.dtype = torch.float32) -> "WhisperSpeechEncoder":
+        """The encoder of a Whisper checkpoint (the decoder's tensors are never read), weights in `dtype`. The
+        module is built on the meta device and takes the checkpoint's tensors as its parameters: no random
+        initialisation, and the weights are in memory once."""
+        state = _load_state_dict_with_prefix(path, ("model.encoder.", "encoder."), dtype)
+        with torch.device("meta"):
+            encoder = WhisperEncoder(config)
+        missing = sorted(set(encoder.state_dict()) - set(state))
         if missing:
             raise EncoderError(f"{path}: Whisper encoder weights missing from the checkpoint: {missing[:5]}...")
-        return module
+        encoder.load_state_dict(state, strict=False, assign=True)  # extra tensors are ignored, as before
+        left = [name for name, t in (*encoder.named_parameters(), *encoder.named_buffers()) if t.is_meta]
+        if left:
+            raise EncoderError(f"{path}: Whisper encoder tensors not in the checkpoint: {left[:5]}")
+        return cls(config, encoder=encoder)
 
     def _encode_short_window(self, mel: torch.Tensor) -> torch.Tensor:
         """HF's WhisperEncoder.forward with the positional table cut to the window (HF insists on 3000 frames)."""
@@ -174,8 +184,10 @@ class WaveformSpeechEncoder(SpeechEncoder):
         self.use_attention_mask = getattr(model.config, "feat_extract_norm", "layer") == "layer"
 
     @classmethod
-    def from_pretrained(cls, path: Path, config: PretrainedConfig) -> "WaveformSpeechEncoder":
-        model = AutoModel.from_pretrained(path, config=config)
+    def from_pretrained(cls, path: Path, config: PretrainedConfig,
+                        dtype: torch.dtype = torch.float32) -> "WaveformSpeechEncoder":
+        # transformers 5 loads on the meta device from the memory-mapped checkpoint (no random init, one copy).
+        model = AutoModel.from_pretrained(path, config=config, dtype=dtype)
         return cls(model, normalize=_reads_do_normalize(path))
 
     @classmethod
@@ -184,8 +196,12 @@ class WaveformSpeechEncoder(SpeechEncoder):
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < audio_lens[:, None]
+        # The normalisation runs in float32 whatever the weights' (or a `*-true` precision's batch) dtype: the
+        # variance of a long waveform in bf16 is visibly off. Only its result is cast to the model's dtype.
+        audio = audio.float()
         if self.normalize:
-            audio = _zero_mean_unit_var(audio, valid)
+            with torch.autocast(device_type=audio.device.type, enabled=False):
+                audio = _zero_mean_unit_var(audio, valid)
         kwargs = {"attention_mask": valid.long()} if self.use_attention_mask else {}
         hidden = self.model(input_values=audio.to(self._dtype()), **kwargs).last_hidden_state
         lens = self.model._get_feat_extract_output_lengths(audio_lens).clamp(max=hidden.shape[1])
@@ -209,22 +225,40 @@ def _reads_do_normalize(path: Path) -> bool:
     return True
 
 
-def _load_state_dict_with_prefix(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Tensors of the first prefix found in the directory's (possibly sharded) safetensors, with the prefix cut."""
+def _load_state_dict_with_prefix(path: Path, prefixes: tuple[str, ...],
+                                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of the first prefix found in the directory's (possibly sharded) safetensors, with the prefix cut, in
+    `dtype` (None: as stored). Only those tensors are read: the file headers list the keys, and `safe_open` reads
+    one tensor at a time from the memory-mapped file (a full Whisper checkpoint's decoder is never loaded)."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise EncoderError(f"{path}: no *.safetensors weights found")
-    full: dict[str, torch.Tensor] = {}
-    for file in files:
-        full.update(load_file(str(file)))
+    keys = {file: _safetensors_keys(file) for file in files}
     for prefix in prefixes:
-        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        if state:
-            return state
+        wanted = {file: [k for k in file_keys if k.startswith(prefix)] for file, file_keys in keys.items()}
+        if any(wanted.values()):
+            return {key[len(prefix):]: tensor for key, tensor in _read_tensors(wanted, dtype)}
     raise EncoderError(f"{path}: no tensors start with any of {prefixes}")
 
 
-EncoderLoader = Callable[[Path, PretrainedConfig], SpeechEncoder]
+def _safetensors_keys(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def _read_tensors(wanted: dict[Path, list[str]], dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for the chosen keys of each file; each tensor is cast as soon as it is read, so that a
+    float16 checkpoint loaded in float32 never holds both copies of more than one tensor."""
+    for file, file_keys in wanted.items():
+        if not file_keys:
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            for key in file_keys:
+                tensor = handle.get_tensor(key)
+                yield key, tensor if dtype is None else tensor.to(dtype)
+
+
+EncoderLoader = Callable[[Path, PretrainedConfig, torch.dtype], SpeechEncoder]
 EncoderBuilder = Callable[[PretrainedConfig], SpeechEncoder]
 
 ENCODER_REGISTRY: dict[str, tuple[EncoderLoader, EncoderBuilder]] = {
@@ -233,7 +267,7 @@ ENCODER_REGISTRY: dict[str, tuple[EncoderLoader, EncoderBuilder]] = {
     "hubert": (WaveformSpeechEncoder.from_pretrained, WaveformSpeechEncoder.from_config),
     "wav2vec2": (WaveformSpeechEncoder.from_pretrained, WaveformSpeechEncoder.from_config),
 }
-"""model_type -> (load from a local directory, build randomly initialised from a config)."""
+"""model_type -> (load from a local directory with weights in a dtype, build randomly initialised from a config)."""
 
 
 def _registry_entry(model_type: str) -> tuple[EncoderLoader, EncoderBuilder]:
@@ -244,14 +278,15 @@ def _registry_entry(model_type: str) -> tuple[EncoderLoader, EncoderBuilder]:
     return ENCODER_REGISTRY[model_type]
 
 
-def load_speech_encoder(path: str | Path) -> SpeechEncoder:
-    """Load the encoder of a local HF directory (a full Whisper checkpoint is fine: only its encoder is read)."""
+def load_speech_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> SpeechEncoder:
+    """Load the encoder of a local HF directory (a full Whisper checkpoint is fine: only its encoder is read), its
+    weights in `dtype` (the features are computed in float32 whatever it is)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EncoderError(f"{path}: not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
     loader, _ = _registry_entry(config.model_type)
-    return loader(path, config)
+    return loader(path, config, dtype)
 
 
 def build_speech_encoder(config: PretrainedConfig) -> SpeechEncoder:

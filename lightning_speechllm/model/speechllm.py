@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.model.encoders import SpeechEncoder, load_speech_encoder
@@ -24,6 +26,8 @@ from lightning_speechllm.model.segments import Segment
 
 IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""The attention kernels `attn_implementation` may name (transformers' names)."""
 
 
 @dataclass
@@ -64,6 +68,17 @@ class SpeechLLMConfig:
     """Prompt wording and template."""
     llm_dtype: str = "float32"
     """Decoder weight dtype: float32, bfloat16 (recommended on GPU) or float16."""
+    encoder_dtype: str = "float32"
+    """Speech-encoder weight dtype: float32, bfloat16 or float16. The features (Whisper log-mel, waveform
+    normalisation) are computed in float32 whatever this is; the frames are cast to the projector's dtype."""
+    attn_implementation: str | None = None
+    """Decoder attention kernel: None (transformers' default, sdpa where available), 'eager', 'sdpa',
+    'flash_attention_2' (needs the flash-attn package, a CUDA GPU and a half-precision llm_dtype), 'flash_attention_3'
+    or 'flex_attention'."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (non-reentrant
+    checkpointing): much less activation memory for long speech prompts, about one extra decoder forward of time.
+    Applies whenever gradients flow through the decoder (LoRA, or a trainable projector under a frozen decoder)."""
     train_projector: bool = True
     """Train the projector."""
     train_encoder: bool = False
@@ -92,7 +107,7 @@ class SpeechLLM(nn.Module):
                  config: SpeechLLMConfig | None = None) -> None:
         super().__init__()
         self.config = config or SpeechLLMConfig()
-        self.encoder = encoder
+        self.encoder = _cast_encoder(encoder, self.config.encoder_dtype)
         self.llm = llm
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, self.config.prompt)
@@ -104,6 +119,9 @@ class SpeechLLM(nn.Module):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._apply_trainability()
+        _set_attn_implementation(self.llm, self.config.attn_implementation)
+        if self.config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.llm)
         if self.config.lora is not None:
             self.add_lora(self.config.lora)
         if self.config.removed_layers:
@@ -129,10 +147,16 @@ class SpeechLLM(nn.Module):
         """Load the LLM, tokenizer and encoder from local directories (or offline asset names)."""
         from lightning_speechllm.assets import resolve
 
+        llm_dtype, encoder_dtype = _dtype(config.llm_dtype), _dtype(config.encoder_dtype, "encoder_dtype")
+        attn = _attn_implementation(config.attn_implementation)  # refused before any weight is read
         llm_dir = resolve(config.llm_path)
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=_dtype(config.llm_dtype), trust_remote_code=False)
+        # transformers 5 builds the model on the meta device and fills it from the memory-mapped safetensors
+        # (what `low_cpu_mem_usage=True` was): the weights are in memory once, not a random init plus a copy.
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=llm_dtype, attn_implementation=attn,
+                                                   trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=False)
-        encoder = load_speech_encoder(resolve(config.encoder_path)) if config.encoder_path else None
+        encoder = (load_speech_encoder(resolve(config.encoder_path), dtype=encoder_dtype)
+                   if config.encoder_path else None)
         return cls(llm, tokenizer, encoder, config)
 
     def _apply_trainability(self) -> None:
@@ -275,10 +299,35 @@ class SpeechLLM(nn.Module):
         LM head and its backward skip the prompt and speech positions (`output.logits` covers that window only)."""
         inputs = self.build_inputs(batch, with_targets=True)
         window = target_window(inputs.labels)
-        output = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                          position_ids=inputs.position_ids, use_cache=False, logits_to_keep=window, **llm_kwargs)
+        output = self.run_decoder(inputs, logits_to_keep=window, **llm_kwargs)
         labels = inputs.labels[:, -window:] if window else None  # window is 0 only without targets
         return target_cross_entropy(output.logits, labels), output, inputs
+
+    def run_decoder(self, inputs: LLMInputs, logits_to_keep: int = 0, **llm_kwargs) -> object:
+        """One teacher-forced decoder call on `inputs` (no KV cache); logits for the last `logits_to_keep` positions
+        only (0 = every position). With `gradient_checkpointing`, the layers are checkpointed whenever gradients
+        are on, even under a frozen (eval-mode) decoder."""
+        with self._checkpointed_layers():
+            return self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                            position_ids=inputs.position_ids, use_cache=False, logits_to_keep=logits_to_keep,
+                            **llm_kwargs)
+
+    @contextmanager
+    def _checkpointed_layers(self) -> Iterator[None]:
+        """transformers checkpoints a decoder layer only in training mode, and a frozen decoder stays in eval mode
+        (no dropout). So, for the call, the active decoder-layer blocks alone are flagged as training (their
+        submodules, where attention dropout reads the flag, stay in eval mode)."""
+        if not (self.config.gradient_checkpointing and torch.is_grad_enabled()):
+            yield
+            return
+        flagged = [m for m in self.llm.modules() if isinstance(m, GradientCheckpointingLayer) and not m.training]
+        for module in flagged:
+            module.training = True
+        try:
+            yield
+        finally:
+            for module in flagged:
+                module.training = False
 
     @torch.no_grad()
     def generate(self, batch: SpeechBatch, max_new_tokens: int = 128, num_beams: int = 1,
@@ -352,9 +401,50 @@ def target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None) -> t
     return nn.functional.cross_entropy(logits[:, :-1][targets].float(), shift_labels[targets])
 
 
-def _dtype(name: str) -> torch.dtype:
+def enable_gradient_checkpointing(llm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer of an HF causal LM (or a PeftModel on one)."""
+    model = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    kwargs = {"use_reentrant": False}  # no need for inputs that require grad; works with frozen weights and PEFT
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also hooks the input embeddings to require grad (for reentrant checkpointing). Non-reentrant
+    # checkpointing does not need it, and it would make every backward run down to the embeddings, through the
+    # layers below the first adapted one.
+    model.disable_input_require_grads()
+
+
+def _attn_implementation(name: str | None) -> str | None:
+    if name is not None and name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation must be null or one of {list(ATTN_IMPLEMENTATIONS)}, "
+                         f"got {name!r}")
+    return name
+
+
+def _set_attn_implementation(llm: nn.Module, name: str | None) -> None:
+    """Switch an already built decoder (injected, or loaded) to `name`; None leaves it as it is."""
+    if _attn_implementation(name) is None:
+        return
+    model = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)
+
+
+def _cast_encoder(encoder: SpeechEncoder | None, dtype_name: str) -> SpeechEncoder | None:
+    """The encoder's weights in `encoder_dtype` (a loaded encoder already is; an injected one is cast)."""
+    dtype = _dtype(dtype_name, "encoder_dtype")
+    if encoder is None:
+        return None
+    param = next(encoder.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        encoder.to(dtype)  # feature front ends keep their float32 buffers (see WhisperLogMel._apply)
+    return encoder
+
+
+def _dtype(name: str, key: str = "llm_dtype") -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"llm_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ValueError(f"model.{key} must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 

@@ -132,10 +132,11 @@ def _separate_teacher(args: BenchArgs, module: Any) -> None:
     teacher = AutoModelForCausalLM.from_pretrained(resolve(args.llm_path), dtype=DTYPES[args.dtype])
     teacher = teacher.to(args.device).eval().requires_grad_(False)
 
-    def teacher_pass(inputs: Any, hidden: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def teacher_pass(inputs: Any, hidden: bool = False,
+                     logits_to_keep: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with torch.no_grad():
             output = teacher(inputs_embeds=inputs.inputs_embeds.detach(), attention_mask=inputs.attention_mask,
-                             position_ids=inputs.position_ids, use_cache=False)
+                             position_ids=inputs.position_ids, use_cache=False, logits_to_keep=logits_to_keep)
         return output.logits, []
 
     module.teacher_pass = teacher_pass
