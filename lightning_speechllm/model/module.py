@@ -12,6 +12,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torchmetrics.aggregation import SumMetric
 
@@ -19,7 +21,7 @@ from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.batch import SpeechBatch, is_padding_duplicate
 from lightning_speechllm.data.manifest import TASKS
 from lightning_speechllm.evaluation import WordErrorCounts, corpus_bleu_metric
-from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
+from lightning_speechllm.model.speechllm import IGNORE_INDEX, SpeechLLM, SpeechLLMConfig
 
 STATE_PREFIX = "speechllm."
 EVAL_SPLITS = {"fit": ("val",), "validate": ("val",), "test": ("test",)}
@@ -148,21 +150,24 @@ class SpeechLLMModule(L.LightningModule):
         return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
 
     def _eval_step(self, stage: str, batch: SpeechBatch, dataloader_idx: int) -> None:
+        scored = [i for i, uid in enumerate(batch.ids) if not is_padding_duplicate(uid)]  # Lhotse's DDP padding
+        if len(scored) < len(batch):
+            batch = batch.subset(scored)
         if len(batch) == 0:
             return
         set_name = self.set_name(stage, dataloader_idx)
-        loss, _ = self.model_step(batch)
-        self.log(f"{stage}/{set_name}/loss", loss, batch_size=len(batch), add_dataloader_idx=False, sync_dist=True)
+        loss, (_, inputs) = self.model_step(batch)
+        # Weighted by target tokens: the logged loss is the corpus's per-token loss, however it was batched or sharded.
+        tokens = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
+        self.log(f"{stage}/{set_name}/loss", loss, batch_size=tokens, add_dataloader_idx=False, sync_dist=True)
         if stage == "val" and dataloader_idx == 0:
-            self.log("val/loss", loss, batch_size=len(batch), add_dataloader_idx=False, sync_dist=True, prog_bar=True)
+            self.log("val/loss", loss, batch_size=tokens, add_dataloader_idx=False, sync_dist=True, prog_bar=True)
         if stage == "val" and not self.decoding.generate_in_validation:
             return
         hyps = self.speechllm.generate(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
         self._update_metrics(stage, set_name, batch, hyps)
 
     def _update_metrics(self, stage: str, set_name: str, batch: SpeechBatch, hyps: list[str]) -> None:
-        scored = [i for i, uid in enumerate(batch.ids) if not is_padding_duplicate(uid)]
-        batch, hyps = batch.subset(scored), [hyps[i] for i in scored]
         for task in sorted(set(batch.tasks)):
             rows = [i for i, t in enumerate(batch.tasks) if t == task]
             metric, counter = self._metric(stage, set_name, task)
@@ -173,6 +178,14 @@ class SpeechLLMModule(L.LightningModule):
                 metric.update([hyps[i] for i in rows], [[batch.texts[i]] for i in rows])
         self.hypotheses.extend(Hypothesis(set_name, uid, task, ref, hyp)
                                for uid, task, ref, hyp in zip(batch.ids, batch.tasks, batch.texts, hyps))
+
+    def gathered_hypotheses(self) -> list[Hypothesis]:
+        """The hypotheses of the last evaluation epoch from every rank (a collective under DDP: call it on all)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return list(self.hypotheses)
+        shards: list[list[Hypothesis] | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shards, self.hypotheses)
+        return [hypothesis for shard in shards for hypothesis in shard or []]
 
     def _metric(self, stage: str, set_name: str, task: str) -> tuple[nn.Module, SumMetric]:
         """The metric of (stage, set, task) and its utterance counter; created here only when :meth:`setup` could
@@ -193,6 +206,15 @@ class SpeechLLMModule(L.LightningModule):
                     self._metric(split, set_name, task)
         if stage == "fit":
             self._use_encoder_cache()
+
+    def on_fit_start(self) -> None:
+        """Say once which parts are frozen in eval mode, in place of Lightning's start-of-training warning about
+        "modules in eval mode" (which our frozen parts would trigger on every run: that is intended, not a bug)."""
+        frozen = self.speechllm.frozen_eval_parts()
+        if frozen:
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                                    category=PossibleUserWarning)
+            rank_zero_info(f"frozen, in eval mode (no dropout, SpecAugment or LayerDrop): {', '.join(frozen)}")
 
     def _use_encoder_cache(self) -> None:
         """Hand the datamodule this model's frozen encoder (moved to the training device) and its cache key, so that
@@ -248,12 +270,14 @@ class SpeechLLMModule(L.LightningModule):
             metric.reset()
             if scored == 0:
                 continue
+            # The values are already global (synced metric states), so sync_dist's mean over ranks returns them.
             if task == "asr":
-                self.log(f"{stage}/{set_name}/wer", 100 * value["wer"], add_dataloader_idx=False)
+                self.log(f"{stage}/{set_name}/wer", 100 * value["wer"], add_dataloader_idx=False, sync_dist=True)
                 for part in ("substitutions", "deletions", "insertions"):
-                    self.log(f"{stage}/{set_name}/{part}", value[part].float(), add_dataloader_idx=False)
+                    self.log(f"{stage}/{set_name}/{part}", value[part].float(), add_dataloader_idx=False,
+                             sync_dist=True)
             else:
-                self.log(f"{stage}/{set_name}/bleu", 100 * value, add_dataloader_idx=False)
+                self.log(f"{stage}/{set_name}/bleu", 100 * value, add_dataloader_idx=False, sync_dist=True)
 
     def set_name(self, stage: str, dataloader_idx: int) -> str:
         """The validation/test set name the datamodule gave this dataloader (or '<stage><idx>')."""

@@ -176,6 +176,8 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"LoRA layers {bad} out of range for a decoder with {num_layers} layers")
         with self.layer_mask.active(range(num_layers)):
             self.llm = get_peft_model(self.llm, peft_lora_config(lora))
+        if self.config.gradient_checkpointing:
+            _drop_input_grad_hook(self.llm)  # PEFT adds it back on a checkpointed model
 
     @property
     def has_lora(self) -> bool:
@@ -199,6 +201,11 @@ class SpeechLLM(nn.Module):
         if not self.has_lora:
             self.llm.eval()
         return self
+
+    def frozen_eval_parts(self) -> list[str]:
+        """The parts :meth:`train` keeps in eval mode because they are frozen ('speech encoder', 'decoder')."""
+        parts = ["speech encoder"] if self.encoder is not None and not self.config.train_encoder else []
+        return parts + ([] if self.has_lora else ["decoder"])
 
     @property
     def device(self) -> torch.device:
@@ -409,9 +416,14 @@ def enable_gradient_checkpointing(llm: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    # transformers also hooks the input embeddings to require grad (for reentrant checkpointing). Non-reentrant
-    # checkpointing does not need it, and it would make every backward run down to the embeddings, through the
-    # layers below the first adapted one.
+    _drop_input_grad_hook(model)
+
+
+def _drop_input_grad_hook(llm: nn.Module) -> None:
+    """transformers (on enabling checkpointing) and PEFT (on wrapping a checkpointed model) hook the input embeddings
+    to require grad, for reentrant checkpointing. Non-reentrant checkpointing does not need it, and it would make
+    every backward run down to the embeddings, through the layers below the first adapted one."""
+    model = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     model.disable_input_require_grads()
 
 

@@ -29,7 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.data.batch import SpeechBatch, is_padding_duplicate
 from lightning_speechllm.redundancy import plots, report
 from lightning_speechllm.redundancy.analysis import RedundancyResult, path_agreement, spearman_rho
 from lightning_speechllm.redundancy.measure import RedundancyAccumulator
@@ -127,6 +127,20 @@ class RedundancyCallback(L.Callback):
         self._measuring = self._should_measure(trainer)
         self.accumulators = {}
         self._batches_seen = {}
+        if self._measuring:
+            self._create_accumulators(pl_module)
+
+    def _create_accumulators(self, pl_module: L.LightningModule) -> None:
+        """One accumulator per (named set, modality) before the first batch, so that every DDP rank syncs the same
+        ones in the same order, whatever its shard holds (a rank that lazily missed one would hang the others)."""
+        expected = getattr(pl_module, "expected_eval_tasks", None)
+        names = list(expected("val")) if callable(expected) else []
+        has_encoder = _speechllm(pl_module).encoder is not None
+        for set_name in names:
+            if self.sets is None or set_name in self.sets:
+                for modality in self.modalities:
+                    if modality == "text" or has_encoder:
+                        self._accumulator(set_name, modality, pl_module)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -143,6 +157,12 @@ class RedundancyCallback(L.Callback):
             return
         set_name = pl_module.set_name("val", dataloader_idx)
         self._batches_seen[set_name] = self._batches_seen.get(set_name, 0) + 1
+        rows = [i for i, uid in enumerate(batch.ids) if not is_padding_duplicate(uid)]  # Lhotse's DDP padding
+        if not rows:
+            return
+        if len(rows) < len(batch):
+            recorded = _recorded_rows(recorded, rows, len(batch))
+            batch = batch.subset(rows)
         speechllm = _speechllm(pl_module)
         own = "text" if batch.text_only else "speech"
         for modality in self._modalities_for(pl_module, batch):
@@ -161,6 +181,8 @@ class RedundancyCallback(L.Callback):
         self.results, self.agreements = {}, {}
         # Same order on every rank: compute() syncs the metric states under DDP.
         for (set_name, modality), accumulator in sorted(self.accumulators.items()):
+            if accumulator.global_utterance_count() == 0:  # e.g. no speech in a text-only set: same on every rank
+                continue
             result = accumulator.result(model_id=model_id, set_name=set_name, modality=modality, epoch=epoch,
                                         n_boot=self.n_boot)
             result.extra["layer_indices"] = list(_speechllm(pl_module).layer_mask.active_layers)
@@ -256,14 +278,16 @@ class RedundancyCallback(L.Callback):
         for block in self.log_block_sizes:
             if block <= result.num_layers:
                 first = result.path[block - 1]
-                pl_module.log(f"{prefix}/best_block_n{block}", float(first), add_dataloader_idx=False)
+                # Maps come from synced accumulators: equal on every rank, so sync_dist's mean returns them.
+                pl_module.log(f"{prefix}/best_block_n{block}", float(first), add_dataloader_idx=False, sync_dist=True)
                 pl_module.log(f"{prefix}/best_d_n{block}", float(result.table[block - 1, first]),
-                              add_dataloader_idx=False)
+                              add_dataloader_idx=False, sync_dist=True)
 
     def _log_agreement(self, pl_module: L.LightningModule, set_name: str) -> None:
         agreement = self.agreements[set_name]
         for name, key in (("rho", "spearman_rho"), ("path_exact", "path_exact"), ("path_overlap", "path_overlap")):
-            pl_module.log(f"redundancy/{set_name}/{name}", float(agreement[key]), add_dataloader_idx=False)
+            pl_module.log(f"redundancy/{set_name}/{name}", float(agreement[key]), add_dataloader_idx=False,
+                          sync_dist=True)
 
     def _write(self, trainer: L.Trainer, epoch: int) -> None:
         assert self.output_dir is not None
@@ -295,6 +319,17 @@ class RedundancyCallback(L.Callback):
                 for tag, figure in figures.items():
                     logger.experiment.add_image(tag, figure_to_rgb(figure), global_step=trainer.global_step,
                                                 dataformats="HWC")
+
+
+def _recorded_rows(recorded: tuple[list[torch.Tensor], torch.Tensor] | None, rows: list[int],
+                   batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """The recorded residual states and segment ids of the batch rows ``rows`` (a module whose step already dropped
+    the other rows recorded only those)."""
+    if recorded is None or recorded[1].shape[0] != batch_size:
+        return recorded
+    states, segment_ids = recorded
+    index = torch.tensor(rows, device=segment_ids.device)
+    return [state[index] for state in states], segment_ids[index]
 
 
 def _speechllm(pl_module: L.LightningModule) -> nn.Module:

@@ -1,6 +1,7 @@
 """One-pass measurement on a SpeechLLM: record x^0..x^L of the active layers, update d(l, n) and BI."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,6 +14,14 @@ from lightning_speechllm.redundancy.metrics import (
     TokenSelection,
     select_tokens,
 )
+
+
+def canonical_row_order(tables: torch.Tensor) -> torch.Tensor:
+    """Indices sorting ``[S, L, L]`` per-utterance tables by their values (NaNs ignored, rounded to 1e-6), so that
+    the same utterances measured on other ranks or in other batches come out in the same order."""
+    flat = torch.nan_to_num(tables.reshape(len(tables), -1).double().cpu(), nan=0.0)
+    keys = torch.round(flat * 1e6).numpy()
+    return torch.as_tensor(np.lexsort(keys.T[::-1]), dtype=torch.long, device=tables.device)
 
 
 class RedundancyAccumulator(nn.Module):
@@ -43,15 +52,23 @@ class RedundancyAccumulator(nn.Module):
         self.angular.update(states, token_mask)
         self.influence.update(states, select_tokens(segment_ids, self.bi_token_selection))
 
+    def global_utterance_count(self) -> int:
+        """Utterances measured on all ranks together (a collective under DDP)."""
+        return self.angular.global_utterance_count()
+
     def result(self, *, model_id: str, set_name: str, modality: Modality, epoch: int | None = None,
                n_boot: int = 1000) -> RedundancyResult:
-        """The synced table, BI, pruning path and (with per-sample tables) bootstrap 95% CIs."""
+        """The synced table, BI, pruning path and (with per-sample tables) bootstrap 95% CIs; ``num_samples`` counts
+        the utterances of every rank."""
+        num_samples = self.global_utterance_count()
         per_sample = self.angular.compute_per_sample() if self.angular.keep_per_sample else None
+        if per_sample is not None:  # CIs must not depend on how utterances were sharded across ranks or batched
+            per_sample = per_sample[canonical_row_order(per_sample)]
         has_samples = per_sample is not None and per_sample.shape[0] > 1
         return RedundancyResult.from_tables(
             self.angular.compute(), self.influence.compute(), model_id=model_id,
             token_selection=self.token_selection, set_name=set_name, modality=modality,
-            num_samples=int(self.angular.utterance_count), per_sample_tables=per_sample if has_samples else None,
+            num_samples=num_samples, per_sample_tables=per_sample if has_samples else None,
             epoch=epoch, n_boot=n_boot, extra={"bi_token_selection": self.bi_token_selection},
         )
 

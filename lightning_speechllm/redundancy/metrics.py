@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_speechllm.model.segments import Segment
 
@@ -216,6 +217,12 @@ class AngularDistanceMetric(Metric):
             raise RuntimeError("AngularDistanceMetric.compute() called before any token was selected in update()")
         _, _, valid = block_table_index(self.num_layers, device=total.device)
         return torch.where(valid, total / count, torch.full((), float("nan"), dtype=total.dtype, device=total.device))
+
+    def global_utterance_count(self) -> int:
+        """Utterances seen on every rank together (a collective under DDP: call it on every rank, in the same order)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return int(sum(gather_all_tensors(self.utterance_count, group=self.process_group)))
+        return int(self.utterance_count)
 
     def compute_per_sample(self) -> Tensor:
         """``[S, L, L]`` float32 per-utterance tables (NaN where ``l + n > L``); needs ``keep_per_sample``.
