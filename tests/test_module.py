@@ -124,16 +124,23 @@ def test_a_batch_emptied_by_the_skip_policy_trains_nothing_and_is_counted(tmp_pa
         torch.testing.assert_close(value, before[key], atol=0, rtol=0)
 
 
-def test_lhotse_padding_duplicates_are_not_scored(tmp_path):
+def test_lhotse_padding_duplicates_are_not_scored(tmp_path, monkeypatch):
     model = module()
     batch = make_batch()
     batch.ids = ["u0", "u1", "u0_dup0"]
-    hyps = ["the cat sat on the mat", "one two three", "something else entirely"]
-    model._update_metrics("val", "dev", batch, hyps)
-    counts = model.eval_metrics["val|dev|asr"].compute()
-    expected_words = sum(len(normalize_english(text).split()) for text in hyps[:2])
+    hyps = {"u0": "the cat sat on the mat", "u1": "one two three", "u0_dup0": "something else entirely"}
+    monkeypatch.setattr(model.speechllm, "generate", lambda b, *args: [hyps[i] for i in b.ids])
+    logged = {}
+    monkeypatch.setattr(model, "log", lambda name, value, **kw: logged.setdefault(name, (float(value), kw)))
+    model._eval_step("val", batch, 0)  # without a trainer, dataloader 0 is the set "val0"
+    counts = model.eval_metrics["val|val0|asr"].compute()
+    expected_words = sum(len(normalize_english(text).split()) for text in list(hyps.values())[:2])
     assert counts["wer"].item() == 0.0 and counts["reference_words"].item() == expected_words
     assert [h.id for h in model.hypotheses] == ["u0", "u1"]
+    # The loss is that of the two real utterances, weighted by their target tokens.
+    loss, (_, inputs) = model.model_step(batch.subset([0, 1]))
+    assert logged["val/val0/loss"][0] == pytest.approx(float(loss))
+    assert logged["val/val0/loss"][1]["batch_size"] == int((inputs.labels != -100).sum()) > 2
 
 
 class _MetricKeysAtStart(L.Callback):
