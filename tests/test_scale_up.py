@@ -212,6 +212,22 @@ def test_gradient_checkpointing_with_lora_and_hidden_state_losses():
         torch.testing.assert_close(grads_on[name], grad, atol=1e-5, rtol=1e-4)
 
 
+def test_gradient_checkpointing_backward_stops_at_the_first_adapted_layer():
+    batch = make_batch(text_only=True)  # no projector: only the LoRA on (original) layer 3 trains
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        module = healing_module([CE], gradient_checkpointing=checkpointing).train()
+        first = count_calls(module.speechllm.llm.get_base_model().model.layers[0].input_layernorm)
+        total, _ = module.healing_step(batch)
+        total.backward()
+        grads[checkpointing] = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        calls[checkpointing] = first[0]
+    assert calls == {False: 1, True: 1}  # layer 0 is not recomputed: no gradient is wanted below layer 3
+    assert grads[True].keys() == grads[False].keys() and all("lora_" in n for n in grads[True])
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- 3. attention kernel
 def test_attn_implementation_is_applied_and_an_unknown_one_refused(tmp_path):
     logits = {}
@@ -328,10 +344,11 @@ class RecordingSafeOpen:
     """`safe_open` that records every tensor read."""
 
     def __init__(self, real) -> None:
-        self.real, self.read = real, []
+        self.real, self.read, self.opened = real, [], 0
 
     def __call__(self, *args, **kwargs):
         recorder = self
+        self.opened += 1
 
         class Handle:
             def __init__(self) -> None:
@@ -354,15 +371,19 @@ class RecordingSafeOpen:
         return Handle()
 
 
-@pytest.mark.parametrize("stored", ["float32", "float16", "sharded"])
+@pytest.mark.parametrize("stored", ["float32", "float16", "float16-remapped", "sharded"])
 def test_whisper_loader_reads_only_the_encoder_and_equals_the_old_loader(stored, tmp_path, monkeypatch):
-    dtype = torch.float16 if stored == "float16" else torch.float32
+    dtype = torch.float16 if stored.startswith("float16") else torch.float32
     path = save_whisper(tmp_path / "whisper", dtype, **({"max_shard_size": "40KB"} if stored == "sharded" else {}))
     files = sorted(path.glob("*.safetensors"))
     assert (len(files) > 1) == (stored == "sharded")
     recorder = RecordingSafeOpen(encoders.safe_open)
     monkeypatch.setattr(encoders, "safe_open", recorder)
+    if stored == "float16-remapped":  # the file re-opened after every cast tensor (as after every 256 MiB)
+        monkeypatch.setattr(encoders, "_REMAP_BYTES", 1)
     new = load_speech_encoder(path)
+    if stored == "float16-remapped":
+        assert recorder.opened == 1 + len(new.encoder.state_dict())  # the key scan, then once per tensor
     old = old_whisper_loader(path)
     ours, theirs = new.state_dict(), old.state_dict()
     assert ours.keys() == theirs.keys()
@@ -389,7 +410,8 @@ def test_whisper_loader_names_missing_encoder_weights(tmp_path):
 # -------------------------------------------------------------------------------------------------- 6. pinning
 def cached_batch() -> SpeechBatch:
     batch = make_batch()
-    batch.encoder_frames, batch.encoder_frame_lens, batch.encoder_key = torch.randn(3, 7, 4), torch.tensor([7, 5, 6]), "k"
+    batch.encoder_frames, batch.encoder_frame_lens = torch.randn(3, 7, 4), torch.tensor([7, 5, 6])
+    batch.encoder_key = "k"
     return batch
 
 

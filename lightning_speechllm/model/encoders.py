@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -247,15 +248,24 @@ def _safetensors_keys(file: Path) -> list[str]:
 
 
 def _read_tensors(wanted: dict[Path, list[str]], dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for the chosen keys of each file; each tensor is cast as soon as it is read, so that a
-    float16 checkpoint loaded in float32 never holds both copies of more than one tensor."""
+    """(key, tensor) for the chosen keys of each file. A tensor already in `dtype` stays a view of the memory-mapped
+    file (no copy: the weights are in memory once). One that is cast is copied; the file is then re-opened every
+    `_REMAP_BYTES` of cast tensors, so that the pages already converted are unmapped instead of adding up."""
     for file, file_keys in wanted.items():
-        if not file_keys:
-            continue
-        with safe_open(str(file), framework="pt") as handle:
-            for key in file_keys:
-                tensor = handle.get_tensor(key)
-                yield key, tensor if dtype is None else tensor.to(dtype)
+        pending = deque(file_keys)
+        while pending:
+            with safe_open(str(file), framework="pt") as handle:
+                cast_bytes = 0
+                while pending and cast_bytes < _REMAP_BYTES:
+                    key = pending.popleft()
+                    tensor = handle.get_tensor(key)
+                    if dtype is not None and tensor.dtype != dtype:
+                        cast_bytes += tensor.nbytes
+                        tensor = tensor.to(dtype)
+                    yield key, tensor
+
+
+_REMAP_BYTES = 256 * 2**20
 
 
 EncoderLoader = Callable[[Path, PretrainedConfig, torch.dtype], SpeechEncoder]
