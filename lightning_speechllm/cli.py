@@ -13,6 +13,7 @@ from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.model.checkpoint import check_checkpoint_file
 from lightning_speechllm.model.module import SpeechLLMModule
+from lightning_speechllm.preemption import ResumeLast, with_preemption_checkpoint
 from lightning_speechllm.progress import progress_defaults
 
 TRAINER_DEFAULTS = {
@@ -45,7 +46,7 @@ class SafeResume:
             check_checkpoint_file(ckpt_path)
 
 
-class SpeechLLMCLI(SafeResume, LightningCLI):
+class SpeechLLMCLI(SafeResume, ResumeLast, LightningCLI):
     """LightningCLI bound to SpeechLLMModule + SpeechDataModule; prepares the default corpora when they are used."""
 
     def before_instantiate_classes(self) -> None:
@@ -181,9 +182,11 @@ def run(subcommand: str, argv: list[str]) -> int:
     """Run a LightningCLI subcommand (`fit` starts from the embedded default unless a `--config` is given)."""
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     argv = with_embedded_default(subcommand, argv)
+    trainer_defaults = {**TRAINER_DEFAULTS, **progress_defaults()}
+    if subcommand == "fit":  # SIGTERM / SLURM's SIGUSR1: checkpoint at a step, stop, requeue (preemption.py)
+        trainer_defaults = with_preemption_checkpoint(trainer_defaults)
     SpeechLLMCLI(
-        SpeechLLMModule, SpeechDataModule, args=[subcommand, *argv],
-        trainer_defaults={**TRAINER_DEFAULTS, **progress_defaults()},
+        SpeechLLMModule, SpeechDataModule, args=[subcommand, *argv], trainer_defaults=trainer_defaults,
         save_config_kwargs={"overwrite": True}, seed_everything_default=0, auto_configure_optimizers=False,
     )
     return 0

@@ -3,7 +3,7 @@
 Examples::
 
     python -m lightning_speechllm heal --config configs/heal_kd.yaml
-    python -m lightning_speechllm heal --config configs/heal_kd.yaml --ckpt_path last      # resume
+    python -m lightning_speechllm heal --config configs/heal_kd.yaml --ckpt_path last      # resume (newest)
     python -m lightning_speechllm heal --print_config > heal.yaml                          # every option is a key
     python -m lightning_speechllm heal --model.llm_path smollm2-135m --healing.plan_path plan.json \\
         --data.train data_cache/synth/train.jsonl --trainer.max_steps 5000
@@ -22,6 +22,7 @@ from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
+from lightning_speechllm.preemption import ResumeLast, with_preemption_checkpoint
 from lightning_speechllm.progress import progress_defaults
 
 __all__ = ["HealingCLI", "main"]
@@ -29,7 +30,7 @@ __all__ = ["HealingCLI", "main"]
 HEAL_TRAINER_DEFAULTS = {**TRAINER_DEFAULTS, "default_root_dir": "checkpoints/heal"}
 
 
-class HealingCLI(SafeResume, LightningCLI):
+class HealingCLI(SafeResume, ResumeLast, LightningCLI):
     """LightningCLI bound to HealingModule + SpeechDataModule (fit only); ``--ckpt_path`` is read as data only."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         HealingCLI(
             HealingModule, SpeechDataModule, args=["fit", *args],
-            trainer_defaults={**HEAL_TRAINER_DEFAULTS, **progress_defaults()},
+            trainer_defaults=with_preemption_checkpoint({**HEAL_TRAINER_DEFAULTS, **progress_defaults()}),
             save_config_kwargs={"overwrite": True}, seed_everything_default=0, auto_configure_optimizers=False,
         )
     except SystemExit as stop:  # --help / --print_config / argument errors exit through jsonargparse
