@@ -70,8 +70,6 @@ class SpeechLLMCLI(SafeResume, ResumeLast, LightningCLI):
     def after_fit(self) -> None:
         """Test the best checkpoint (with --test_after_fit), print the scores and write scores.json and
         report.md/html (scores, examples, redundancy maps, agreement) into the run directory."""
-        from lightning_speechllm.evaluation.report import write_report
-
         seconds = {"startup": self._fit_started - self._created, "fit (encoder cache, training, validation)":
                    time.monotonic() - self._fit_started}
         validation = _scores(self.trainer.callback_metrics, "val/")
@@ -79,21 +77,57 @@ class SpeechLLMCLI(SafeResume, ResumeLast, LightningCLI):
         test = self._test_best() if self.config[self.subcommand].get("test_after_fit") else {}
         if test:
             seconds["test"] = time.monotonic() - test_started
+        summary = {"global_step": self.trainer.global_step, "seconds": seconds, "validation": validation,
+                   "test": test, "test_checkpoint": self._best_checkpoint() if test else None}
+        run_dir = self._write_summary(summary, examples=bool(test))
+        if run_dir is not None:
+            self._print_sweep_command(run_dir)
+
+    def before_validate(self) -> None:
+        self._evaluation_started = time.monotonic()
+
+    def after_validate(self) -> None:
+        """Print the validation scores and write scores.json and the report (maps included) into the run directory."""
+        summary = {"global_step": self.trainer.global_step, "seconds": self._evaluation_seconds("validate"),
+                   "validation": _scores(self.trainer.callback_metrics, "val/"), "test": {}, "test_checkpoint": None}
+        self._write_summary(summary, examples=False)
+
+    def before_test(self) -> None:
+        self._evaluation_started = time.monotonic()
+
+    def after_test(self) -> None:
+        """Print the test scores and write scores.json (with test examples) and the report into the run directory."""
+        summary = {"global_step": self.trainer.global_step, "seconds": self._evaluation_seconds("test"),
+                   "validation": {}, "test": _scores(self.trainer.callback_metrics, "test/"),
+                   "test_checkpoint": self.trainer.ckpt_path}
+        self._write_summary(summary, examples=True)
+
+    def _evaluation_seconds(self, phase: str) -> dict[str, float]:
+        return {"startup": self._evaluation_started - self._created, phase: time.monotonic() - self._evaluation_started}
+
+    def _write_summary(self, summary: dict, examples: bool) -> Path | None:
+        """On every rank: gather the test hypotheses and find the run directory (collectives); on rank 0: print the
+        scores, write scores.json and report.md/html. Returns the run directory on rank 0, None elsewhere."""
+        from lightning_speechllm.evaluation.report import write_report
+
+        hypotheses = self.model.gathered_hypotheses() if examples else []
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a broadcast: every rank joins it
         if not self.trainer.is_global_zero:
-            return
-        print("last validation:", json.dumps(validation))
-        if test:
-            print("test (best checkpoint):", json.dumps(test))
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        examples = [asdict(h) for h in _examples_per_set(self.model.hypotheses)] if test else []
-        summary = {"global_step": self.trainer.global_step, "seconds": {k: round(v, 1) for k, v in seconds.items()},
-                   "validation": validation, "test": test,
-                   "test_checkpoint": self._best_checkpoint() if test else None, "test_examples": examples}
+            return None
+        if summary["validation"]:
+            print("last validation:", json.dumps(summary["validation"]))
+        if summary["test"]:
+            print(f"test ({'best checkpoint' if self.subcommand == 'fit' else summary['test_checkpoint']}):",
+                  json.dumps(summary["test"]))
+        summary = {**summary, "seconds": {k: round(v, 1) for k, v in summary["seconds"].items()},
+                   "test_examples": [asdict(h) for h in _examples_per_set(
+                       hypotheses, getattr(self.datamodule, "test_set_names", None) or ())]}
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "scores.json")
-        markdown, page = write_report(run_dir, title="lightning_speechllm fit")
-        checkpoints = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else run_dir
-        print(f"report: {markdown} and {page}; checkpoints in {checkpoints}")
-        self._print_sweep_command(run_dir)
+        markdown, page = write_report(run_dir, title=f"lightning_speechllm {self.subcommand}")
+        checkpoints = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else None
+        print(f"report: {markdown} and {page}" + (f"; checkpoints in {checkpoints}"
+                                                   if self.subcommand == "fit" and checkpoints else ""))
+        return run_dir
 
     def _print_sweep_command(self, run_dir: Path) -> None:
         """The next step: the `sweep` of this run's best checkpoint along its latest speech map."""
@@ -150,11 +184,14 @@ def _skip_real_speech(data, reason: str) -> None:
             print(f"note: data.{kind}.{name} (real recorded speech) is skipped: {reason}")
 
 
-def _examples_per_set(hypotheses: list, per_set: int = 8) -> list:
-    """The first `per_set` hypotheses of each test set, in set order."""
+def _examples_per_set(hypotheses: list, set_names: list[str] | tuple[str, ...] = (), per_set: int = 8) -> list:
+    """The first `per_set` hypotheses of each test set, sets in `set_names` order (then first appearance), ids
+    sorted within a set: the examples do not depend on the number of ranks."""
     counts: dict[str, int] = {}
     picked = []
-    for hypothesis in hypotheses:
+    first_seen = [*set_names, *dict.fromkeys(h.set_name for h in hypotheses)]
+    set_order = {name: first_seen.index(name) for name in first_seen}
+    for hypothesis in sorted(hypotheses, key=lambda h: (set_order[h.set_name], h.id)):
         counts[hypothesis.set_name] = counts.get(hypothesis.set_name, 0) + 1
         if counts[hypothesis.set_name] <= per_set:
             picked.append(hypothesis)

@@ -132,8 +132,8 @@ def test_print_config_merges_a_trainer_preset(capsys):
                                          "--print_config"], capsys)
     assert code == 0, err
     printed = yaml.safe_load(out)
-    assert printed["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
-    assert printed["trainer"]["strategy"]["dict_kwargs"]["use_orig_params"] is True
+    assert printed["trainer"]["strategy"]["class_path"] == "lightning_speechllm.model.sharding.FSDP2Strategy"
+    assert printed["trainer"]["strategy"]["init_args"]["reshard_after_forward"] is True
     assert printed["trainer"]["max_steps"] == yaml.safe_load(fit.read_text())["trainer"]["max_steps"]
 
 
@@ -158,8 +158,8 @@ def test_unknown_yaml_key_is_an_error_naming_the_key(name, capsys, tmp_path):
 
 @pytest.mark.parametrize("name, content, key", [
     ("fit", {"trainer": {"max_steps": "many"}}, "max_steps"),
-    ("fit", {"trainer": {"strategy": {"class_path": "lightning.pytorch.strategies.FSDPStrategy",
-                                      "init_args": {"use_orig_params": True}}}}, "use_orig_params"),
+    ("fit", {"trainer": {"strategy": {"class_path": "lightning_speechllm.model.sharding.FSDP2Strategy",
+                                      "init_args": {"reshard_after_froward": True}}}}, "reshard_after_froward"),
     ("prune", {"method": "random"}, "method"),
 ])
 def test_bad_value_is_an_error_naming_the_key(name, content, key, capsys, tmp_path):

@@ -208,10 +208,12 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_resumed_run_equ
     assert max_difference(final["state_dict"], saved["state_dict"]) > 1e-3  # the resumed steps did train
 
 
-def test_sigusr1_to_every_slurm_task_checkpoints_and_rank_0_requeues_the_job(assets, reference, tmp_path):
+@pytest.mark.parametrize("preset", [None, "multinode.yaml"])
+def test_sigusr1_to_every_slurm_task_checkpoints_and_rank_0_requeues_the_job(assets, reference, tmp_path, preset):
     """As under `srun`: two processes with SLURM's variables (Lightning detects SLURMEnvironment, whose default
     auto_requeue would install Lightning's own handler), SLURM's warning signal to every task, a stand-in `scontrol`
-    that logs its calls."""
+    that logs its calls. With the shipped configs/trainer/multinode.yaml (DDP, SLURMEnvironment without Lightning's
+    auto-requeue) too."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
@@ -222,11 +224,17 @@ def test_sigusr1_to_every_slurm_task_checkpoints_and_rank_0_requeues_the_job(ass
              "MASTER_PORT": str(_free_port())}
     root, markers = tmp_path / "run", tmp_path / "markers"
     args = run_args(assets, root, 2, *pause_args(markers))
+    if preset:
+        strategy = args.index("--trainer.strategy")
+        del args[strategy:strategy + 2]  # the preset's DDP strategy and SLURMEnvironment plugin instead
+        args[3:3] = ["--config", str(REPO / "configs" / "trainer" / preset)]  # before the CPU / 2-task options
+        args += ["--trainer.num_nodes", "1", "--trainer.precision", "32-true"]  # as the fp32 reference run
     tasks = [start(args, environment(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))) for rank in (0, 1)]
     stopped = signal_at_the_pause(tasks, markers, 2, [0, 1], signal.SIGUSR1)
     assert [task.returncode for task in stopped] == [0, 0], [task.stderr[-3000:] for task in stopped]
     out = stopped[0].stdout
-    assert "Lightning's SLURM auto-requeue handler is off" in out, out
+    if not preset:  # Lightning's default SLURMEnvironment(auto_requeue=True): the callback turns its handler off
+        assert "Lightning's SLURM auto-requeue handler is off" in out, out
     assert (f"preemption: SIGUSR1 received on ranks 0, 1: checkpoint at step {STOP_AT} written to "
             f"{root / 'preempted.ckpt'}" in out), out
     assert "requeued SLURM job 4242; exiting" in out

@@ -38,6 +38,8 @@ class OptimConfig:
     """Decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon (added to the root of the second moment)."""
     warmup_steps: int = 100
     """Linear warm-up steps from 0 to `lr`."""
     schedule: str = "linear"
@@ -151,10 +153,13 @@ class SpeechLLMModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: SpeechBatch, dataloader_idx: int) -> None:
         scored = [i for i, uid in enumerate(batch.ids) if not is_padding_duplicate(uid)]  # Lhotse's DDP padding
+        if not scored:
+            if self.speechllm.sharded and len(batch):  # FSDP gathers weights in each forward: every rank joins
+                self.model_step(batch)
+                self.speechllm.generate(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
+            return
         if len(scored) < len(batch):
             batch = batch.subset(scored)
-        if len(batch) == 0:
-            return
         set_name = self.set_name(stage, dataloader_idx)
         loss, (_, inputs) = self.model_step(batch)
         # Weighted by target tokens: the logged loss is the corpus's per-token loss, however it was batched or sharded.
@@ -206,6 +211,15 @@ class SpeechLLMModule(L.LightningModule):
                     self._metric(split, set_name, task)
         if stage == "fit":
             self._use_encoder_cache()
+
+    def configure_model(self) -> None:
+        """Shard the SpeechLLM with FSDP2 under :class:`~lightning_speechllm.model.sharding.FSDP2Strategy` (its device
+        mesh is set); other strategies leave the model as it is."""
+        mesh = self._device_mesh
+        if mesh is None or self.speechllm.sharded:
+            return
+        strategy = self.trainer.strategy
+        self.speechllm.shard(mesh["data_parallel"], getattr(strategy, "reshard_after_forward", True))
 
     def on_fit_start(self) -> None:
         """Say once which parts are frozen in eval mode, in place of Lightning's start-of-training warning about
@@ -291,7 +305,8 @@ class SpeechLLMModule(L.LightningModule):
         if not params:
             raise ValueError("nothing to train: the projector, encoder and LoRA are all frozen")
         cfg = self.optim_config
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio,

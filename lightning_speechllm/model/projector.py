@@ -52,7 +52,8 @@ class Projector(nn.Module):
             stacked = frames.reshape(batch, -1, dim * k)
         else:
             stacked = self.down(frames.transpose(1, 2)).transpose(1, 2)
-        return self.net(stacked), self.output_lengths(lens)
+        # A copy, not the linear's view: FSDP2 hooks its backward on the output and warns about in-place ops on views.
+        return self.net(stacked).clone(), self.output_lengths(lens)
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

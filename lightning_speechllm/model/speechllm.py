@@ -23,6 +23,7 @@ from lightning_speechllm.model.layer_mask import DecoderLayerMask
 from lightning_speechllm.model.projector import Projector, ProjectorConfig
 from lightning_speechllm.model.prompts import EncodedSample, PromptBuilder, PromptConfig
 from lightning_speechllm.model.segments import Segment
+from lightning_speechllm.model.sharding import full_tensor, load_into, shard_speechllm
 
 IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,6 +116,7 @@ class SpeechLLM(nn.Module):
         self.projector = Projector(encoder.output_dim, llm_dim, self.config.projector) if encoder else None
         self._configure_encoder_window(encoder)
         self._encoder_weights_digest: str | None = None
+        self.sharded = False  # set by shard(): FSDP2 units, DTensor parameters
         self.layer_mask = DecoderLayerMask(self.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -178,6 +180,11 @@ class SpeechLLM(nn.Module):
             self.llm = get_peft_model(self.llm, peft_lora_config(lora))
         if self.config.gradient_checkpointing:
             _drop_input_grad_hook(self.llm)  # PEFT adds it back on a checkpointed model
+
+    def shard(self, mesh, reshard_after_forward: bool = True) -> None:
+        """Apply FSDP2 in place (see :mod:`lightning_speechllm.model.sharding`); masks keep working."""
+        shard_speechllm(self, mesh, reshard_after_forward)
+        self.sharded = True
 
     @property
     def has_lora(self) -> bool:
@@ -288,7 +295,7 @@ class SpeechLLM(nn.Module):
             if sample.target:
                 labels[row, width - len(sample.target):] = torch.tensor(sample.target)
         token_ids, segment_ids, labels = token_ids.to(device), segment_ids.to(device), labels.to(device)
-        embeds = self.llm.get_input_embeddings()(token_ids)
+        embeds = self._embed_tokens(token_ids)
         if speech is not None:
             speech_slots = segment_ids == Segment.SPEECH
             valid = torch.arange(speech.shape[1], device=device)[None, :] < torch.tensor(speech_lens, device=device)[:, None]
@@ -297,6 +304,18 @@ class SpeechLLM(nn.Module):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         has_targets = any(s.target for s in samples)
         return LLMInputs(embeds, attention_mask, position_ids, segment_ids, labels if has_targets else None)
+
+    def _embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's token embeddings, looked up outside its forward: under FSDP the embedding table belongs to
+        the decoder's root unit, gathered here for the lookup and freed again."""
+        embedding = self.llm.get_input_embeddings()
+        if not self.sharded:
+            return embedding(token_ids)
+        self.llm.unshard()
+        try:
+            return embedding(token_ids)
+        finally:
+            self.llm.reshard()
 
     # ------------------------------------------------------------------------------------------- forward/generate
     def forward(self, batch: SpeechBatch, **llm_kwargs) -> tuple[torch.Tensor, object, LLMInputs]:
@@ -341,6 +360,8 @@ class SpeechLLM(nn.Module):
                  **generate_kwargs) -> list[str]:
         """Greedy (num_beams=1) or beam-search hypotheses, with KV cache."""
         inputs = self.build_inputs(batch, with_targets=False)
+        if self.sharded and torch.distributed.is_initialized():  # every rank runs the decoder until all are done
+            generate_kwargs.setdefault("synced_gpus", True)
         output_ids = self.llm.generate(
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
             max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
@@ -361,7 +382,8 @@ class SpeechLLM(nn.Module):
         """The weights that train (projector, LoRA, encoder if tuned), keyed in the full, unmasked layout."""
         with self.layer_mask.active(range(self.layer_mask.num_layers)):
             names = {name for name, p in self.named_parameters() if p.requires_grad}
-            return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+            # Sorted: under FSDP gathering a shard is a collective that every rank runs in the same order.
+            return {k: full_tensor(v.detach()).clone() for k, v in sorted(self.state_dict().items()) if k in names}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights saved by `trainable_state_dict`; every trainable weight must be present."""
@@ -370,7 +392,12 @@ class SpeechLLM(nn.Module):
             missing, unknown = sorted(expected - state.keys()), sorted(state.keys() - expected)
             if missing or unknown:
                 raise KeyError(f"checkpoint does not fit this SpeechLLM: missing {missing[:5]}, unexpected {unknown[:5]}")
-            self.load_state_dict(state, strict=False)
+            if not self.sharded:
+                self.load_state_dict(state, strict=False)
+                return
+            parameters = dict(self.named_parameters())
+            for name in sorted(state):
+                load_into(parameters[name], state[name].to(parameters[name].device))
 
     def describe(self) -> dict:
         """A small JSON-able description (written next to exports and checkpoints)."""

@@ -157,20 +157,16 @@ class RedundancyCallback(L.Callback):
             return
         set_name = pl_module.set_name("val", dataloader_idx)
         self._batches_seen[set_name] = self._batches_seen.get(set_name, 0) + 1
-        rows = [i for i, uid in enumerate(batch.ids) if not is_padding_duplicate(uid)]  # Lhotse's DDP padding
-        if not rows:
-            return
-        if len(rows) < len(batch):
-            recorded = _recorded_rows(recorded, rows, len(batch))
-            batch = batch.subset(rows)
+        # Lhotse's DDP padding copies are not measured, but every rank still runs its forwards (FSDP gathers in them).
+        rows = [i for i, uid in enumerate(batch.ids) if not is_padding_duplicate(uid)]
         speechllm = _speechllm(pl_module)
         own = "text" if batch.text_only else "speech"
         for modality in self._modalities_for(pl_module, batch):
             accumulator = self._accumulator(set_name, modality, pl_module)
-            if modality == own and recorded is not None:
-                accumulator.update_states(*recorded)
-            else:  # the other modality, or a validation_step that did not call the SpeechLLM
-                accumulator.update(speechllm, batch if modality == own else batch.as_text_only())
+            if modality != own or recorded is None:  # the other modality, or a step that did not call the SpeechLLM
+                recorded = accumulator.record(speechllm, batch if modality == own else batch.as_text_only())
+            if rows:
+                accumulator.update_states(*_recorded_rows(recorded, rows, len(batch)))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._detach_recorder()
@@ -321,11 +317,11 @@ class RedundancyCallback(L.Callback):
                                                 dataformats="HWC")
 
 
-def _recorded_rows(recorded: tuple[list[torch.Tensor], torch.Tensor] | None, rows: list[int],
-                   batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+def _recorded_rows(recorded: tuple[list[torch.Tensor], torch.Tensor], rows: list[int],
+                   batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The recorded residual states and segment ids of the batch rows ``rows`` (a module whose step already dropped
     the other rows recorded only those)."""
-    if recorded is None or recorded[1].shape[0] != batch_size:
+    if recorded[1].shape[0] != batch_size or len(rows) == batch_size:
         return recorded
     states, segment_ids = recorded
     index = torch.tensor(rows, device=segment_ids.device)

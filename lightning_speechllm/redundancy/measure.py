@@ -39,11 +39,17 @@ class RedundancyAccumulator(nn.Module):
     @torch.no_grad()
     def update(self, speechllm: SpeechLLM, batch: SpeechBatch) -> None:
         """Forward `batch` (speech or text-only, with its target) and add its residual stream to the metrics."""
+        self.update_states(*self.record(speechllm, batch))
+
+    @staticmethod
+    @torch.no_grad()
+    def record(speechllm: SpeechLLM, batch: SpeechBatch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The residual stream x^0..x^L and segment ids of one teacher-forced forward of `batch`."""
         inputs = speechllm.build_inputs(batch, with_targets=True)
         with speechllm.layer_mask.record_residual_stream() as stream:
             speechllm.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                           position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
-        self.update_states(stream.states, inputs.segment_ids)
+        return stream.states, inputs.segment_ids
 
     @torch.no_grad()
     def update_states(self, states: list[torch.Tensor], segment_ids: torch.Tensor) -> None:
