@@ -14,7 +14,7 @@ from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.model.checkpoint import check_checkpoint_file
 from lightning_speechllm.model.module import SpeechLLMModule
 from lightning_speechllm.preemption import ResumeLast, with_preemption_checkpoint
-from lightning_speechllm.progress import progress_defaults
+from lightning_speechllm.progress import hide_lightning_product_tips, progress_defaults
 
 TRAINER_DEFAULTS = {
     # The Lhotse samplers shard batches across ranks themselves.
@@ -219,6 +219,7 @@ def run(subcommand: str, argv: list[str]) -> int:
     """Run a LightningCLI subcommand (`fit` starts from the embedded default unless a `--config` is given)."""
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     argv = with_embedded_default(subcommand, argv)
+    hide_lightning_product_tips()
     trainer_defaults = {**TRAINER_DEFAULTS, **progress_defaults()}
     if subcommand == "fit":  # SIGTERM / SLURM's SIGUSR1: checkpoint at a step, stop, requeue (preemption.py)
         trainer_defaults = with_preemption_checkpoint(trainer_defaults)

@@ -1,6 +1,7 @@
 """Training progress as plain log lines, for runs whose output is a file (a SLURM ``.out``), not a terminal."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import deque
@@ -71,3 +72,18 @@ def progress_defaults(stream=None) -> dict:
     if getattr(stream, "isatty", lambda: False)():
         return {}
     return {"enable_progress_bar": False, "callbacks": [PlainProgressLog()]}
+
+
+class _NoProductTips(logging.Filter):
+    """Drops the "💡 Tip:" lines Lightning logs at every start to advertise its cloud products (litlogger,
+    litmodels): they say nothing about the run and fill every SLURM log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def hide_lightning_product_tips() -> None:
+    """Install :class:`_NoProductTips` on the logger of Lightning's rank-zero messages (once; other messages pass)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoProductTips) for f in logger.filters):
+        logger.addFilter(_NoProductTips())

@@ -17,9 +17,9 @@ from tests.test_heal_cli import heal_yaml
 from tests.tiny_speechllm import save_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
-# Lightning's advice to pass sync_dist=True (a log call of ours whose value is not synced), and its
-# start-of-training warning about the modules our frozen parts keep in eval mode.
-OUR_LOGGING_WARNINGS = ("sync_dist=True", "module(s) in eval mode")
+# Lightning's advice to pass sync_dist=True (a log call of ours whose value is not synced), its start-of-training
+# warning about the modules our frozen parts keep in eval mode, and its product tips.
+OUR_LOGGING_WARNINGS = ("sync_dist=True", "module(s) in eval mode", "Tip:")
 
 
 def run_cli(command: str, args: list[str], devices: int) -> subprocess.CompletedProcess:
@@ -29,7 +29,7 @@ def run_cli(command: str, args: list[str], devices: int) -> subprocess.Completed
     proc = subprocess.run([sys.executable, "-m", "lightning_speechllm", command, *args, *ranks], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"{command} on {devices} rank(s) exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    noise = [line for line in proc.stderr.splitlines() if any(w in line for w in OUR_LOGGING_WARNINGS)]
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if any(w in line for w in OUR_LOGGING_WARNINGS)]
     assert not noise, noise
     return proc
 

@@ -23,7 +23,7 @@ from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
 from lightning_speechllm.preemption import ResumeLast, with_preemption_checkpoint
-from lightning_speechllm.progress import progress_defaults
+from lightning_speechllm.progress import hide_lightning_product_tips, progress_defaults
 
 __all__ = ["HealingCLI", "main"]
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     args = list(sys.argv[1:] if argv is None else argv)
+    hide_lightning_product_tips()
     try:
         HealingCLI(
             HealingModule, SpeechDataModule, args=["fit", *args],
