@@ -8,13 +8,16 @@ layer numbering and removes it from the mask (:meth:`HealingModule.remove_more_l
 
 LoRA placement: PEFT cannot cleanly add adapters to an already wrapped model mid-training, so start the schedule
 with LoRA on every layer that may receive a cut (``healing.lora.layers: null`` with no initial plan puts LoRA on
-every layer). Adapters of removed layers stay (unused, no gradient). When a new receiving layer has no adapter a
-warning says so. No parameter is added, so the optimizer state needs no reset.
+every layer). Adapters of removed layers stay (unused, never updated again). When a new receiving layer has no
+adapter a warning says so. No parameter is added, so the optimizer state needs no reset.
 
 The rounds are recorded in :meth:`state_dict` (saved in Lightning checkpoints); the module's plan is marked
 ``iterative`` so that a checkpoint taken after round r reloads into a module built with the initial plan, and the
-callback checks that the restored mask matches its record. Under DDP the map is synced across ranks (all ranks
-remove the same block) and the strategy must allow unused parameters (``ddp_find_unused_parameters_true``).
+callback checks that the restored mask matches its record. Under DDP every rank measures the same number of
+batches and the map is synced across ranks (all ranks remove the same block). Any DDP setting works, the shipped
+``find_unused_parameters: false`` included: DDP's reducer keeps the adapters of removed layers registered, so the
+module adds them to the loss with weight 0 and drops their zero gradients before the optimizer step
+(:meth:`HealingModule.masked_trainables`); they never update again.
 
 YAML::
 
@@ -125,22 +128,33 @@ class IterativePruning(L.Callback):
 
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, module: HealingModule) -> torch.Tensor:
-        """d(l, n) of the current student (active layers only) on `measure_batches` validation batches."""
+        """d(l, n) of the current student (active layers only) on `measure_batches` validation batches per rank,
+        synced over the ranks. Every rank measures the same number of batches (the fewest any rank has), so that
+        sharded forwards stay in lock-step and a rank without data fails every rank instead of leaving the others
+        waiting in the all-gather."""
+        batches = list(islice(self._measure_loader(trainer), self.measure_batches))
+        count = self._fewest_on_any_rank(trainer, module, len(batches))
+        if count == 0:
+            raise IterativePruningError("the measurement dataloader yielded no batches on some rank "
+                                        f"(this rank: {len(batches)})")
         sl = module.speechllm
         accumulator = RedundancyAccumulator(len(sl.layer_mask.active_layers), self.token_selection,
                                             keep_per_sample=False).to(module.device)
         was_training = module.training
         module.eval()
         try:
-            count = 0
-            for batch in islice(self._measure_loader(trainer), self.measure_batches):
+            # The bare SpeechLLM, not the DDP wrapper: no reducer bookkeeping for a no-grad forward.
+            for batch in batches[:count]:
                 accumulator.update(sl, trainer.strategy.batch_to_device(batch, module.device))
-                count += 1
         finally:
             module.train(was_training)
-        if count == 0:
-            raise IterativePruningError("the measurement dataloader yielded no batches")
-        return accumulator.angular.compute().cpu()
+        return accumulator.angular.compute().cpu()  # sums synced over the ranks: the same map on every rank
+
+    @staticmethod
+    def _fewest_on_any_rank(trainer: L.Trainer, module: HealingModule, count: int) -> int:
+        """min over the ranks of `count` (a collective: every rank calls it at the same step)."""
+        local = torch.tensor(float(count), device=module.device)
+        return int(trainer.strategy.reduce(local, reduce_op="min"))
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _measure_loader(self, trainer: L.Trainer) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.batch import SpeechBatch
@@ -35,6 +36,7 @@ from lightning_speechllm.healing.losses import (
     prediction_mask,
 )
 from lightning_speechllm.model.checkpoint import load_checkpoint_file
+from lightning_speechllm.model.layer_mask import get_layer_mask_state
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import (
     LLMInputs,
@@ -166,6 +168,37 @@ class HealingModule(SpeechLLMModule):
         sl.config.removed_layers = list(removed)
         self.plan = {**self.plan, "removed_layers": removed, "receiving_layers": receiving_layers(removed, num_layers),
                      "iterative": bool(iterative or self.plan.get("iterative"))}
+
+    def masked_trainables(self) -> list[torch.nn.Parameter]:
+        """Trainable weights inside the masked decoder layers (the LoRA adapters of layers an iterative round
+        removed). They are gone from `parameters()` but stay in the optimizer and, when removed after DDP wrapped
+        the model, in DDP's reducer."""
+        mask = self.speechllm.layer_mask
+        layers = get_layer_mask_state(mask.model).layer_list
+        return [p for i in mask.removed_layers for p in layers[i].parameters() if p.requires_grad]
+
+    def _keep_masked_in_graph(self, loss: Tensor) -> Tensor:
+        """`loss` + 0 * (each masked trainable summed), under DDP only.
+
+        DDP's reducer (find_unused_parameters=False, as configs/trainer/ddp.yaml) expects a gradient for every
+        trainable weight it registered when it wrapped the model, and it never re-reads the model: the adapters of
+        a layer removed later get none and the next step fails. The zero term gives them a zero gradient, so any
+        DDP setting works; `on_before_optimizer_step` then drops it. Cost: one sum per masked adapter weight (the
+        all-reduce is unchanged, DDP reduces every registered bucket anyway)."""
+        if self._trainer is None or not isinstance(self.trainer.model, DistributedDataParallel):
+            return loss  # one process or FSDP: an unused weight simply gets no gradient
+        masked = self.masked_trainables()
+        return loss + 0.0 * sum(p.sum() for p in masked) if masked else loss
+
+    def zero_loss(self) -> Tensor:
+        return self._keep_masked_in_graph(super().zero_loss())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A masked layer never updates: its (zero, DDP-only) gradients are dropped, so AdamW skips those weights
+        (no moment update, no decoupled weight decay) exactly as in a one-process run."""
+        super().on_before_optimizer_step(optimizer)
+        for param in self.masked_trainables():
+            param.grad = None
 
     # ------------------------------------------------------------------------------------------ teacher checkpoint
     def _load_teacher(self, path: str) -> None:
@@ -302,7 +335,7 @@ class HealingModule(SpeechLLMModule):
         self.log("train/loss", total, prog_bar=True, batch_size=size)
         for name, value in parts.items():
             self.log(f"train/loss/{name}", value.detach(), batch_size=size)
-        return total
+        return self._keep_masked_in_graph(total)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Skip the update of a step whose loss was non-finite on some rank (``on_nan='skip'``). The closure (training
