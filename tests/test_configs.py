@@ -42,21 +42,6 @@ PLACEHOLDER = "/path/to/"
 
 
 # ------------------------------------------------------------------------------------------------ parse-only CLIs
-def importable(module_name: str) -> bool:
-    """True when `module_name` imports (a colleague's CLI may not exist yet)."""
-    try:
-        importlib.import_module(module_name)
-    except ImportError:
-        return False
-    return True
-
-
-HEAL_CLI = importable("lightning_speechllm.healing.cli")
-MEASURE_CLI = importable("lightning_speechllm.redundancy.cli")
-needs_heal = pytest.mark.skipif(not HEAL_CLI, reason="lightning_speechllm.healing.cli is not importable yet")
-needs_measure = pytest.mark.skipif(not MEASURE_CLI, reason="lightning_speechllm.redundancy.cli is not importable yet")
-
-
 class ParsedConfig(Exception):
     """Raised by a parse-only CLI right after parsing; carries the CLI (its `parser` and `config`)."""
 
@@ -114,8 +99,6 @@ def fit_cli() -> LightningCLI:
 
 @pytest.fixture
 def heal_cli() -> LightningCLI:
-    if not HEAL_CLI:
-        pytest.skip("lightning_speechllm.healing.cli is not importable yet")
     return cached_cli("heal")
 
 
@@ -257,7 +240,6 @@ def test_multinode_preset_uses_the_slurm_environment(fit_cli):
 
 
 # ------------------------------------------------------------------------------------------------ heal
-@needs_heal
 def test_heal_lora_config_is_the_paper_healing(heal_cli):
     from lightning_speechllm.healing.losses import build_losses
     from lightning_speechllm.healing.module import HealingConfig
@@ -274,7 +256,6 @@ def test_heal_lora_config_is_the_paper_healing(heal_cli):
     assert list(build_losses(healing.losses).parts) == ["task_cross_entropy"]
 
 
-@needs_heal
 def test_heal_kd_overlay_adds_distillation_losses(heal_cli):
     from lightning_speechllm.healing.losses import KLDivergence, build_losses
 
@@ -293,7 +274,6 @@ def test_heal_kd_overlay_adds_distillation_losses(heal_cli):
     assert cfg.trainer.default_root_dir != lora.trainer.default_root_dir
 
 
-@needs_heal
 @pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=lambda p: p.stem)
 def test_trainer_preset_merges_with_heal(heal_cli, preset):
     heal = [CONFIGS / "heal" / "lora.yaml", CONFIGS / "heal" / "kd.yaml"]
@@ -303,7 +283,6 @@ def test_trainer_preset_merges_with_heal(heal_cli, preset):
 
 
 # ------------------------------------------------------------------------------------------------ measure, prune
-@needs_measure
 def test_measure_config_parses():
     from lightning_speechllm.redundancy.cli import parse_args
 

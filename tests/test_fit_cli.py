@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 
+import jiwer
 import pytest
 import torch
 import yaml
 
 from lightning_speechllm import cli
+from lightning_speechllm.evaluation import normalize_english
 from tests.tiny_speechllm import save_tiny_assets
 
 TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox"]
@@ -44,7 +46,13 @@ def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path,
     assert scores["global_step"] == 2 and scores["test_checkpoint"].endswith(".ckpt")
     assert list(scores["seconds"]) == ["startup", "fit (encoder cache, training, validation)", "test"]
     assert all(value >= 0 for value in scores["seconds"].values()) and sum(scores["seconds"].values()) > 0
-    assert 0 <= scores["test"]["test/heldout/wer"] and len(scores["test_examples"]) == len(TEXTS)
+    assert len(scores["test_examples"]) == len(TEXTS)
+    # the reported test WER is the corpus WER of the test hypotheses it lists (jiwer on Whisper-normalised text)
+    pairs = [(normalize_english(e["reference"]), normalize_english(e["hypothesis"])) for e in scores["test_examples"]]
+    errors = [jiwer.process_words(ref, hyp) for ref, hyp in pairs]
+    expected = 100 * sum(e.substitutions + e.deletions + e.insertions for e in errors) / sum(
+        len(ref.split()) for ref, _ in pairs)
+    assert scores["test"]["test/heldout/wer"] == pytest.approx(expected, abs=2e-4)
     assert {e["reference"] for e in scores["test_examples"]} == set(TEXTS)
     report = (run / "report.md").read_text()
     assert "## Scores" in report and "`test/heldout/wer`" in report and "| heldout | hello world |" in report

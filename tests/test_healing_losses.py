@@ -69,15 +69,32 @@ def test_prediction_mask_and_layer_map():
         layer_map_for([3, 1])
 
 
-def test_task_cross_entropy_matches_hand_computation():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_task_cross_entropy_matches_hand_computation(smoothing):
+    """Label smoothing ε: (1 - ε) of the target's -log p plus ε times the mean -log p over the V tokens."""
     inputs = make_inputs()
     terms = []
     for b, t in target_positions(inputs):
         probs = softmax(inputs.student_logits[b, t].tolist())
-        terms.append(-math.log(probs[int(inputs.labels[b, t + 1])]))
-    loss, extras = TaskCrossEntropy()(inputs)
+        nll = -math.log(probs[int(inputs.labels[b, t + 1])])
+        terms.append((1 - smoothing) * nll + smoothing * sum(-math.log(p) for p in probs) / V)
+    loss, extras = TaskCrossEntropy(label_smoothing=smoothing)(inputs)
     assert extras == {}
     torch.testing.assert_close(loss, torch.tensor(sum(terms) / len(terms), dtype=torch.float64), **TOL)
+
+
+def test_label_smoothing_on_a_two_token_vocabulary():
+    """Logits (0, ln 3): p = (1/4, 3/4), target token 1. Unsmoothed -ln(3/4) = 0.2877; with ε = 0.2:
+    0.8 · -ln(3/4) + 0.2 · ½ (-ln(1/4) - ln(3/4)) = 0.2301 + 0.1674 = 0.3975."""
+    labels = torch.tensor([[-100, 1]])
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]], dtype=torch.float64)
+    inputs = HealingInputs(student_logits=logits, labels=labels, target_mask=prediction_mask(labels),
+                           attention_mask=torch.ones(1, 2, dtype=torch.long))
+    plain = TaskCrossEntropy()(inputs)[0].item()
+    smoothed = TaskCrossEntropy(label_smoothing=0.2)(inputs)[0].item()
+    assert plain == pytest.approx(-math.log(0.75), abs=1e-12)
+    assert smoothed == pytest.approx(0.8 * -math.log(0.75) + 0.1 * (-math.log(0.25) - math.log(0.75)), abs=1e-12)
+    assert smoothed == pytest.approx(0.397544, abs=1e-6)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse", "symmetric", "skew"])
@@ -178,12 +195,24 @@ def test_load_loss_errors_name_the_class_path():
 
 
 def test_kl_is_finite_when_the_teacher_rules_tokens_out():
-    """-inf teacher logits (a masked vocabulary) give 0 · log 0 = 0, not NaN."""
-    student = torch.randn(1, 3, 5)
-    teacher = torch.randn(1, 3, 5)
+    """-inf teacher logits (a masked vocabulary) give 0 · log 0 = 0, not NaN: the KL is the hand-computed sum over
+    the tokens the teacher allows."""
+    gen = torch.Generator().manual_seed(5)
+    student = torch.randn(1, 3, 5, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(1, 3, 5, generator=gen, dtype=torch.float64)
     teacher[..., 0] = float("-inf")
     labels = torch.tensor([[-100, 1, 2]])
     inputs = HealingInputs(student_logits=student, teacher_logits=teacher, labels=labels,
                            target_mask=prediction_mask(labels), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    terms = []
+    for t in (0, 1):  # the positions that predict labels 1 and 2
+        p = [0.0] + softmax(teacher[0, t, 1:].tolist())  # token 0 has probability 0 under the teacher
+        q = softmax(student[0, t].tolist())
+        terms.append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0))
     loss, _ = KLDivergence(direction="forward")(inputs)
-    assert torch.isfinite(loss)
+    assert torch.isfinite(loss) and loss.item() > 0
+    torch.testing.assert_close(loss, torch.tensor(sum(terms) / 2, dtype=torch.float64), **TOL)
+    # the same in float32 (the healing dtype): 0 · log 0 must not become NaN there either
+    inputs.student_logits, inputs.teacher_logits = student.float(), teacher.float()
+    loss32, _ = KLDivergence(direction="forward")(inputs)
+    assert loss32.item() == pytest.approx(sum(terms) / 2, abs=1e-5)

@@ -101,6 +101,35 @@ def test_bootstrap_ci_contains_the_mean_and_shrinks_with_more_samples():
         bootstrap_ci(small, alpha=1.5)
 
 
+def test_bootstrap_ci_is_the_95_percent_interval_of_a_hand_checkable_case():
+    """Four utterances at d = 0 and four at d = 1: a resample's mean is k/8 with k ~ Binomial(8, 1/2), so
+    P(k <= 0) = 1/256 < 2.5% < P(k <= 1) = 9/256 < 5%. The 2.5% / 97.5% quantiles are 1/8 and 7/8; the 5% / 95%
+    ones (a 90% interval) would be 2/8 and 6/8. Any correct resampling gives this with many resamples."""
+    tables = np.array([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).reshape(8, 1, 1)
+    low, high = bootstrap_ci(tables, n_boot=100_000, alpha=0.05, seed=0)
+    assert (low[0, 0], high[0, 0]) == (1 / 8, 7 / 8)
+    low, high = bootstrap_ci(tables, n_boot=100_000, alpha=0.10, seed=0)
+    assert (low[0, 0], high[0, 0]) == (2 / 8, 6 / 8)
+
+
+def test_bootstrap_ci_equals_a_fixed_seed_reference():
+    """The same resampling written out: multinomial counts from default_rng(seed), means, then numpy's
+    2.5 / 97.5 percentiles per defined cell (NaN elsewhere)."""
+    num_layers, num_samples, n_boot, seed = 3, 9, 400, 7
+    tables = np.random.default_rng(3).uniform(0.0, 1.0, size=(num_samples, num_layers, num_layers))
+    low, high = bootstrap_ci(tables, n_boot=n_boot, alpha=0.05, seed=seed)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(num_samples, [1.0 / num_samples] * num_samples, size=n_boot)
+    for n in range(1, num_layers + 1):
+        for first in range(num_layers):
+            if first + n > num_layers:
+                assert np.isnan(low[n - 1, first]) and np.isnan(high[n - 1, first])
+                continue
+            means = counts @ tables[:, n - 1, first] / num_samples
+            expected = np.percentile(means, [2.5, 97.5])
+            assert (low[n - 1, first], high[n - 1, first]) == pytest.approx(tuple(expected), abs=1e-12)
+
+
 def test_spearman_rho_over_valid_cells():
     table = _random_table(6, seed=3)
     assert spearman_rho(table, table) == pytest.approx(1.0)

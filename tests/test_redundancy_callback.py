@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.image import imread
+from scipy.stats import spearmanr
 
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLM
@@ -50,7 +51,15 @@ def test_writes_result_files_per_set_and_modality(validated):
                 image = imread(folder / png)
                 assert image.ndim == 3 and min(image.shape[:2]) > 100
         agreement = json.loads((out / set_name / "agreement_epoch=0.json").read_text())
-        assert -1.0 <= agreement["spearman_rho"] <= 1.0 and 0.0 <= agreement["path_exact"] <= 1.0
+        # the agreement of the two maps written beside it, recomputed here without the package's helpers
+        speech, text = (RedundancyResult.from_json(out / set_name / m / "epoch=0.json") for m in ("speech", "text"))
+        cells = ~np.isnan(speech.table)
+        assert agreement["spearman_rho"] == pytest.approx(spearmanr(speech.table[cells], text.table[cells]).statistic,
+                                                          abs=1e-12)
+        assert agreement["path_exact"] == pytest.approx(np.mean([a == b for a, b in zip(speech.path, text.path)]))
+        assert agreement["path_overlap"] == pytest.approx(  # blocks [a, a+n) and [b, b+n) share a layer
+            np.mean([abs(a - b) < n for n, (a, b) in enumerate(zip(speech.path, text.path), start=1)]))
+        assert speech.path == [int(np.nanargmin(row)) for row in speech.table]
         assert agreement["num_samples"] == {"speech": len(batches[0]), "text": len(batches[0])}
         assert imread(out / set_name / "speech_vs_text_epoch=0.png").ndim == 3
 
@@ -61,12 +70,32 @@ def test_logs_scalars(validated):
     for set_name in ("clean", "ast-fr"):
         rho = callback.agreements[set_name]["spearman_rho"]
         assert float(metrics[f"redundancy/{set_name}/rho"]) == pytest.approx(rho)
-        assert f"redundancy/{set_name}/path_overlap" in metrics and f"redundancy/{set_name}/path_exact" in metrics
+        for name in ("path_overlap", "path_exact"):
+            assert float(metrics[f"redundancy/{set_name}/{name}"]) == pytest.approx(callback.agreements[set_name][name])
         for modality in ("speech", "text"):
             result = callback.results[(set_name, modality)]
             assert float(metrics[f"redundancy/{set_name}/{modality}/best_block_n2"]) == result.path[1]
             assert f"redundancy/{set_name}/{modality}/best_d_n3" in metrics
     assert "val/clean/wer" in metrics  # the module's own metrics still run alongside
+
+
+def test_agreement_of_maps_whose_paths_differ():
+    """Hand-made maps: speech path [0, 1, 0], text path [1, 0, 0]: the same block for n=3 only (1/3), overlapping
+    blocks for n=2 and n=3 (2/3); Spearman's rho over the 6 defined cells by hand: 1 - 6 * 8 / (6 * 35)."""
+    nan = np.nan
+    speech = np.array([[0.1, 0.2, 0.3], [0.4, 0.35, nan], [0.6, nan, nan]])
+    text = np.array([[0.2, 0.1, 0.4], [0.3, 0.5, nan], [0.7, nan, nan]])
+    callback = RedundancyCallback(n_boot=0)
+    for modality, table in (("speech", speech), ("text", text)):
+        callback.results[("dev", modality)] = RedundancyResult.from_tables(
+            table, [0.1, 0.2, 0.3], model_id="m", token_selection="last", set_name="dev", modality=modality,
+            num_samples=5, n_boot=0)
+    agreement = callback._agreement("dev", epoch=0)
+    assert (agreement["path_speech"], agreement["path_text"]) == ([0, 1, 0], [1, 0, 0])
+    assert agreement["path_exact"] == pytest.approx(1 / 3) and agreement["path_overlap"] == pytest.approx(2 / 3)
+    # defined cells in row-major order: speech ranks 1, 2, 3, 5, 4, 6; text ranks 2, 1, 4, 3, 5, 6 (sum d^2 = 8)
+    d = np.array([1, 2, 3, 5, 4, 6]) - np.array([2, 1, 4, 3, 5, 6])
+    assert np.sum(d ** 2) == 8 and agreement["spearman_rho"] == pytest.approx(1 - 6 * 8 / (6 * 35))
 
 
 def test_map_equals_a_direct_accumulator_run(validated):
