@@ -144,6 +144,77 @@ def test_cluster_configs_name_placeholder_model_dirs_with_an_edit_note():
         assert "python -m lightning_speechllm" in _header(path.read_text()), f"{path}: no usage line in the header"
 
 
+# ------------------------------------------------------------------------------------------------ no test data before the end
+NAMES_A_TEST_SET = re.compile(r"(?<![a-z])test", re.IGNORECASE)  # test-clean, cuts_test, ast_test.jsonl; not "latest"
+
+
+def _select_keys(path: Path) -> list[tuple[str, str]]:
+    """(key, value) of everything a shipped config reads BEFORE its final report, parsed with its command's parser:
+    validation sets (name and manifest), checkpoint / early-stopping monitors, the sets the redundancy callback or
+    `measure` maps, the map `prune` and `sweep` cut along, and the sets and stage of the sweep's rule. Test sets
+    (`data.test_sets`, `sweep.test_sets`) are read only afterwards and are not listed."""
+    command = "fit" if path == CONFIGS / "default.yaml" else FOLDER_COMMAND[path.parent.name]
+    keys: list[tuple[str, str]] = []
+
+    def add_sets(prefix: str, sets) -> None:
+        for name, manifest in _dict(sets or {}).items():
+            keys.extend([(prefix, str(name)), (f"{prefix}.{name}", str(manifest))])
+
+    if command in LIGHTNING_COMMANDS:
+        configs = [CONFIGS / "heal" / "lora.yaml", path] if path.name == "kd.yaml" else [path]
+        cfg = parse_lightning(cached_cli(command), configs)
+        add_sets("data.val_sets", cfg.data.val_sets)
+        for callback in cfg.trainer.callbacks or []:
+            args = callback.init_args or Namespace()
+            if args.get("monitor"):
+                keys.append((f"{callback.class_path}.monitor", args.monitor))
+            keys.extend((f"{callback.class_path}.sets", name) for name in args.get("sets") or [])
+    elif command == "measure":
+        from lightning_speechllm.redundancy.cli import parse_args
+
+        args, _, data = parse_args(["--config", str(path)])
+        add_sets("data.val_sets", data.get("val_sets"))
+        keys.extend(("sets", name) for name in args.sets or [])
+    elif command == "prune":
+        from lightning_speechllm.pruning.cli import parse_args
+
+        keys.append(("map", str(parse_args(["--config", str(path)]).map)))
+    elif command == "sweep":
+        from lightning_speechllm.evaluation.sweep_cli import parse_args
+
+        parsed = parse_args(["--config", str(path)])
+        sweep = parsed["sweep"]
+        keys.append(("sweep.stage", sweep.stage))  # "test": the rule would choose on the test sets
+        add_sets("data.val_sets" if sweep.stage == "validate" else "data.test_sets",
+                 parsed["data"].get("val_sets" if sweep.stage == "validate" else "test_sets"))
+        keys.extend(("sweep.sets", name) for name in sweep.sets or [])
+        if sweep.map_path:
+            keys.append(("sweep.map_path", sweep.map_path))
+    return keys
+
+
+SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_configs_never_read_a_test_set_before_the_final_report(path):
+    """Validation, checkpoint selection, redundancy maps, pruning maps and the sweep's rule read dev sets only
+    (dev-clean/dev-other, CoVoST 2 dev, the synthetic dev split); test sets are scored once, at the end."""
+    keys = _select_keys(path)
+    offending = [(key, value) for key, value in keys if NAMES_A_TEST_SET.search(value)]
+    assert not offending, f"{path.relative_to(ROOT)} reads test data before the final report: {offending}"
+    if path.parent.name != "trainer" and path.name != "kd.yaml":  # presets and overlays hold no data of their own
+        assert keys, f"{path.relative_to(ROOT)}: found nothing to check (did its parser change?)"
+
+
+def test_the_test_set_check_catches_test_names_and_manifests():
+    for value in ("test-clean", "cuts_test-other.jsonl.gz", "data_cache/synth/test.jsonl", "ast_test", "val/test/wer",
+                  "/m/test-clean/speech/epoch=0.json", "TEST"):
+        assert NAMES_A_TEST_SET.search(value), value
+    for value in ("dev-clean", "cuts_ast_dev.jsonl.gz", "val/dev-clean/wer", "/path/to/latest/map.json", "heldout"):
+        assert not NAMES_A_TEST_SET.search(value), value
+
+
 # ------------------------------------------------------------------------------------------------ fit configs
 @pytest.mark.parametrize("path", FIT_CONFIGS, ids=lambda p: p.stem)
 def test_fit_config_parses_with_the_paper_setup(fit_cli, path):
@@ -159,8 +230,11 @@ def test_fit_config_parses_with_the_paper_setup(fit_cli, path):
     assert from_dict(DecodingConfig, _dict(cfg.model.decoding)).num_beams == 1  # greedy decoding
     data = SpeechDataModule(**_dict(cfg.data))  # constructor checks (no manifest is read)
     assert data.train_paths and data.max_duration > 0
-    expected = {"asr": {"test-clean", "test-other"}, "ast": {"fr-en", "en-de"}}[path.parent.name]
+    expected = {"asr": {"dev-clean", "dev-other"}, "ast": {"fr-en", "en-de"}}[path.parent.name]
     assert set(data.val_set_names) == expected
+    # the checkpoint chosen on dev is scored once on test, after training
+    assert set(data.test_set_names) == {"asr": {"test-clean", "test-other"}, "ast": {"fr-en", "en-de"}}[
+        path.parent.name] and cfg.test_after_fit is True
     encoder = {"asr": "wavlm", "ast": "whisper"}[path.parent.name]
     assert encoder in model.encoder_path.lower()
     monitored = [c.init_args.monitor for c in cfg.trainer.callbacks if c.class_path.endswith("ModelCheckpoint")]
@@ -290,7 +364,7 @@ def test_measure_config_parses():
     assert args.token_selection == "last" and set(args.modalities) == {"speech", "text"}
     assert args.ckpt_path.startswith(PLACEHOLDER) and model.llm_path.startswith(PLACEHOLDER)
     assert (model.projector.downsample, model.projector.hidden_dim) == (5, 2048)
-    assert set(SpeechDataModule(**data).val_set_names) == {"test-clean", "test-other"}
+    assert set(SpeechDataModule(**data).val_set_names) == {"dev-clean", "dev-other"}
     fit = yaml.safe_load((CONFIGS / "asr" / "wavlm-large_qwen2.5-7b_librispeech.yaml").read_text())
     assert asdict(model.projector) == fit["model"]["model"]["projector"]  # measures the model fit trained
 
@@ -311,8 +385,9 @@ def test_default_sweep_config_parses_and_scores_what_the_default_fit_validates()
     sweep, fit = parsed["sweep"], yaml.safe_load((CONFIGS / "default.yaml").read_text())
     assert sweep.method == "angular" and sweep.heal and sweep.sets == ["dev"] and sweep.stage == "validate"
     assert (sweep.max_rel_wer_increase, sweep.max_rel_bleu_drop) == (0.25, 0.10)  # the paper's rule
-    for key in ("train", "val_sets", "max_audio_seconds"):
+    for key in ("train", "val_sets", "test_sets", "max_audio_seconds"):
         assert parsed["data"][key] == fit["data"][key], key
+    assert sweep.test_sets == list(fit["data"]["test_sets"])  # the chosen point is reported on test afterwards
     assert parsed["decoding"].max_new_tokens == fit["model"]["decoding"]["max_new_tokens"]
 
 

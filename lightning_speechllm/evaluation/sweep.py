@@ -12,6 +12,10 @@ Every finished point is written at once (atomically) to ``<output_dir>/points/<m
 skips the points already there, so an interrupted sweep resumes. The outputs are ``sweep.csv``, ``sweep.md``,
 ``sweep.json`` (table + chosen fraction) and ``sweep.png`` (metric vs removed fraction).
 
+The rule reads the validation sets only. With ``test_sets``, :func:`score_chosen_on_test` then scores the unpruned
+baseline and the chosen point once on those test sets (``test.json``, and ``"test"`` in ``sweep.json``): a report,
+never an input of the choice.
+
 Stopping rule (Moumen et al., 2026): keep the largest removed fraction whose relative WER increase is at most
 ``max_rel_wer_increase`` (0.25) on every ASR set and whose relative BLEU drop is at most ``max_rel_bleu_drop``
 (0.10) on every translation set, judged after healing when healing ran. The curves need not be monotone: the rule
@@ -46,6 +50,7 @@ from lightning_speechllm.pruning.plan import (
     PruningPlan,
     plan_angular,
     plan_block_influence,
+    plan_explicit,
     plan_last,
 )
 from lightning_speechllm.redundancy.analysis import RedundancyResult
@@ -63,6 +68,7 @@ __all__ = [
     "choose_fraction",
     "choose_point",
     "describe_choice",
+    "describe_test",
     "evaluate",
     "format_markdown",
     "healed",
@@ -71,6 +77,7 @@ __all__ = [
     "point_name",
     "relative_change",
     "run_sweep",
+    "score_chosen_on_test",
     "write_csv",
     "write_outputs",
 ]
@@ -116,6 +123,9 @@ class SweepConfig:
     """Names of the evaluation sets the rule looks at (default: every set the datamodule scores)."""
     stage: Literal["validate", "test"] = "validate"
     """Score the datamodule's validation sets (val/<set>/...) or its test sets (test/<set>/...)."""
+    test_sets: list[str] | None = None
+    """Names of test sets (--data.test_sets) on which the unpruned baseline and the chosen point are scored once, after
+    the rule chose it on the validation sets (the rule never sees them; needs stage validate). None: no test."""
     heal: bool = False
     """Heal each pruned model (LoRA on the receiving layer + trainable projector) and score it again."""
     heal_steps: int = 200
@@ -161,6 +171,9 @@ class SweepConfig:
         self.values()
         if self.method in ("angular", "block_influence") and not self.map_path:
             raise SweepError(f"method {self.method!r} needs map_path (a redundancy map JSON)")
+        if self.test_sets and self.stage != "validate":
+            raise SweepError(f"test_sets {self.test_sets} needs stage 'validate' (the rule would otherwise choose on "
+                             "test sets)")
         if self.heal and self.heal_steps < 1:
             raise SweepError(f"heal_steps must be >= 1 when heal is true, got {self.heal_steps}")
         if self.max_rel_wer_increase < 0 or self.max_rel_bleu_drop < 0:
@@ -549,6 +562,72 @@ def _run_point(speechllm: SpeechLLM, plan: PruningPlan, kind: str, value: float 
     return SweepPoint(method=config.method, value=value, kind=kind, n=len(plan.removed_layers),
                       num_layers=plan.num_layers, removed_layers=list(plan.removed_layers), before=before,
                       after=after, heal_steps=config.heal_steps if config.heal else 0)
+
+
+def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: SweepConfig,
+                         chosen: SweepPoint | None, decoding: DecodingConfig | None = None,
+                         trainer_kwargs: dict[str, Any] | None = None,
+                         evaluate_fn: Callable[..., Scores] | None = None) -> dict[str, Any] | None:
+    """Score the unpruned baseline and the ``chosen`` point of :func:`run_sweep` once on ``config.test_sets``
+    (``Trainer.test``, ``max_batches`` as in the sweep), after the rule chose on the validation sets; None without
+    test sets or without a chosen point.
+
+    The chosen plan is masked again and, when the sweep healed, healed again with the same settings (the sweep does
+    not keep healed weights), so the test score is the one of a second healing run of the chosen plan. The result
+    goes to ``<output_dir>/test.json`` (reused by a rerun with the same settings and choice) and into ``sweep.json``
+    under ``"test"``.
+    """
+    if not config.test_sets or chosen is None:
+        return None
+    out = Path(config.output_dir)
+    signature = {**_signature(config, speechllm, decoding), "test_sets": list(config.test_sets),
+                 "removed_layers": list(chosen.removed_layers)}
+    stored = read_json(out / "test.json") if (out / "test.json").is_file() else None
+    if stored is not None and stored.get("signature") == signature:
+        result = stored["result"]
+    else:
+        score = evaluate_fn or evaluate
+
+        def run_test(model: SpeechLLM) -> Scores:
+            return score(model, datamodule, stage="test", decoding=decoding, trainer_kwargs=trainer_kwargs,
+                         max_batches=config.max_batches, sets=config.test_sets)
+
+        baseline = run_test(speechllm)
+        model_id = getattr(speechllm.config, "llm_path", None)
+        plan = plan_explicit(chosen.num_layers, chosen.removed_layers, model_id=model_id)
+        if config.heal:
+            with healed(speechllm, plan, datamodule, config, trainer_kwargs) as model:
+                final = run_test(model)
+        else:
+            try:
+                speechllm.layer_mask.remove_layers(plan.removed_layers)
+                final = run_test(speechllm)
+            finally:
+                speechllm.layer_mask.reset()
+        result = {"sets": list(config.test_sets), "requested": f"{chosen.kind}={chosen.value:g}", "n": chosen.n,
+                  "removed_fraction": chosen.removed_fraction, "removed_layers": list(chosen.removed_layers),
+                  "healed": config.heal, "baseline": _scores_to_json(baseline), "chosen": _scores_to_json(final)}
+        write_json({"signature": signature, "result": result}, out / "test.json")
+    summary_path = out / "sweep.json"
+    if summary_path.is_file():
+        summary = read_json(summary_path)
+        summary["test"] = result
+        write_json(summary, summary_path)
+    return result
+
+
+def describe_test(result: dict[str, Any]) -> str:
+    """The scores of :func:`score_chosen_on_test`, one line per set and metric: baseline -> chosen (relative change)."""
+    baseline, final = _scores_from_json(result["baseline"]) or {}, _scores_from_json(result["chosen"]) or {}
+    lines = [f"test sets (scored once, after the rule chose {result['requested']} on the validation sets; "
+             f"layers {result['removed_layers']}{', healed again' if result['healed'] else ''}):"]
+    for name in sorted(baseline):
+        for metric in METRICS:
+            if metric in baseline[name]:
+                base, value = baseline[name][metric], final.get(name, {}).get(metric, math.nan)
+                lines.append(f"  {name} {metric}: {base:.2f} -> {value:.2f} "
+                             f"({100 * relative_change(value, base):+.1f}%)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -13,6 +13,8 @@ checkpoint must hold an unpruned model: a healing checkpoint is refused.
 
 The table (WER/BLEU per set before/after healing, relative deltas vs the unpruned baseline), the fraction chosen by
 the paper's rule and the path of ``report.md`` / ``report.html`` (written into ``--sweep.output_dir``) are printed.
+The rule reads the validation sets; ``--sweep.test_sets '[test-clean]'`` (names in ``--data.test_sets``) then scores
+the baseline and the chosen point once on those test sets, afterwards (``test.json``; printed too).
 Rerunning with the same ``--sweep.output_dir`` resumes: finished points are read back, not recomputed.
 """
 from __future__ import annotations
@@ -33,8 +35,10 @@ from lightning_speechllm.evaluation.sweep import (
     SweepError,
     SweepPoint,
     SweepTable,
+    describe_test,
     format_markdown,
     run_sweep,
+    score_chosen_on_test,
 )
 from lightning_speechllm.model.checkpoint import CheckpointError, load_module
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
@@ -125,6 +129,12 @@ def build_datamodule(data: dict[str, Any], sweep: SweepConfig) -> L.LightningDat
         if unknown:
             raise SweepError(f"--sweep.sets names {unknown}, not in --data.{key} ({sorted(sets)})")
         data = {**data, key: {name: sets[name] for name in sweep.sets}}
+    if sweep.test_sets:
+        test_sets = dict(data.get("test_sets") or {})
+        unknown = [name for name in sweep.test_sets if name not in test_sets]
+        if unknown:
+            raise SweepError(f"--sweep.test_sets names {unknown}, not in --data.test_sets ({sorted(test_sets)})")
+        data = {**data, "test_sets": {name: test_sets[name] for name in sweep.test_sets}}
     if sweep.heal and not data.get("train"):
         raise SweepError("--sweep.heal needs training data: give --data.train")
     return SpeechDataModule(**data)
@@ -139,10 +149,11 @@ def _redundancy_dir(args: SweepArgs, sweep: SweepConfig) -> Path | None:
     return parents[2] if len(parents) > 2 and parents[2].is_dir() else None
 
 
-def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None,
-        datamodule: L.LightningDataModule | None = None) -> tuple[SweepTable, SweepPoint | None, Path | None]:
-    """Run the sweep (``speechllm`` / ``datamodule`` inject ready-made ones) and write the report; returns the
-    table, the chosen point and the report.md path (None with ``--report false``)."""
+def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None, datamodule: L.LightningDataModule | None = None
+        ) -> tuple[SweepTable, SweepPoint | None, Path | None, dict[str, Any] | None]:
+    """Run the sweep (``speechllm`` / ``datamodule`` inject ready-made ones), score the chosen point on
+    ``--sweep.test_sets`` and write the report; returns the table, the chosen point, the report.md path (None with
+    ``--report false``) and the test result (None without test sets or chosen point)."""
     args, sweep = parsed["args"], parsed["sweep"]
     sweep.check()
     L.seed_everything(args.seed, verbose=False)
@@ -153,11 +164,14 @@ def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None,
     if trainer.precision is not None:
         trainer_kwargs["precision"] = trainer.precision
     table, chosen = run_sweep(speechllm, datamodule, sweep, decoding=parsed["decoding"], trainer_kwargs=trainer_kwargs)
+    L.seed_everything(args.seed, verbose=False)  # the chosen point's second healing starts from the same seed
+    test = score_chosen_on_test(speechllm, datamodule, sweep, chosen, decoding=parsed["decoding"],
+                                trainer_kwargs=trainer_kwargs)
     report = None
     if args.report:
         report, _ = write_report(sweep.output_dir, sweep_dir=sweep.output_dir,
                                  redundancy_dir=_redundancy_dir(args, sweep), efficiency_json=args.efficiency_json)
-    return table, chosen, report
+    return table, chosen, report, test
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,13 +184,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep: error: {error}", file=sys.stderr)
         return 2
     try:
-        table, chosen, report = run(parsed)
+        table, chosen, report, test = run(parsed)
     except (FileNotFoundError, KeyError, ValueError) as error:  # SweepError / PlanError are ValueErrors
         print(f"sweep: error: {error}", file=sys.stderr)
         return 2
     sweep = parsed["sweep"]
     print(format_markdown(table, sweep.thresholds, chosen), end="")
     print(f"chosen fraction: {'none' if chosen is None else f'{chosen.removed_fraction:.3f}'}")
+    if test is not None:
+        print(describe_test(test))
+    elif sweep.test_sets:
+        print(f"test sets {sweep.test_sets} not scored: no sweep point passes the rule")
     print(f"sweep results in {sweep.output_dir}")
     if report is not None:
         print(f"report: {report}")
