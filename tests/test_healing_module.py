@@ -116,7 +116,10 @@ def test_shared_teacher_equals_the_unpruned_model_without_adapters():
 
 
 def test_healing_with_kl_and_ce_lowers_the_loss(tmp_path):
-    module = healing_module()
+    # The teacher is a fixed target (frozen projector snapshot); on this random tiny model CE and KL pull apart, so
+    # KL gets the weight that makes its part the one that must fall.
+    module = healing_module(losses=[LossSpec("TaskCrossEntropy"), LossSpec("KLDivergence", {"temperature": 2.0},
+                                                                           weight=4.0)])
     batch = make_batch(seed=0)
     module.eval()
     with torch.no_grad():
@@ -330,7 +333,7 @@ def test_yaml_config_builds_the_weighted_losses(tmp_path):
     assert module.speechllm.config.lora.layers == [3] and module.healing.on_nan == "skip"
 
 
-def test_teacher_checkpoint_brings_its_projector_and_lora_as_a_frozen_adapter(tmp_path):
+def test_teacher_checkpoint_brings_its_projector_and_merges_its_lora(tmp_path):
     from lightning_speechllm.model.module import SpeechLLMModule
 
     full_lora = LoraConfig(layers=[0, 1, 2, 3], r=4, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -357,7 +360,7 @@ def test_teacher_checkpoint_brings_its_projector_and_lora_as_a_frozen_adapter(tm
     with torch.no_grad():
         inputs = module.speechllm.build_inputs(batch)
         teacher_logits, _ = module.teacher_pass(module.teacher_inputs(batch, inputs))
-    torch.testing.assert_close(teacher_logits[:, -reference.shape[1]:], reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(teacher_logits[:, -reference.shape[1]:], reference, atol=1e-5, rtol=0)  # merged: W + sBA vs W, sBA apart
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and not any(".teacher." in n or n.startswith("teacher_projector") for n in trainable)
     assert any(".default." in n for n in trainable)

@@ -1,6 +1,7 @@
 """Pruning sweep: score a SpeechLLM at several pruning sizes, optionally heal each, and apply the paper's stopping rule.
 
-For each point (a fraction of the decoder layers, or a layer count ``n``) :func:`run_sweep` builds a
+For each point (a fraction of the decoder layers, or a layer count ``n``; by default n = 1, 2, ... until the rule
+has failed twice in a row, see :mod:`~lightning_speechllm.evaluation.sweep_grid`) :func:`run_sweep` builds a
 :class:`~lightning_speechllm.pruning.plan.PruningPlan` (``angular`` / ``block_influence`` from a measured redundancy
 map, or ``last``), masks the layers, scores every named evaluation set (WER for ASR sets, BLEU for translation sets)
 with ``Trainer.validate`` / ``Trainer.test``, optionally heals the pruned model in place with a
@@ -39,6 +40,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_speechllm.evaluation.sweep_grid import DEFAULT_WALK_STOP_AFTER, GridError, explicit_grid, visit_points
 from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.model.module import (
     DecodingConfig,
@@ -113,9 +115,13 @@ class SweepConfig:
     method: SweepMethod = "angular"
     """Plan builder: angular (pruning path of the map), block_influence (lowest BI of the map) or last."""
     fractions: list[float] | None = None
-    """Fractions of the decoder layers to remove (default 0.1 .. 0.5 when `ns` is not given either)."""
+    """Fractions of the decoder layers to remove (exclusive with `ns`). Neither given: walk n = 1, 2, ... (`ns`)."""
     ns: list[int] | None = None
-    """Numbers of layers to remove (instead of `fractions`)."""
+    """Numbers of layers to remove (exclusive with `fractions`). Neither given: walk n = 1, 2, ..., num_layers - 1
+    and stop once `walk_stop_after` consecutive points fail the rule (the paper's 14/32 or 1/16 are layer counts
+    that no fraction grid of 0.1 steps hits)."""
+    walk_stop_after: int = DEFAULT_WALK_STOP_AFTER
+    """The default walk stops after this many consecutive failing points (2: "failed twice in a row")."""
     map_path: str | None = None
     """Redundancy map JSON (`RedundancyResult`, e.g. redundancy/<set>/<modality>/epoch=E.json); needed by angular and
     block_influence."""
@@ -129,7 +135,8 @@ class SweepConfig:
     heal: bool = False
     """Heal each pruned model (LoRA on the receiving layer + trainable projector) and score it again."""
     heal_steps: int = 200
-    """Optimizer steps of healing per point (the paper: 5000)."""
+    """Optimizer steps of healing per point. The paper heals 5,000 steps per point; 200 (and the embedded default's
+    40) is a budget for quick sweeps: less healing, so the rule passes fewer points than it would after 5,000."""
     heal_lr: float = 5e-4
     """Peak learning rate of healing (linear decay, the paper's setting)."""
     heal_warmup_steps: int = 0
@@ -151,24 +158,18 @@ class SweepConfig:
     def thresholds(self) -> Thresholds:
         return Thresholds(self.max_rel_wer_increase, self.max_rel_bleu_drop)
 
-    def values(self) -> list[tuple[str, float | int]]:
-        """The sweep points as ``("fraction", f)`` or ``("n", n)``, in the given order."""
-        if self.fractions is not None and self.ns is not None:
-            raise SweepError(f"give fractions or ns, not both (fractions={self.fractions}, ns={self.ns})")
-        if self.ns is not None:
-            bad = [n for n in self.ns if isinstance(n, bool) or not isinstance(n, int) or n < 1]
-            if bad or not self.ns:
-                raise SweepError(f"ns must be a non-empty list of positive ints, got {self.ns}")
-            return [("n", n) for n in self.ns]
-        fractions = self.fractions if self.fractions is not None else [0.1, 0.2, 0.3, 0.4, 0.5]
-        bad = [f for f in fractions if not 0.0 < float(f) < 1.0]
-        if bad or not fractions:
-            raise SweepError(f"fractions must be a non-empty list of values in (0, 1), got {fractions}")
-        return [("fraction", float(f)) for f in fractions]
+    def values(self) -> list[tuple[str, float | int]] | None:
+        """The given points as ``("fraction", f)`` or ``("n", n)``, in order; None: walk n = 1, 2, ..."""
+        try:
+            return explicit_grid(self.fractions, self.ns)
+        except GridError as error:
+            raise SweepError(str(error)) from None
 
     def check(self) -> None:
         """Raise :class:`SweepError` for inconsistent options."""
         self.values()
+        if self.walk_stop_after < 1:
+            raise SweepError(f"walk_stop_after must be >= 1, got {self.walk_stop_after}")
         if self.method in ("angular", "block_influence") and not self.map_path:
             raise SweepError(f"method {self.method!r} needs map_path (a redundancy map JSON)")
         if self.test_sets and self.stage != "validate":
@@ -530,17 +531,20 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     else:
         baseline = _scores_from_json(stored["scores"]) or {}
     table = SweepTable(baseline=baseline, num_layers=num_layers)
-    for kind, value in config.values():
+
+    def point_at(kind: str, value: float | int) -> SweepPoint:
         plan = build_plan(config, kind, value, num_layers, result, model_id)
         path = out / "points" / f"{point_name(config.method, kind, value)}.json"
         stored = _load_reusable(path, signature)
         if stored is not None:
-            table.points.append(SweepPoint.from_dict(stored["point"], str(path)))
             log.info("sweep: reusing %s", path)
-            continue
+            return SweepPoint.from_dict(stored["point"], str(path))
         point = _run_point(speechllm, plan, kind, value, config, datamodule, trainer_kwargs, run_eval)
         write_json({"signature": signature, "point": point.to_dict(), "plan": plan.to_dict()}, path)
-        table.points.append(point)
+        return point
+
+    table.points = visit_points(config.values(), num_layers, point_at,
+                                lambda point: passes(point, baseline, config.thresholds)[0], config.walk_stop_after)
     chosen = choose_point(table, config.thresholds)
     write_outputs(table, out, config.thresholds, chosen)
     return table, chosen

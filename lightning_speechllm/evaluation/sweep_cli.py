@@ -4,9 +4,14 @@ Examples::
 
     python -m lightning_speechllm sweep --ckpt_path runs/last.ckpt --data.val_sets '{clean: clean.jsonl}' \\
         --sweep.map_path runs/redundancy/clean/speech/epoch=0.json --sweep.fractions '[0.1, 0.2, 0.3]'
+    python -m lightning_speechllm sweep --ckpt_path runs/last.ckpt --sweep.ns '[1, 2, 14]' ...   # layer counts
     python -m lightning_speechllm sweep --config sweep.yaml --sweep.heal true --sweep.heal_steps 500 \\
         --data.train data_cache/synth/train.jsonl
     python -m lightning_speechllm sweep --print_config > sweep.yaml          # every option is a YAML key
+
+Without ``--sweep.fractions`` or ``--sweep.ns`` (they exclude each other) the sweep walks n = 1, 2, ... removed
+layers and stops once the rule has failed ``--sweep.walk_stop_after`` (2) times in a row. ``--sweep.heal_steps``
+defaults to 200; the paper heals 5,000 steps per point.
 
 With ``--ckpt_path`` the model is rebuilt from the checkpoint's own settings (``--model.*`` is ignored); the
 checkpoint must hold an unpruned model: a healing checkpoint is refused.

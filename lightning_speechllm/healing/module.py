@@ -2,16 +2,22 @@
 
 The student is the SpeechLLM with the pruning plan applied as a decoder-layer mask. When a loss needs a teacher
 (logit KL, hidden-state losses), the teacher is the SAME module with every layer active and the LoRA adapters
-disabled, run under ``torch.no_grad()`` on the student's input embeddings: no second copy of the weights. (The
-projector is shared too, so both see the same speech embeddings; the distillation heals the decoder.) The teacher
-runs in eval mode (no dropout) whatever the training mode.
+disabled, run under ``torch.no_grad()``: no second copy of the decoder. Its speech embeddings come from a frozen copy
+of the projector taken when healing starts (or the teacher checkpoint's projector), so the distillation target does
+not drift while the student's projector trains. The teacher runs in eval mode (no dropout) whatever the training mode.
+
+A LoRA-tuned fit checkpoint given as ``teacher_checkpoint`` has its LoRA merged into the decoder's base weights
+(W += alpha/r * B @ A, done by hand, so it commutes with the healing adapters): teacher and student then both start
+from the fit model. The healing checkpoint carries that LoRA (``checkpoint["healing"]["merged_lora"]``) and loading
+merges it again, so a healed checkpoint is self-contained (``load_module`` rebuilds it without the teacher file).
 
 An injected model that already carries LoRA adapters is taken as carrying the healing adapters (that is how a
 checkpointed run is rebuilt); merge adapters that belong to the unpruned model (a LoRA-tuned SpeechLLM) into its
 weights first, or the teacher, which disables adapters, would lose them.
 
-Checkpoints hold only the trainable weights (see :class:`SpeechLLMModule`), the plan and the base model paths;
-loading refuses a checkpoint made for another plan or another base model.
+Checkpoints hold only the trainable weights (see :class:`SpeechLLMModule`), the plan, the base model paths, the
+merged fit LoRA and the teacher's projector snapshot; loading refuses a checkpoint made for another plan, another
+base model or another fit LoRA.
 """
 from __future__ import annotations
 
@@ -43,7 +49,6 @@ from lightning_speechllm.model.speechllm import (
     LoraConfig,
     SpeechLLM,
     SpeechLLMConfig,
-    peft_lora_config,
     target_window,
 )
 from lightning_speechllm.pruning.plan import receiving_layers
@@ -51,7 +56,6 @@ from lightning_speechllm.pruning.plan import receiving_layers
 __all__ = ["HealingConfig", "HealingModule", "NonFiniteLossError", "PlanMismatchError", "load_plan", "receiving_layers"]
 
 ON_NAN = ("raise", "skip")
-TEACHER_ADAPTER = "teacher"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,7 +88,8 @@ class HealingConfig:
     """Non-finite loss: 'raise' (error naming step and loss part) or 'skip' (skip the optimizer step)."""
     teacher_checkpoint: str | None = None
     """A `SpeechLLMModule` checkpoint of the unpruned model (its projector, optional LoRA) to distil from instead of
-    the bare base model. Its LoRA becomes a frozen second PEFT adapter on the shared decoder weights."""
+    the bare base model. Its LoRA is merged into the decoder's base weights (student and teacher both start from the
+    fit model) and saved in the healing checkpoints, which thus reload without this file."""
     init_projector_from_teacher: bool = True
     """With `teacher_checkpoint`: start the student's projector from the teacher's."""
 
@@ -131,9 +136,15 @@ class HealingModule(SpeechLLMModule):
         self.skipped_steps = 0
         self._skip_optimizer_step = False
         self.teacher_projector: torch.nn.Module | None = None
-        self.has_teacher_adapter = False
+        self.merged_lora: dict[str, Any] | None = None  # the fit LoRA merged into the base: {source, config, state}
+        self.projector_snapshot = False  # teacher_projector is our own snapshot (saved in checkpoints for resume)
         if self.healing.teacher_checkpoint:
             self._load_teacher(self.healing.teacher_checkpoint)
+        if self.teacher_projector is None and self.loss_fn.needs_teacher and self.speechllm.projector is not None:
+            # The KD target must not follow the student's projector as it trains: freeze a copy of it as it is now.
+            # (Made before configure_model, so under FSDP it stays a plain replicated module.)
+            self.teacher_projector = copy.deepcopy(self.speechllm.projector).requires_grad_(False)
+            self.projector_snapshot = True
 
     # ------------------------------------------------------------------------------------------------ the plan
     def _apply_plan(self) -> None:
@@ -216,31 +227,35 @@ class HealingModule(SpeechLLMModule):
                 self.speechllm.projector.load_state_dict(projector)
         lora = {k: v for k, v in state.items() if "lora_" in k}
         if lora:
-            teacher_lora = from_dict(LoraConfig, checkpoint["hyper_parameters"]["model"]["lora"])
-            self._add_teacher_adapter(path, teacher_lora, lora)
+            config = dict(checkpoint["hyper_parameters"]["model"]["lora"])
+            self._merge_fit_lora({"source": str(path), "config": config, "state": lora})
         unused = sorted(set(state) - {f"projector.{k}" for k in projector} - set(lora))
         if unused:
             raise PlanMismatchError(f"teacher checkpoint {path} holds weights the teacher cannot use: {unused[:5]}")
 
-    def _add_teacher_adapter(self, path: str, lora: LoraConfig, state: dict[str, Tensor]) -> None:
-        sl = self.speechllm
-        if not sl.has_lora:
-            raise PlanMismatchError(f"teacher checkpoint {path} has LoRA adapters; the student needs healing.lora "
-                                    "to hold them as a second adapter")
+    def _merge_fit_lora(self, record: dict[str, Any]) -> None:
+        """Merge a fit run's LoRA ({source, config, state}) into the decoder's base weights, W += alpha/r * B @ A.
+
+        By hand rather than PEFT's merge_and_unload: the healing adapters stay as they are (the merge only changes the
+        frozen base weight under them, so the order does not matter), and the teacher, which disables the healing
+        adapters, is then exactly the fit model."""
+        sl, source = self.speechllm, record["source"]
+        if sl.sharded:
+            raise PlanMismatchError(f"cannot merge the fit LoRA of {source} into a sharded model: build the module "
+                                    "with healing.teacher_checkpoint set, so that it merges before sharding")
+        lora = from_dict(LoraConfig, record["config"])
         mask = sl.layer_mask
-        with mask.active(range(mask.num_layers)):
-            sl.llm.add_adapter(TEACHER_ADAPTER, peft_lora_config(lora))
-            renamed = {k.replace(".default.", f".{TEACHER_ADAPTER}."): v for k, v in state.items()}
-            expected = {k for k in sl.state_dict() if f".{TEACHER_ADAPTER}." in k}
-            if set(renamed) != expected:
-                raise PlanMismatchError(f"teacher checkpoint {path}: LoRA weights do not fit its LoRA config "
-                                        f"(missing {sorted(expected - set(renamed))[:3]}, "
-                                        f"unexpected {sorted(set(renamed) - expected)[:3]})")
-            sl.load_state_dict(renamed, strict=False)
-            for name, param in sl.named_parameters():
-                if f".{TEACHER_ADAPTER}." in name:
-                    param.requires_grad_(False)
-        self.has_teacher_adapter = True
+        with mask.active(range(mask.num_layers)), torch.no_grad():
+            bases = {_base_weight_name(name): param for name, param in sl.named_parameters()}
+            for prefix, (a, b) in _lora_pairs(record["state"], source).items():
+                weight = bases.get(f"{_base_weight_name(prefix)}.weight")
+                if weight is None or weight.shape != (b.shape[0], a.shape[1]):
+                    raise PlanMismatchError(f"teacher checkpoint {source}: LoRA module {prefix} has no matching "
+                                            f"decoder weight of shape {(b.shape[0], a.shape[1])} in this model")
+                delta = (lora.alpha / lora.r) * (b.float() @ a.float())
+                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        self.merged_lora = {"source": str(source), "config": dict(record["config"]),
+                            "state": {k: v.detach().cpu().clone() for k, v in record["state"].items()}}
 
     def teacher_inputs(self, batch: SpeechBatch, student_inputs: LLMInputs) -> LLMInputs:
         """The student's inputs, or (with a teacher projector) the same batch embedded by the teacher's projector."""
@@ -250,7 +265,7 @@ class HealingModule(SpeechLLMModule):
         student_projector = sl.projector
         try:
             sl.projector = self.teacher_projector
-            with torch.no_grad():
+            with torch.no_grad(), _eval_mode(self.teacher_projector):
                 inputs = sl.build_inputs(batch, with_targets=True)
         finally:
             sl.projector = student_projector
@@ -263,16 +278,13 @@ class HealingModule(SpeechLLMModule):
     def teacher_pass(self, inputs: LLMInputs, hidden: bool = False,
                      logits_to_keep: int = 0) -> tuple[Tensor, list[Tensor]]:
         """Logits of the last `logits_to_keep` positions (0 = all) and, when `hidden`, residual states x^0..x^L (all
-        positions) of the unpruned model: no healing adapters, the teacher adapter when a teacher checkpoint
-        brought one."""
+        positions) of the unpruned model without the healing adapters (a teacher checkpoint's LoRA is merged)."""
         sl = self.speechllm
         mask = sl.layer_mask
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             stack.enter_context(mask.active(range(mask.num_layers)))
-            if self.has_teacher_adapter:
-                stack.enter_context(_active_adapter(sl.llm, TEACHER_ADAPTER))
-            elif sl.has_lora:
+            if sl.has_lora:
                 stack.enter_context(sl.llm.disable_adapter())
             stack.enter_context(_eval_mode(sl.llm))
             stream = stack.enter_context(mask.record_residual_stream()) if hidden else None
@@ -368,6 +380,11 @@ class HealingModule(SpeechLLMModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["healing"] = {"plan": dict(self.plan), "base_model": self.base_model_ids()}
+        if self.merged_lora is not None:
+            checkpoint["healing"]["merged_lora"] = self.merged_lora
+        if self.projector_snapshot:  # a resumed run must distil from the projector of the first start, not a new one
+            checkpoint["healing"]["teacher_projector"] = {k: v.detach().cpu().clone()
+                                                          for k, v in self.teacher_projector.state_dict().items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose plan (removed layers) or base model differs from this module's."""
@@ -387,6 +404,27 @@ class HealingModule(SpeechLLMModule):
         their_id, our_id = saved["plan"].get("model_id"), self.plan.get("model_id")
         if their_id and our_id and their_id != our_id:
             raise PlanMismatchError(f"checkpoint plan model_id {their_id!r} differs from this plan's {our_id!r}")
+        self._load_merged_lora(saved.get("merged_lora"))
+        if self.projector_snapshot and "teacher_projector" in saved:
+            self.teacher_projector.load_state_dict(saved["teacher_projector"])
+
+    def _load_merged_lora(self, theirs: dict[str, Any] | None) -> None:
+        """Merge the checkpoint's fit LoRA (a module rebuilt without the teacher file, as ``load_module`` does), or
+        check that it is the one this module merged from its teacher checkpoint."""
+        ours = self.merged_lora
+        if theirs is None and ours is None:
+            return
+        if ours is None:
+            self._merge_fit_lora(theirs)
+            return
+        if theirs is None:
+            raise PlanMismatchError(f"this module merged the fit LoRA of {ours['source']} into its decoder; the "
+                                    "checkpoint was healed without it (an older checkpoint, or another run)")
+        same = (theirs["config"] == ours["config"] and set(theirs["state"]) == set(ours["state"])
+                and all(torch.equal(theirs["state"][k].cpu(), ours["state"][k]) for k in ours["state"]))
+        if not same:
+            raise PlanMismatchError(f"the checkpoint was healed on the fit LoRA of {theirs['source']}, which differs "
+                                    f"from the one merged from healing.teacher_checkpoint {ours['source']}")
 
 
 def _same_models(a: dict[str, str | None], b: dict[str, str | None]) -> bool:
@@ -398,18 +436,27 @@ def _same_models(a: dict[str, str | None], b: dict[str, str | None]) -> bool:
     return all(a[k] == b[k] or (a[k] is not None and b[k] is not None and same_model_id(a[k], b[k])) for k in a)
 
 
-@contextmanager
-def _active_adapter(peft_model: Any, name: str) -> Iterator[None]:
-    """Run `name` as the active adapter; the previous adapter and every requires_grad flag restored on exit."""
-    previous = peft_model.active_adapter
-    flags = [(param, param.requires_grad) for param in peft_model.parameters()]
-    peft_model.set_adapter(name, inference_mode=True)
-    try:
-        yield
-    finally:
-        peft_model.set_adapter(previous)
-        for param, flag in flags:
-            param.requires_grad_(flag)
+def _base_weight_name(name: str) -> str:
+    """A decoder weight's name without PEFT's wrappers, the same with and without adapters on its layer."""
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def _lora_pairs(state: dict[str, Tensor], source: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """{module name: (lora_A, lora_B)} of a PEFT LoRA state dict (adapter 'default')."""
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.default.weight"
+            if key.endswith(suffix):
+                pairs.setdefault(key[: -len(suffix)], {})[part] = value
+                break
+        else:
+            raise PlanMismatchError(f"teacher checkpoint {source}: LoRA weight {key} is not a lora_A/lora_B weight "
+                                    "of the 'default' adapter; only plain LoRA can be merged")
+    broken = sorted(name for name, parts in pairs.items() if len(parts) != 2)
+    if broken:
+        raise PlanMismatchError(f"teacher checkpoint {source}: LoRA modules {broken[:3]} lack lora_A or lora_B")
+    return {name: (parts["lora_A"], parts["lora_B"]) for name, parts in pairs.items()}
 
 
 @contextmanager
