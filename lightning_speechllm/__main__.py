@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("lightning_speechllm.cli:test", "score a checkpoint on the test sets"),
     "predict": ("lightning_speechllm.cli:predict", "transcribe / translate a manifest"),
     "measure": ("lightning_speechllm.redundancy.cli:main", "measure layer redundancy (speech and text) on val sets"),
+    "compare": ("lightning_speechllm.redundancy.compare:main", "agreement of N redundancy maps (rho, paths, null)"),
     "prune": ("lightning_speechllm.pruning.cli:main", "build a pruning plan and optionally export the pruned decoder"),
     "heal": ("lightning_speechllm.healing.cli:main", "heal a pruned SpeechLLM: LoRA and/or distillation from the full model"),
     "sweep": ("lightning_speechllm.evaluation.sweep_cli:main", "prune -> evaluate -> heal -> evaluate over fractions; the paper's rule"),

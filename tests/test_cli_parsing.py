@@ -21,7 +21,9 @@ HELP_MENTIONS = {
     # HealingModule takes optional dataclasses: their keys are listed by --model.<name>.help (tested below)
     "heal": [*TRAINER_DATA_KEYS, "--model.model", "--model.healing", "--model.optim", "--model.healing.help"],
     "measure": ["--config", "--print_config", "--ckpt_path", "--token_selection", "--modalities",
-                "--model.llm_path", "--model.projector.downsample", "--data.val_sets"],
+                "--model.llm_path", "--model.projector.downsample", "--data.val_sets", "--agreement_selections",
+                "--n_perm", "--per_task"],
+    "compare": ["maps", "--out", "--labels", "--n_perm", "--n_boot", "--seed"],
     "prune": ["--config", "--print_config", "--method", "--map", "--n", "--fraction", "--llm_path", "--out",
               "--export"],
     "sweep": ["--config", "--print_config", "--ckpt_path", "--sweep.method", "--sweep.fractions",

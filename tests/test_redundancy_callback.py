@@ -51,15 +51,29 @@ def test_writes_result_files_per_set_and_modality(validated):
                 image = imread(folder / png)
                 assert image.ndim == 3 and min(image.shape[:2]) > 100
         agreement = json.loads((out / set_name / "agreement_epoch=0.json").read_text())
-        # the agreement of the two maps written beside it, recomputed here without the package's helpers
-        speech, text = (RedundancyResult.from_json(out / set_name / m / "epoch=0.json") for m in ("speech", "text"))
-        cells = ~np.isnan(speech.table)
-        assert agreement["spearman_rho"] == pytest.approx(spearmanr(speech.table[cells], text.table[cells]).statistic,
-                                                          abs=1e-12)
-        assert agreement["path_exact"] == pytest.approx(np.mean([a == b for a, b in zip(speech.path, text.path)]))
-        assert agreement["path_overlap"] == pytest.approx(  # blocks [a, a+n) and [b, b+n) share a layer
-            np.mean([abs(a - b) < n for n, (a, b) in enumerate(zip(speech.path, text.path), start=1)]))
-        assert speech.path == [int(np.nanargmin(row)) for row in speech.table]
+        # headline: the modality-clean last_prompt maps (written under <modality>/last_prompt/); `last` (the maps'
+        # own selection) beside it
+        assert (agreement["token_selection"], agreement["map_token_selection"]) == ("last_prompt", "last")
+        assert list(agreement["by_token_selection"]) == ["last_prompt", "last"]
+        for selection, folder in (("last_prompt", "last_prompt/"), ("last", "")):
+            values = agreement["by_token_selection"][selection]
+            # the agreement of the two maps written beside it, recomputed here without the package's helpers
+            speech, text = (RedundancyResult.from_json(out / set_name / m / f"{folder}epoch=0.json")
+                            for m in ("speech", "text"))
+            assert speech.token_selection == text.token_selection == selection
+            cells = ~np.isnan(speech.table)
+            assert values["spearman_rho"] == pytest.approx(
+                spearmanr(speech.table[cells], text.table[cells]).statistic, abs=1e-12)
+            assert values["path_exact"] == pytest.approx(np.mean([a == b for a, b in zip(speech.path, text.path)]))
+            assert values["path_overlap"] == pytest.approx(  # blocks [a, a+n) and [b, b+n) share a layer
+                np.mean([abs(a - b) < n for n, (a, b) in enumerate(zip(speech.path, text.path), start=1)]))
+            assert speech.path == [int(np.nanargmin(row)) for row in speech.table]
+            null = values["null"]["spearman_rho"]
+            assert null["observed"] == values["spearman_rho"] and 0 < null["p_value"] <= 1 and null["n_perm"] == 1000
+            assert np.load(out / set_name / "speech" / f"{folder}epoch=0_per_sample.npy").shape == (
+                len(batches[0]), LAYERS, LAYERS)
+        assert {k: agreement[k] for k in ("spearman_rho", "path_exact", "null")} == {
+            k: agreement["by_token_selection"]["last_prompt"][k] for k in ("spearman_rho", "path_exact", "null")}
         assert agreement["num_samples"] == {"speech": len(batches[0]), "text": len(batches[0])}
         assert imread(out / set_name / "speech_vs_text_epoch=0.png").ndim == 3
 
@@ -96,6 +110,60 @@ def test_agreement_of_maps_whose_paths_differ():
     # defined cells in row-major order: speech ranks 1, 2, 3, 5, 4, 6; text ranks 2, 1, 4, 3, 5, 6 (sum d^2 = 8)
     d = np.array([1, 2, 3, 5, 4, 6]) - np.array([2, 1, 4, 3, 5, 6])
     assert np.sum(d ** 2) == 8 and agreement["spearman_rho"] == pytest.approx(1 - 6 * 8 / (6 * 35))
+
+
+def test_agreement_null_says_different_for_unrelated_maps():
+    """The permutation null in the agreement: a map vs a noisy copy is significant, two unrelated maps (both with
+    d growing in n, so their raw rho is high) are not."""
+    rng, layers = np.random.default_rng(0), 16
+    cells = np.arange(layers)[None, :] + np.arange(1, layers + 1)[:, None] <= layers
+    trend = np.arange(1, layers + 1)[:, None] / layers * 0.5
+
+    def agreement_of(speech: np.ndarray, text: np.ndarray) -> dict:
+        callback = RedundancyCallback(n_boot=0, n_perm=500)
+        for modality, table in (("speech", speech), ("text", text)):
+            callback.results[("dev", modality)] = RedundancyResult.from_tables(
+                np.where(cells, table, np.nan), np.zeros(layers), model_id="m", token_selection="last",
+                set_name="dev", modality=modality, num_samples=5, n_boot=0)
+        return callback._agreement("dev", epoch=0)
+
+    speech = trend + rng.uniform(0, 0.2, (layers, layers))
+    unrelated = agreement_of(speech, trend + rng.uniform(0, 0.2, (layers, layers)))
+    copy = agreement_of(speech, speech + rng.normal(0, 0.01, (layers, layers)))
+    assert unrelated["spearman_rho"] > 0.6 and unrelated["null"]["spearman_rho"]["p_value"] > 0.05
+    assert unrelated["null"]["path_exact"]["p_value"] > 0.05
+    assert copy["null"]["spearman_rho"]["p_value"] < 0.01 and copy["null"]["path_exact"]["p_value"] < 0.01
+
+
+class MixedTaskSets(NamedSets):
+    """One validation set mixing ASR and AST utterances, declared as such (like SpeechDataModule.eval_set_tasks)."""
+
+    val_set_names = ["mixed"]
+
+    def __init__(self):
+        super().__init__()
+        self.val = [[make_batch(seconds=(0.6, 0.5, 0.7), texts=["the cat", "le chat", "bonjour"],
+                                tasks=["asr", "ast", "ast"], tgt_langs=[None, "fr", "fr"])]]
+
+    def eval_set_tasks(self, split):
+        return {"mixed": ("asr", "ast")}
+
+
+def test_mixed_task_set_gets_one_map_per_task(tmp_path):
+    module, data = _module(), MixedTaskSets()
+    callback = RedundancyCallback(n_boot=0, write_figures=False, output_dir=tmp_path / "maps")
+    trainer(tmp_path, callbacks=[callback]).validate(module, datamodule=data)
+    counts = {key: result.num_samples for key, result in callback.results.items()}
+    assert counts == {("mixed", "speech"): 3, ("mixed", "text"): 3, ("mixed/asr", "speech"): 1,
+                      ("mixed/asr", "text"): 1, ("mixed/ast", "speech"): 2, ("mixed/ast", "text"): 2}
+    assert sorted(callback.agreements) == ["mixed", "mixed/asr", "mixed/ast"]
+    batch = data.val[0][0]
+    for task, rows in (("asr", [0]), ("ast", [1, 2])):
+        direct = RedundancyAccumulator(LAYERS, token_selection="last")
+        direct.update(module.speechllm, batch.subset(rows))
+        written = RedundancyResult.from_json(tmp_path / "maps" / "mixed" / task / "speech" / "epoch=0.json")
+        np.testing.assert_allclose(written.table, direct.angular.compute().numpy(), atol=1e-6, equal_nan=True)
+    assert (tmp_path / "maps" / "mixed" / "speech" / "epoch=0.json").is_file()  # the whole set keeps its layout
 
 
 def test_map_equals_a_direct_accumulator_run(validated):

@@ -87,3 +87,19 @@ def test_report_shows_raw_values_of_an_efficiency_file_in_another_format(run_dir
     (run_dir / "efficiency.json").write_text(json.dumps({"full": {"decode_ms": 9.5}, "pruned": {"decode_ms": 7.0}}))
     markdown = write_report(run_dir)[0].read_text()
     assert "does not match this version's format" in markdown and "| decode_ms | 9.5 | 7.0 |" in markdown
+
+
+def test_report_lists_each_token_selection_with_its_null(tmp_path):
+    """The agreement file of the callback: the modality-clean selection first, `last` beside it, each with its null."""
+    def values(rho, exact, overlap, q95, p_rho, p_overlap):
+        return {"spearman_rho": rho, "path_exact": exact, "path_overlap": overlap,
+                "null": {"spearman_rho": {"null_q95": q95, "p_value": p_rho}, "path_overlap": {"p_value": p_overlap}}}
+
+    by_selection = {"last_prompt": values(0.5, 0.25, 0.5, 0.7, 0.2, 0.3),
+                    "last": values(0.99, 1.0, 1.0, 0.8, 0.001, 0.01)}
+    write_json({"set_name": "dev", "epoch": 0, "token_selection": "last_prompt", **by_selection["last_prompt"],
+                "by_token_selection": by_selection}, tmp_path / "redundancy" / "dev" / "agreement_epoch=0.json")
+    markdown = write_report(tmp_path)[0].read_text()
+    assert "| dev | 0 | 0.500 | 25% | 50% | last_prompt | 0.700 | 0.200 | 0.300 |" in markdown
+    assert "| dev | 0 | 0.990 | 100% | 100% | last | 0.800 | 0.001 | 0.010 |" in markdown
+    assert markdown.index("| last_prompt |") < markdown.index("| last |")

@@ -85,13 +85,25 @@ def _agreement_blocks(redundancy_dir: Path) -> list[Block]:
         if latest is None:
             continue
         data = read_json(latest)
-        rows.append(f"| {set_dir.name} | {data.get('epoch', _epoch(latest))} | {_num(data.get('spearman_rho'))} | "
-                    f"{_pct(data.get('path_exact'))} | {_pct(data.get('path_overlap'))} |")
+        epoch = data.get("epoch", _epoch(latest))
+        # one row per token selection, the headline (modality-clean) one first; older files have only the top level
+        by_selection = data.get("by_token_selection") or {data.get("token_selection", "-"): data}
+        for selection, values in by_selection.items():
+            null = values.get("null") or {}
+            rows.append(f"| {set_dir.name} | {epoch} | {_num(values.get('spearman_rho'))} | "
+                        f"{_pct(values.get('path_exact'))} | {_pct(values.get('path_overlap'))} | {selection} | "
+                        f"{_num((null.get('spearman_rho') or {}).get('null_q95'))} | "
+                        f"{_num((null.get('spearman_rho') or {}).get('p_value'))} | "
+                        f"{_num((null.get('path_overlap') or {}).get('p_value'))} |")
     if not rows:
         return [Block("markdown", f"Speech-vs-text agreement: {NOT_MEASURED}.")]
-    header = ["| set | epoch | Spearman ρ (d tables) | same best block | overlapping best block |",
-              "|---|---:|---:|---:|---:|"]
-    return [Block("heading", "Speech vs text agreement", 3), Block("markdown", "\n".join(header + rows))]
+    header = ["| set | epoch | Spearman ρ (d tables) | same best block | overlapping best block | tokens | "
+              "ρ null q95 | p(ρ) | p(overlap) |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    note = ("`last_prompt` compares the modalities where only the input differs; under `last` both read the same "
+            "teacher-forced transcript, which inflates agreement. Null: the text map's first layers shuffled within "
+            "each block size (p: share of shuffles agreeing at least as much).")
+    return [Block("heading", "Speech vs text agreement", 3), Block("markdown", "\n".join(header + rows)),
+            Block("markdown", note)]
 
 
 def _num(value: Any) -> str:

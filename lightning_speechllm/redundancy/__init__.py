@@ -1,12 +1,17 @@
 """Layer-redundancy measurement: angular distance d(l, n), Block Influence, pruning path, statistics, plots."""
 from lightning_speechllm.redundancy.analysis import (
     FORMAT_VERSION,
+    AgreementCI,
     PathAgreement,
+    PermutationNull,
     RedundancyResult,
     block_influence_ranking,
+    bootstrap_agreement,
     bootstrap_ci,
     path_agreement,
+    path_null,
     pruning_path,
+    spearman_null,
     spearman_rho,
     valid_cells,
 )
@@ -20,17 +25,22 @@ from lightning_speechllm.redundancy.metrics import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "AgreementCI",
     "TOKEN_SELECTIONS",
     "AngularDistanceMetric",
     "BlockInfluenceMetric",
     "PathAgreement",
+    "PermutationNull",
     "RedundancyResult",
     "TokenSelection",
     "block_influence_ranking",
+    "bootstrap_agreement",
     "bootstrap_ci",
     "path_agreement",
+    "path_null",
     "pruning_path",
     "select_tokens",
+    "spearman_null",
     "spearman_rho",
     "valid_cells",
 ]

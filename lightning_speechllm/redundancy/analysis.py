@@ -11,7 +11,7 @@ from typing import Any, Literal, Union, get_args
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from lightning_speechllm.redundancy import report
 
@@ -135,6 +135,12 @@ def _array_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
 
 
+def per_sample_path(json_path: str | Path) -> Path:
+    """Where the per-utterance tables of the map ``<stem>.json`` live: ``<stem>_per_sample.npy`` beside it."""
+    path = Path(json_path)
+    return path.with_name(f"{path.stem}_per_sample.npy")
+
+
 @dataclass(eq=False)
 class RedundancyResult:
     """Everything measured for one (model, data set, modality, token selection): the pruning-plan input.
@@ -160,6 +166,9 @@ class RedundancyResult:
     epoch: int | None = None
     reduction: str = "token"
     extra: dict[str, Any] = field(default_factory=dict)
+    per_sample_tables: np.ndarray | None = field(default=None, repr=False)
+    """``[S, L, L]`` per-utterance tables when measured with them (not in the JSON: :meth:`save_per_sample` writes
+    them beside it, where ``compare`` finds them for bootstrap CIs of the agreement)."""
 
     def __post_init__(self) -> None:
         if self.modality not in get_args(Modality):
@@ -209,7 +218,10 @@ class RedundancyResult:
         return cls(model_id=model_id, num_layers=array.shape[0], token_selection=token_selection,
                    set_name=set_name, modality=modality, num_samples=num_samples, table=array,
                    path=pruning_path(array), block_influence=bi, bi_ranking=block_influence_ranking(bi),
-                   ci_low=ci_low, ci_high=ci_high, epoch=epoch, reduction=reduction, extra=metadata)
+                   ci_low=ci_low, ci_high=ci_high, epoch=epoch, reduction=reduction, extra=metadata,
+                   per_sample_tables=None if per_sample_tables is None else np.asarray(
+                       per_sample_tables.detach().cpu().double().numpy() if isinstance(per_sample_tables, torch.Tensor)
+                       else per_sample_tables, float))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RedundancyResult):
@@ -280,6 +292,15 @@ class RedundancyResult:
         """Write the result as JSON (atomically); returns the path."""
         return report.write_json(self.to_dict(), path)
 
+    def save_per_sample(self, json_path: str | Path) -> Path | None:
+        """Write :attr:`per_sample_tables` to :func:`per_sample_path` of ``json_path`` (nothing without them)."""
+        if self.per_sample_tables is None:
+            return None
+        target = per_sample_path(json_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, self.per_sample_tables)
+        return target
+
     @classmethod
     def from_json(cls, path: str | Path) -> "RedundancyResult":
         """Read a result written by :meth:`to_json`."""
@@ -288,3 +309,132 @@ class RedundancyResult:
     def to_csv(self, path: str | Path) -> Path:
         """Write the defined cells in long format: columns ``l, n, d, ci_low, ci_high``."""
         return report.write_table_csv(self.table, path, ci_low=self.ci_low, ci_high=self.ci_high)
+
+
+# ------------------------------------------------------------------------------------------ permutation null
+@dataclass(frozen=True)
+class PermutationNull:
+    """A statistic beside its permutation null: ``p_value`` = (1 + #{null >= observed}) / (1 + n_perm) (one-sided:
+    agreement larger than chance); ``null_q95`` = the null's 95% quantile (the value chance alone reaches 5% of the
+    time)."""
+
+    observed: float
+    p_value: float
+    null_mean: float
+    null_q95: float
+    n_perm: int
+    seed: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"observed": self.observed, "p_value": self.p_value, "null_mean": self.null_mean,
+                "null_q95": self.null_q95, "n_perm": self.n_perm, "seed": self.seed}
+
+
+def _null(observed: float, null: np.ndarray, seed: int) -> PermutationNull:
+    exceed = int(np.sum(null >= observed - 1e-12))  # ties count against agreement (conservative)
+    return PermutationNull(float(observed), (1 + exceed) / (1 + null.size), float(null.mean()),
+                           float(np.quantile(null, 0.95)), int(null.size), seed)
+
+
+def _row_permutations(num_layers: int, n_perm: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per block size n (row n-1), ``n_perm`` independent shuffles of the first layers ``l = 0..L-n``: ``[n_perm,
+    L-n+1]`` index arrays. Shuffling within a row keeps what every map shares (d grows with n) and destroys only
+    *where* in the stack the redundant blocks are, which is what the agreement claims."""
+    return [np.argsort(rng.random((n_perm, num_layers - row)), axis=1) for row in range(num_layers)]
+
+
+def _check_pair(table_a: ArrayLike, table_b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    a, b = as_table(table_a, "table_a"), as_table(table_b, "table_b")
+    if a.shape != b.shape:
+        raise ValueError(f"tables differ in shape: {a.shape} vs {b.shape}")
+    if not (np.isfinite(a[valid_cells(a.shape[0])]).all() and np.isfinite(b[valid_cells(b.shape[0])]).all()):
+        raise ValueError("a permutation null needs every defined cell of both tables to be finite")
+    return a, b
+
+
+def spearman_null(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000, seed: int = 0) -> PermutationNull:
+    """Spearman ρ of two tables against a permutation null: the first layers of ``table_b`` are shuffled within each
+    block size n (see :func:`_row_permutations`). Ranks over all cells do not change when cells move, so each
+    permuted ρ is the Pearson correlation of ``rank(a)`` and the permuted ``rank(b)``."""
+    if n_perm < 1:
+        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    a, b = _check_pair(table_a, table_b)
+    num_layers, valid = a.shape[0], valid_cells(a.shape[0])
+    rank_a, rank_b = np.full(a.shape, np.nan), np.full(b.shape, np.nan)
+    rank_a[valid], rank_b[valid] = rankdata(a[valid]), rankdata(b[valid])  # average ranks, as spearmanr
+    centred_a = rank_a - np.nanmean(rank_a)
+    centred_b = rank_b - np.nanmean(rank_b)
+    scale = np.sqrt(np.nansum(centred_a ** 2) * np.nansum(centred_b ** 2))
+    null = np.zeros(n_perm)
+    for row, perms in enumerate(_row_permutations(num_layers, n_perm, np.random.default_rng(seed))):
+        width = num_layers - row
+        null += centred_b[row, :width][perms] @ centred_a[row, :width]
+    observed = spearman_rho(a, b)
+    return _null(observed, null / scale if scale > 0 else np.zeros(n_perm), seed)
+
+
+def path_null(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000, seed: int = 0,
+              statistic: Literal["overlap", "exact"] = "overlap") -> PermutationNull:
+    """Path overlap (or exact agreement) of two tables' pruning paths against the same within-row shuffle of
+    ``table_b`` as :func:`spearman_null`: the permuted map's best block is the argmin of its shuffled row."""
+    if n_perm < 1:
+        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    a, b = _check_pair(table_a, table_b)
+    num_layers = a.shape[0]
+    path_a = np.asarray(pruning_path(a))
+    hits = np.zeros(n_perm)
+    for row, perms in enumerate(_row_permutations(num_layers, n_perm, np.random.default_rng(seed))):
+        block, width = row + 1, num_layers - row
+        first_b = np.argmin(b[row, :width][perms], axis=1)  # ties to the smallest shuffled position
+        hits += (np.abs(first_b - path_a[row]) < block) if statistic == "overlap" else (first_b == path_a[row])
+    agreement = path_agreement(list(path_a), pruning_path(b))
+    observed = agreement.overlap if statistic == "overlap" else agreement.exact
+    return _null(observed, hits / num_layers, seed)
+
+
+def same_best_block(path_a: list[int], path_b: list[int]) -> float:
+    """Fraction of block sizes n whose best first layer l*(n) is the same in both paths (= ``path_agreement.exact``)."""
+    return path_agreement(path_a, path_b).exact
+
+
+@dataclass(frozen=True)
+class AgreementCI:
+    """Percentile bootstrap intervals of ρ, path overlap and same-best-block fraction between two maps."""
+
+    spearman_rho: tuple[float, float]
+    path_overlap: tuple[float, float]
+    same_best_block: tuple[float, float]
+    n_boot: int
+    alpha: float
+    seed: int
+
+
+def _resampled_means(tables: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    counts = rng.multinomial(len(tables), np.full(len(tables), 1.0 / len(tables)), size=n_boot)  # [n_boot, S]
+    return np.einsum("bs,sij->bij", counts, np.nan_to_num(tables)) / len(tables)
+
+
+def bootstrap_agreement(per_sample_a: ArrayLike, per_sample_b: ArrayLike, n_boot: int = 1000, alpha: float = 0.05,
+                        seed: int = 0) -> AgreementCI:
+    """Bootstrap CIs of the agreement statistics: the utterances of each map are resampled independently (the maps
+    may come from different sets), the mean tables recomputed, and ρ / overlap / same-best measured per resample."""
+    tables = [np.asarray(t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else t, float)
+              for t in (per_sample_a, per_sample_b)]
+    for name, table in zip(("per_sample_a", "per_sample_b"), tables):
+        if table.ndim != 3 or table.shape[1] != table.shape[2] or len(table) < 2:
+            raise ValueError(f"{name} must be [S, L, L] with S >= 2, got shape {table.shape}")
+    if tables[0].shape[1:] != tables[1].shape[1:]:
+        raise ValueError(f"per-sample tables differ in layer count: {tables[0].shape[1:]} vs {tables[1].shape[1:]}")
+    if n_boot < 1 or not 0.0 < alpha < 1.0:
+        raise ValueError(f"need n_boot >= 1 and alpha in (0, 1), got {n_boot}, {alpha}")
+    rng = np.random.default_rng(seed)
+    valid = valid_cells(tables[0].shape[1])
+    means_a, means_b = (_resampled_means(table, n_boot, rng) for table in tables)
+    stats = np.empty((n_boot, 3))
+    for index in range(n_boot):
+        a, b = (np.where(valid, means[index], np.nan) for means in (means_a, means_b))
+        paths = path_agreement(pruning_path(a), pruning_path(b))
+        stats[index] = spearman_rho(a, b), paths.overlap, paths.exact
+    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2], axis=0)
+    rho, overlap, exact = ((float(low[i]), float(high[i])) for i in range(3))
+    return AgreementCI(rho, overlap, exact, n_boot, alpha, seed)

@@ -54,6 +54,13 @@ class MeasureArgs:
     token_selection: TokenSelection = "last"
     """Token positions averaged: last (Gromov et al.), last_prompt (where generation starts), all, speech, prompt
     or target."""
+    agreement_selections: list[TokenSelection] = field(default_factory=lambda: ["last_prompt", "last"])
+    """Token selections at which speech and text maps are compared; the first gives the headline agreement
+    (last_prompt: only the input modality differs; last: both read the same teacher-forced transcript)."""
+    n_perm: int = 1000
+    """Permutations of the agreement's null (p-values beside rho and path overlap; 0: none)."""
+    per_task: bool = True
+    """Also measure each task of a set that mixes tasks (ASR and AST), as the set <set>/<task>."""
     modalities: list[Literal["speech", "text"]] = field(default_factory=lambda: ["speech", "text"])
     """Measure the speech input, the text-only input (transcripts), or both (then also their agreement)."""
     sets: list[str] | None = None
@@ -125,9 +132,13 @@ def format_summary(results: dict[tuple[str, str], RedundancyResult], agreements:
             cells.append(f"{f'{first} ({result.table[block - 1, first]:.3f})':>12}")
         lines.append(f"{set_name:<14} {modality:<8} {result.num_samples:>5}  " + " ".join(cells))
     for set_name, agreement in sorted(agreements.items()):
-        lines.append(f"{set_name}: text vs speech Spearman rho = {agreement['spearman_rho']:.3f}, "
-                     f"same block for {100 * agreement['path_exact']:.0f}% of n, "
-                     f"overlapping for {100 * agreement['path_overlap']:.0f}%")
+        for selection, values in (agreement.get("by_token_selection") or {"": agreement}).items():
+            p_value = (values.get("null") or {}).get("spearman_rho", {}).get("p_value")
+            null = "" if p_value is None else f" (null p = {p_value:.3g})"
+            at = f" [{selection} tokens]" if selection else ""
+            lines.append(f"{set_name}: text vs speech Spearman rho = {values['spearman_rho']:.3f}{null}{at}, "
+                         f"same block for {100 * values['path_exact']:.0f}% of n, "
+                         f"overlapping for {100 * values['path_overlap']:.0f}%")
     return "\n".join(lines)
 
 
@@ -156,7 +167,9 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
         warnings.warn("measuring speech input without --ckpt_path: the projector is untrained", stacklevel=2)
     datamodule = SpeechDataModule(**data)
     callback = RedundancyCallback(token_selection=args.token_selection, modalities=modalities, sets=args.sets,
-                                  max_batches=args.max_batches, output_dir=args.output_dir, n_boot=args.n_boot)
+                                  max_batches=args.max_batches, output_dir=args.output_dir, n_boot=args.n_boot,
+                                  agreement_selections=args.agreement_selections, n_perm=args.n_perm,
+                                  per_task=args.per_task)
     extra = {} if args.precision is None else {"precision": args.precision}
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, logger=_logger(args), use_distributed_sampler=False,
                         enable_progress_bar=True, enable_model_summary=False, enable_checkpointing=False,
