@@ -31,6 +31,7 @@ from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.model.checkpoint import load_module
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
+from lightning_speechllm.progress import hide_lightning_product_tips
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 from lightning_speechllm.redundancy.callback import RedundancyCallback
 from lightning_speechllm.redundancy.metrics import TokenSelection
@@ -184,6 +185,7 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lightning_speechllm measure``; returns an exit code (2 on bad input)."""
+    hide_lightning_product_tips()
     try:
         args, model, data = parse_args(argv)
     except SystemExit as stop:  # --help, --print_config, or a parse error already reported by jsonargparse
