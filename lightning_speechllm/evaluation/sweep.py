@@ -17,6 +17,10 @@ The rule reads the validation sets only. With ``test_sets``, :func:`score_chosen
 baseline and the chosen point once on those test sets (``test.json``, and ``"test"`` in ``sweep.json``): a report,
 never an input of the choice.
 
+This module runs the sweep. The table, its JSON form and the rule live in
+:mod:`~lightning_speechllm.evaluation.sweep_table`, the outputs in :mod:`~lightning_speechllm.evaluation.sweep_report`;
+every name of ``__all__`` below is importable from here as before.
+
 Stopping rule (Moumen et al., 2026): keep the largest removed fraction whose relative WER increase is at most
 ``max_rel_wer_increase`` (0.25) on every ASR set and whose relative BLEU drop is at most ``max_rel_bleu_drop``
 (0.10) on every translation set, judged after healing when healing ran. The curves need not be monotone: the rule
@@ -25,14 +29,11 @@ takes the *largest passing* fraction even when a smaller one fails (see :func:`c
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
-import io
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,29 @@ import torch
 from torch import Tensor, nn
 
 from lightning_speechllm.evaluation.sweep_grid import DEFAULT_WALK_STOP_AFTER, GridError, explicit_grid, visit_points
-from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.evaluation.sweep_report import (
+    describe_choice,
+    describe_test,
+    format_markdown,
+    plot_curves,
+    write_csv,
+    write_outputs,
+)
+from lightning_speechllm.evaluation.sweep_table import (
+    METRICS,
+    SWEEP_FORMAT_VERSION,
+    Scores,
+    SweepError,
+    SweepPoint,
+    SweepTable,
+    Thresholds,
+    _scores_from_json,
+    _scores_to_json,
+    choose_fraction,
+    choose_point,
+    passes,
+    relative_change,
+)
 from lightning_speechllm.model.module import (
     DecodingConfig,
     OptimConfig,
@@ -86,28 +109,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SWEEP_FORMAT_VERSION = 1
-METRICS = ("wer", "bleu")
 SweepMethod = Literal["angular", "block_influence", "last"]
-Scores = dict[str, dict[str, float]]
-"""Per evaluation set, its metrics: ``{"clean": {"wer": 4.2}, "covost": {"bleu": 31.0}}`` (percent)."""
-
-
-class SweepError(ValueError):
-    """A bad sweep configuration, or a point file that does not belong to this sweep."""
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-@dataclass
-class Thresholds:
-    """The stopping rule's tolerances, relative to the unpruned baseline."""
-
-    max_rel_wer_increase: float = 0.25
-    """Largest allowed (WER - WER_base) / WER_base on every ASR set."""
-    max_rel_bleu_drop: float = 0.10
-    """Largest allowed (BLEU_base - BLEU) / BLEU_base on every translation set."""
-
-
 @dataclass
 class SweepConfig:
     """What to sweep, how to heal and where the results go."""
@@ -180,146 +185,6 @@ class SweepConfig:
         if self.max_rel_wer_increase < 0 or self.max_rel_bleu_drop < 0:
             raise SweepError(f"thresholds must be >= 0, got max_rel_wer_increase={self.max_rel_wer_increase}, "
                              f"max_rel_bleu_drop={self.max_rel_bleu_drop}")
-
-
-# ------------------------------------------------------------------------------------------------- the table
-@dataclass
-class SweepPoint:
-    """One pruned model: its plan and its scores before and (when healed) after healing."""
-
-    method: str
-    value: float | int
-    """The requested fraction or n."""
-    kind: Literal["fraction", "n"]
-    n: int
-    num_layers: int
-    removed_layers: list[int]
-    before: Scores
-    after: Scores | None = None
-    heal_steps: int = 0
-
-    @property
-    def removed_fraction(self) -> float:
-        """Share of the decoder layers removed: n / num_layers."""
-        return self.n / self.num_layers
-
-    @property
-    def final(self) -> Scores:
-        """The scores the rule judges: after healing when healing ran, else before."""
-        return self.after if self.after is not None else self.before
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["before"], data["after"] = _scores_to_json(self.before), _scores_to_json(self.after)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "SweepPoint":
-        try:
-            return cls(method=data["method"], value=data["value"], kind=data["kind"], n=int(data["n"]),
-                       num_layers=int(data["num_layers"]), removed_layers=[int(i) for i in data["removed_layers"]],
-                       before=_scores_from_json(data["before"]), after=_scores_from_json(data.get("after")),
-                       heal_steps=int(data.get("heal_steps", 0)))
-        except KeyError as error:
-            raise SweepError(f"{source}: missing key {error.args[0]!r}") from error
-
-
-@dataclass
-class SweepTable:
-    """The baseline scores and every sweep point."""
-
-    baseline: Scores
-    num_layers: int
-    points: list[SweepPoint] = field(default_factory=list)
-
-    @property
-    def healed(self) -> bool:
-        return any(point.after is not None for point in self.points)
-
-    def set_metrics(self) -> list[tuple[str, str]]:
-        """``(set, metric)`` pairs of the baseline, sorted by set name, WER before BLEU."""
-        return [(name, metric) for name in sorted(self.baseline) for metric in METRICS if metric in self.baseline[name]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format_version": SWEEP_FORMAT_VERSION, "baseline": _scores_to_json(self.baseline),
-                "num_layers": self.num_layers, "points": [point.to_dict() for point in self.points]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "SweepTable":
-        if data.get("format_version") != SWEEP_FORMAT_VERSION:
-            raise SweepError(f"{source}: unsupported format_version {data.get('format_version')!r}, "
-                             f"expected {SWEEP_FORMAT_VERSION}")
-        points = [SweepPoint.from_dict(p, f"{source}: points[{i}]") for i, p in enumerate(data.get("points", []))]
-        return cls(baseline=_scores_from_json(data["baseline"]) or {}, num_layers=int(data["num_layers"]),
-                   points=points)
-
-
-def _scores_to_json(scores: Scores | None) -> dict | None:
-    if scores is None:
-        return None
-    return {name: {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-            for name, metrics in scores.items()}
-
-
-def _scores_from_json(data: dict | None) -> Scores | None:
-    if data is None:
-        return None
-    return {name: {k: (math.nan if v is None else float(v)) for k, v in metrics.items()}
-            for name, metrics in data.items()}
-
-
-# ---------------------------------------------------------------------------------------------- the rule
-def relative_change(value: float, baseline: float) -> float:
-    """``(value - baseline) / baseline``; with a zero baseline 0 when equal, else ±inf; NaN stays NaN."""
-    if math.isnan(value) or math.isnan(baseline):
-        return math.nan
-    if baseline == 0:
-        return 0.0 if value == 0 else math.copysign(math.inf, value)
-    return (value - baseline) / baseline
-
-
-def _metric_passes(metric: str, change: float, thresholds: Thresholds) -> bool:
-    if math.isnan(change):
-        return False
-    if metric == "wer":
-        return change <= thresholds.max_rel_wer_increase + 1e-12
-    return -change <= thresholds.max_rel_bleu_drop + 1e-12
-
-
-def passes(point: SweepPoint, baseline: Scores, thresholds: Thresholds = Thresholds()) -> tuple[bool, list[str]]:
-    """Whether ``point`` (its :attr:`~SweepPoint.final` scores) meets the rule on every set of ``baseline``; the
-    second item lists the failures (``"clean wer +31.0%"``, ``"covost bleu missing"``)."""
-    failures = []
-    for name in sorted(baseline):
-        for metric in METRICS:
-            if metric not in baseline[name]:
-                continue
-            value = point.final.get(name, {}).get(metric)
-            if value is None:
-                failures.append(f"{name} {metric} missing")
-                continue
-            change = relative_change(value, baseline[name][metric])
-            if not _metric_passes(metric, change, thresholds):
-                failures.append(f"{name} {metric} {100 * change:+.1f}%")
-    return not failures, failures
-
-
-def choose_point(table: SweepTable, thresholds: Thresholds = Thresholds()) -> SweepPoint | None:
-    """The paper's stopping rule: the point with the largest removed fraction that passes :func:`passes`.
-
-    This is "largest passing", not "last before the first failure": on a non-monotone curve (say 20% fails, 30%
-    passes) the 30% point is chosen. None when no point passes (or the baseline has no WER/BLEU).
-    """
-    if not table.set_metrics():
-        return None
-    passing = [point for point in table.points if passes(point, table.baseline, thresholds)[0]]
-    return max(passing, key=lambda point: point.removed_fraction, default=None)
-
-
-def choose_fraction(table: SweepTable, thresholds: Thresholds = Thresholds()) -> float | None:
-    """The removed fraction (n / num_layers) of :func:`choose_point`, or None when no point passes."""
-    point = choose_point(table, thresholds)
-    return None if point is None else point.removed_fraction
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -618,153 +483,3 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
         summary["test"] = result
         write_json(summary, summary_path)
     return result
-
-
-def describe_test(result: dict[str, Any]) -> str:
-    """The scores of :func:`score_chosen_on_test`, one line per set and metric: baseline -> chosen (relative change)."""
-    baseline, final = _scores_from_json(result["baseline"]) or {}, _scores_from_json(result["chosen"]) or {}
-    lines = [f"test sets (scored once, after the rule chose {result['requested']} on the validation sets; "
-             f"layers {result['removed_layers']}{', healed again' if result['healed'] else ''}):"]
-    for name in sorted(baseline):
-        for metric in METRICS:
-            if metric in baseline[name]:
-                base, value = baseline[name][metric], final.get(name, {}).get(metric, math.nan)
-                lines.append(f"  {name} {metric}: {base:.2f} -> {value:.2f} "
-                             f"({100 * relative_change(value, base):+.1f}%)")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-def _columns(table: SweepTable) -> list[str]:
-    columns = ["method", "requested", "n", "removed_fraction", "removed_layers", "passes"]
-    stages = ("before", "after") if table.healed else ("before",)
-    for name, metric in table.set_metrics():
-        for stage in stages:
-            columns += [f"{name}/{metric}_{stage}", f"{name}/rel_d{metric}_{stage}"]
-    return columns
-
-
-def _rows(table: SweepTable, thresholds: Thresholds) -> list[dict[str, Any]]:
-    base_row: dict[str, Any] = {"method": "baseline", "requested": "", "n": 0, "removed_fraction": 0.0,
-                                "removed_layers": "", "passes": ""}
-    for name, metric in table.set_metrics():
-        for stage in ("before", "after"):
-            base_row[f"{name}/{metric}_{stage}"] = table.baseline[name][metric]
-            base_row[f"{name}/rel_d{metric}_{stage}"] = 0.0
-    rows = [base_row]
-    for point in sorted(table.points, key=lambda p: (p.removed_fraction, str(p.value))):
-        row: dict[str, Any] = {"method": point.method, "requested": f"{point.kind}={point.value:g}", "n": point.n,
-                               "removed_fraction": point.removed_fraction,
-                               "removed_layers": " ".join(str(i) for i in point.removed_layers),
-                               "passes": passes(point, table.baseline, thresholds)[0]}
-        for name, metric in table.set_metrics():
-            for stage, scores in (("before", point.before), ("after", point.after)):
-                value = (scores or {}).get(name, {}).get(metric, math.nan)
-                row[f"{name}/{metric}_{stage}"] = value
-                row[f"{name}/rel_d{metric}_{stage}"] = relative_change(value, table.baseline[name][metric])
-        rows.append(row)
-    return rows
-
-
-def _fmt(value: Any, percent: bool = False) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{100 * value:+.1f}%" if percent else f"{value:.2f}"
-    return str(value)
-
-
-def write_csv(table: SweepTable, path: str | Path, thresholds: Thresholds = Thresholds()) -> Path:
-    """One row per point (and the baseline first), columns from :func:`_columns`; empty cells for NaN."""
-    columns = _columns(table)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in _rows(table, thresholds):
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return atomic_write_text(buffer.getvalue(), path)
-
-
-def format_markdown(table: SweepTable, thresholds: Thresholds = Thresholds(),
-                    chosen: SweepPoint | None = None) -> str:
-    """The sweep as a Markdown table plus the rule's verdict."""
-    columns = _columns(table)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in _rows(table, thresholds):
-        lines.append("| " + " | ".join(_fmt(row.get(c, ""), percent="/rel_d" in c) for c in columns) + " |")
-    lines.append("")
-    lines.append(describe_choice(table, thresholds, chosen))
-    return "\n".join(lines) + "\n"
-
-
-def describe_choice(table: SweepTable, thresholds: Thresholds, chosen: SweepPoint | None) -> str:
-    """One sentence stating the rule and its outcome."""
-    judged = "after healing" if table.healed else "without healing"
-    rule = (f"rule: largest removed fraction with relative WER increase <= {thresholds.max_rel_wer_increase:.0%} on "
-            f"every ASR set and relative BLEU drop <= {thresholds.max_rel_bleu_drop:.0%} on every AST set, {judged}")
-    if chosen is None:
-        return f"No sweep point passes ({rule})."
-    return (f"Chosen: remove {chosen.n}/{chosen.num_layers} layers ({chosen.removed_fraction:.1%}), layers "
-            f"{chosen.removed_layers} ({rule}).")
-
-
-def plot_curves(table: SweepTable, path: str | Path, thresholds: Thresholds = Thresholds(),
-                chosen: SweepPoint | None = None) -> Path:
-    """WER/BLEU vs removed fraction per set: before (and after) healing, the baseline and the allowed band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = table.set_metrics()
-    if not pairs:
-        raise SweepError("nothing to plot: the baseline has no WER/BLEU")
-    figure, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.4), squeeze=False)
-    points = sorted(table.points, key=lambda p: p.removed_fraction)
-    for ax, (name, metric) in zip(axes[0], pairs):
-        base = table.baseline[name][metric]
-        xs = [0.0] + [p.removed_fraction for p in points]
-        before = [base] + [p.before.get(name, {}).get(metric, math.nan) for p in points]
-        ax.plot(xs, before, "o-", label="pruned")
-        if table.healed:
-            after = [base] + [(p.after or {}).get(name, {}).get(metric, math.nan) for p in points]
-            ax.plot(xs, after, "s--", label="pruned + healed")
-        ax.axhline(base, color="grey", lw=1, label="baseline")
-        if metric == "wer":
-            ax.axhspan(base, base * (1 + thresholds.max_rel_wer_increase), color="green", alpha=0.12,
-                       label=f"allowed (+{thresholds.max_rel_wer_increase:.0%})")
-        else:
-            ax.axhspan(base * (1 - thresholds.max_rel_bleu_drop), base, color="green", alpha=0.12,
-                       label=f"allowed (-{thresholds.max_rel_bleu_drop:.0%})")
-        if chosen is not None:
-            ax.axvline(chosen.removed_fraction, color="red", ls=":", lw=1, label="chosen")
-        ax.set_xlabel("fraction of decoder layers removed")
-        ax.set_ylabel(f"{metric.upper()} (%)")
-        ax.set_title(name)
-        ax.legend(fontsize=7)
-    figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=110)
-    plt.close(figure)
-    return target
-
-
-def write_outputs(table: SweepTable, out_dir: str | Path, thresholds: Thresholds = Thresholds(),
-                  chosen: SweepPoint | None = None) -> dict[str, Path]:
-    """``sweep.csv``, ``sweep.md``, ``sweep.json`` (table, thresholds, chosen) and ``sweep.png`` in ``out_dir``."""
-    out = Path(out_dir)
-    paths = {"csv": write_csv(table, out / "sweep.csv", thresholds),
-             "md": atomic_write_text(format_markdown(table, thresholds, chosen), out / "sweep.md")}
-    summary = table.to_dict()
-    summary["thresholds"] = asdict(thresholds)
-    summary["chosen"] = None if chosen is None else {
-        "n": chosen.n, "removed_fraction": chosen.removed_fraction, "removed_layers": chosen.removed_layers,
-        "requested": f"{chosen.kind}={chosen.value:g}"}
-    summary["rule"] = describe_choice(table, thresholds, chosen)
-    paths["json"] = write_json(summary, out / "sweep.json")
-    if table.set_metrics():
-        paths["png"] = plot_curves(table, out / "sweep.png", thresholds, chosen)
-    return paths
