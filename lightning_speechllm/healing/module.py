@@ -213,7 +213,7 @@ class HealingModule(SpeechLLMModule):
 
     # ------------------------------------------------------------------------------------------ teacher checkpoint
     def _load_teacher(self, path: str) -> None:
-        """Teacher projector (a frozen copy) and LoRA (a frozen PEFT adapter named 'teacher') from a checkpoint,
+        """Teacher projector (a frozen copy) and LoRA (merged into the decoder's base weights) from a checkpoint,
         read as data only (a teacher checkpoint often comes from someone else)."""
         checkpoint = load_checkpoint_file(path)
         state = {k.removeprefix("speechllm."): v for k, v in checkpoint.get("state_dict", {}).items()}
