@@ -23,9 +23,9 @@ from lightning_speechllm.io_utils import replace_dir
 
 from .layer_mask import (
     LayerMaskError,
-    _unwrap_peft,
     find_decoder_layers,
     get_layer_mask_state,
+    unwrap_peft,
 )
 
 __all__ = ["ExportError", "PRUNING_FILE", "merged_state_dict", "pruning_info", "save_pruned_decoder"]
@@ -106,7 +106,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Only registered modules are read, so a masked model yields only its active layers, numbered ``0..k-1``.
     """
-    hf_model = _unwrap_peft(model)
+    hf_model = unwrap_peft(model)
     state = hf_model.state_dict()
     replaced: dict[str, torch.Tensor] = {}
     prefixes: list[str] = []
@@ -155,7 +155,7 @@ def save_pruned_decoder(
     if not safe_serialization:
         raise ExportError("safe_serialization=False is unsupported: transformers 5.x writes safetensors only")
     out = Path(out_dir).expanduser().resolve()
-    hf_model = _unwrap_peft(model)
+    hf_model = unwrap_peft(model)
     if not hasattr(hf_model, "save_pretrained") or not hasattr(hf_model, "config"):
         raise ExportError(f"{type(model).__name__} is not a transformers PreTrainedModel (no save_pretrained)")
     if out.exists() and not out.is_dir():

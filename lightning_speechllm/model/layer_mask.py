@@ -36,6 +36,7 @@ __all__ = [
     "ResidualStream",
     "find_decoder_layers",
     "get_layer_mask_state",
+    "unwrap_peft",
 ]
 
 # Attribute paths (from the unwrapped causal LM or base model) that hold the decoder-layer ModuleList.
@@ -61,7 +62,7 @@ class LayerMaskError(ValueError):
     """Invalid decoder-layer selection, or a model whose decoder layers cannot be found."""
 
 
-def _unwrap_peft(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model inside a PeftModel (or ``model`` itself)."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
@@ -79,7 +80,7 @@ def _get_path(module: nn.Module, path: str) -> Any:
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
     """(parent module, attribute name) of the decoder-layer ModuleList of an HF causal LM, its base model, or a
     PeftModel wrapping either. Raises :class:`LayerMaskError` naming the model class when there is none."""
-    root = _unwrap_peft(model)
+    root = unwrap_peft(model)
     candidates: list[nn.Module] = [root]
     get_decoder = getattr(root, "get_decoder", None)
     if callable(get_decoder):
@@ -106,7 +107,7 @@ def _find_config(model: nn.Module, parent: nn.Module) -> Any:
     """The (text) config that describes the decoder layers: the decoder module's own config when it has one."""
     config = getattr(parent, "config", None)
     if config is None:
-        config = getattr(_unwrap_peft(model), "config", None)
+        config = getattr(unwrap_peft(model), "config", None)
         if config is not None and hasattr(config, "get_text_config"):
             config = config.get_text_config(decoder=True)
     if config is None or not hasattr(config, "num_hidden_layers"):

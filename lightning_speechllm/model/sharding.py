@@ -21,6 +21,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lightning_speechllm.model.layer_mask import get_layer_mask_state
+
 __all__ = ["FSDP2Strategy", "full_tensor", "is_sharded", "load_into", "shard_speechllm"]
 
 
@@ -55,8 +57,7 @@ def shard_speechllm(speechllm: nn.Module, mesh: Any, reshard_after_forward: bool
         return
     mask = speechllm.layer_mask
     with mask.active(range(mask.num_layers)):  # every layer registered: each one becomes a unit of the root
-        parent, name = mask._parent, mask._name
-        for layer in getattr(parent, name):
+        for layer in get_layer_mask_state(speechllm.llm).layer_list:
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
         fully_shard(speechllm.llm, mesh=mesh, reshard_after_forward=reshard_after_forward)
         # The root's lazy init records its sub-units; run it now, while no layer is masked out.

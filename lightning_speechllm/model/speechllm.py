@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.model.encoders import SpeechEncoder, load_speech_encoder
-from lightning_speechllm.model.layer_mask import DecoderLayerMask
+from lightning_speechllm.model.layer_mask import DecoderLayerMask, unwrap_peft
 from lightning_speechllm.model.projector import Projector, ProjectorConfig
 from lightning_speechllm.model.prompts import EncodedSample, PromptBuilder, PromptConfig
 from lightning_speechllm.model.segments import Segment
@@ -437,7 +437,7 @@ def target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None) -> t
 
 def enable_gradient_checkpointing(llm: nn.Module) -> None:
     """Non-reentrant activation checkpointing of every decoder layer of an HF causal LM (or a PeftModel on one)."""
-    model = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    model = unwrap_peft(llm)
     kwargs = {"use_reentrant": False}  # no need for inputs that require grad; works with frozen weights and PEFT
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it (the old name warns)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -450,7 +450,7 @@ def _drop_input_grad_hook(llm: nn.Module) -> None:
     """transformers (on enabling checkpointing) and PEFT (on wrapping a checkpointed model) hook the input embeddings
     to require grad, for reentrant checkpointing. Non-reentrant checkpointing does not need it, and it would make
     every backward run down to the embeddings, through the layers below the first adapted one."""
-    model = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    model = unwrap_peft(llm)
     model.disable_input_require_grads()
 
 
@@ -465,7 +465,7 @@ def _set_attn_implementation(llm: nn.Module, name: str | None) -> None:
     """Switch an already built decoder (injected, or loaded) to `name`; None leaves it as it is."""
     if _attn_implementation(name) is None:
         return
-    model = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    model = unwrap_peft(llm)
     if getattr(model.config, "_attn_implementation", None) != name:
         model.set_attn_implementation(name)
 
