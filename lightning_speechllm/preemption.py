@@ -323,7 +323,7 @@ def _save_atomically(trainer: L.Trainer, path: str) -> None:
     trainer.save_checkpoint(partial, weights_only=False)  # ends with a barrier: every writing rank is done
     if trainer.is_global_zero:
         if isinstance(fs, LocalFileSystem):
-            if os.path.isdir(partial):  # sharded (DeepSpeed, FSDP) checkpoints are directories
+            if os.path.isdir(partial):  # distributed checkpoints (ModelParallelStrategy's default) are directories
                 replace_dir(Path(partial), Path(path))
             else:
                 with open(partial, "rb+") as written:
