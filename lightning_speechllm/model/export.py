@@ -28,7 +28,7 @@ from .layer_mask import (
     unwrap_peft,
 )
 
-__all__ = ["ExportError", "PRUNING_FILE", "merged_state_dict", "pruning_info", "save_pruned_decoder"]
+__all__ = ["ExportError", "PRUNING_FILE", "merged_state_dict", "pruning_info", "save_pruned_decoder", "stock_state_dict"]
 
 PRUNING_FILE = "pruning.json"
 _PEFT_KEY_MARKERS = ("lora_", "base_layer", "modules_to_save", "original_module", "lora_magnitude_vector")
@@ -39,18 +39,36 @@ class ExportError(LayerMaskError):
 
 
 def pruning_info(model: nn.Module) -> dict[str, Any]:
-    """``{"removed_layers", "kept_layers", "original_num_layers"}`` in the indices of the never-pruned model."""
+    """``{"removed_layers", "kept_layers", "original_num_layers"}`` in the indices of the never-pruned model, plus
+    ``dropped_attention``/``dropped_mlp``/``replaced_blocks`` when the model has any."""
     state = get_layer_mask_state(model)
     if state is None:
         parent, name = find_decoder_layers(model)
         num_layers = len(getattr(parent, name))
         return {"removed_layers": [], "kept_layers": list(range(num_layers)), "original_num_layers": num_layers}
+    from .sublayer_mask import SublayerMask
+
     kept = [state.original_indices[i] for i in state.active]
-    return {
+    info: dict[str, Any] = {
         "removed_layers": [i for i in range(state.original_num_layers) if i not in set(kept)],
         "kept_layers": kept,
         "original_num_layers": state.original_num_layers,
     }
+    return {**info, **_sublayer_info(model, state)}
+
+
+def _sublayer_info(model: nn.Module, state: Any) -> dict[str, Any]:
+    """Dropped sublayers and replaced blocks (original indices), only the kinds present."""
+    from .sublayer_mask import SublayerMask
+
+    sublayers, original = SublayerMask(model), state.original_indices
+    info = {
+        "dropped_attention": [original[i] for i in sublayers.dropped_attention if i in state.active],
+        "dropped_mlp": [original[i] for i in sublayers.dropped_mlp if i in state.active],
+        "replaced_blocks": [{"first_layer": original[i], "kind": module.kind, "width": module.width}
+                            for i, module in sorted(state.replacements.items()) if i not in state.active],
+    }
+    return {key: value for key, value in info.items() if value}
 
 
 def _lora_merged_weights(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -129,8 +147,44 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
+def _layer_list_prefix(hf_model: nn.Module) -> tuple[str, nn.ModuleList]:
+    parent, name = find_decoder_layers(hf_model)
+    layers = getattr(parent, name)
+    for module_name, module in hf_model.named_modules():
+        if module is layers:
+            return module_name, layers
+    raise ExportError(f"the decoder-layer list of {type(hf_model).__name__} is not a registered module")
+
+
+def stock_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`merged_state_dict` in stock decoder-layer form: a dropped attention (MLP) has its output projection
+    zeroed, and a replacement module becomes a stock decoder layer (:func:`~.replacement.stock_layer_state`). The
+    logits are those of the live model; what the zeroed sublayers still cost at inference is in the module docs."""
+    from .replacement import ReplacementLayer, stock_layer_state
+    from .sublayer_mask import ATTENTION_NAMES, MLP_NAMES, has_attention, mlp_dropped
+
+    state = merged_state_dict(hf_model)
+    prefix, layers = _layer_list_prefix(hf_model)
+    kept = [k for k, layer in enumerate(layers) if not isinstance(layer, ReplacementLayer)]
+    for k, layer in enumerate(layers):
+        head = f"{prefix}.{k}."
+        if isinstance(layer, ReplacementLayer):
+            template = {key[len(f"{prefix}.{kept[0]}."):]: value for key, value in state.items()
+                        if key.startswith(f"{prefix}.{kept[0]}.")}
+            state = {key: value for key, value in state.items() if not key.startswith(head)}
+            state.update({head + key: value for key, value in stock_layer_state(layer, template).items()})
+            continue
+        dropped = [] if has_attention(layer) else [f"{name}.o_proj." for name in ATTENTION_NAMES]
+        if mlp_dropped(layer):
+            dropped += [f"{name}.down_proj." for name in MLP_NAMES]
+        for key in state:
+            if key.startswith(head) and any(key[len(head):].startswith(part) for part in dropped):
+                state[key] = torch.zeros_like(state[key])
+    return state
+
+
 def _write_pruned(hf_model: nn.Module, directory: Path, tokenizer: Any, info: dict) -> None:
-    state_dict = merged_state_dict(hf_model)
+    state_dict = stock_state_dict(hf_model)
     live_config = hf_model.config
     hf_model.config = copy.deepcopy(live_config)
     try:

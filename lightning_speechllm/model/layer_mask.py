@@ -148,6 +148,7 @@ class _MaskState:
     original_indices: tuple[int, ...]  # index of each full-list layer in the never-pruned model
     original_num_layers: int
     active: tuple[int, ...] = field(default=())
+    replacements: dict[int, nn.Module] = field(default_factory=dict)  # first layer of a removed block -> module
 
     @property
     def num_layers(self) -> int:
@@ -279,6 +280,42 @@ class DecoderLayerMask:
         """All layers active, the original layer list, config values and layer_idx restored exactly."""
         self._apply(tuple(range(self.num_layers)))
 
+    # ----------------------------------------------------------------------------------------------- replacements
+    @property
+    def replacements(self) -> dict[int, nn.Module]:
+        """First layer of a removed block -> the module that runs in the block's place while it is removed."""
+        return dict(self._state.replacements)
+
+    def set_replacements(self, modules: dict[int, nn.Module]) -> None:
+        """Run ``modules[i]`` in place of the removed block starting at layer ``i`` (replacing any earlier set).
+
+        A replacement is called like a decoder layer (hidden states first, the decoder's keyword arguments) and
+        returns the new hidden states; it is in the layer list only while layer ``i`` is removed, so the teacher
+        pass (all layers active) never runs it. Keys must be layer indices; register the modules on a parent module
+        yourself (the mask does not own them)."""
+        for i, module in modules.items():
+            self._validate([i], "replacement positions")
+            if not isinstance(module, nn.Module):
+                raise LayerMaskError(f"the replacement for layer {i} is a {type(module).__name__}, not an nn.Module")
+        self._state.replacements = dict(modules)
+        self._apply(self._state.active)
+
+    def stream_targets(self) -> list[int]:
+        """For each residual state the registered list produces (``x^1 .. x^K``): the index of the full model's
+        state it stands for. A kept layer ``i`` yields ``x^(i+1)``; the replacement of a block ``s..e`` yields
+        ``x^(e+1)``, the state the next kept layer expects."""
+        state, active = self._state, set(self._state.active)
+        targets = []
+        for i in range(state.num_layers):
+            if i in active:
+                targets.append(i + 1)
+            elif i in state.replacements:
+                end = i
+                while end + 1 < state.num_layers and end + 1 not in active:
+                    end += 1
+                targets.append(end + 1)
+        return targets
+
     @contextmanager
     def active(self, indices: Sequence[int]) -> Iterator[None]:
         """Temporarily keep only ``indices``; the previous selection is restored on exit, even on error."""
@@ -293,19 +330,22 @@ class DecoderLayerMask:
         state = self._state
         full = active == tuple(range(state.num_layers))
         reference = self._current_reference_param()
-        if full:
-            new_list = state.layer_list
-        else:
-            new_list = nn.ModuleList([state.layer_list[i] for i in active])
+        # Each entry of the new list: the full-list index it stands for (a kept layer, or the first layer of a
+        # removed block whose replacement module takes its place) and the module.
+        entries = [(i, state.layer_list[i] if i in active else state.replacements[i])
+                   for i in range(state.num_layers) if i in active or i in state.replacements]
+        new_list = state.layer_list if full else nn.ModuleList([module for _, module in entries])
         setattr(self._parent, self._name, new_list)
         for key, value in state.config_values.items():
             if key == "num_hidden_layers":
-                setattr(state.config, key, value if full else len(active))
+                setattr(state.config, key, value if full else len(entries))
             elif full:
                 setattr(state.config, key, value)
             else:
-                setattr(state.config, key, type(value)(value[i] for i in active))
-        for new_position, i in enumerate(active):
+                setattr(state.config, key, type(value)(value[i] for i, _ in entries))
+        for new_position, (i, _) in enumerate(entries):
+            if i not in active:
+                continue
             for module, original_idx in state.layer_idx[i]:
                 module.layer_idx = original_idx if full else new_position
         state.active = active
@@ -331,6 +371,9 @@ class DecoderLayerMask:
         """Make the current selection permanent: the masked-out layers are dropped and the kept ones become layers
         ``0..k-1`` of the model (ModuleList, config, layer_idx all final). Afterwards ``num_layers == k``."""
         state = self._state
+        if state.replacements:
+            raise LayerMaskError("cannot prune a decoder with replacement modules in its layer list: export it instead "
+                                 "(lightning_speechllm.model.export.save_pruned_decoder)")
         layers: nn.ModuleList = getattr(self._parent, self._name)
         config = state.config
         self._parent.__dict__[_STATE_ATTR] = self._state = _MaskState(

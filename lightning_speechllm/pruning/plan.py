@@ -6,7 +6,11 @@ map (:class:`~lightning_speechllm.redundancy.analysis.RedundancyResult`) or from
 * ``angular`` — the block ``l*(n) .. l*(n)+n-1`` of the pruning path (Gromov et al.),
 * ``block_influence`` — the ``n`` layers of lowest Block Influence (ShortGPT), possibly non-contiguous,
 * ``last`` — the deepest ``n`` layers with the final layer kept (Gromov's simple heuristic),
-* ``explicit`` — a user-given list.
+* ``explicit`` — a user-given list,
+* ``attention`` — the attention sublayers (not whole layers) of the ``n`` layers whose attention changes the
+  residual stream least (LLM-Drop), from a :class:`~lightning_speechllm.redundancy.sublayers.SublayerMap`,
+* ``greedy`` — blocks removed one at a time, re-measuring the model after each cut (SLEB-style; built on the model
+  itself by :func:`lightning_speechllm.pruning.greedy.plan_greedy`), possibly non-contiguous.
 
 Layer indices are positions in the decoder the plan is for (``num_layers`` layers); :func:`apply_plan` masks them on
 a :class:`~lightning_speechllm.model.speechllm.SpeechLLM`, a :class:`DecoderLayerMask` or a bare HF causal LM.
@@ -18,13 +22,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from torch import nn
 
 from lightning_speechllm.model.layer_mask import DecoderLayerMask
 from lightning_speechllm.redundancy import report
 from lightning_speechllm.redundancy.analysis import RedundancyResult
+
+if TYPE_CHECKING:
+    from lightning_speechllm.redundancy.sublayers import SublayerMap
 
 __all__ = [
     "PLAN_FORMAT_VERSION",
@@ -39,12 +46,13 @@ __all__ = [
     "plan_block_influence",
     "plan_explicit",
     "plan_last",
+    "plan_sublayers",
     "same_model_id",
 ]
 
 PLAN_FORMAT_VERSION = 1
 PLAN_KIND = "lightning_speechllm.pruning_plan"
-PlanMethod = Literal["angular", "block_influence", "last", "explicit"]
+PlanMethod = Literal["angular", "block_influence", "last", "explicit", "greedy", "attention"]
 PLAN_METHODS: tuple[str, ...] = get_args(PlanMethod)
 
 
@@ -103,6 +111,10 @@ class PruningPlan:
     source_map: str | None = None
     model_id: str | None = None
     created: str = field(default_factory=_now)
+    removed_attention: list[int] = field(default_factory=list)
+    """Layers that keep their MLP but lose their attention sublayer (and KV cache)."""
+    removed_mlp: list[int] = field(default_factory=list)
+    """Layers that keep their attention but lose their MLP sublayer."""
 
     def __post_init__(self) -> None:
         if self.method not in PLAN_METHODS:
@@ -118,6 +130,8 @@ class PruningPlan:
         if duplicates:
             raise PlanError(f"duplicate layer indices in removed_layers: {duplicates}")
         self.removed_layers = sorted(self.removed_layers)
+        self.removed_attention = sorted(int(i) for i in self.removed_attention)
+        self.removed_mlp = sorted(int(i) for i in self.removed_mlp)
         self.params = dict(self.params)
         self._check_layers(self.num_layers)
 
@@ -163,6 +177,12 @@ class PruningPlan:
                     f"removed layer index {index} (removed_layers[{position}]) is out of range for a decoder of "
                     f"{num_layers} layers (valid: 0..{num_layers - 1})"
                 )
+        for key in ("removed_attention", "removed_mlp"):
+            values = getattr(self, key)
+            bad = [i for i in values if not 0 <= i < num_layers or i in self.removed_layers]
+            if bad or len(set(values)) != len(values):
+                raise PlanError(f"{key} {values}: indices {bad} are out of range for {num_layers} layers or already "
+                                "removed as whole layers (or listed twice)")
         if len(self.removed_layers) >= num_layers:
             raise PlanError(
                 f"the plan removes all {num_layers} decoder layers: nothing left (at least one layer must stay)"
@@ -194,6 +214,8 @@ class PruningPlan:
             "removed_layers": list(self.removed_layers),
             "kept_layers": self.kept_layers,
             "receiving_layer": self.receiving_layer,
+            "removed_attention": list(self.removed_attention),
+            "removed_mlp": list(self.removed_mlp),
             "source_map": self.source_map,
             "model_id": self.model_id,
             "created": self.created,
@@ -214,7 +236,9 @@ class PruningPlan:
             plan = cls(removed_layers=list(data["removed_layers"]), num_layers=data["num_layers"],
                        method=data["method"], params=dict(data.get("params") or {}),
                        source_map=data.get("source_map"), model_id=data.get("model_id"),
-                       created=data.get("created") or _now())
+                       created=data.get("created") or _now(),
+                       removed_attention=list(data.get("removed_attention") or []),
+                       removed_mlp=list(data.get("removed_mlp") or []))
         except (PlanError, TypeError) as error:
             raise PlanError(f"{source}: {error}") from error
         for key in ("kept_layers", "receiving_layer"):
@@ -237,11 +261,21 @@ class PruningPlan:
             raise PlanError(str(error)) from error
         return cls.from_dict(data, source=str(path))
 
+    @property
+    def dropped_sublayers(self) -> list[int]:
+        """Layers that lose a sublayer (attention or MLP), sorted."""
+        return sorted({*self.removed_attention, *self.removed_mlp})
+
     def summary(self) -> str:
-        """One line: method, removed and kept counts, receiving layer."""
+        """One line: method, removed and kept counts, receiving layer, dropped sublayers."""
         fraction = len(self.removed_layers) / self.num_layers
-        return (f"{self.method} plan: remove {len(self.removed_layers)}/{self.num_layers} layers ({fraction:.1%}) "
+        line = (f"{self.method} plan: remove {len(self.removed_layers)}/{self.num_layers} layers ({fraction:.1%}) "
                 f"{self.removed_layers}; keep {self.kept_layers}; receiving layer {self.receiving_layer}")
+        if self.removed_attention:
+            line += f"; attention dropped at {self.removed_attention}"
+        if self.removed_mlp:
+            line += f"; MLP dropped at {self.removed_mlp}"
+        return line
 
 
 # --------------------------------------------------------------------------------------------------- builders
@@ -301,6 +335,25 @@ def plan_last(num_layers: int, n: int | None = None, fraction: float | None = No
                        method="last", params=_params(size, fraction), model_id=model_id)
 
 
+def plan_sublayers(result: "SublayerMap", num_layers: int, n: int | None = None, fraction: float | None = None,
+                   kind: str = "attention", source_map: str | Path | None = None) -> PruningPlan:
+    """Drop the ``kind`` ('attention') sublayer of the ``n`` layers where it changes the residual stream least
+    (``fraction`` counts sublayers of that kind, like layers for the other methods)."""
+    if kind != "attention":
+        raise PlanError(f"only attention sublayer plans are built from a map, got kind {kind!r}")
+    if len(result.layers) != num_layers:
+        raise PlanError(f"the sublayer map covers {len(result.layers)} layers, the decoder has {num_layers}")
+    if (n is None) == (fraction is None):
+        raise PlanError(f"give exactly one of n / fraction, got n={n!r}, fraction={fraction!r}")
+    size = n if n is not None else max(1, math.floor(fraction * num_layers + 0.5))
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= num_layers:
+        raise PlanError(f"cannot drop {size} attention sublayers of {num_layers}")
+    params = _params(size, fraction)
+    return PruningPlan(removed_layers=[], num_layers=num_layers, method="attention", params=params,
+                       source_map=_str(source_map), model_id=result.model_id,
+                       removed_attention=result.lowest("attention", size))
+
+
 def plan_explicit(num_layers: int, indices: Sequence[int], model_id: str | None = None) -> PruningPlan:
     """Remove exactly ``indices`` (any order; checked for range, duplicates and that a layer is left)."""
     return PruningPlan(removed_layers=list(indices), num_layers=num_layers, method="explicit", model_id=model_id)
@@ -331,7 +384,10 @@ def apply_plan(target: Any, plan: PruningPlan, model_id: str | None = None) -> D
 
     The selection replaces any previous one; indices refer to the model as first masked (``mask.num_layers``).
     """
+    from lightning_speechllm.model.sublayer_mask import SublayerMask
+
     mask, known_id = _mask_and_model_id(target)
     plan.validate_for(mask.num_layers, model_id if model_id is not None else known_id)
     mask.remove_layers(plan.removed_layers)
+    SublayerMask(mask.model).drop(plan.removed_attention, plan.removed_mlp)
     return mask

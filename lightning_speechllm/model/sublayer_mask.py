@@ -1,0 +1,219 @@
+"""Sub-layer masks: drop the attention or the MLP of chosen decoder layers, keeping their residual path.
+
+A dropped sublayer's ``forward`` is replaced (on the instance, so no weight, key or PEFT adapter moves) by one that
+returns zeros: the layer then computes ``x + 0`` for that half, exactly the residual path. A layer without attention
+writes no KV cache: :func:`kv_cache_for` builds a ``DynamicCache`` whose slot is a transformers ``DummyLayer`` at
+every position without attention (a dropped attention, or a replacement module inserted by healing), so cached
+generation equals uncached generation and the cache holds only the attention layers that run.
+
+Indices are positions in the model as first masked, like :class:`~lightning_speechllm.model.layer_mask.DecoderLayerMask`
+(the two compose: a layer may be masked as a whole and have a dropped sublayer). The dropped sets live unregistered on
+the decoder module, so every ``SublayerMask`` of one model shares them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_speechllm.model.layer_mask import (
+    DecoderLayerMask,
+    LayerMaskError,
+    find_decoder_layers,
+    get_layer_mask_state,
+    unwrap_peft,
+)
+
+__all__ = [
+    "ATTENTION_NAMES",
+    "MLP_NAMES",
+    "SublayerMask",
+    "attention_module",
+    "attentionless_positions",
+    "has_attention",
+    "kv_cache_bytes",
+    "kv_cache_for",
+    "mlp_dropped",
+    "mlp_module",
+    "pre_mlp_norm",
+]
+
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
+MLP_NAMES = ("mlp", "feed_forward")
+# The norm whose INPUT is the residual stream between attention and MLP (Gemma2/3 norm the attention output first).
+PRE_MLP_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm")
+_STATE_ATTR = "_lsl_sublayer_mask_state"
+_DROPPED_FLAG = "_lsl_dropped"
+
+
+def _child(layer: nn.Module, names: Sequence[str], what: str) -> nn.Module:
+    for name in names:
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise LayerMaskError(f"{type(layer).__name__} has no {what} submodule (looked for {', '.join(names)})")
+
+
+def attention_module(layer: nn.Module) -> nn.Module:
+    """The self-attention submodule of a decoder layer."""
+    return _child(layer, ATTENTION_NAMES, "attention")
+
+
+def mlp_module(layer: nn.Module) -> nn.Module:
+    """The MLP (feed-forward) submodule of a decoder layer."""
+    return _child(layer, MLP_NAMES, "MLP")
+
+
+def pre_mlp_norm(layer: nn.Module) -> nn.Module:
+    """The norm applied to the residual stream before the MLP: its input is the state between the two sublayers."""
+    return _child(layer, PRE_MLP_NORM_NAMES, "pre-MLP norm")
+
+
+def has_attention(layer: nn.Module) -> bool:
+    """Whether a decoder-list entry runs attention (False for a dropped attention or a module without any)."""
+    for name in ATTENTION_NAMES:
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module):
+            return not getattr(module, _DROPPED_FLAG, False)
+    return False
+
+
+def mlp_dropped(layer: nn.Module) -> bool:
+    """Whether a decoder layer's MLP is dropped by a :class:`SublayerMask`."""
+    module = next((getattr(layer, name) for name in MLP_NAMES if isinstance(getattr(layer, name, None), nn.Module)),
+                  None)
+    return bool(getattr(module, _DROPPED_FLAG, False))
+
+
+def _zero_attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    return torch.zeros_like(hidden), None
+
+
+def _zero_mlp(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.zeros_like(hidden)
+
+
+def _set_dropped(module: nn.Module, zero_forward: Any, dropped: bool) -> None:
+    if dropped:
+        module.forward = zero_forward
+        setattr(module, _DROPPED_FLAG, True)
+    elif getattr(module, _DROPPED_FLAG, False):
+        del module.forward
+        delattr(module, _DROPPED_FLAG)
+
+
+@dataclass
+class _SublayerState:
+    attention: tuple[int, ...] = ()
+    mlp: tuple[int, ...] = ()
+    suspended: int = 0
+
+
+class SublayerMask:
+    """Drop the attention and/or the MLP of chosen decoder layers at run time, without touching weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layer_mask = DecoderLayerMask(model)
+        parent, _ = find_decoder_layers(model)
+        state = parent.__dict__.get(_STATE_ATTR)
+        if state is None:
+            state = parent.__dict__[_STATE_ATTR] = _SublayerState()
+        self._state: _SublayerState = state
+
+    @property
+    def dropped_attention(self) -> tuple[int, ...]:
+        """Layers whose attention is dropped, sorted."""
+        return self._state.attention
+
+    @property
+    def dropped_mlp(self) -> tuple[int, ...]:
+        """Layers whose MLP is dropped, sorted."""
+        return self._state.mlp
+
+    def _all_layers(self) -> nn.ModuleList:
+        return get_layer_mask_state(self.model).layer_list
+
+    def _validate(self, indices: Iterable[int], what: str) -> tuple[int, ...]:
+        indices = list(indices)
+        n = self.layer_mask.num_layers
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        if bad:
+            raise LayerMaskError(f"{what} layer indices {bad} are out of range for a decoder of {n} layers "
+                                 f"(valid: 0..{n - 1})")
+        if len(set(indices)) != len(indices):
+            raise LayerMaskError(f"duplicate layer indices in {what}: {sorted(indices)}")
+        return tuple(sorted(indices))
+
+    def drop(self, attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> None:
+        """Drop exactly these sublayers (replacing any earlier selection)."""
+        attention = self._validate(attention, "dropped attention")
+        mlp = self._validate(mlp, "dropped MLP")
+        both = sorted(set(attention) & set(mlp))
+        if both:
+            raise LayerMaskError(f"layers {both} would lose both attention and MLP: remove them as whole layers "
+                                 "with the decoder-layer mask instead")
+        self._state.attention, self._state.mlp = attention, mlp
+        self._apply()
+
+    def reset(self) -> None:
+        """Every sublayer runs again."""
+        self.drop((), ())
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Every sublayer runs inside the context (the teacher pass of healing); the selection is restored on exit."""
+        self._state.suspended += 1
+        self._apply()
+        try:
+            yield
+        finally:
+            self._state.suspended -= 1
+            self._apply()
+
+    def _apply(self) -> None:
+        active = self._state.suspended == 0
+        attention, mlp = set(self._state.attention), set(self._state.mlp)
+        for i, layer in enumerate(self._all_layers()):
+            _set_dropped(attention_module(layer), _zero_attention, active and i in attention)
+            _set_dropped(mlp_module(layer), _zero_mlp, active and i in mlp)
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = unwrap_peft(model).config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def attentionless_positions(model: nn.Module) -> list[int]:
+    """Positions in the registered (active) decoder-layer list that run no attention."""
+    parent, name = find_decoder_layers(model)
+    return [k for k, layer in enumerate(getattr(parent, name)) if not has_attention(layer)]
+
+
+def kv_cache_for(model: nn.Module) -> Any | None:
+    """A ``DynamicCache`` for ``model`` as masked now, with a ``DummyLayer`` (no KV storage) at every position that
+    runs no attention; None when every active layer runs attention (transformers' own cache is then right)."""
+    positions = attentionless_positions(model)
+    if not positions:
+        return None
+    from transformers.cache_utils import DummyLayer, DynamicCache
+
+    cache = DynamicCache(config=_text_config(model))
+    for k in positions:
+        cache.layers[k] = DummyLayer()
+    return cache
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Bytes of the key and value tensors a (filled) cache holds."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

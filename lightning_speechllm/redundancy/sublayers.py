@@ -1,0 +1,154 @@
+"""Sub-layer redundancy: the angular distance across each attention and each MLP sublayer (LLM-Drop).
+
+One teacher-forced forward records the interleaved residual stream ``x_0, m_0, x_1, m_1, ..., x_K`` of the active
+layers, where ``m_i`` is the state between layer ``i``'s attention and its MLP (the input of its pre-MLP norm). The
+angular distance ``d(x_i, m_i)`` is the attention sublayer's, ``d(m_i, x_(i+1))`` the MLP's, with the same token
+selections and float64 arithmetic as the layer maps (:class:`~.metrics.AngularDistanceMetric` on the 2K-step stream).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.model.layer_mask import LayerMaskError, find_decoder_layers
+from lightning_speechllm.model.sublayer_mask import pre_mlp_norm
+from lightning_speechllm.redundancy.metrics import AngularDistanceMetric, TokenSelection, select_tokens
+
+__all__ = ["SublayerMap", "measure_sublayers", "plot_sublayer_map", "record_sublayer_stream"]
+
+SUBLAYER_MAP_KIND = "lightning_speechllm.sublayer_map"
+
+
+@contextmanager
+def record_sublayer_stream(llm: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Inside the context, the yielded list holds ``[x_0, m_0, x_1, m_1, ..., x_K]`` of the latest forward call."""
+    parent, name = find_decoder_layers(llm)
+    layers = list(getattr(parent, name))
+    stream: list[torch.Tensor] = []
+
+    def layer_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if _module is layers[0]:
+            stream.clear()
+        stream.append(hidden.detach())
+
+    def middle(_module: nn.Module, args: tuple) -> None:
+        stream.append(args[0].detach())
+
+    def last_output(_module: nn.Module, _args: tuple, output: Any) -> None:
+        stream.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(layer.register_forward_pre_hook(layer_input, with_kwargs=True))
+            handles.append(pre_mlp_norm(layer).register_forward_pre_hook(middle))
+        handles.append(layers[-1].register_forward_hook(last_output))
+        yield stream
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class SublayerMap:
+    """Angular distance across each sublayer of the active layers ``layers`` (indices of the measured model)."""
+
+    layers: list[int]
+    attention: list[float]
+    mlp: list[float]
+    token_selection: str
+    num_samples: int
+    model_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def lowest(self, kind: str, n: int) -> list[int]:
+        """The ``n`` layers whose ``kind`` ('attention' or 'mlp') sublayer changes the stream least, sorted."""
+        values = {"attention": self.attention, "mlp": self.mlp}.get(kind)
+        if values is None:
+            raise ValueError(f"sublayer kind must be 'attention' or 'mlp', got {kind!r}")
+        if not 1 <= n <= len(self.layers):
+            raise ValueError(f"cannot pick {n} of {len(self.layers)} {kind} sublayers")
+        order = sorted(range(len(values)), key=lambda k: (values[k], k))
+        return sorted(self.layers[k] for k in order[:n])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": SUBLAYER_MAP_KIND, **asdict(self)}
+
+    def to_json(self, path: str | Path) -> Path:
+        import json
+
+        return atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SublayerMap":
+        import json
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read sublayer map {path}: {error}") from error
+        if data.pop("kind", None) != SUBLAYER_MAP_KIND:
+            raise ValueError(f"{path} is not a sublayer map (kind {SUBLAYER_MAP_KIND!r} expected)")
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise ValueError(f"{path}: {error}") from error
+
+
+@torch.no_grad()
+def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_selection: TokenSelection = "last_prompt",
+                      progress: bool = True) -> SublayerMap:
+    """The :class:`SublayerMap` of ``speechllm`` (as masked now) over ``batches``: one forward per batch."""
+    llm = speechllm.llm
+    active = list(speechllm.layer_mask.active_layers)
+    if len(speechllm.layer_mask.replacements) and set(speechllm.layer_mask.replacements) - set(active):
+        raise LayerMaskError("sublayer maps of a decoder with replacement modules are not defined")
+    metric = AngularDistanceMetric(2 * len(active))
+    count = 0
+    for batch in tqdm(batches, desc="sublayer map", disable=not progress, leave=False):
+        inputs = speechllm.build_inputs(batch, with_targets=True)
+        with record_sublayer_stream(llm) as stream:
+            llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
+        metric.update(list(stream), select_tokens(inputs.segment_ids, token_selection))
+        count += len(batch)
+    if count == 0:
+        raise ValueError("no batch to measure the sublayer map on")
+    first_row = metric.compute()[0].tolist()
+    return SublayerMap(layers=active, attention=first_row[0::2], mlp=first_row[1::2],
+                       token_selection=token_selection, num_samples=count,
+                       model_id=getattr(speechllm.config, "llm_path", None))
+
+
+def plot_sublayer_map(result: SublayerMap, path: str | Path) -> Path:
+    """Bars of the attention and MLP distances per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(result.layers)), 3.2))
+    positions = torch.arange(len(result.layers), dtype=torch.float64)
+    ax.bar(positions - 0.2, result.attention, width=0.4, label="attention")
+    ax.bar(positions + 0.2, result.mlp, width=0.4, label="MLP")
+    ax.set_xticks(positions.tolist(), [str(i) for i in result.layers], fontsize=7)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("angular distance across sublayer")
+    ax.set_title(f"sublayer redundancy ({result.token_selection}, {result.num_samples} utterances)")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
