@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_speechllm.evaluation import normalize_english
+from lightning_speechllm.model.generation import GenerationOutput
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule, lr_lambda
 from lightning_speechllm.model.speechllm import LoraConfig
 from tests.test_speechllm import make_batch
@@ -129,7 +130,8 @@ def test_lhotse_padding_duplicates_are_not_scored(tmp_path, monkeypatch):
     batch = make_batch()
     batch.ids = ["u0", "u1", "u0_dup0"]
     hyps = {"u0": "the cat sat on the mat", "u1": "one two three", "u0_dup0": "something else entirely"}
-    monkeypatch.setattr(model.speechllm, "generate", lambda b, *args: [hyps[i] for i in b.ids])
+    monkeypatch.setattr(model.speechllm, "generate_with_details",
+                        lambda b, n, *args: GenerationOutput([hyps[i] for i in b.ids], [1] * len(b), [True] * len(b), n))
     logged = {}
     monkeypatch.setattr(model, "log", lambda name, value, **kw: logged.setdefault(name, (float(value), kw)))
     model._eval_step("val", batch, 0)  # without a trainer, dataloader 0 is the set "val0"
@@ -214,7 +216,7 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distribute
                     enable_progress_bar=False, enable_model_summary=False)
 trainer.validate(module, datamodule=data, verbose=False)
 scored = sorted({h.task for h in module.hypotheses})
-metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("/wer", "/bleu"))}
+metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("/wer", "/bleu", "_rate"))}
 with open(f"{out}.{trainer.global_rank}", "w") as stream:
     json.dump({"tasks": scored, "metrics": metrics}, stream)
 """
@@ -248,5 +250,6 @@ def test_two_rank_ddp_validation_logs_bleu_although_one_shard_has_no_ast(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
     assert ranks[0]["tasks"] == ["asr"] and ranks[1]["tasks"] == ["asr", "ast"]
-    assert set(ranks[0]["metrics"]) == {"val/mixed/wer", "val/mixed/bleu"}
+    failure_rates = {f"val/mixed/{rate}" for rate in ("insertion_rate", "loop_rate", "empty_rate", "max_tokens_rate")}
+    assert set(ranks[0]["metrics"]) == {"val/mixed/wer", "val/mixed/bleu", *failure_rates}
     assert ranks[0]["metrics"] == ranks[1]["metrics"]

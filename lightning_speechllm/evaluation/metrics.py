@@ -25,7 +25,8 @@ def normalize_english(text: str) -> str:
 class WordErrorCounts(Metric):
     """Corpus WER with substitution / deletion / insertion counts, summed across ranks.
 
-    `compute()` returns a dict: wer, substitutions, deletions, insertions, reference_words.
+    `compute()` returns a dict: wer, substitutions, deletions, insertions, reference_words, and insertion_rate
+    (insertions / reference words: the hallucinated words of pruned models).
     """
 
     full_state_update = False
@@ -58,9 +59,10 @@ class WordErrorCounts(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         errors = self.substitutions + self.deletions + self.insertions
-        wer = errors.float() / self.reference_words.clamp(min=1).float()
-        return {"wer": wer, "substitutions": self.substitutions, "deletions": self.deletions,
-                "insertions": self.insertions, "reference_words": self.reference_words}
+        words = self.reference_words.clamp(min=1).float()
+        return {"wer": errors.float() / words, "substitutions": self.substitutions, "deletions": self.deletions,
+                "insertions": self.insertions, "reference_words": self.reference_words,
+                "insertion_rate": self.insertions.float() / words}
 
 
 class CorpusBLEU(Metric):

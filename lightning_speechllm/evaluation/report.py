@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_speechllm.evaluation.sweep_table import FAILURE_METRICS
 from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.redundancy.report import read_json
 
@@ -121,11 +122,12 @@ def _timing(seconds: dict[str, float]) -> str:
 
 
 def _scores_blocks(scores_json: Path) -> list[Block]:
-    """WER/BLEU/loss per set from the `scores.json` that `fit` writes, with a few test hypotheses."""
+    """WER/BLEU/loss per set from the `scores.json` that `fit` writes, the failure modes, a few test hypotheses."""
     if not scores_json.is_file():
         return []
     data = read_json(scores_json)
-    rows = [(stage, key, value) for stage in ("validation", "test") for key, value in (data.get(stage) or {}).items()]
+    rows = [(stage, key, value) for stage in ("validation", "test") for key, value in (data.get(stage) or {}).items()
+            if key.rsplit("/", 1)[-1] not in FAILURE_METRICS]
     blocks = [Block("heading", "Scores")]
     if rows:
         table = ["| stage | metric | value |", "|---|---|---:|"]
@@ -133,12 +135,36 @@ def _scores_blocks(scores_json: Path) -> list[Block]:
         where = f" Test scores are of `{data['test_checkpoint']}`." if data.get("test_checkpoint") else ""
         blocks.append(Block("markdown", f"After {data.get('global_step', '?')} training steps.{where}"
                                         f"{_timing(data.get('seconds') or {})}\n\n" + "\n".join(table)))
+    blocks += _failure_blocks(data)
     examples = data.get("test_examples") or []
     if examples:
         table = ["| set | reference | hypothesis |", "|---|---|---|"]
         table += [f"| {e['set_name']} | {_cell(e['reference'])} | {_cell(e['hypothesis'])} |" for e in examples]
         blocks.append(Block("markdown", "Test examples:\n\n" + "\n".join(table)))
     return blocks
+
+
+def _failure_blocks(data: dict[str, Any]) -> list[Block]:
+    """One row per (stage, set) with its FAILURE_METRICS (percent), from `<stage>/<set>/<rate>` keys."""
+    sets: dict[tuple[str, str], dict[str, float]] = {}
+    for stage in ("validation", "test"):
+        for key, value in (data.get(stage) or {}).items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] in FAILURE_METRICS:
+                sets.setdefault((stage, parts[1]), {})[parts[2]] = value
+    if not sets:
+        return []
+    table = ["| stage | set | insertions (% ref. words) | loops | empty | hit max_new_tokens |",
+             "|---|---|---:|---:|---:|---:|"]
+    table += [f"| {stage} | {name} | " + " | ".join(_rate(rates.get(m)) for m in FAILURE_METRICS) + " |"
+              for (stage, name), rates in sets.items()]
+    note = ("Failure modes, % of hypotheses: a loop is a word n-gram (n <= 4) repeated 4+ times in a row; empty is "
+            "blank (ASR: after the Whisper normaliser); hit max_new_tokens ended without a stop token.")
+    return [Block("markdown", note + "\n\n" + "\n".join(table))]
+
+
+def _rate(value: Any) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.1f}%"
 
 
 def _cell(text: str) -> str:

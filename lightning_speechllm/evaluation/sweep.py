@@ -51,6 +51,7 @@ from lightning_speechllm.evaluation.sweep_report import (
     write_outputs,
 )
 from lightning_speechllm.evaluation.sweep_table import (
+    FAILURE_METRICS,
     METRICS,
     SWEEP_FORMAT_VERSION,
     Scores,
@@ -205,7 +206,8 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
              decoding: DecodingConfig | None = None, trainer_kwargs: dict[str, Any] | None = None,
              max_batches: int | None = None, sets: Sequence[str] | None = None) -> Scores:
     """Score ``speechllm`` as it is (mask included) on the datamodule's named sets with ``Trainer.validate`` or
-    ``Trainer.test``; returns the logged ``<val|test>/<set>/{wer,bleu}`` (percent) of ``sets`` (default: all)."""
+    ``Trainer.test``; returns the logged ``<val|test>/<set>/{wer,bleu}`` (percent) of ``sets`` (default: all), with
+    the set's FAILURE_METRICS (percent; not read by the stopping rule)."""
     if stage not in ("validate", "test"):
         raise SweepError(f"stage must be 'validate' or 'test', got {stage!r}")
     decoding = copy.copy(decoding or DecodingConfig())
@@ -218,7 +220,7 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
     scores: Scores = {}
     for key, value in trainer.callback_metrics.items():
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == prefix and parts[2] in METRICS:
+        if len(parts) == 3 and parts[0] == prefix and parts[2] in (*METRICS, *FAILURE_METRICS):
             scores.setdefault(parts[1], {})[parts[2]] = float(value)
     if sets is not None:
         missing = [name for name in sets if name not in scores]

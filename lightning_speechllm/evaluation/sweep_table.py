@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "FAILURE_METRICS",
     "METRICS",
     "SWEEP_FORMAT_VERSION",
     "Scores",
@@ -29,8 +30,12 @@ __all__ = [
 
 SWEEP_FORMAT_VERSION = 1
 METRICS = ("wer", "bleu")
+FAILURE_METRICS = ("insertion_rate", "loop_rate", "empty_rate", "max_tokens_rate")
+"""Failure-mode rates (percent; insertion_rate on ASR sets only) kept in the scores next to METRICS; only METRICS
+feed the stopping rule."""
 Scores = dict[str, dict[str, float]]
-"""Per evaluation set, its metrics: ``{"clean": {"wer": 4.2}, "covost": {"bleu": 31.0}}`` (percent)."""
+"""Per evaluation set, its metrics: ``{"clean": {"wer": 4.2}, "covost": {"bleu": 31.0}}`` (percent; may also hold
+FAILURE_METRICS)."""
 
 
 class SweepError(ValueError):

@@ -20,7 +20,7 @@ from torchmetrics.aggregation import SumMetric
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.batch import SpeechBatch, is_padding_duplicate
 from lightning_speechllm.data.manifest import TASKS
-from lightning_speechllm.evaluation import WordErrorCounts, corpus_bleu_metric
+from lightning_speechllm.evaluation import FailureModeCounts, WordErrorCounts, corpus_bleu_metric
 from lightning_speechllm.model.speechllm import IGNORE_INDEX, SpeechLLM, SpeechLLMConfig
 
 STATE_PREFIX = "speechllm."
@@ -110,6 +110,7 @@ class SpeechLLMModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable weights; load_state_dict checks them
         self.eval_metrics = nn.ModuleDict()
         self.eval_counts = nn.ModuleDict()  # per metric key: utterances scored, summed across ranks
+        self.failure_metrics = nn.ModuleDict()  # per "stage|set": loops, empties, max_new_tokens cut-offs
         self.hypotheses: list[Hypothesis] = []
         self.empty_batches = 0
         self.tokens_in_last_batch: torch.Tensor | int = 0  # LLM input tokens of the last training batch (a tensor:
@@ -169,14 +170,18 @@ class SpeechLLMModule(L.LightningModule):
             self.log("val/loss", loss, batch_size=tokens, add_dataloader_idx=False, sync_dist=True, prog_bar=True)
         if stage == "val" and not self.decoding.generate_in_validation:
             return
-        hyps = self.speechllm.generate(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
-        self._update_metrics(stage, set_name, batch, hyps)
+        output = self.speechllm.generate_with_details(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
+        self._update_metrics(stage, set_name, batch, output.texts, output.hit_max_tokens)
 
-    def _update_metrics(self, stage: str, set_name: str, batch: SpeechBatch, hyps: list[str]) -> None:
+    def _update_metrics(self, stage: str, set_name: str, batch: SpeechBatch, hyps: list[str],
+                        hit_max_tokens: list[bool]) -> None:
+        """Score ``hyps``; ``hit_max_tokens[i]``: the i-th ran out of ``max_new_tokens`` without a stop token."""
         for task in sorted(set(batch.tasks)):
             rows = [i for i, t in enumerate(batch.tasks) if t == task]
             metric, counter = self._metric(stage, set_name, task)
             counter.update(float(len(rows)))
+            self._failure_metric(stage, set_name).update(
+                [hyps[i] for i in rows], [hit_max_tokens[i] for i in rows], normalize=task == "asr")
             if task == "asr":
                 metric.update([hyps[i] for i in rows], [batch.texts[i] for i in rows])
             else:
@@ -202,6 +207,13 @@ class SpeechLLMModule(L.LightningModule):
             self.eval_counts[key] = SumMetric().to(self.device)
         return self.eval_metrics[key], self.eval_counts[key]
 
+    def _failure_metric(self, stage: str, set_name: str) -> FailureModeCounts:
+        """The failure-mode counts of (stage, set), over all its tasks; created like :meth:`_metric`'s."""
+        key = f"{stage}|{set_name}"
+        if key not in self.failure_metrics:
+            self.failure_metrics[key] = FailureModeCounts().to(self.device)
+        return self.failure_metrics[key]
+
     def setup(self, stage: str) -> None:
         """Create every (stage, set, task) metric of the datamodule's named sets before the first batch, so that all
         DDP ranks compute (and sync) the same metrics in the same order, whatever utterances their shards hold."""
@@ -209,6 +221,7 @@ class SpeechLLMModule(L.LightningModule):
             for set_name, tasks in self.expected_eval_tasks(split).items():
                 for task in tasks:
                     self._metric(split, set_name, task)
+                self._failure_metric(split, set_name)
         if stage == "fit":
             self._use_encoder_cache()
 
@@ -290,8 +303,27 @@ class SpeechLLMModule(L.LightningModule):
                 for part in ("substitutions", "deletions", "insertions"):
                     self.log(f"{stage}/{set_name}/{part}", value[part].float(), add_dataloader_idx=False,
                              sync_dist=True)
+                self.log(f"{stage}/{set_name}/insertion_rate", 100 * value["insertion_rate"],
+                         add_dataloader_idx=False, sync_dist=True)
             else:
                 self.log(f"{stage}/{set_name}/bleu", 100 * value, add_dataloader_idx=False, sync_dist=True)
+        self._log_failure_modes(stage)
+
+    def _log_failure_modes(self, stage: str) -> None:
+        """Log ``{stage}/{set}/{loop,empty,max_tokens}_rate`` (percent of the set's hypotheses, all tasks) of every
+        set that scored a hypothesis on some rank; computed on every rank in the same order, as in _log_metrics."""
+        for key, metric in sorted(self.failure_metrics.items()):
+            metric_stage, set_name = key.split("|")
+            if metric_stage != stage:
+                continue
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+                value = metric.compute()
+            metric.reset()
+            if int(value["hypotheses"]) == 0:
+                continue
+            for rate in ("loop_rate", "empty_rate", "max_tokens_rate"):
+                self.log(f"{stage}/{set_name}/{rate}", 100 * value[rate], add_dataloader_idx=False, sync_dist=True)
 
     def set_name(self, stage: str, dataloader_idx: int) -> str:
         """The validation/test set name the datamodule gave this dataloader (or '<stage><idx>')."""
