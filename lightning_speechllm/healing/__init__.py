@@ -4,6 +4,7 @@ from lightning_speechllm.healing.losses import (
     HealingLoss,
     HiddenStateCosine,
     HiddenStateMSE,
+    ReplacementMSE,
     KLDivergence,
     LossSpec,
     TaskCrossEntropy,
@@ -23,7 +24,7 @@ from lightning_speechllm.healing.module import (
 )
 
 __all__ = [
-    "HealingConfig", "HealingInputs", "HealingLoss", "HealingModule", "HiddenStateCosine", "HiddenStateMSE",
+    "HealingConfig", "HealingInputs", "HealingLoss", "HealingModule", "HiddenStateCosine", "HiddenStateMSE", "ReplacementMSE",
     "KLDivergence", "LossSpec", "NonFiniteLossError", "PlanMismatchError", "TaskCrossEntropy",
     "WeightedHealingLoss", "build_losses", "layer_map_for", "load_loss", "load_plan", "prediction_mask",
     "receiving_layers",

@@ -42,6 +42,7 @@ __all__ = [
     "HiddenStateMSE",
     "KLDivergence",
     "LossSpec",
+    "ReplacementMSE",
     "TaskCrossEntropy",
     "WeightedHealingLoss",
     "build_losses",
@@ -58,17 +59,20 @@ def prediction_mask(labels: Tensor) -> Tensor:
     return mask
 
 
-def layer_map_for(kept_layers: Sequence[int]) -> dict[int, int]:
+def layer_map_for(kept_layers: Sequence[int], stream_targets: Sequence[int] | None = None) -> dict[int, int]:
     """Student residual-state index -> teacher residual-state index.
 
     The student runs the kept layers ``kept_layers`` (original numbering, sorted); its state ``x^0`` (embeddings)
     is the teacher's ``x^0`` and its state ``x^k`` (output of its k-th kept layer, original layer ``i``) is the
-    teacher's state after the same original layer, ``x^(i+1)``.
+    teacher's state after the same original layer, ``x^(i+1)``. With replacement modules in the layer list, give
+    ``stream_targets`` (:meth:`~lightning_speechllm.model.layer_mask.DecoderLayerMask.stream_targets`): the teacher
+    state each student state stands for.
     """
     kept = list(kept_layers)
     if kept != sorted(set(kept)) or any(i < 0 for i in kept):
         raise ValueError(f"kept layers must be sorted, unique and non-negative, got {kept}")
-    return {0: 0, **{k + 1: layer + 1 for k, layer in enumerate(kept)}}
+    targets = [layer + 1 for layer in kept] if stream_targets is None else list(stream_targets)
+    return {0: 0, **{k + 1: target for k, target in enumerate(targets)}}
 
 
 @dataclass
@@ -96,6 +100,9 @@ class HealingInputs:
     """Teacher residual states ``x^0 .. x^L`` (all layers), each ``[B, T, D]`` (all positions)."""
     layer_map: dict[int, int] = field(default_factory=dict)
     """Student state index -> teacher state index (see :func:`layer_map_for`)."""
+    replacement_states: list[int] = field(default_factory=list)
+    """Student state indices produced by replacement modules (each mapped in ``layer_map`` to the teacher state
+    after the block it replaces)."""
 
     @property
     def window(self) -> int:
@@ -272,6 +279,25 @@ class HiddenStateMSE(_HiddenStateLoss):
 
     def _per_token(self, student: Tensor, teacher: Tensor) -> Tensor:
         return (student - teacher).pow(2).mean(-1)
+
+
+class ReplacementMSE(_HiddenStateLoss):
+    """MSE between each replacement module's output and the teacher's state after the block it replaces,
+    ``x^(l+n)`` (LLM-Streamline), over all non-pad tokens by default. ``relative``: divided by the teacher state's
+    mean square, so the loss is scale-free (about 1 for a zero output) and mixes with CE without tuning."""
+
+    def __init__(self, tokens: str = "all", relative: bool = True) -> None:
+        super().__init__(states=None, tokens=tokens)
+        self.relative = relative
+
+    def _pairs(self, inputs: HealingInputs) -> list[tuple[int, int]]:
+        chosen = _require(inputs.replacement_states, "replacement modules (healing.replacement)", self)
+        layer_map = _require(inputs.layer_map, "a layer map", self)
+        return [(s, layer_map[s]) for s in chosen]
+
+    def _per_token(self, student: Tensor, teacher: Tensor) -> Tensor:
+        error = (student - teacher).pow(2).mean(-1)
+        return error / teacher.pow(2).mean(-1).clamp_min(1e-12) if self.relative else error
 
 
 class HiddenStateCosine(_HiddenStateLoss):

@@ -42,7 +42,8 @@ from lightning_speechllm.healing.losses import (
     prediction_mask,
 )
 from lightning_speechllm.model.checkpoint import load_checkpoint_file
-from lightning_speechllm.model.layer_mask import get_layer_mask_state
+from lightning_speechllm.model.layer_mask import find_decoder_layers, get_layer_mask_state
+from lightning_speechllm.model.replacement import ReplacementLayer
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import (
     LLMInputs,
@@ -64,6 +65,17 @@ class NonFiniteLossError(FloatingPointError):
 
 class PlanMismatchError(ValueError):
     """A checkpoint or model does not fit the configured pruning plan or base model."""
+
+
+@dataclass
+class ReplacementConfig:
+    """A light trainable module in place of each removed block (LLM-Streamline), identity at initialisation."""
+
+    kind: str = "ffn"
+    """'ffn': the block's first layer's pre-MLP norm and MLP, down projection zeroed (exports as a stock decoder
+    layer); 'linear': x + W x with W zero (does not export to stock transformers)."""
+    width: int | None = None
+    """Hidden units of the ffn replacement (its first `width` units are copied); None = the MLP's full width."""
 
 
 def _healing_lora() -> LoraConfig:
@@ -92,6 +104,10 @@ class HealingConfig:
     fit model) and saved in the healing checkpoints, which thus reload without this file."""
     init_projector_from_teacher: bool = True
     """With `teacher_checkpoint`: start the student's projector from the teacher's."""
+    replacement: ReplacementConfig | None = None
+    """Put a trainable replacement module where each removed block was (train it with `ReplacementMSE`, the MSE to
+    the teacher's state after the block, optionally plus CE/KL); None: the paper's healing (no replacement). Set
+    `lora: null` for replacement-only healing."""
 
 
 def load_plan(config: HealingConfig, num_layers: int, model_id: str | None = None) -> dict[str, Any]:
@@ -106,14 +122,18 @@ def load_plan(config: HealingConfig, num_layers: int, model_id: str | None = Non
         except PlanError as error:
             raise PlanMismatchError(f"pruning plan {config.plan_path}: {error}") from error
         removed, plan_model_id = list(plan.removed_layers), plan.model_id
+        sublayers = {"removed_attention": list(plan.removed_attention), "removed_mlp": list(plan.removed_mlp)}
     else:
         removed, plan_model_id = list(config.removed_layers), None
+        sublayers = {"removed_attention": [], "removed_mlp": []}
         bad = [i for i in removed if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
         if bad or len(set(removed)) != len(removed):
             raise PlanMismatchError(f"healing.removed_layers {removed} invalid for a decoder of {num_layers} layers "
                                     f"(bad entries: {bad}, or duplicates)")
-    return {"removed_layers": sorted(removed), "num_layers": num_layers,
-            "receiving_layers": receiving_layers(removed, num_layers) if removed else [], "model_id": plan_model_id}
+    cut = sorted({*removed, *sublayers["removed_attention"], *sublayers["removed_mlp"]})
+    plan = {"removed_layers": sorted(removed), "num_layers": num_layers,
+            "receiving_layers": receiving_layers(cut, num_layers) if cut else [], "model_id": plan_model_id}
+    return {**plan, **{key: value for key, value in sublayers.items() if value}}
 
 
 class HealingModule(SpeechLLMModule):
@@ -163,6 +183,25 @@ class HealingModule(SpeechLLMModule):
         if removed:
             sl.layer_mask.remove_layers(removed)
         sl.config.removed_layers = list(removed)
+        attention, mlp = self.plan.get("removed_attention", []), self.plan.get("removed_mlp", [])
+        if attention or mlp:
+            sl.sublayer_mask.drop(attention, mlp)
+            sl.config.removed_attention, sl.config.removed_mlp = list(attention), list(mlp)
+        if self.healing.replacement is not None:
+            self._add_replacements(removed)
+
+    def _add_replacements(self, removed: tuple[int, ...]) -> None:
+        """An identity-initialised replacement module (trainable) in place of each removed block."""
+        from lightning_speechllm.model.replacement import build_replacement
+
+        if not removed:
+            raise PlanMismatchError("healing.replacement needs removed layers: the plan removes none")
+        sl, config = self.speechllm, from_dict(ReplacementConfig, self.healing.replacement)
+        layers = get_layer_mask_state(sl.layer_mask.model).layer_list
+        starts = [i for i in removed if i - 1 not in removed]
+        modules = {i: build_replacement(layers[i], config.kind, config.width).requires_grad_(True) for i in starts}
+        sl.replacements.update({str(i): module for i, module in modules.items()})
+        sl.layer_mask.set_replacements(modules)
 
     def remove_more_layers(self, layers: list[int] | tuple[int, ...], iterative: bool = True) -> None:
         """Remove `layers` (original numbering) on top of the current plan (an iterative prune-heal round); the
@@ -170,6 +209,9 @@ class HealingModule(SpeechLLMModule):
         the round reloads into a module built with the first-round plan."""
         sl = self.speechllm
         num_layers = sl.layer_mask.num_layers
+        if self.healing.replacement is not None:
+            raise PlanMismatchError("iterative rounds with replacement modules are unsupported (each round would "
+                                    "need new replacements)")
         bad = [i for i in layers if not 0 <= int(i) < num_layers or int(i) in self.plan["removed_layers"]]
         if bad:
             raise PlanMismatchError(f"cannot remove layers {bad}: out of range for {num_layers} layers or already "
@@ -284,6 +326,7 @@ class HealingModule(SpeechLLMModule):
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             stack.enter_context(mask.active(range(mask.num_layers)))
+            stack.enter_context(sl.sublayer_mask.suspended())
             if sl.has_lora:
                 stack.enter_context(sl.llm.disable_adapter())
             stack.enter_context(_eval_mode(sl.llm))
@@ -319,8 +362,15 @@ class HealingModule(SpeechLLMModule):
         return HealingInputs(
             student_logits=student_logits, labels=labels, target_mask=prediction_mask(labels),
             attention_mask=inputs.attention_mask, teacher_logits=teacher_logits, student_hidden=student_hidden,
-            teacher_hidden=teacher_hidden, layer_map=layer_map_for(self.speechllm.layer_mask.active_layers),
+            teacher_hidden=teacher_hidden, layer_map=layer_map_for(self.speechllm.layer_mask.active_layers,
+                                                                   self.speechllm.layer_mask.stream_targets()),
+            replacement_states=self.replacement_states(),
         )
+
+    def replacement_states(self) -> list[int]:
+        """Student residual-state indices that replacement modules produce (see `HealingInputs`)."""
+        parent, name = find_decoder_layers(self.speechllm.llm)
+        return [k + 1 for k, layer in enumerate(getattr(parent, name)) if isinstance(layer, ReplacementLayer)]
 
     def healing_step(self, batch: SpeechBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted total loss, every part) for one batch."""

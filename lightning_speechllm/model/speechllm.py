@@ -19,10 +19,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.model.encoders import SpeechEncoder, load_speech_encoder
+from lightning_speechllm.model.generation import GenerationOutput, generated_lengths
 from lightning_speechllm.model.layer_mask import DecoderLayerMask, unwrap_peft
 from lightning_speechllm.model.projector import Projector, ProjectorConfig
 from lightning_speechllm.model.prompts import EncodedSample, PromptBuilder, PromptConfig
 from lightning_speechllm.model.segments import Segment
+from lightning_speechllm.model.sublayer_mask import SublayerMask, kv_cache_for
 from lightning_speechllm.model.sharding import full_tensor, load_into, shard_speechllm
 
 IGNORE_INDEX = -100
@@ -88,6 +90,11 @@ class SpeechLLMConfig:
     """LoRA on the decoder; None keeps the decoder frozen."""
     removed_layers: list[int] = field(default_factory=list)
     """Decoder layers masked out at load time (original numbering)."""
+    removed_attention: list[int] = field(default_factory=list)
+    """Decoder layers whose attention sublayer is dropped at load time (the residual path and the MLP stay; no KV
+    cache is kept for them)."""
+    removed_mlp: list[int] = field(default_factory=list)
+    """Decoder layers whose MLP sublayer is dropped at load time (the residual path and the attention stay)."""
 
 
 @dataclass
@@ -118,6 +125,8 @@ class SpeechLLM(nn.Module):
         self._encoder_weights_digest: str | None = None
         self.sharded = False  # set by shard(): FSDP2 units, DTensor parameters
         self.layer_mask = DecoderLayerMask(self.llm)
+        self.sublayer_mask = SublayerMask(self.llm)
+        self.replacements = nn.ModuleDict()  # healing's modules in place of removed blocks, keyed by first layer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._apply_trainability()
@@ -128,6 +137,8 @@ class SpeechLLM(nn.Module):
             self.add_lora(self.config.lora)
         if self.config.removed_layers:
             self.layer_mask.remove_layers(self.config.removed_layers)
+        if self.config.removed_attention or self.config.removed_mlp:
+            self.sublayer_mask.drop(self.config.removed_attention, self.config.removed_mlp)
 
     def _configure_encoder_window(self, encoder: SpeechEncoder | None) -> None:
         pinned, step = self.config.encoder_window_seconds, self.config.encoder_window_step_seconds
@@ -358,8 +369,17 @@ class SpeechLLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: SpeechBatch, max_new_tokens: int = 128, num_beams: int = 1,
                  **generate_kwargs) -> list[str]:
-        """Greedy (num_beams=1) or beam-search hypotheses, with KV cache."""
+        """Greedy (num_beams=1) or beam-search hypotheses, with KV cache (none for layers without attention)."""
+        return self.generate_with_details(batch, max_new_tokens, num_beams, **generate_kwargs).texts
+
+    @torch.no_grad()
+    def generate_with_details(self, batch: SpeechBatch, max_new_tokens: int = 128, num_beams: int = 1,
+                              **generate_kwargs) -> GenerationOutput:
+        """As :meth:`generate`, with each hypothesis's generated token count and whether a stop token ended it."""
         inputs = self.build_inputs(batch, with_targets=False)
+        cache = kv_cache_for(self.llm)
+        if cache is not None:
+            generate_kwargs.setdefault("cache", cache)
         if self.sharded and torch.distributed.is_initialized():  # every rank runs the decoder until all are done
             generate_kwargs.setdefault("synced_gpus", True)
         output_ids = self.llm.generate(
@@ -367,7 +387,10 @@ class SpeechLLM(nn.Module):
             max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
             eos_token_id=self._stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+        output_ids = getattr(output_ids, "sequences", output_ids)  # a ModelOutput with return_dict_in_generate
+        texts = [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+        num_tokens, stopped = generated_lengths(output_ids, self._stop_token_ids())
+        return GenerationOutput(texts, num_tokens, stopped, max_new_tokens)
 
     def _stop_token_ids(self) -> list[int]:
         configured = getattr(self.llm.generation_config, "eos_token_id", None)
