@@ -13,6 +13,7 @@ from lightning_speechllm.pruning.plan import (
     plan_last,
     same_model_id,
 )
+from lightning_speechllm.pruning.greedy import plan_greedy
 
 __all__ = [
     "PLAN_FORMAT_VERSION",
@@ -25,6 +26,7 @@ __all__ = [
     "plan_angular",
     "plan_block_influence",
     "plan_explicit",
+    "plan_greedy",
     "plan_last",
     "same_model_id",
 ]

@@ -6,6 +6,12 @@ Examples::
     python -m lightning_speechllm prune --method last --n 4 --llm_path smollm2-135m --export pruned/
     python -m lightning_speechllm prune --config prune.yaml          # every option is a YAML key
     python -m lightning_speechllm prune --method explicit --layers [3,4,5] --num_layers 30 --print_config
+    python -m lightning_speechllm prune --method greedy --ckpt_path runs/last.ckpt --data.val_sets '{dev: dev.jsonl}' \\
+        --n 8 --step 2 --calibration_batches 8 --out plan.json
+
+``greedy`` re-measures the model after every removed block (:func:`~lightning_speechllm.pruning.greedy.plan_greedy`):
+it needs the model (``--ckpt_path`` of the unpruned model, else ``--model.*``) and calibration data (the first
+``--calibration_batches`` batches of ``--calibration_set``, one of ``--data.val_sets``), not a map.
 
 The layer count comes from ``--map`` (angular / block_influence), else ``--llm_path``'s ``config.json``, else
 ``--num_layers``; when several are given they must agree. ``--export DIR`` loads the causal LM from ``--llm_path``
@@ -15,7 +21,9 @@ config with the cut layer count, tokenizer, ``pruning.json``) plus the plan as `
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +31,12 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 
+from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.model.checkpoint import load_module
+from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
+from lightning_speechllm.pruning.greedy import plan_greedy
 from lightning_speechllm.pruning.plan import (
     PlanError,
     PruningPlan,
@@ -31,9 +45,12 @@ from lightning_speechllm.pruning.plan import (
     plan_block_influence,
     plan_explicit,
     plan_last,
+    same_model_id,
 )
+from lightning_speechllm.redundancy.metrics import TokenSelection
 
-__all__ = ["PLAN_IN_EXPORT", "PruneArgs", "build_parser", "build_plan", "export_pruned", "main"]
+__all__ = ["PLAN_IN_EXPORT", "PruneArgs", "build_greedy_plan", "build_parser", "build_plan", "calibration_batches",
+           "export_pruned", "main", "parse_command"]
 
 PLAN_IN_EXPORT = "pruning_plan.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -43,8 +60,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 class PruneArgs:
     """Options of the ``prune`` command."""
 
-    method: Literal["angular", "block_influence", "last", "explicit"] = "angular"
-    """How to choose the layers: pruning-path block, lowest Block Influence, deepest layers, or --layers."""
+    method: Literal["angular", "block_influence", "last", "explicit", "greedy"] = "angular"
+    """How to choose the layers: pruning-path block, lowest Block Influence, deepest layers, --layers, or greedy
+    (blocks of --step layers removed one at a time, re-measuring the model on calibration data after each)."""
     map: str | None = None
     """Redundancy JSON (RedundancyResult) for angular / block_influence."""
     n: int | None = None
@@ -65,6 +83,23 @@ class PruneArgs:
     """Weight dtype used to load and export the LLM."""
     ignore_model_id: bool = False
     """Do not check that the map's model id matches --llm_path."""
+    ckpt_path: str | None = None
+    """greedy: checkpoint of the unpruned model (its own model settings and trained projector / LoRA win over
+    --model.*); without it the model is built from --model.*."""
+    step: int = 1
+    """greedy: layers removed per re-measured round (the last round may remove fewer)."""
+    token_selection: TokenSelection = "last"
+    """greedy: token positions averaged by d(l, n) (as measure's --token_selection)."""
+    calibration_set: str | None = None
+    """greedy: the --data.val_sets set measured (default: the first)."""
+    calibration_batches: int = 8
+    """greedy: batches of --calibration_set measured in every round."""
+    calibration_modality: Literal["speech", "text"] = "speech"
+    """greedy: measure the speech input or the text-only input (transcripts); text for a model without encoder."""
+    device: str = "auto"
+    """greedy: where the model runs: auto (cuda when available), cpu, cuda, cuda:1..."""
+    seed: int = 0
+    """greedy: seed of the projector initialisation when no checkpoint is given."""
 
 
 def build_parser() -> ArgumentParser:
@@ -73,15 +108,22 @@ def build_parser() -> ArgumentParser:
                             print_config="--print_config")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_class_arguments(PruneArgs, as_group=True)
+    parser.add_class_arguments(SpeechLLMConfig, "model", help="greedy: the SpeechLLM to measure (without --ckpt_path).")
+    parser.add_class_arguments(SpeechDataModule, "data",
+                               help="greedy: calibration data (--data.val_sets name: manifest).")
     return parser
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[PruneArgs, SpeechLLMConfig, dict]:
+    """Parse ``argv`` into :class:`PruneArgs`, the model config and the datamodule keyword arguments (greedy)."""
+    values = build_parser().parse_args(argv).as_dict()
+    args = PruneArgs(**{key: values[key] for key in PruneArgs.__dataclass_fields__})
+    return args, from_dict(SpeechLLMConfig, values["model"]), dict(values["data"])
 
 
 def parse_args(argv: list[str] | None = None) -> PruneArgs:
     """Parse ``argv`` into :class:`PruneArgs`."""
-    parser = build_parser()
-    namespace = parser.parse_args(argv)
-    values = {key: value for key, value in namespace.as_dict().items() if key in PruneArgs.__dataclass_fields__}
-    return PruneArgs(**values)
+    return parse_command(argv)[0]
 
 
 def _llm_dir(llm_path: str) -> Path:
@@ -114,6 +156,10 @@ def build_plan(args: PruneArgs) -> PruningPlan:
     """The plan described by ``args`` (validated against every layer count and model id given)."""
     from lightning_speechllm.redundancy.analysis import RedundancyResult
 
+    if args.method == "greedy":
+        raise PlanError("--method greedy measures the model: build it with build_greedy_plan(args, model, data)")
+    if args.ckpt_path is not None:
+        raise PlanError(f"--ckpt_path is only for --method greedy, not {args.method}")
     if args.method in ("angular", "block_influence") and args.map is None:
         raise PlanError(f"--method {args.method} needs --map (a redundancy JSON)")
     if args.method == "explicit" and args.layers is None:
@@ -140,6 +186,78 @@ def build_plan(args: PruneArgs) -> PruningPlan:
     plan.validate_for(num_layers, model_id)
     if plan.model_id is None and args.llm_path is not None:
         plan.model_id = args.llm_path
+    return plan
+
+
+def _check_greedy_args(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> None:
+    """Refuse, before loading anything, a greedy run that misses an input or is given one it does not use."""
+    if args.map is not None:
+        raise PlanError("--map is not used by --method greedy (it measures the model itself): drop it")
+    if args.layers is not None:
+        raise PlanError("--layers is only for --method explicit, not greedy")
+    if args.n is None and args.fraction is None:
+        raise PlanError("--method greedy needs --n or --fraction (the number of layers to remove)")
+    if not data.get("val_sets"):
+        raise PlanError("--method greedy needs calibration data: give --data.val_sets '{name: manifest}'")
+    if args.calibration_set is not None and args.calibration_set not in data["val_sets"]:
+        raise PlanError(f"--calibration_set {args.calibration_set!r} is not one of --data.val_sets "
+                        f"{sorted(data['val_sets'])}")
+    if args.calibration_batches < 1 or args.step < 1:
+        raise PlanError(f"--calibration_batches and --step must be >= 1, got {args.calibration_batches}, {args.step}")
+    if args.ckpt_path is None and model.removed_layers:
+        raise PlanError(f"--model.removed_layers {model.removed_layers}: greedy starts from the unpruned model")
+
+
+def _greedy_model(args: PruneArgs, model: SpeechLLMConfig) -> SpeechLLM:
+    """The unpruned SpeechLLM to measure, on ``--device``, in eval mode: from ``--ckpt_path`` or ``--model.*``."""
+    torch.manual_seed(args.seed)
+    if args.ckpt_path is None:
+        speechllm = SpeechLLM.from_config(model)
+    else:
+        speechllm = load_module(args.ckpt_path, requested=model, allow_pruned=False).speechllm
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return speechllm.to(device).eval()
+
+
+def _calibration_modality(args: PruneArgs, speechllm: SpeechLLM) -> str:
+    if args.calibration_modality == "speech" and speechllm.encoder is None:
+        print("prune: the model has no speech encoder, calibrating on text", file=sys.stderr)
+        return "text"
+    if args.calibration_modality == "speech" and args.ckpt_path is None:
+        warnings.warn("greedy calibration on speech without --ckpt_path: the projector is untrained", stacklevel=2)
+    return args.calibration_modality
+
+
+def calibration_batches(args: PruneArgs, data: dict, text_only: bool) -> list[SpeechBatch]:
+    """The first ``--calibration_batches`` batches of ``--calibration_set`` (default: the first validation set)."""
+    name = args.calibration_set or next(iter(data["val_sets"]))
+    datamodule = SpeechDataModule(**{**data, "val_sets": {name: data["val_sets"][name]},
+                                     "text_only": text_only or bool(data.get("text_only"))})
+    datamodule.setup("validate")
+    batches = list(islice(datamodule.val_dataloader()[0], args.calibration_batches))
+    if not batches:
+        raise PlanError(f"calibration set {name!r} ({data['val_sets'][name]}) yielded no batch")
+    return batches
+
+
+def build_greedy_plan(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> PruningPlan:
+    """The greedy plan of ``args``: the model measured on the calibration batches, one round per ``--step`` block;
+    checked against ``--num_layers`` / ``--llm_path`` when given."""
+    _check_greedy_args(args, model, data)
+    speechllm = _greedy_model(args, model)
+    llm_layers = llm_num_layers(_llm_dir(args.llm_path)) if args.llm_path is not None else None
+    num_layers = _agreed_num_layers({"the model": speechllm.layer_mask.num_layers,
+                                     "--llm_path config.json": llm_layers, "--num_layers": args.num_layers})
+    model_id = speechllm.config.llm_path
+    if not args.ignore_model_id and args.llm_path is not None and not same_model_id(model_id, args.llm_path):
+        raise PlanError(f"model mismatch: the measured model is {model_id!r} but --llm_path is {args.llm_path!r}")
+    text_only = _calibration_modality(args, speechllm) == "text"
+    batches = calibration_batches(args, data, text_only)
+    plan = plan_greedy(speechllm, batches, n=args.n, fraction=args.fraction, step=args.step,
+                       token_selection=args.token_selection, model_id=model_id)
+    plan.params["calibration_set"] = args.calibration_set or next(iter(data["val_sets"]))
+    plan.params["calibration_modality"] = "text" if text_only else "speech"
+    plan.validate_for(num_layers)
     return plan
 
 
@@ -177,18 +295,21 @@ def export_pruned(plan: PruningPlan, llm_path: str, out_dir: str | Path, dtype: 
     return out, before, after
 
 
-def run(args: PruneArgs) -> PruningPlan:
-    """Build the plan, write ``--out`` and ``--export``, and print a summary."""
+def run(args: PruneArgs, model: SpeechLLMConfig | None = None, data: dict | None = None) -> PruningPlan:
+    """Build the plan (greedy: on ``model`` and the calibration ``data``), write ``--out`` and ``--export``, and print
+    a summary. A greedy plan exports the decoder it measured unless ``--llm_path`` is given."""
+    greedy = args.method == "greedy"
     if args.out is None and args.export is None:
         raise PlanError("nothing to write: give --out PLAN.json and/or --export DIR")
-    if args.export is not None and args.llm_path is None:
+    if args.export is not None and args.llm_path is None and not greedy:
         raise PlanError("--export needs --llm_path (the causal LM to prune)")
-    plan = build_plan(args)
+    plan = build_greedy_plan(args, model or SpeechLLMConfig(), data or {}) if greedy else build_plan(args)
     print(plan.summary())
     if args.out is not None:
         print(f"plan written to {plan.to_json(args.out)}")
     if args.export is not None:
-        out, before, after = export_pruned(plan, args.llm_path, args.export, args.dtype,
+        llm_path = args.llm_path if args.llm_path is not None else plan.model_id
+        out, before, after = export_pruned(plan, llm_path, args.export, args.dtype,
                                            check_model_id=not args.ignore_model_id)
         print(f"parameters: {before:,} -> {after:,} ({1 - after / before:.1%} fewer)")
         print(f"pruned decoder written to {out}")
@@ -198,11 +319,11 @@ def run(args: PruneArgs) -> PruningPlan:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lightning_speechllm prune``; returns an exit code (2 on bad input)."""
     try:
-        args = parse_args(argv)
+        args, model, data = parse_command(argv)
     except SystemExit as stop:  # --help, --print_config, or a parse error already reported by jsonargparse
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     try:
-        run(args)
+        run(args, model, data)
     except (PlanError, FileNotFoundError, KeyError, ValueError) as error:
         print(f"prune: error: {error}", file=sys.stderr)
         return 2
