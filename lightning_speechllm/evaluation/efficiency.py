@@ -76,11 +76,14 @@ def decoder_parameter_count(llm: nn.Module) -> int:
     """Parameters of an HF causal LM (or PeftModel, or a SpeechLLM's ``.llm``) over its ACTIVE decoder layers.
 
     A :class:`~lightning_speechllm.model.layer_mask.DecoderLayerMask` registers only the kept layers, so masked
-    layers are not counted; embeddings and LM head count once when tied. LoRA adapters, if any, are included.
+    layers are not counted, nor are sublayers a :class:`~lightning_speechllm.model.sublayer_mask.SublayerMask`
+    dropped; replacement modules in the layer list are. Embeddings and LM head count once when tied. LoRA adapters,
+    if any, are included.
     """
     if isinstance(llm, SpeechLLM):
         llm = llm.llm
-    return sum(param.numel() for param in _unique_parameters(llm))
+    dropped = {id(p) for m in llm.modules() if getattr(m, "_lsl_dropped", False) for p in m.parameters()}
+    return sum(param.numel() for param in _unique_parameters(llm) if id(param) not in dropped)
 
 
 def _parameter_bytes(module: nn.Module) -> int:
@@ -216,6 +219,9 @@ class EfficiencyReport:
     device: str
     repeats: int
     threads: int = field(default_factory=torch.get_num_threads)
+    kv_cache_measured_bytes: int = -1
+    """Bytes of keys and values the KV cache really held at the end of generation (largest batch); a layer without
+    attention (dropped or replaced) holds none. -1: not measured (older reports)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,6 +234,7 @@ class _Run:
     total_s: float
     prompt_tokens: int
     llm_calls: int
+    cache_bytes: int
 
 
 class _GenerationTimer:
@@ -277,10 +284,17 @@ class _GenerationTimer:
 
 
 def _timed_generate(model: SpeechLLM, batch: SpeechBatch, new_tokens: int) -> _Run:
+    from transformers import DynamicCache
+
+    from lightning_speechllm.model.sublayer_mask import kv_cache_bytes as held_bytes
+    from lightning_speechllm.model.sublayer_mask import kv_cache_for
+
     timer = _GenerationTimer(model)
+    llm = _base_model(model.llm)
+    cache = kv_cache_for(llm) or DynamicCache(config=llm.config)
     with timer.attached():
         timer.start = timer.now()
-        model.generate(batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        model.generate(batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, cache=cache)
         end = timer.now()
     if timer.first_forward_end is None:
         raise RuntimeError("generate() never called the LLM forward: nothing to time")
@@ -289,7 +303,7 @@ def _timed_generate(model: SpeechLLM, batch: SpeechBatch, new_tokens: int) -> _R
                            "generation stopped early or the model is not decoding with a KV cache")
     speech = None if timer.speech_end is None else timer.speech_end - timer.start
     return _Run(speech, timer.first_forward_end - timer.start, end - timer.start, timer.prompt_tokens,
-                timer.llm_calls)
+                timer.llm_calls, held_bytes(cache))
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -327,10 +341,12 @@ def measure_latency(speechllm: SpeechLLM, batch: SpeechBatch | Sequence[SpeechBa
         torch.cuda.reset_peak_memory_stats(device)
     per_repeat: dict[str, list[float]] = {"speech": [], "prefill": [], "decode": [], "total": [], "rtf": []}
     prompt_tokens: list[int] = []
+    measured_kv = 0
     audio = sum(_audio_seconds(item) for item in batches)
     for _ in range(repeats):
         runs = [_timed_generate(speechllm, item, max_new_tokens) for item in batches]
         prompt_tokens = [run.prompt_tokens for run in runs]
+        measured_kv = max(run.cache_bytes for run in runs)
         total = sum(run.total_s for run in runs)
         if all(run.speech_s is not None for run in runs):
             per_repeat["speech"].append(sum(run.speech_s for run in runs) / len(runs))
@@ -352,7 +368,8 @@ def measure_latency(speechllm: SpeechLLM, batch: SpeechBatch | Sequence[SpeechBa
         prompt_tokens=sum(prompt_tokens) / len(prompt_tokens), new_tokens=max_new_tokens, audio_seconds=audio,
         speech_ms=None if median["speech"] is None else 1e3 * median["speech"], prefill_ms=1e3 * median["prefill"],
         decode_ms_per_token=1e3 * median["decode"], total_ms=1e3 * median["total"], rtf=median["rtf"],
-        peak_memory_bytes=peak, memory_kind=kind, kv_cache_bytes=kv_bytes, device=str(device), repeats=repeats,
+        peak_memory_bytes=peak, memory_kind=kind, kv_cache_bytes=kv_bytes, kv_cache_measured_bytes=measured_kv,
+        device=str(device), repeats=repeats,
     )
 
 
@@ -393,6 +410,8 @@ def compare(full: EfficiencyReport, pruned: EfficiencyReport, ideal: float | Non
         "peak_memory_ratio": pruned.peak_memory_bytes / full.peak_memory_bytes,
         "kv_cache_ratio": pruned.kv_cache_bytes / full.kv_cache_bytes,
     }
+    if full.kv_cache_measured_bytes > 0 and pruned.kv_cache_measured_bytes >= 0:
+        result["kv_cache_measured_ratio"] = pruned.kv_cache_measured_bytes / full.kv_cache_measured_bytes
     if ideal is not None:
         result["ideal_decode_speedup"] = ideal
         result["fraction_of_ideal"] = result["decode_speedup"] / ideal
@@ -503,9 +522,10 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("RTF", "rtf", "{:.3f}"),
     ("peak memory (MiB)", "peak_memory_bytes", "{:.1f}"),
     ("KV cache (KiB)", "kv_cache_bytes", "{:.1f}"),
+    ("KV cache measured (KiB)", "kv_cache_measured_bytes", "{:.1f}"),
 )
 _SCALE = {"decoder_params": 1e-6, "active_weight_bytes": 1 / 2**20, "peak_memory_bytes": 1 / 2**20,
-          "kv_cache_bytes": 1 / 2**10}
+          "kv_cache_bytes": 1 / 2**10, "kv_cache_measured_bytes": 1 / 2**10}
 
 
 def _cells(report: EfficiencyReport) -> list[str]:

@@ -33,7 +33,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +111,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SweepMethod = Literal["angular", "block_influence", "last"]
+HEALING_VARIANTS = ("lora", "kd", "replacement")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -151,10 +152,28 @@ class SweepConfig:
     """LoRA rank of healing."""
     heal_lora_alpha: int = 64
     """LoRA alpha of healing."""
+    heal_variant: str = "lora"
+    """How a point heals: 'lora' (the paper: LoRA on the receiving layer + projector, task CE), 'kd' (the same plus
+    logit distillation from the unpruned model) or 'replacement' (an identity-initialised FFN in each removed block's
+    place + projector, trained on the MSE to the unpruned model's state after the block + task CE; no LoRA)."""
+    replacement_width: int | None = None
+    """Hidden units of the replacement FFN (None: the MLP's full width, which exports to a stock decoder layer)."""
+    kd_temperature: float = 1.0
+    """Temperature of the 'kd' variant's logit distillation."""
     max_rel_wer_increase: float = 0.25
     """Stopping rule: largest relative WER increase on every ASR set."""
     max_rel_bleu_drop: float = 0.10
     """Stopping rule: largest relative BLEU drop on every translation set."""
+    compare_methods: list[str] | None = None
+    """Compare pruning methods on one table instead of sweeping `method`: any of angular, block_influence, last,
+    greedy, attention, each at every `fractions` point, unhealed and healed with each `compare_healing` variant
+    (see `lightning_speechllm.evaluation.method_comparison`)."""
+    compare_healing: list[str] = field(default_factory=lambda: ["lora", "replacement", "kd"])
+    """Healing variants of a method comparison (each also sets `heal_variant` for its runs)."""
+    calibration_batches: int = 4
+    """Method comparison: batches of the first validation set that greedy plans and the sublayer map measure on."""
+    speed_new_tokens: int = 16
+    """Method comparison: tokens generated (forced) per decode-speed measurement."""
     max_batches: int | None = None
     """Score at most this many batches per set (None: all)."""
     output_dir: str = "checkpoints/sweep"
@@ -176,11 +195,16 @@ class SweepConfig:
         self.values()
         if self.walk_stop_after < 1:
             raise SweepError(f"walk_stop_after must be >= 1, got {self.walk_stop_after}")
-        if self.method in ("angular", "block_influence") and not self.map_path:
-            raise SweepError(f"method {self.method!r} needs map_path (a redundancy map JSON)")
+        for method in self.compare_methods or [self.method]:
+            if method in ("angular", "block_influence") and not self.map_path:
+                raise SweepError(f"method {method!r} needs map_path (a redundancy map JSON)")
+        if self.compare_methods and not self.fractions:
+            raise SweepError("a method comparison (compare_methods) needs fractions, e.g. [0.2, 0.4]")
         if self.test_sets and self.stage != "validate":
             raise SweepError(f"test_sets {self.test_sets} needs stage 'validate' (the rule would otherwise choose on "
                              "test sets)")
+        if self.heal_variant not in HEALING_VARIANTS:
+            raise SweepError(f"heal_variant must be one of {HEALING_VARIANTS}, got {self.heal_variant!r}")
         if self.heal and self.heal_steps < 1:
             raise SweepError(f"heal_steps must be >= 1 when heal is true, got {self.heal_steps}")
         if self.max_rel_wer_increase < 0 or self.max_rel_bleu_drop < 0:
@@ -244,7 +268,7 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
     LoRA modules removed without merging (PEFT ``unload``), the trainable weights (projector, a tuned encoder) put
     back, and ``speechllm.config``, every ``requires_grad`` flag and every module's train/eval mode as on entry.
     """
-    from lightning_speechllm.healing.module import HealingConfig, HealingModule
+    from lightning_speechllm.healing.module import HealingModule
 
     if speechllm.has_lora:
         raise SweepError("healing in a sweep needs a model without LoRA adapters (merge a LoRA-tuned decoder's "
@@ -254,8 +278,7 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
                          f"{list(speechllm.layer_mask.removed_layers)}")
     snapshot = _Snapshot.take(speechllm)
     try:
-        lora = LoraConfig(layers=None, r=config.heal_lora_r, alpha=config.heal_lora_alpha, dropout=0.05)
-        module = HealingModule(healing=HealingConfig(removed_layers=list(plan.removed_layers), lora=lora),
+        module = HealingModule(healing=healing_config(plan, config),
                                optim=OptimConfig(lr=config.heal_lr, warmup_steps=config.heal_warmup_steps,
                                                  schedule="linear"),
                                speechllm=speechllm)
@@ -265,6 +288,25 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
         yield speechllm
     finally:
         snapshot.restore(speechllm)
+
+
+def healing_config(plan: PruningPlan, config: SweepConfig) -> "HealingConfig":
+    """The :class:`HealingConfig` of ``config.heal_variant`` for ``plan``."""
+    from lightning_speechllm.healing.module import HealingConfig, ReplacementConfig
+
+    lora = LoraConfig(layers=None, r=config.heal_lora_r, alpha=config.heal_lora_alpha, dropout=0.05)
+    healing = HealingConfig(removed_layers=list(plan.removed_layers), removed_attention=list(plan.removed_attention),
+                            removed_mlp=list(plan.removed_mlp), lora=lora)
+    if config.heal_variant == "kd":
+        healing.losses = [{"class_path": "TaskCrossEntropy"},
+                          {"class_path": "KLDivergence", "init_args": {"temperature": config.kd_temperature}}]
+    elif config.heal_variant == "replacement":
+        if not plan.removed_layers:
+            raise SweepError(f"the {plan.method} plan removes no whole layer: nothing to replace")
+        healing.lora = None
+        healing.replacement = ReplacementConfig(kind="ffn", width=config.replacement_width)
+        healing.losses = [{"class_path": "ReplacementMSE"}, {"class_path": "TaskCrossEntropy"}]
+    return healing
 
 
 @dataclass
@@ -287,6 +329,9 @@ class _Snapshot:
     def restore(self, speechllm: SpeechLLM) -> None:
         """Mask reset, LoRA unloaded (not merged), config, trainable weights, flags and modes as snapshotted."""
         speechllm.layer_mask.reset()  # every layer back in the list, so that unload() reaches every LoRA module
+        speechllm.layer_mask.set_replacements({})
+        speechllm.replacements.clear()
+        speechllm.sublayer_mask.reset()
         if speechllm.has_lora:
             speechllm.llm = speechllm.llm.unload()
         if not self.had_input_grad_hooks and hasattr(speechllm.llm, "disable_input_require_grads"):
@@ -330,6 +375,9 @@ def _signature(config: SweepConfig, speechllm: SpeechLLM, decoding: DecodingConf
     decoding = decoding or DecodingConfig()
     healing = {key: getattr(config, key) for key in ("heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
                                                      "heal_lora_alpha")} if config.heal else {}
+    if config.heal and config.heal_variant != "lora":  # absent for 'lora', so earlier sweeps' points stay reusable
+        healing.update(heal_variant=config.heal_variant, replacement_width=config.replacement_width,
+                       kd_temperature=config.kd_temperature)
     return {"method": config.method, "map_path": config.map_path, "map_sha256": _file_sha256(config.map_path),
             "stage": config.stage, "sets": config.sets, "heal": config.heal, **healing,
             "num_layers": speechllm.layer_mask.num_layers, "llm_path": speechllm.config.llm_path,

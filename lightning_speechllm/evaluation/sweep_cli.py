@@ -140,8 +140,8 @@ def build_datamodule(data: dict[str, Any], sweep: SweepConfig) -> L.LightningDat
         if unknown:
             raise SweepError(f"--sweep.test_sets names {unknown}, not in --data.test_sets ({sorted(test_sets)})")
         data = {**data, "test_sets": {name: test_sets[name] for name in sweep.test_sets}}
-    if sweep.heal and not data.get("train"):
-        raise SweepError("--sweep.heal needs training data: give --data.train")
+    if (sweep.heal or sweep.compare_methods) and not data.get("train"):
+        raise SweepError("--sweep.heal and --sweep.compare_methods heal: give training data with --data.train")
     return SpeechDataModule(**data)
 
 
@@ -168,6 +168,13 @@ def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None, datamodule: 
     trainer_kwargs = {"accelerator": trainer.accelerator, "devices": trainer.devices}
     if trainer.precision is not None:
         trainer_kwargs["precision"] = trainer.precision
+    if sweep.compare_methods:
+        from lightning_speechllm.evaluation.method_comparison import compare_methods
+
+        rows = compare_methods(speechllm, datamodule, sweep, sweep.compare_methods, sweep.compare_healing,
+                               decoding=parsed["decoding"], trainer_kwargs=trainer_kwargs,
+                               calibration_batches=sweep.calibration_batches, speed_new_tokens=sweep.speed_new_tokens)
+        return rows, None, None, None
     table, chosen = run_sweep(speechllm, datamodule, sweep, decoding=parsed["decoding"], trainer_kwargs=trainer_kwargs)
     L.seed_everything(args.seed, verbose=False)  # the chosen point's second healing starts from the same seed
     test = score_chosen_on_test(speechllm, datamodule, sweep, chosen, decoding=parsed["decoding"],
@@ -194,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep: error: {error}", file=sys.stderr)
         return 2
     sweep = parsed["sweep"]
+    if sweep.compare_methods:
+        from lightning_speechllm.evaluation.method_comparison import comparison_markdown
+
+        print(comparison_markdown(table), end="")
+        print(f"method comparison in {sweep.output_dir} (comparison.md/.csv/.json/.png)")
+        return 0
     print(format_markdown(table, sweep.thresholds, chosen), end="")
     print(f"chosen fraction: {'none' if chosen is None else f'{chosen.removed_fraction:.3f}'}")
     if test is not None:

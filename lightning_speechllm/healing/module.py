@@ -88,6 +88,10 @@ class HealingConfig:
 
     removed_layers: list[int] = field(default_factory=list)
     """Decoder layers to remove (original numbering); ignored when `plan_path` is given."""
+    removed_attention: list[int] = field(default_factory=list)
+    """Layers whose attention sublayer is dropped (their MLP stays); ignored when `plan_path` is given."""
+    removed_mlp: list[int] = field(default_factory=list)
+    """Layers whose MLP sublayer is dropped (their attention stays); ignored when `plan_path` is given."""
     plan_path: str | None = None
     """A pruning-plan JSON file written by `PruningPlan.to_json` (validated for the model's layer count and id)."""
     lora: LoraConfig | None = field(default_factory=_healing_lora)
@@ -125,7 +129,7 @@ def load_plan(config: HealingConfig, num_layers: int, model_id: str | None = Non
         sublayers = {"removed_attention": list(plan.removed_attention), "removed_mlp": list(plan.removed_mlp)}
     else:
         removed, plan_model_id = list(config.removed_layers), None
-        sublayers = {"removed_attention": [], "removed_mlp": []}
+        sublayers = {"removed_attention": list(config.removed_attention), "removed_mlp": list(config.removed_mlp)}
         bad = [i for i in removed if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
         if bad or len(set(removed)) != len(removed):
             raise PlanMismatchError(f"healing.removed_layers {removed} invalid for a decoder of {num_layers} layers "

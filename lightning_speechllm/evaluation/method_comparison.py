@@ -1,0 +1,340 @@
+"""Compare pruning methods x healing variants on one table: WER/BLEU unhealed and healed, decoder parameters,
+measured decode speed-up and measured KV cache, failure modes, and the paper's rule per method.
+
+Methods: ``angular`` (the paper's contiguous block), ``block_influence`` (ShortGPT), ``last`` (deepest layers),
+``greedy`` (SLEB-style, re-measured after each removal on calibration batches of the first validation set) and
+``attention`` (attention sublayers only, LLM-Drop, from a sublayer map measured on the same batches). Healing
+variants are those of :data:`~lightning_speechllm.evaluation.sweep.HEALING_VARIANTS` (``replacement`` does not apply
+to ``attention``, which removes no whole layer). For each removed fraction and method the plan is scored unpruned
+-> pruned -> healed per variant, with the model restored exactly between runs (see
+:func:`~lightning_speechllm.evaluation.sweep.healed`). Every row is written at once to ``rows/<name>.json`` and a
+rerun with the same settings reuses it. Outputs: ``comparison.{csv,md,json,png}`` in ``output_dir``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_speechllm.evaluation.efficiency import decoder_parameter_count, measure_latency
+from lightning_speechllm.evaluation.sweep import (
+    HEALING_VARIANTS,
+    SweepConfig,
+    SweepError,
+    evaluate,
+    healed,
+)
+from lightning_speechllm.evaluation.sweep_table import METRICS, Scores, SweepPoint, Thresholds, passes
+from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.model.module import DecodingConfig
+from lightning_speechllm.model.speechllm import SpeechLLM
+from lightning_speechllm.pruning.plan import (
+    PruningPlan,
+    apply_plan,
+    plan_angular,
+    plan_block_influence,
+    plan_last,
+    plan_sublayers,
+)
+from lightning_speechllm.redundancy.analysis import RedundancyResult
+
+__all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison"]
+
+log = logging.getLogger(__name__)
+
+COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention")
+
+
+@dataclass
+class ComparisonRow:
+    """One (method, fraction, healing) result; ``healing`` is 'none' for the unhealed pruned model."""
+
+    method: str
+    fraction: float
+    healing: str
+    removed_layers: list[int]
+    removed_attention: list[int]
+    scores: Scores
+    decoder_params: int
+    decode_ms_per_token: float
+    kv_cache_bytes: int
+    chosen: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_{self.fraction:g}_{self.healing}"
+
+
+def _sweep_config(config: SweepConfig, variant: str) -> SweepConfig:
+    return dataclasses.replace(config, heal=True, heal_variant=variant)
+
+
+def _calibration_batches(datamodule: L.LightningDataModule, count: int, device: torch.device) -> list:
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader()[0]
+    return [batch.to(device) for batch in itertools.islice(iter(loader), count)]
+
+
+class _Planner:
+    """Builds each method's plan; greedy continues from its previous (smaller) plan."""
+
+    def __init__(self, speechllm: SpeechLLM, config: SweepConfig, batches: list) -> None:
+        self.speechllm, self.config, self.batches = speechllm, config, batches
+        self.num_layers = speechllm.layer_mask.num_layers
+        self.model_id = speechllm.config.llm_path
+        self.result = RedundancyResult.from_json(config.map_path) if config.map_path else None
+        self.token_selection = self.result.token_selection if self.result is not None else "last"
+        self._greedy: PruningPlan | None = None
+        self._sublayers = None
+
+    def plan(self, method: str, fraction: float) -> PruningPlan:
+        if method == "last":
+            return plan_last(self.num_layers, fraction=fraction, model_id=self.model_id)
+        if method in ("angular", "block_influence"):
+            if self.result is None:
+                raise SweepError(f"method {method!r} needs sweep.map_path (a redundancy map JSON)")
+            builder = plan_angular if method == "angular" else plan_block_influence
+            return builder(self.result, fraction=fraction, source_map=self.config.map_path)
+        if method == "greedy":
+            from lightning_speechllm.pruning.greedy import plan_greedy
+
+            self._greedy = plan_greedy(self.speechllm, self.batches, fraction=fraction,
+                                       token_selection=self.token_selection, start_from=self._greedy)
+            return self._greedy
+        if method == "attention":
+            if self._sublayers is None:
+                from lightning_speechllm.redundancy.sublayers import measure_sublayers
+
+                self._sublayers = measure_sublayers(self.speechllm, self.batches, self.token_selection)
+            return plan_sublayers(self._sublayers, self.num_layers, fraction=fraction)
+        raise SweepError(f"unknown comparison method {method!r}; expected one of {COMPARISON_METHODS}")
+
+
+def _efficiency(speechllm: SpeechLLM, batch: Any, new_tokens: int) -> tuple[int, float, int]:
+    """(active decoder parameters, decode ms per token, measured KV-cache bytes) of the model as masked now."""
+    report = measure_latency(speechllm, batch, max_new_tokens=new_tokens, repeats=3, warmup=1)
+    return decoder_parameter_count(speechllm.llm), report.decode_ms_per_token, report.kv_cache_measured_bytes
+
+
+def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: SweepConfig,
+                    methods: list[str], variants: list[str], decoding: DecodingConfig | None = None,
+                    trainer_kwargs: dict[str, Any] | None = None, calibration_batches: int = 4,
+                    speed_new_tokens: int = 16, evaluate_fn: Callable[..., Scores] | None = None
+                    ) -> list[ComparisonRow]:
+    """Every (fraction, method, variant) of ``config.fractions`` x ``methods`` x ``['none', *variants]``, plus the
+    unpruned baseline (method 'none', fraction 0); writes the rows and the outputs under ``config.output_dir``."""
+    unknown = sorted(set(methods) - set(COMPARISON_METHODS)) + sorted(set(variants) - set(HEALING_VARIANTS))
+    if unknown:
+        raise SweepError(f"unknown methods / healing variants {unknown}; methods: {COMPARISON_METHODS}, healing: "
+                         f"{HEALING_VARIANTS}")
+    if not config.fractions:
+        raise SweepError("a method comparison needs sweep.fractions (e.g. [0.2, 0.4])")
+    score = evaluate_fn or evaluate
+    out = Path(config.output_dir)
+    signature = _signature(config, methods, variants, calibration_batches, speed_new_tokens, speechllm)
+    batches = _calibration_batches(datamodule, calibration_batches, speechllm.device)
+    speed_batch = batches[0]
+
+    def run_eval(model: SpeechLLM) -> Scores:
+        return score(model, datamodule, stage=config.stage, decoding=decoding, trainer_kwargs=trainer_kwargs,
+                     max_batches=config.max_batches, sets=config.sets)
+
+    def cached(name: str, compute: Callable[[], ComparisonRow]) -> ComparisonRow:
+        path = out / "rows" / f"{name}.json"
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored.get("signature") == signature:
+                return ComparisonRow(**stored["row"])
+        row = compute()
+        atomic_write_text(json.dumps({"signature": signature, "row": dataclasses.asdict(row)}, indent=2), path)
+        return row
+
+    def baseline() -> ComparisonRow:
+        params, decode_ms, kv = _efficiency(speechllm, speed_batch, speed_new_tokens)
+        return ComparisonRow("none", 0.0, "none", [], [], run_eval(speechllm), params, decode_ms, kv)
+
+    rows = [cached("baseline", baseline)]
+    planner = _Planner(speechllm, config, batches)
+    for fraction, method in itertools.product(config.fractions, methods):
+        plan = planner.plan(method, fraction)
+        rows.append(cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan, method, fraction,
+                                                                             run_eval, speed_batch, speed_new_tokens)))
+        for variant in variants:
+            if variant == "replacement" and not plan.removed_layers:
+                continue
+            rows.append(cached(f"{method}_{fraction:g}_{variant}", lambda: _healed_row(
+                speechllm, plan, method, fraction, variant, config, datamodule, trainer_kwargs, run_eval,
+                speed_batch, speed_new_tokens)))
+    _mark_chosen(rows, config.thresholds)
+    write_comparison(rows, out)
+    return rows
+
+
+def _pruned_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: float, run_eval, speed_batch,
+                speed_new_tokens: int) -> ComparisonRow:
+    try:
+        apply_plan(speechllm, plan)
+        scores = run_eval(speechllm)
+        params, decode_ms, kv = _efficiency(speechllm, speed_batch, speed_new_tokens)
+    finally:
+        speechllm.layer_mask.reset()
+        speechllm.sublayer_mask.reset()
+    return ComparisonRow(method, fraction, "none", list(plan.removed_layers), list(plan.removed_attention), scores,
+                         params, decode_ms, kv, extra={"plan_params": _plain(plan.params)})
+
+
+def _healed_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: float, variant: str,
+                config: SweepConfig, datamodule, trainer_kwargs, run_eval, speed_batch,
+                speed_new_tokens: int) -> ComparisonRow:
+    with healed(speechllm, plan, datamodule, _sweep_config(config, variant), trainer_kwargs) as model:
+        scores = run_eval(model)
+        if model.has_lora:  # LoRA merges into the weights at export: time the pruned decoder without adapters
+            params = decode_ms = kv = None
+        else:
+            params, decode_ms, kv = _efficiency(model, speed_batch, speed_new_tokens)
+    row = ComparisonRow(method, fraction, variant, list(plan.removed_layers), list(plan.removed_attention), scores,
+                        params if params is not None else -1, decode_ms if decode_ms is not None else -1.0,
+                        kv if kv is not None else -1)
+    return row
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _signature(config: SweepConfig, methods, variants, calibration_batches, speed_new_tokens,
+               speechllm: SpeechLLM) -> dict[str, Any]:
+    from lightning_speechllm.evaluation.sweep import _weights_sha256
+
+    keys = ("map_path", "stage", "sets", "heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
+            "heal_lora_alpha", "replacement_width", "kd_temperature", "max_batches")
+    return {**{key: getattr(config, key) for key in keys}, "methods": list(methods), "variants": list(variants),
+            "calibration_batches": calibration_batches, "speed_new_tokens": speed_new_tokens,
+            "trained_weights_sha256": _weights_sha256(speechllm), "llm_path": speechllm.config.llm_path}
+
+
+# ------------------------------------------------------------------------------------------------ the rule
+def _passes(row: ComparisonRow, baseline: Scores, thresholds: Thresholds) -> bool:
+    point = SweepPoint(method=row.method, value=row.fraction, kind="fraction", n=len(row.removed_layers),
+                       num_layers=1, removed_layers=row.removed_layers, before=row.scores)
+    return passes(point, baseline, thresholds)[0]
+
+
+def _mark_chosen(rows: list[ComparisonRow], thresholds: Thresholds) -> None:
+    """Per (method, healing): the largest fraction that passes the paper's rule is marked ``chosen``."""
+    baseline = rows[0].scores
+    for row in rows[1:]:
+        row.chosen = False
+    groups: dict[tuple[str, str], list[ComparisonRow]] = {}
+    for row in rows[1:]:
+        groups.setdefault((row.method, row.healing), []).append(row)
+    for group in groups.values():
+        passing = [row for row in group if _passes(row, baseline, thresholds)]
+        if passing:
+            max(passing, key=lambda row: row.fraction).chosen = True
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def _metric_cells(row: ComparisonRow, baseline: ComparisonRow) -> list[str]:
+    cells = []
+    for set_name in sorted(baseline.scores):
+        values = row.scores.get(set_name, {})
+        for metric in METRICS:
+            if metric in values:
+                cells.append(f"{values[metric]:.2f}")
+        cells.append(f"{values.get('loop_rate', float('nan')):.1f}/{values.get('empty_rate', float('nan')):.1f}/"
+                     f"{values.get('max_tokens_rate', float('nan')):.1f}")
+    return cells
+
+
+def comparison_markdown(rows: list[ComparisonRow]) -> str:
+    """One Markdown table: per row the scores, loop/empty/max-token rates, decoder parameters, decode speed-up and
+    KV cache relative to the baseline (first row)."""
+    baseline = rows[0]
+    header = ["method", "removed", "healing", "layers removed", "attention dropped"]
+    for set_name in sorted(baseline.scores):
+        header += [f"{set_name} {m}" for m in METRICS if m in baseline.scores[set_name]]
+        header.append(f"{set_name} loop/empty/max %")
+    header += ["decoder params (M)", "decode speed-up", "KV cache", "rule"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        speed = (f"{baseline.decode_ms_per_token / row.decode_ms_per_token:.2f}x" if row.decode_ms_per_token > 0
+                 else "as unhealed")
+        kv = f"{row.kv_cache_bytes / baseline.kv_cache_bytes:.0%}" if row.kv_cache_bytes >= 0 else "as unhealed"
+        params = f"{row.decoder_params / 1e6:.1f}" if row.decoder_params >= 0 else "as unhealed"
+        cells = [row.method, f"{row.fraction:.0%}", row.healing, _compact(row.removed_layers),
+                 _compact(row.removed_attention), *_metric_cells(row, baseline), params, speed, kv,
+                 "chosen" if row.chosen else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _compact(indices: list[int]) -> str:
+    """``[4, 5, 6, 9]`` -> ``4-6,9``."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs) or "-"
+
+
+def plot_comparison(rows: list[ComparisonRow], path: Path) -> Path:
+    """WER (or BLEU) of the first set vs removed fraction: one panel per healing, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baseline = rows[0]
+    set_name = sorted(baseline.scores)[0]
+    metric = next(m for m in METRICS if m in baseline.scores[set_name])
+    healings = list(dict.fromkeys(row.healing for row in rows[1:]))
+    fig, axes = plt.subplots(1, len(healings), figsize=(4.2 * len(healings), 3.4), sharey=True, squeeze=False)
+    for ax, healing in zip(axes[0], healings):
+        for method in dict.fromkeys(row.method for row in rows[1:]):
+            points = sorted((row.fraction, row.scores[set_name][metric]) for row in rows[1:]
+                            if row.method == method and row.healing == healing)
+            if points:
+                ax.plot([0.0] + [p[0] for p in points], [baseline.scores[set_name][metric]] + [p[1] for p in points],
+                        marker="o", label=method)
+        ax.set_title(f"healing: {healing}")
+        ax.set_xlabel("removed fraction")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{set_name} {metric.upper()}")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_comparison(rows: list[ComparisonRow], out: Path) -> None:
+    """``comparison.md`` / ``.json`` / ``.csv`` / ``.png``."""
+    atomic_write_text(comparison_markdown(rows), out / "comparison.md")
+    atomic_write_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=2) + "\n", out / "comparison.json")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "fraction", "healing", "removed_layers", "removed_attention", "set", "metric", "value",
+                     "decoder_params", "decode_ms_per_token", "kv_cache_bytes", "chosen"])
+    for row in rows:
+        for set_name, metrics in sorted(row.scores.items()):
+            for metric, value in sorted(metrics.items()):
+                writer.writerow([row.method, row.fraction, row.healing, " ".join(map(str, row.removed_layers)),
+                                 " ".join(map(str, row.removed_attention)), set_name, metric, value,
+                                 row.decoder_params, row.decode_ms_per_token, row.kv_cache_bytes, row.chosen])
+    atomic_write_text(buffer.getvalue(), out / "comparison.csv")
+    plot_comparison(rows, out / "comparison.png")

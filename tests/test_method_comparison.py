@@ -1,0 +1,118 @@
+"""`sweep --sweep.compare_methods`: every method x healing variant on one table, the model restored between runs."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from lightning_speechllm.evaluation import sweep_cli
+from lightning_speechllm.evaluation.method_comparison import ComparisonRow, _compact, _mark_chosen, compare_methods
+from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError
+from lightning_speechllm.evaluation.sweep_table import Thresholds
+from lightning_speechllm.model.module import DecodingConfig
+from lightning_speechllm.redundancy.analysis import RedundancyResult
+from tests.test_module import NamedSets
+from tests.test_sweep import TRAINER, _assert_restored, _state
+from tests.tiny_speechllm import tiny_speechllm
+
+METHODS = ["angular", "block_influence", "last", "greedy", "attention"]
+VARIANTS = ["lora", "replacement", "kd"]
+
+
+def _map(tmp_path) -> str:
+    table = np.full((4, 4), np.nan)
+    for n in range(1, 5):
+        for first in range(0, 5 - n):
+            table[n - 1, first] = 0.5 + 0.05 * first
+    table[0, 2], table[1, 1] = 0.01, 0.02  # n=1 -> layer 2, n=2 -> layers 1..2
+    result = RedundancyResult.from_tables(table, [0.3, 0.2, 0.1, 0.4], model_id="<memory>", token_selection="last",
+                                          set_name="clean", modality="speech", num_samples=4, n_boot=0)
+    return str(result.to_json(tmp_path / "map.json"))
+
+
+def _config(tmp_path) -> SweepConfig:
+    return SweepConfig(fractions=[0.25, 0.5], map_path=_map(tmp_path), heal_steps=1, heal_lora_r=2, heal_lora_alpha=2,
+                       replacement_width=8, output_dir=str(tmp_path / "compare"))
+
+
+def test_every_method_and_variant_runs_on_one_table_and_the_model_is_restored(tmp_path):
+    model = tiny_speechllm()
+    model.train(False)
+    state, model_config = _state(model), copy.deepcopy(model.config)
+    rows = compare_methods(model, NamedSets(n_train=1), _config(tmp_path), METHODS, VARIANTS,
+                           decoding=DecodingConfig(max_new_tokens=3), trainer_kwargs=TRAINER, calibration_batches=1,
+                           speed_new_tokens=3)
+    _assert_restored(model, state, model_config)
+    assert not model.sublayer_mask.dropped_attention and not len(model.replacements)
+    keys = [(row.method, row.fraction, row.healing) for row in rows]
+    assert keys[0] == ("none", 0.0, "none")
+    # 2 fractions x (4 whole-layer methods x 4 rows + attention x 3 rows: no replacement without removed layers)
+    assert len(rows) == 1 + 2 * (4 * 4 + 3)
+    by_key = {(row.method, row.fraction, row.healing): row for row in rows}
+    assert by_key[("angular", 0.25, "none")].removed_layers == [2]
+    assert by_key[("angular", 0.5, "none")].removed_layers == [1, 2]
+    assert by_key[("last", 0.5, "none")].removed_layers == [1, 2]
+    assert by_key[("attention", 0.5, "none")].removed_layers == []
+    assert len(by_key[("attention", 0.5, "none")].removed_attention) == 2
+    base = rows[0]
+    for fraction in (0.25, 0.5):
+        whole = by_key[("angular", fraction, "none")]
+        attention = by_key[("attention", fraction, "none")]
+        assert whole.decoder_params < base.decoder_params and attention.decoder_params < base.decoder_params
+        # measured, not analytic: a dropped attention or layer keeps no keys/values
+        assert whole.kv_cache_bytes == base.kv_cache_bytes * (4 - int(fraction * 4)) // 4
+        assert attention.kv_cache_bytes == whole.kv_cache_bytes
+        replaced = by_key[("angular", fraction, "replacement")]
+        assert replaced.decoder_params > whole.decoder_params  # the replacement FFN counts
+        assert replaced.kv_cache_bytes == whole.kv_cache_bytes  # and keeps no cache
+    for row in rows:
+        assert "wer" in row.scores["clean"] and "loop_rate" in row.scores["clean"]
+    out = tmp_path / "compare"
+    markdown = (out / "comparison.md").read_text()
+    assert markdown.count("\n| greedy |") == 8 and "KV cache" in markdown
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(json.loads((out / "comparison.json").read_text())) == len(rows)
+
+    rerun = compare_methods(model, NamedSets(n_train=1), _config(tmp_path), METHODS, VARIANTS,
+                            decoding=DecodingConfig(max_new_tokens=3), trainer_kwargs=TRAINER, calibration_batches=1,
+                            speed_new_tokens=3, evaluate_fn=_never)
+    assert [r.scores for r in rerun] == [r.scores for r in rows]  # every row read back, nothing recomputed
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("a finished row was recomputed")
+
+
+def test_rule_marks_the_largest_passing_fraction_per_method_and_healing():
+    def row(method, fraction, healing, wer):
+        return ComparisonRow(method, fraction, healing, [], [], {"dev": {"wer": wer}}, 1, 1.0, 1)
+
+    rows = [row("none", 0.0, "none", 10.0), row("a", 0.2, "none", 12.0), row("a", 0.4, "none", 13.0),
+            row("a", 0.2, "lora", 11.0), row("a", 0.4, "lora", 12.4), row("b", 0.2, "none", 12.6)]
+    _mark_chosen(rows, Thresholds(0.25, 0.10))
+    assert [r.chosen for r in rows] == [False, True, False, False, True, False]
+
+
+def test_compact_ranges_and_bad_options(tmp_path):
+    assert _compact([4, 5, 6, 9, 11, 12]) == "4-6,9,11-12" and _compact([]) == "-"
+    with pytest.raises(SweepError, match=r"unknown methods / healing variants \['sleb'\]"):
+        compare_methods(tiny_speechllm(), NamedSets(), _config(tmp_path), ["sleb"], ["lora"])
+    with pytest.raises(SweepError, match="needs sweep.fractions"):
+        compare_methods(tiny_speechllm(), NamedSets(), SweepConfig(ns=[1]), ["last"], ["lora"])
+
+
+def test_cli_runs_a_comparison_and_prints_its_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep_cli, "build_datamodule", lambda data, sweep: NamedSets(n_train=1))
+    monkeypatch.setattr(sweep_cli, "build_model", lambda model, ckpt: tiny_speechllm())
+    code = sweep_cli.main(["--sweep.compare_methods", "[last, attention]", "--sweep.compare_healing", "[lora]",
+                           "--sweep.fractions", "[0.25]", "--sweep.heal_steps", "1", "--sweep.heal_lora_r", "2",
+                           "--sweep.calibration_batches", "1", "--sweep.speed_new_tokens", "3",
+                           "--decoding.max_new_tokens", "3", "--trainer.accelerator", "cpu",
+                           "--sweep.output_dir", str(tmp_path / "cli"), "--data.val_sets", "{clean: x.jsonl}"])
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert code == 0, captured.err
+    assert "| last | 25% | lora |" in printed and "| attention | 25% | none |" in printed
+    assert (tmp_path / "cli" / "comparison.csv").is_file()
