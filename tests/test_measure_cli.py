@@ -57,6 +57,22 @@ def test_measure_speech_and_text_from_a_yaml_config(tiny_dirs, tmp_path, capsys)
     assert list((tmp_path / "runs" / "measure").glob("version_0/metrics.csv"))
 
 
+def test_measure_writes_sublayer_maps_that_attention_plans_read(tiny_dirs, tmp_path):
+    from lightning_speechllm.pruning.plan import plan_sublayers
+    from lightning_speechllm.redundancy.sublayers import SublayerMap
+
+    config = _config(tiny_dirs, tmp_path)
+    assert main(["--config", str(config), "--sets", "[dev]", "--sublayers", "true", "--n_boot", "0"]) == 0
+    for modality in ("speech", "text"):
+        result = SublayerMap.from_json(tmp_path / "maps" / "sublayers" / "dev" / f"{modality}.json")
+        assert result.layers == list(range(LAYERS)) and result.num_samples == len(TEXTS)
+        assert all(0.0 < d < 1.0 for d in result.attention + result.mlp)
+        assert (tmp_path / "maps" / "sublayers" / "dev" / f"{modality}.png").is_file()
+    plan = plan_sublayers(result, LAYERS, n=1)
+    assert plan.removed_attention == [min(range(LAYERS), key=lambda i: result.attention[i])]
+    assert not (tmp_path / "maps" / "sublayers" / "dev2").exists()
+
+
 def test_measure_text_only_with_max_batches_and_tensorboard(tiny_dirs, tmp_path, capsys):
     config = _config(tiny_dirs, tmp_path)
     argv = ["--config", str(config), "--modalities", "[text]", "--max_batches", "1", "--logger", "tensorboard",

@@ -74,6 +74,9 @@ class MeasureArgs:
     """Bootstrap resamples for the 95% CIs (0: none)."""
     decode: bool = False
     """Also decode and score WER/BLEU during the pass (slower; not needed to measure)."""
+    sublayers: bool = False
+    """Also write sublayer maps, the angular distance across each attention and each MLP sublayer (one more forward
+    per batch): <output_dir>/sublayers/<set>/<modality>.json and .png, what attention-only plans are built from."""
     root_dir: str = "checkpoints/measure"
     """Trainer default_root_dir; the logger writes under it."""
     logger: Literal["csv", "tensorboard"] = "csv"
@@ -180,7 +183,30 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
     if callback.results and trainer.is_global_zero:
         write_summary_csv([callback.results[key] for key in sorted(callback.results)],
                           Path(callback.output_dir) / "summary.csv")
+    if args.sublayers:
+        write_sublayer_maps(module.speechllm, datamodule, modalities, args, Path(callback.output_dir) / "sublayers")
     return callback
+
+
+def write_sublayer_maps(speechllm, datamodule: SpeechDataModule, modalities: list[str], args: MeasureArgs,
+                        out: Path) -> list[Path]:
+    """The :class:`~lightning_speechllm.redundancy.sublayers.SublayerMap` of every (set, modality), JSON + plot."""
+    import itertools
+
+    from lightning_speechllm.redundancy.sublayers import measure_sublayers, plot_sublayer_map
+
+    written = []
+    loaders = {"speech": datamodule.val_dataloader, "text": datamodule.text_only_val_dataloaders}
+    for modality in modalities:
+        for set_name, loader in zip(datamodule.val_set_names, loaders[modality]()):
+            if args.sets is not None and set_name not in args.sets:
+                continue
+            batches = itertools.islice(loader, args.max_batches) if args.max_batches else loader
+            result = measure_sublayers(speechllm, batches, args.token_selection)
+            json_path = result.to_json(out / set_name / f"{modality}.json")
+            plot_sublayer_map(result, json_path.with_suffix(".png"))
+            written.append(json_path)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,7 +116,7 @@ def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_sele
     metric = AngularDistanceMetric(2 * len(active))
     count = 0
     for batch in tqdm(batches, desc="sublayer map", disable=not progress, leave=False):
-        inputs = speechllm.build_inputs(batch, with_targets=True)
+        inputs = speechllm.build_inputs(batch.to(speechllm.device), with_targets=True)
         with record_sublayer_stream(llm) as stream:
             llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                 position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
