@@ -112,7 +112,8 @@ def test_measure_latency_on_tiny_speechllm_full_and_masked():
         assert report.prompt_tokens > 10 and report.batch_size == 2 and report.new_tokens == 4
     assert full.decoder_layers == 4 and pruned.decoder_layers == 2
     # tiny llama: 2 kv heads x 12 dims, float32; the padded prompt plus 4 new tokens for both rows
-    assert full.kv_cache_bytes == 2 * 4 * 2 * 12 * (full.prompt_tokens + 4) * 2 * 4
+    # prompt + 4 new tokens - 1: the last new token is never fed back; the measured cache agrees
+    assert full.kv_cache_bytes == 2 * 4 * 2 * 12 * (full.prompt_tokens + 4 - 1) * 2 * 4 == full.kv_cache_measured_bytes
     assert pruned.kv_cache_bytes == full.kv_cache_bytes // 2
     assert pruned.decoder_params < full.decoder_params
     assert pruned.active_weight_bytes < full.active_weight_bytes
@@ -183,6 +184,25 @@ def test_run_benchmark_on_tiny_model_masks_the_same_object():
     assert model.layer_mask.active_layers == (0, 1, 2, 3)
     with pytest.raises(ValueError, match=r"--remove \[9\] out of range"):
         run_benchmark(BenchArgs(remove=[9], device="cpu"), model.config, model=model, batches=batches)
+    assert full.kv_cache_measured_bytes == full.kv_cache_bytes  # a float32 cache of every layer: as computed
+    assert comparison["kv_cache_measured_ratio"] == pytest.approx(0.5)
+
+
+def test_run_benchmark_with_an_attention_plan_measures_the_kv_cache_it_saves(tmp_path):
+    from lightning_speechllm.pruning.plan import PruningPlan
+
+    model = tiny_speechllm(layers=4)
+    plan = PruningPlan(removed_layers=[3], num_layers=4, method="explicit", removed_attention=[0, 2])
+    args = BenchArgs(plan=str(plan.to_json(tmp_path / "plan.json")), max_new_tokens=3, repeats=1, warmup=0,
+                     device="cpu", threads=1)
+    full, pruned, comparison = run_benchmark(args, model.config, model=model, batches=[make_batch(seconds=(0.4,))])
+    assert comparison["removed_layers"] == [3] and comparison["removed_attention"] == [0, 2]
+    assert comparison["kv_cache_measured_ratio"] == pytest.approx(0.25)  # 1 of 4 layers still holds keys/values
+    assert pruned.kv_cache_bytes == full.kv_cache_bytes * 3 // 4  # the analytic count misses dropped attention
+    dropped = sum(p.numel() for i in (0, 2) for p in model.llm.model.layers[i].self_attn.parameters())
+    layer = sum(p.numel() for p in model.llm.model.layers[3].parameters())
+    assert full.decoder_params - pruned.decoder_params == dropped + layer
+    assert model.sublayer_mask.dropped_attention == () and model.layer_mask.active_layers == (0, 1, 2, 3)
 
 
 def test_main_print_config_and_bad_option(capsys):

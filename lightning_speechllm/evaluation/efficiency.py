@@ -215,7 +215,8 @@ class EfficiencyReport:
     memory_kind: str
     """'cuda_max_allocated' (reset before the timed runs) or 'process_peak_rss' (lifetime peak of the process)."""
     kv_cache_bytes: int
-    """Analytic KV-cache size at the end of generation of the largest batch (active layers, decoder dtype)."""
+    """Analytic KV-cache size at the end of generation of the largest batch (active layers, decoder dtype; the last
+    new token is never fed back, so prompt + new tokens - 1 positions)."""
     device: str
     repeats: int
     threads: int = field(default_factory=torch.get_num_threads)
@@ -358,7 +359,7 @@ def measure_latency(speechllm: SpeechLLM, batch: SpeechBatch | Sequence[SpeechBa
     median = {key: statistics.median(values) if values else None for key, values in per_repeat.items()}
     peak, kind = _peak_memory(device)
     llm = _base_model(speechllm.llm)
-    kv_bytes = max(kv_cache_bytes(llm.config, len(speechllm.layer_mask.active_layers), tokens + max_new_tokens,
+    kv_bytes = max(kv_cache_bytes(llm.config, len(speechllm.layer_mask.active_layers), tokens + max_new_tokens - 1,
                                   len(item), llm.get_input_embeddings().weight.element_size())
                    for tokens, item in zip(prompt_tokens, batches))
     return EfficiencyReport(
@@ -448,18 +449,33 @@ class BenchArgs:
     """Also write both reports and the comparison to this JSON file."""
 
 
-def _removed_layers(args: BenchArgs, model: SpeechLLM) -> list[int]:
+def _bench_plan(args: BenchArgs, model: SpeechLLM) -> Any:
+    """The PruningPlan of ``--plan`` (whole layers and/or sublayers), or of ``--remove``."""
+    from lightning_speechllm.pruning.plan import PruningPlan, plan_explicit
+
     num_layers = model.layer_mask.num_layers
     if args.plan is not None:
-        from lightning_speechllm.pruning.plan import PruningPlan
-
         plan = PruningPlan.from_json(args.plan)
         plan.validate_for(num_layers, model.config.llm_path)
-        return list(plan.removed_layers)
+        return plan
     bad = [i for i in args.remove if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"--remove {bad} out of range for a decoder with {num_layers} layers")
-    return sorted(set(args.remove))
+    return plan_explicit(num_layers, sorted(set(args.remove)))
+
+
+@contextmanager
+def _applied(model: SpeechLLM, plan: Any | None) -> Iterator[None]:
+    """``plan`` masked on ``model`` inside the context (None: the full model)."""
+    from lightning_speechllm.pruning.plan import apply_plan
+
+    if plan is not None:
+        apply_plan(model, plan)
+    try:
+        yield
+    finally:
+        model.layer_mask.reset()
+        model.sublayer_mask.reset()
 
 
 def _batches(args: BenchArgs) -> list[SpeechBatch]:
@@ -486,26 +502,29 @@ def run_benchmark(args: BenchArgs, model_config: SpeechLLMConfig,
         torch.set_num_threads(args.threads)
     model = (model or SpeechLLM.from_config(model_config)).to(device).eval()
     batches = list(batches) if batches is not None else _batches(args)
-    removed = _removed_layers(args, model)
+    plan = _bench_plan(args, model)
     mask = model.layer_mask
-    full_indices = range(mask.num_layers)
-    kept = [i for i in full_indices if i not in removed]
-    variants = {"full": list(full_indices), f"pruned (-{len(removed)})": kept}
+    kept = plan.kept_layers
+    label = f"pruned (-{len(plan.removed_layers)})" + (f", -{len(plan.removed_attention)} attn"
+                                                       if plan.removed_attention else "")
+    variants = {"full": None, label: plan}
     for _ in range(args.warmup):
-        for indices in variants.values():
-            with mask.active(indices):
+        for variant in variants.values():
+            with _applied(model, variant):
                 measure_latency(model, batches, args.max_new_tokens, repeats=1, warmup=0)
     # Interleaved rounds (full, pruned, full, pruned, ...): load drift on a shared machine hits both alike.
-    rounds: dict[str, list[EfficiencyReport]] = {label: [] for label in variants}
+    rounds: dict[str, list[EfficiencyReport]] = {name: [] for name in variants}
     for _ in range(args.repeats):
-        for label, indices in variants.items():
-            with mask.active(indices):
-                rounds[label].append(measure_latency(model, batches, args.max_new_tokens, 1, 0, label=label))
+        for name, variant in variants.items():
+            with _applied(model, variant):
+                rounds[name].append(measure_latency(model, batches, args.max_new_tokens, 1, 0, label=name))
     full, pruned = (median_report(reports) for reports in rounds.values())
     context = max(1, round(full.prompt_tokens + args.max_new_tokens / 2))
     ideal = ideal_speedup(_base_model(model.llm).config, len(kept), context, num_layers=mask.num_layers)
     comparison = compare(full, pruned, ideal)
-    comparison["removed_layers"] = removed
+    comparison["removed_layers"] = list(plan.removed_layers)
+    if plan.removed_attention:  # the FLOP ideal counts whole layers only
+        comparison["removed_attention"] = list(plan.removed_attention)
     comparison["ideal_context_len"] = context
     return full, pruned, comparison
 
