@@ -18,7 +18,9 @@ import io
 import itertools
 import json
 import logging
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,8 @@ class ComparisonRow:
     decoder_params: int
     decode_ms_per_token: float
     kv_cache_bytes: int
+    decode_speedup: float = 1.0
+    """Unpruned decode time per token / this model's, measured side by side (-1: not measured, see the table)."""
     chosen: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -121,10 +125,29 @@ class _Planner:
         raise SweepError(f"unknown comparison method {method!r}; expected one of {COMPARISON_METHODS}")
 
 
-def _efficiency(speechllm: SpeechLLM, batch: Any, new_tokens: int) -> tuple[int, float, int]:
-    """(active decoder parameters, decode ms per token, measured KV-cache bytes) of the model as masked now."""
-    report = measure_latency(speechllm, batch, max_new_tokens=new_tokens, repeats=3, warmup=1)
-    return decoder_parameter_count(speechllm.llm), report.decode_ms_per_token, report.kv_cache_measured_bytes
+@contextmanager
+def _unpruned(model: SpeechLLM) -> Iterator[None]:
+    """Every layer and sublayer active (no replacement module) inside the context."""
+    mask = model.layer_mask
+    with mask.active(range(mask.num_layers)), model.sublayer_mask.suspended():
+        yield
+
+
+def _efficiency(speechllm: SpeechLLM, batch: Any, new_tokens: int, rounds: int = 3) -> dict[str, float]:
+    """Active decoder parameters, measured KV-cache bytes and decode ms/token of the model as masked now, and its
+    decode speed-up over the unpruned model measured side by side (interleaved rounds, medians), so that machine
+    load hits both alike."""
+    pruned, full = [], []
+    for round_index in range(rounds + 1):  # round 0 warms both up
+        with _unpruned(speechllm):
+            unpruned_report = measure_latency(speechllm, batch, max_new_tokens=new_tokens, repeats=1, warmup=0)
+        report = measure_latency(speechllm, batch, max_new_tokens=new_tokens, repeats=1, warmup=0)
+        if round_index:
+            full.append(unpruned_report.decode_ms_per_token)
+            pruned.append(report.decode_ms_per_token)
+    decode_ms = statistics.median(pruned)
+    return {"decoder_params": decoder_parameter_count(speechllm.llm), "kv_cache_bytes": report.kv_cache_measured_bytes,
+            "decode_ms_per_token": decode_ms, "decode_speedup": statistics.median(full) / decode_ms}
 
 
 def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: SweepConfig,
@@ -161,8 +184,9 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
         return row
 
     def baseline() -> ComparisonRow:
-        params, decode_ms, kv = _efficiency(speechllm, speed_batch, speed_new_tokens)
-        return ComparisonRow("none", 0.0, "none", [], [], run_eval(speechllm), params, decode_ms, kv)
+        report = measure_latency(speechllm, speed_batch, max_new_tokens=speed_new_tokens, repeats=3, warmup=1)
+        return ComparisonRow("none", 0.0, "none", [], [], run_eval(speechllm), decoder_parameter_count(speechllm.llm),
+                             report.decode_ms_per_token, report.kv_cache_measured_bytes)
 
     rows = [cached("baseline", baseline)]
     planner = _Planner(speechllm, config, batches)
@@ -186,12 +210,12 @@ def _pruned_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: 
     try:
         apply_plan(speechllm, plan)
         scores = run_eval(speechllm)
-        params, decode_ms, kv = _efficiency(speechllm, speed_batch, speed_new_tokens)
+        speed = _efficiency(speechllm, speed_batch, speed_new_tokens)
     finally:
         speechllm.layer_mask.reset()
         speechllm.sublayer_mask.reset()
     return ComparisonRow(method, fraction, "none", list(plan.removed_layers), list(plan.removed_attention), scores,
-                         params, decode_ms, kv, extra={"plan_params": _plain(plan.params)})
+                         extra={"plan_params": _plain(plan.params)}, **speed)
 
 
 def _healed_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: float, variant: str,
@@ -199,14 +223,12 @@ def _healed_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: 
                 speed_new_tokens: int) -> ComparisonRow:
     with healed(speechllm, plan, datamodule, _sweep_config(config, variant), trainer_kwargs) as model:
         scores = run_eval(model)
-        if model.has_lora:  # LoRA merges into the weights at export: time the pruned decoder without adapters
-            params = decode_ms = kv = None
-        else:
-            params, decode_ms, kv = _efficiency(model, speed_batch, speed_new_tokens)
-    row = ComparisonRow(method, fraction, variant, list(plan.removed_layers), list(plan.removed_attention), scores,
-                        params if params is not None else -1, decode_ms if decode_ms is not None else -1.0,
-                        kv if kv is not None else -1)
-    return row
+        # LoRA merges into the weights at export, so a LoRA-healed model decodes as the unhealed pruned one; a
+        # replacement module runs at inference and is timed.
+        speed = ({"decoder_params": -1, "kv_cache_bytes": -1, "decode_ms_per_token": -1.0, "decode_speedup": -1.0}
+                 if model.has_lora else _efficiency(model, speed_batch, speed_new_tokens))
+    return ComparisonRow(method, fraction, variant, list(plan.removed_layers), list(plan.removed_attention), scores,
+                         **speed)
 
 
 def _plain(value: Any) -> Any:
@@ -266,11 +288,10 @@ def comparison_markdown(rows: list[ComparisonRow]) -> str:
     for set_name in sorted(baseline.scores):
         header += [f"{set_name} {m}" for m in METRICS if m in baseline.scores[set_name]]
         header.append(f"{set_name} loop/empty/max %")
-    header += ["decoder params (M)", "decode speed-up", "KV cache", "rule"]
+    header += ["decoder params (M)", "decode speed-up (measured)", "KV cache (measured)", "rule"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        speed = (f"{baseline.decode_ms_per_token / row.decode_ms_per_token:.2f}x" if row.decode_ms_per_token > 0
-                 else "as unhealed")
+        speed = f"{row.decode_speedup:.2f}x" if row.decode_speedup > 0 else "as unhealed"
         kv = f"{row.kv_cache_bytes / baseline.kv_cache_bytes:.0%}" if row.kv_cache_bytes >= 0 else "as unhealed"
         params = f"{row.decoder_params / 1e6:.1f}" if row.decoder_params >= 0 else "as unhealed"
         cells = [row.method, f"{row.fraction:.0%}", row.healing, _compact(row.removed_layers),
@@ -329,12 +350,13 @@ def write_comparison(rows: list[ComparisonRow], out: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["method", "fraction", "healing", "removed_layers", "removed_attention", "set", "metric", "value",
-                     "decoder_params", "decode_ms_per_token", "kv_cache_bytes", "chosen"])
+                     "decoder_params", "decode_ms_per_token", "decode_speedup", "kv_cache_bytes", "chosen"])
     for row in rows:
         for set_name, metrics in sorted(row.scores.items()):
             for metric, value in sorted(metrics.items()):
                 writer.writerow([row.method, row.fraction, row.healing, " ".join(map(str, row.removed_layers)),
                                  " ".join(map(str, row.removed_attention)), set_name, metric, value,
-                                 row.decoder_params, row.decode_ms_per_token, row.kv_cache_bytes, row.chosen])
+                                 row.decoder_params, row.decode_ms_per_token, row.decode_speedup, row.kv_cache_bytes,
+                                 row.chosen])
     atomic_write_text(buffer.getvalue(), out / "comparison.csv")
     plot_comparison(rows, out / "comparison.png")
