@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 
 from lightning_speechllm.evaluation import sweep_cli
@@ -12,28 +11,16 @@ from lightning_speechllm.evaluation.method_comparison import ComparisonRow, _com
 from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError
 from lightning_speechllm.evaluation.sweep_table import Thresholds
 from lightning_speechllm.model.module import DecodingConfig
-from lightning_speechllm.redundancy.analysis import RedundancyResult
 from tests.test_module import NamedSets
-from tests.test_sweep import TRAINER, _assert_restored, _state
+from tests.test_sweep import TRAINER, _assert_restored, _state, tiny_angular_map
 from tests.tiny_speechllm import tiny_speechllm
 
 METHODS = ["angular", "block_influence", "last", "greedy", "attention"]
 VARIANTS = ["lora", "replacement", "kd"]
 
 
-def _map(tmp_path) -> str:
-    table = np.full((4, 4), np.nan)
-    for n in range(1, 5):
-        for first in range(0, 5 - n):
-            table[n - 1, first] = 0.5 + 0.05 * first
-    table[0, 2], table[1, 1] = 0.01, 0.02  # n=1 -> layer 2, n=2 -> layers 1..2
-    result = RedundancyResult.from_tables(table, [0.3, 0.2, 0.1, 0.4], model_id="<memory>", token_selection="last",
-                                          set_name="clean", modality="speech", num_samples=4, n_boot=0)
-    return str(result.to_json(tmp_path / "map.json"))
-
-
 def _config(tmp_path) -> SweepConfig:
-    return SweepConfig(fractions=[0.25, 0.5], map_path=_map(tmp_path), heal_steps=1, heal_lora_r=2, heal_lora_alpha=2,
+    return SweepConfig(fractions=[0.25, 0.5], map_path=tiny_angular_map(tmp_path), heal_steps=1, heal_lora_r=2, heal_lora_alpha=2,
                        replacement_width=8, output_dir=str(tmp_path / "compare"))
 
 
@@ -75,6 +62,7 @@ def test_every_method_and_variant_runs_on_one_table_and_the_model_is_restored(tm
     markdown = (out / "comparison.md").read_text()
     assert markdown.count("\n| greedy |") == 8 and "KV cache" in markdown
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "plans" / "sublayers.png").is_file() and (out / "plans" / "greedy_0.5.json").is_file()
     assert len(json.loads((out / "comparison.json").read_text())) == len(rows)
 
     rerun = compare_methods(model, NamedSets(n_train=1), _config(tmp_path), METHODS, VARIANTS,

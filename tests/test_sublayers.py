@@ -149,23 +149,18 @@ def test_export_to_stock_transformers_gives_identical_logits(arch, tmp_path):
     assert '"dropped_attention": [\n    0\n  ]' in info and '"kind": "ffn"' in info and '"width": 40' in info
 
 
-def test_linear_replacement_refuses_export(tmp_path):
-    model = _model("llama")
+@pytest.mark.parametrize(("arch", "kind", "message"), [
+    ("llama", "linear", "'linear' replacement has no stock decoder-layer form"),
+    ("gemma2", "ffn", r"norm their MLP output \(post_feedforward_layernorm"),  # not exactly expressible
+])
+def test_replacements_without_an_exact_stock_layer_refuse_export(arch, kind, message, tmp_path):
+    model = _model(arch)
     mask = DecoderLayerMask(model)
     mask.remove_layers([2])
-    mask.set_replacements({2: build_replacement(get_layer_mask_state(model).layer_list[2], "linear")})
-    with pytest.raises(LayerMaskError, match="'linear' replacement has no stock decoder-layer form"):
+    mask.set_replacements({2: build_replacement(get_layer_mask_state(model).layer_list[2], kind)})
+    with pytest.raises(LayerMaskError, match=message):
         save_pruned_decoder(model, tmp_path / "decoder")
     assert not (tmp_path / "decoder").exists()
-
-
-def test_ffn_replacement_refuses_export_on_sandwich_norm_layers(tmp_path):
-    model = _model("gemma2")
-    mask = DecoderLayerMask(model)
-    mask.remove_layers([2])
-    mask.set_replacements({2: build_replacement(get_layer_mask_state(model).layer_list[2], "ffn")})
-    with pytest.raises(LayerMaskError, match="pre_feedforward_layernorm|post_feedforward_layernorm"):
-        save_pruned_decoder(model, tmp_path / "decoder")
 
 
 # ------------------------------------------------------------------------------------------------ maps and plans

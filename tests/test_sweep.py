@@ -126,7 +126,8 @@ def test_resume_recomputes_only_the_deleted_point(tmp_path):
                                                   output_dir=str(tmp_path)), evaluate_fn=CountingEvaluator())
 
 
-def test_angular_sweep_follows_the_pruning_path_of_the_map(tmp_path):
+def tiny_angular_map(tmp_path) -> str:
+    """A 4-layer map whose pruning path is layer 2 (n=1), layers 1..2 (n=2); BI ranks 2, 1, 0, 3."""
     table = np.full((4, 4), np.nan)
     for n in range(1, 5):
         for first in range(0, 5 - n):
@@ -134,7 +135,11 @@ def test_angular_sweep_follows_the_pruning_path_of_the_map(tmp_path):
     table[0, 2], table[1, 1] = 0.01, 0.02  # n=1 -> layer 2, n=2 -> layers 1..2
     result = RedundancyResult.from_tables(table, [0.3, 0.2, 0.1, 0.4], model_id="<memory>", token_selection="last",
                                           set_name="clean", modality="speech", num_samples=4, n_boot=0)
-    map_path = result.to_json(tmp_path / "map.json")
+    return str(result.to_json(tmp_path / "map.json"))
+
+
+def test_angular_sweep_follows_the_pruning_path_of_the_map(tmp_path):
+    map_path = tiny_angular_map(tmp_path)
     spy = CountingEvaluator()
     config = SweepConfig(method="angular", fractions=[0.25, 0.5], map_path=str(map_path),
                          output_dir=str(tmp_path / "sweep"))

@@ -95,6 +95,7 @@ class _Planner:
 
     def __init__(self, speechllm: SpeechLLM, config: SweepConfig, batches: list) -> None:
         self.speechllm, self.config, self.batches = speechllm, config, batches
+        self.out = Path(config.output_dir) / "plans"
         self.num_layers = speechllm.layer_mask.num_layers
         self.model_id = speechllm.config.llm_path
         self.result = RedundancyResult.from_json(config.map_path) if config.map_path else None
@@ -115,12 +116,17 @@ class _Planner:
 
             self._greedy = plan_greedy(self.speechllm, self.batches, fraction=fraction,
                                        token_selection=self.token_selection, start_from=self._greedy)
+            self._greedy.to_json(self.out / f"greedy_{fraction:g}.json")
             return self._greedy
         if method == "attention":
             if self._sublayers is None:
                 from lightning_speechllm.redundancy.sublayers import measure_sublayers
 
+                from lightning_speechllm.redundancy.sublayers import plot_sublayer_map
+
                 self._sublayers = measure_sublayers(self.speechllm, self.batches, self.token_selection)
+                plot_sublayer_map(self._sublayers, self._sublayers.to_json(self.out / "sublayers.json")
+                                  .with_suffix(".png"))
             return plan_sublayers(self._sublayers, self.num_layers, fraction=fraction)
         raise SweepError(f"unknown comparison method {method!r}; expected one of {COMPARISON_METHODS}")
 
@@ -314,17 +320,17 @@ def _compact(indices: list[int]) -> str:
 
 def plot_comparison(rows: list[ComparisonRow], path: Path) -> Path:
     """WER (or BLEU) of the first set vs removed fraction: one panel per healing, one line per method."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_speechllm.redundancy.plots import save_figure
 
     baseline = rows[0]
     set_name = sorted(baseline.scores)[0]
     metric = next(m for m in METRICS if m in baseline.scores[set_name])
     healings = list(dict.fromkeys(row.healing for row in rows[1:]))
-    fig, axes = plt.subplots(1, len(healings), figsize=(4.2 * len(healings), 3.4), sharey=True, squeeze=False)
-    for ax, healing in zip(axes[0], healings):
+    figure = Figure(figsize=(4.2 * len(healings), 3.4), layout="tight")
+    axes = figure.subplots(1, len(healings), sharey=True, squeeze=False)[0]
+    for ax, healing in zip(axes, healings):
         for method in dict.fromkeys(row.method for row in rows[1:]):
             points = sorted((row.fraction, row.scores[set_name][metric]) for row in rows[1:]
                             if row.method == method and row.healing == healing)
@@ -333,13 +339,11 @@ def plot_comparison(rows: list[ComparisonRow], path: Path) -> Path:
                         marker="o", label=method)
         ax.set_title(f"healing: {healing}")
         ax.set_xlabel("removed fraction")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{set_name} {metric.upper()}")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes[0].set_ylabel(f"{set_name} {metric.upper()} (log scale)")
+    axes[-1].legend(fontsize=8)
+    save_figure(figure, path)
     return path
 
 

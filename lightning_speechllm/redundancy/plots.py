@@ -25,7 +25,8 @@ from lightning_speechllm.redundancy.analysis import (
 ArrayLike = Union[np.ndarray, torch.Tensor, list]
 
 
-def _save(figure: Figure, path: str | Path | None, dpi: int) -> None:
+def save_figure(figure: Figure, path: str | Path | None, dpi: int = 120) -> None:
+    """Write ``figure`` to ``path`` (parents created; nothing when ``path`` is None)."""
     if path is not None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def plot_redundancy_heatmap(
     figure.colorbar(image, ax=ax, label="angular distance $d(l, n)$")
     if title:
         ax.set_title(title)
-    _save(figure, save_to, dpi)
+    save_figure(figure, save_to, dpi)
     return figure
 
 
@@ -115,7 +116,7 @@ def plot_block_influence(
     ax.set_xlim(-0.7, values.size - 0.3)
     if title:
         ax.set_title(title)
-    _save(figure, save_to, dpi)
+    save_figure(figure, save_to, dpi)
     return figure
 
 
@@ -142,5 +143,5 @@ def plot_speech_vs_text(
     figure.colorbar(image, ax=list(axes), label="angular distance $d(l, n)$")
     prefix = f"{title} — " if title else ""
     figure.suptitle(f"{prefix}Spearman $\\rho$ = {rho:.3f}")
-    _save(figure, save_to, dpi)
+    save_figure(figure, save_to, dpi)
     return figure

@@ -7,6 +7,7 @@ selections and float64 arithmetic as the layer maps (:class:`~.metrics.AngularDi
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -85,14 +86,10 @@ class SublayerMap:
         return {"kind": SUBLAYER_MAP_KIND, **asdict(self)}
 
     def to_json(self, path: str | Path) -> Path:
-        import json
-
         return atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "SublayerMap":
-        import json
-
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
@@ -132,12 +129,12 @@ def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_sele
 
 def plot_sublayer_map(result: SublayerMap, path: str | Path) -> Path:
     """Bars of the attention and MLP distances per layer."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_speechllm.redundancy.plots import save_figure
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(result.layers)), 3.2))
+    figure = Figure(figsize=(max(6.0, 0.3 * len(result.layers)), 3.2), layout="tight")
+    ax = figure.add_subplot()
     positions = torch.arange(len(result.layers), dtype=torch.float64)
     ax.bar(positions - 0.2, result.attention, width=0.4, label="attention")
     ax.bar(positions + 0.2, result.mlp, width=0.4, label="MLP")
@@ -146,9 +143,5 @@ def plot_sublayer_map(result: SublayerMap, path: str | Path) -> Path:
     ax.set_ylabel("angular distance across sublayer")
     ax.set_title(f"sublayer redundancy ({result.token_selection}, {result.num_samples} utterances)")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    save_figure(figure, path)
+    return Path(path)
