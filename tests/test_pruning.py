@@ -23,7 +23,7 @@ from lightning_speechllm.pruning import (
 from lightning_speechllm.pruning.cli import PLAN_IN_EXPORT, main
 from lightning_speechllm.redundancy import AngularDistanceMetric, BlockInfluenceMetric, RedundancyResult, select_tokens
 from tiny_models import tiny_causal_lm, tiny_input_ids
-from tiny_speechllm import tiny_speechllm, tiny_tokenizer
+from tiny_speechllm import tiny_llama, tiny_speechllm, tiny_tokenizer
 
 IDENTITY_BLOCK = (2, 3)
 
@@ -300,3 +300,31 @@ def test_receiving_layers_cover_every_block_and_a_cut_at_the_end():
     assert split.receiving_layers == [1, 4, 6] and split.receiving_layer == 6
     at_end = plan_explicit(4, [2, 3])
     assert at_end.receiving_layers == [1] and at_end.receiving_layer is None
+
+
+def test_cli_attention_plan_from_a_sublayer_map_exports_zeroed_attention_with_identical_logits(tmp_path, capsys):
+    from lightning_speechllm.model.sublayer_mask import SublayerMask
+    from lightning_speechllm.redundancy.sublayers import SublayerMap
+
+    model = tiny_llama(layers=6, seed=3).eval()
+    llm_dir = tmp_path / "tiny-llama"
+    model.save_pretrained(llm_dir)
+    tiny_tokenizer().save_pretrained(llm_dir)
+    sublayers = SublayerMap(layers=list(range(6)), attention=[0.4, 0.02, 0.3, 0.01, 0.5, 0.2], mlp=[0.6] * 6,
+                            token_selection="last", num_samples=3, model_id=str(llm_dir))
+    map_path = sublayers.to_json(tmp_path / "sublayers.json")
+    export = tmp_path / "pruned"
+    assert main(["--method", "attention", "--map", str(map_path), "--n", "2", "--llm_path", str(llm_dir),
+                 "--out", str(tmp_path / "plan.json"), "--export", str(export)]) == 0
+    assert "attention dropped at [1, 3]" in capsys.readouterr().out
+    plan = PruningPlan.from_json(tmp_path / "plan.json")
+    assert plan.removed_attention == [1, 3] and plan.removed_layers == []
+    reloaded = AutoModelForCausalLM.from_pretrained(export, attn_implementation="eager").eval()
+    assert reloaded.config.num_hidden_layers == 6  # stock transformers keeps the layers: attention output zeroed
+    assert not reloaded.model.layers[1].self_attn.o_proj.weight.any()
+    ids = tiny_input_ids(batch=2, length=9, seed=5)
+    SublayerMask(model).drop(attention=[1, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)  # eager vs sdpa
+    assert main(["--method", "attention", "--n", "2", "--num_layers", "6", "--out", "p.json"]) == 2
+    assert "--method attention needs --map (a sublayer map JSON" in capsys.readouterr().err

@@ -45,6 +45,7 @@ from lightning_speechllm.pruning.plan import (
     plan_block_influence,
     plan_explicit,
     plan_last,
+    plan_sublayers,
     same_model_id,
 )
 from lightning_speechllm.redundancy.metrics import TokenSelection
@@ -60,11 +61,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 class PruneArgs:
     """Options of the ``prune`` command."""
 
-    method: Literal["angular", "block_influence", "last", "explicit", "greedy"] = "angular"
-    """How to choose the layers: pruning-path block, lowest Block Influence, deepest layers, --layers, or greedy
-    (blocks of --step layers removed one at a time, re-measuring the model on calibration data after each)."""
+    method: Literal["angular", "block_influence", "last", "explicit", "greedy", "attention"] = "angular"
+    """How to choose the layers: pruning-path block, lowest Block Influence, deepest layers, --layers, greedy
+    (blocks of --step layers removed one at a time, re-measuring the model on calibration data after each), or
+    attention (the attention sublayers, not whole layers, that change the residual stream least; from a sublayer
+    map, `measure --sublayers true`)."""
     map: str | None = None
-    """Redundancy JSON (RedundancyResult) for angular / block_influence."""
+    """Redundancy JSON (RedundancyResult) for angular / block_influence; a sublayer map JSON
+    (<output_dir>/sublayers/<set>/<modality>.json) for attention."""
     n: int | None = None
     """Number of layers to remove (exclusive with --fraction)."""
     fraction: float | None = None
@@ -160,14 +164,17 @@ def build_plan(args: PruneArgs) -> PruningPlan:
         raise PlanError("--method greedy measures the model: build it with build_greedy_plan(args, model, data)")
     if args.ckpt_path is not None:
         raise PlanError(f"--ckpt_path is only for --method greedy, not {args.method}")
-    if args.method in ("angular", "block_influence") and args.map is None:
-        raise PlanError(f"--method {args.method} needs --map (a redundancy JSON)")
+    if args.method in ("angular", "block_influence", "attention") and args.map is None:
+        kind = "a sublayer map JSON (measure --sublayers true)" if args.method == "attention" else "a redundancy JSON"
+        raise PlanError(f"--method {args.method} needs --map ({kind})")
     if args.method == "explicit" and args.layers is None:
         raise PlanError("--method explicit needs --layers")
     if args.method != "explicit" and args.layers is not None:
         raise PlanError(f"--layers is only for --method explicit, not {args.method}")
     if args.method == "explicit" and (args.n is not None or args.fraction is not None):
         raise PlanError("--method explicit takes --layers, not --n / --fraction")
+    if args.method == "attention":
+        return _attention_plan(args)
     result = RedundancyResult.from_json(args.map) if args.map is not None else None
     llm_layers = llm_num_layers(_llm_dir(args.llm_path)) if args.llm_path is not None else None
     num_layers = _agreed_num_layers({"--map": None if result is None else result.num_layers,
@@ -184,6 +191,24 @@ def build_plan(args: PruneArgs) -> PruningPlan:
         plan = plan_explicit(num_layers, args.layers, model_id=args.llm_path)
     model_id = None if args.ignore_model_id else args.llm_path
     plan.validate_for(num_layers, model_id)
+    if plan.model_id is None and args.llm_path is not None:
+        plan.model_id = args.llm_path
+    return plan
+
+
+def _attention_plan(args: PruneArgs) -> PruningPlan:
+    """``--method attention``: the attention sublayers of lowest angular distance in the sublayer map ``--map``."""
+    from lightning_speechllm.redundancy.sublayers import SublayerMap
+
+    try:
+        result = SublayerMap.from_json(args.map)
+    except ValueError as error:
+        raise PlanError(f"--map: {error}") from error
+    llm_layers = llm_num_layers(_llm_dir(args.llm_path)) if args.llm_path is not None else None
+    num_layers = _agreed_num_layers({"--map": len(result.layers), "--llm_path config.json": llm_layers,
+                                     "--num_layers": args.num_layers})
+    plan = plan_sublayers(result, num_layers, n=args.n, fraction=args.fraction, source_map=args.map)
+    plan.validate_for(num_layers, None if args.ignore_model_id else args.llm_path)
     if plan.model_id is None and args.llm_path is not None:
         plan.model_id = args.llm_path
     return plan
