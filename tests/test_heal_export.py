@@ -102,3 +102,42 @@ def test_iterative_healing_checkpoint_exports_its_final_plan(tmp_path):
         theirs = exported(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                           position_ids=inputs.position_ids, use_cache=False).logits
     torch.testing.assert_close(theirs, student, atol=1e-5, rtol=0)
+
+
+def test_heal_with_replacement_and_dropped_attention_then_export_to_stock_transformers(tmp_path, capsys):
+    """The commands a user types: `heal` with a replacement module and an attention-only cut, then `export`."""
+    import yaml
+
+    assets = tiny_assets(tmp_path / "assets")
+    config_path = heal_yaml(assets, tmp_path / "run", max_steps=3, callbacks=[
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True}}])
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["healing"].update(removed_layers=[1], removed_attention=[3], lora=None,
+                                      replacement={"kind": "ffn", "width": 16},
+                                      losses=[{"class_path": "ReplacementMSE"}, {"class_path": "TaskCrossEntropy"}])
+    config_path.write_text(yaml.safe_dump(config))
+    assert heal(["--config", str(config_path)]) == 0
+    out = tmp_path / "export"
+    assert main(["--ckpt", str(tmp_path / "ck" / "last.ckpt"), "--out", str(out)]) == 0
+    module = load_module(tmp_path / "ck" / "last.ckpt")
+    assert module.speechllm.sublayer_mask.dropped_attention == (3,)
+    trained = module.speechllm.replacements["1"].mlp.down_proj.weight
+    assert trained.abs().max() > 0  # healing moved the zero-initialised output projection
+
+    exported = AutoModelForCausalLM.from_pretrained(
+        out / "decoder", attn_implementation=module.speechllm.llm.config._attn_implementation).eval()
+    assert exported.config.num_hidden_layers == 4  # layer 0, the replacement, layer 2, layer 3 (zero attention)
+    batch = make_batch()
+    with torch.no_grad():
+        inputs = module.speechllm.build_inputs(batch)
+        student, _ = module.student_pass(inputs)
+        theirs = exported(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                          position_ids=inputs.position_ids, use_cache=False).logits
+    real = inputs.attention_mask.bool()
+    torch.testing.assert_close(theirs[real], student[real], atol=1e-5, rtol=0)
+    plan = PruningPlan.from_json(out / "plan.json")
+    assert plan.removed_layers == [1] and plan.removed_attention == [3]
+    pruning = json.loads((out / "decoder" / "pruning.json").read_text())
+    assert pruning["replaced_blocks"] == [{"first_layer": 1, "kind": "ffn", "width": 16}]
+    assert pruning["dropped_attention"] == [3]

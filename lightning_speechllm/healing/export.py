@@ -36,12 +36,14 @@ __all__ = ["export_checkpoint", "main", "write_export"]
 def _plan_json(module: SpeechLLMModule) -> dict[str, Any]:
     from lightning_speechllm.pruning.plan import plan_explicit
 
-    mask = module.speechllm.layer_mask
+    mask, sublayers = module.speechllm.layer_mask, module.speechllm.sublayer_mask
     removed = list(mask.removed_layers)
-    if not removed:
+    if not removed and not sublayers.dropped_attention and not sublayers.dropped_mlp:
         return {"removed_layers": [], "num_layers": mask.num_layers, "method": "none",
                 "model_id": module.model_config.llm_path}
-    return plan_explicit(mask.num_layers, removed, model_id=module.model_config.llm_path).to_dict()
+    plan = plan_explicit(mask.num_layers, removed, model_id=module.model_config.llm_path)
+    plan.removed_attention, plan.removed_mlp = list(sublayers.dropped_attention), list(sublayers.dropped_mlp)
+    return plan.to_dict()
 
 
 def write_export(module: SpeechLLMModule, directory: Path, source: str | None = None) -> None:
