@@ -1,10 +1,13 @@
-"""Crash-safe file output: a failure mid-write never leaves a half-written file or directory behind."""
+"""Crash-safe file output (a failure mid-write never leaves a half-written file or directory behind) and JSON files
+whose read errors name the file and line. Imports nothing from the package: every room may use it."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
@@ -44,3 +47,20 @@ def replace_dir(src: Path, dst: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> Path:
+    """Write ``data`` as strict JSON (``allow_nan=False``: convert NaN first) atomically."""
+    return atomic_write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", path)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object from ``path``; errors name the file and line."""
+    source = Path(path)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source}:{error.lineno}:{error.colno}: invalid JSON ({error.msg})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object at top level, got {type(data).__name__}")
+    return data

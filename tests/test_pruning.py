@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_causal_lm, tiny_input_ids
+from tiny_speechllm import tiny_llama, tiny_speechllm, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_speechllm.model.layer_mask import DecoderLayerMask
@@ -22,8 +24,6 @@ from lightning_speechllm.pruning import (
 )
 from lightning_speechllm.pruning.cli import PLAN_IN_EXPORT, main
 from lightning_speechllm.redundancy import AngularDistanceMetric, BlockInfluenceMetric, RedundancyResult, select_tokens
-from tiny_models import tiny_causal_lm, tiny_input_ids
-from tiny_speechllm import tiny_llama, tiny_speechllm, tiny_tokenizer
 
 IDENTITY_BLOCK = (2, 3)
 

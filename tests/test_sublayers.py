@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DummyLayer
 
@@ -14,7 +15,6 @@ from lightning_speechllm.model.sublayer_mask import SublayerMask, kv_cache_bytes
 from lightning_speechllm.pruning.plan import PruningPlan, apply_plan, plan_sublayers
 from lightning_speechllm.redundancy.metrics import AngularDistanceMetric
 from lightning_speechllm.redundancy.sublayers import SublayerMap, record_sublayer_stream
-from tiny_models import tiny_config
 
 ARCHS = ("llama", "qwen2", "gemma")
 GENERATE = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)

@@ -120,9 +120,7 @@ class _Planner:
             return self._greedy
         if method == "attention":
             if self._sublayers is None:
-                from lightning_speechllm.redundancy.sublayers import measure_sublayers
-
-                from lightning_speechllm.redundancy.sublayers import plot_sublayer_map
+                from lightning_speechllm.redundancy.sublayers import measure_sublayers, plot_sublayer_map
 
                 self._sublayers = measure_sublayers(self.speechllm, self.batches, self.token_selection)
                 plot_sublayer_map(self._sublayers, self._sublayers.to_json(self.out / "sublayers.json")

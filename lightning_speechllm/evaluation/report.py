@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_speechllm.evaluation.sweep_table import FAILURE_METRICS
-from lightning_speechllm.io_utils import atomic_write_text
-from lightning_speechllm.redundancy.report import read_json
+from lightning_speechllm.io_utils import atomic_write_text, read_json
 
 __all__ = ["Block", "collect_blocks", "render_html", "render_markdown", "write_report"]
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -66,6 +66,7 @@ from lightning_speechllm.evaluation.sweep_table import (
     passes,
     relative_change,
 )
+from lightning_speechllm.io_utils import read_json, write_json
 from lightning_speechllm.model.module import (
     DecodingConfig,
     OptimConfig,
@@ -80,7 +81,9 @@ from lightning_speechllm.pruning.plan import (
     plan_last,
 )
 from lightning_speechllm.redundancy.analysis import RedundancyResult
-from lightning_speechllm.redundancy.report import read_json, write_json
+
+if TYPE_CHECKING:
+    from lightning_speechllm.healing.module import HealingConfig
 
 __all__ = [
     "SWEEP_FORMAT_VERSION",

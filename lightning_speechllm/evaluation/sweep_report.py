@@ -25,8 +25,7 @@ from lightning_speechllm.evaluation.sweep_table import (
     passes,
     relative_change,
 )
-from lightning_speechllm.io_utils import atomic_write_text
-from lightning_speechllm.redundancy.report import write_json
+from lightning_speechllm.io_utils import atomic_write_text, write_json
 
 __all__ = ["describe_choice", "describe_test", "format_markdown", "plot_curves", "write_csv", "write_outputs"]
 

@@ -43,8 +43,8 @@ from lightning_speechllm.healing.losses import (
 )
 from lightning_speechllm.model.checkpoint import load_checkpoint_file
 from lightning_speechllm.model.layer_mask import find_decoder_layers, get_layer_mask_state
-from lightning_speechllm.model.replacement import ReplacementLayer
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
+from lightning_speechllm.model.replacement import ReplacementLayer
 from lightning_speechllm.model.speechllm import (
     LLMInputs,
     LoraConfig,

@@ -46,7 +46,6 @@ def pruning_info(model: nn.Module) -> dict[str, Any]:
         parent, name = find_decoder_layers(model)
         num_layers = len(getattr(parent, name))
         return {"removed_layers": [], "kept_layers": list(range(num_layers)), "original_num_layers": num_layers}
-    from .sublayer_mask import SublayerMask
 
     kept = [state.original_indices[i] for i in state.active]
     info: dict[str, Any] = {

@@ -24,8 +24,8 @@ from lightning_speechllm.model.layer_mask import DecoderLayerMask, unwrap_peft
 from lightning_speechllm.model.projector import Projector, ProjectorConfig
 from lightning_speechllm.model.prompts import EncodedSample, PromptBuilder, PromptConfig
 from lightning_speechllm.model.segments import Segment
-from lightning_speechllm.model.sublayer_mask import SublayerMask, kv_cache_for
 from lightning_speechllm.model.sharding import full_tensor, load_into, shard_speechllm
+from lightning_speechllm.model.sublayer_mask import SublayerMask, kv_cache_for
 
 IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,4 +1,5 @@
 """Pruning plans (which decoder layers to remove) and the ``prune`` command."""
+from lightning_speechllm.pruning.greedy import plan_greedy
 from lightning_speechllm.pruning.plan import (
     PLAN_FORMAT_VERSION,
     PLAN_METHODS,
@@ -13,7 +14,6 @@ from lightning_speechllm.pruning.plan import (
     plan_last,
     same_model_id,
 )
-from lightning_speechllm.pruning.greedy import plan_greedy
 
 __all__ = [
     "PLAN_FORMAT_VERSION",

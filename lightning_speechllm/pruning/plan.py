@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from torch import nn
 
+from lightning_speechllm.io_utils import read_json, write_json
 from lightning_speechllm.model.layer_mask import DecoderLayerMask
-from lightning_speechllm.redundancy import report
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 
 if TYPE_CHECKING:
@@ -248,13 +248,13 @@ class PruningPlan:
 
     def to_json(self, path: str | Path) -> Path:
         """Write the plan as JSON atomically (temporary file + rename); returns the path."""
-        return report.write_json(self.to_dict(), path)
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PruningPlan":
         """Read a plan written by :meth:`to_json`; errors name the file (and line for invalid JSON)."""
         try:
-            data = report.read_json(path)
+            data = read_json(path)
         except FileNotFoundError as error:
             raise PlanError(f"pruning plan file {path} does not exist") from error
         except ValueError as error:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata, spearmanr
 
+from lightning_speechllm.io_utils import read_json, write_json
 from lightning_speechllm.redundancy import report
 
 ArrayLike = Union[np.ndarray, torch.Tensor, list]
@@ -290,7 +291,7 @@ class RedundancyResult:
 
     def to_json(self, path: str | Path) -> Path:
         """Write the result as JSON (atomically); returns the path."""
-        return report.write_json(self.to_dict(), path)
+        return write_json(self.to_dict(), path)
 
     def save_per_sample(self, json_path: str | Path) -> Path | None:
         """Write :attr:`per_sample_tables` to :func:`per_sample_path` of ``json_path`` (nothing without them)."""
@@ -304,7 +305,7 @@ class RedundancyResult:
     @classmethod
     def from_json(cls, path: str | Path) -> "RedundancyResult":
         """Read a result written by :meth:`to_json`."""
-        return cls.from_dict(report.read_json(path), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_csv(self, path: str | Path) -> Path:
         """Write the defined cells in long format: columns ``l, n, d, ci_low, ci_high``."""

@@ -41,7 +41,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from lightning_speechllm.data.batch import SpeechBatch, is_padding_duplicate
-from lightning_speechllm.redundancy import plots, report
+from lightning_speechllm.io_utils import write_json
+from lightning_speechllm.redundancy import plots
 from lightning_speechllm.redundancy.analysis import (
     RedundancyResult,
     path_agreement,
@@ -417,7 +418,7 @@ class RedundancyCallback(L.Callback):
             result.to_csv(stem.with_suffix(".csv"))
             result.save_per_sample(stem.with_suffix(".json"))
         for set_name, agreement in self.agreements.items():
-            report.write_json(agreement, self.output_dir / set_name / f"agreement_epoch={epoch}.json")
+            write_json(agreement, self.output_dir / set_name / f"agreement_epoch={epoch}.json")
             if self.write_figures:
                 figures[f"redundancy/{set_name}/speech_vs_text"] = plots.plot_speech_vs_text(
                     self.results[(set_name, "speech")], self.results[(set_name, "text")],

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_speechllm.redundancy import report
+from lightning_speechllm.io_utils import write_json
 from lightning_speechllm.redundancy.analysis import (
     RedundancyResult,
     bootstrap_agreement,
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_maps(args.maps, args.labels)
     comparison = compare_maps(loaded, n_perm=args.n_perm, n_boot=args.n_boot, alpha=args.alpha, seed=args.seed)
     out = Path(args.out)
-    report.write_json(comparison, out / "compare.json")
+    write_json(comparison, out / "compare.json")
     (out / "compare.md").write_text(format_markdown(comparison), encoding="utf-8")
     plot_grid(loaded, save_to=out / "compare.png")
     return comparison

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from io import StringIO
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.io_utils import atomic_write_text, read_json, write_json  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_speechllm.redundancy.analysis import RedundancyResult
@@ -29,23 +28,6 @@ def array_from_json(data: Any, where: str = "<json>") -> np.ndarray:
         return np.array(data, dtype=float)  # None -> nan
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: not a rectangular numeric array ({error})") from error
-
-
-def write_json(data: dict[str, Any], path: str | Path) -> Path:
-    """Write ``data`` as strict JSON (``allow_nan=False``: convert NaN first) atomically."""
-    return atomic_write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", path)
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object from ``path``; errors name the file and line."""
-    source = Path(path)
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{source}:{error.lineno}:{error.colno}: invalid JSON ({error.msg})") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a JSON object at top level, got {type(data).__name__}")
-    return data
 
 
 def _cell(value: float) -> str:
