@@ -1,4 +1,6 @@
-"""Healing of pruned SpeechLLMs: pluggable losses (CE, logit KL, hidden-state matching) and the LightningModule."""
+"""Healing of pruned SpeechLLMs: pluggable losses (CE, logit KL, hidden-state and replacement matching), the
+HealingModule (LoRA and/or replacement modules, shared-weight teacher), iterative rounds, `heal` and `export`.
+May import: `data`, `model`, `redundancy`, `pruning`, config and I/O helpers (never `evaluation`)."""
 from lightning_speechllm.healing.losses import (
     HealingInputs,
     HealingLoss,

@@ -1,4 +1,6 @@
-"""Pruning plans (which decoder layers to remove) and the ``prune`` command."""
+"""Pruning plans: which decoder layers (or attention sublayers) to remove, from a map, a rule or a greedy re-measured
+search; plan JSON files, applying a plan to a model, and the ``prune`` command.
+May import: `data`, `model`, `redundancy`, config and I/O helpers (never `healing` or `evaluation`)."""
 from lightning_speechllm.pruning.greedy import plan_greedy
 from lightning_speechllm.pruning.plan import (
     PLAN_FORMAT_VERSION,

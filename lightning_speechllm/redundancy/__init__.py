@@ -1,4 +1,6 @@
-"""Layer-redundancy measurement: angular distance d(l, n), Block Influence, pruning path, statistics, plots."""
+"""Layer-redundancy measurement: angular distance d(l, n), Block Influence, sublayer maps, pruning path, statistics,
+agreement of maps, plots, and the validation callback / `measure` and `compare` commands that write them.
+May import: `data`, `model`, config and I/O helpers (never `pruning`, `healing` or `evaluation`)."""
 from lightning_speechllm.redundancy.analysis import (
     FORMAT_VERSION,
     AgreementCI,
