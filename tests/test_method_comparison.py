@@ -60,7 +60,9 @@ def test_every_method_and_variant_runs_on_one_table_and_the_model_is_restored(tm
         assert (row.decode_speedup > 0) == timed and (row.kv_cache_bytes >= 0) == timed
     out = tmp_path / "compare"
     markdown = (out / "comparison.md").read_text()
-    assert markdown.count("\n| greedy |") == 8 and "KV cache" in markdown
+    summary, full = markdown.split("## Every row")
+    assert summary.count("\n| greedy |") == 2 and full.count("\n| greedy |") == 8 and "KV cache" in markdown
+    assert "| attention | 50% | - | " in summary and summary.count("n/a") == 2  # no replacement without layers
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "plans" / "sublayers.png").is_file() and (out / "plans" / "greedy_0.5.json").is_file()
     assert len(json.loads((out / "comparison.json").read_text())) == len(rows)
@@ -104,5 +106,5 @@ def test_cli_runs_a_comparison_and_prints_its_table(tmp_path, monkeypatch, capsy
     captured = capsys.readouterr()
     printed = captured.out
     assert code == 0, captured.err
-    assert "| last | 25% | lora |" in printed and "| attention | 25% | none |" in printed
+    assert "| last | 25% | 2 | - |" in printed and "| attention | 25% | - | " in printed and "healed: lora" in printed
     assert (tmp_path / "cli" / "comparison.csv").is_file()

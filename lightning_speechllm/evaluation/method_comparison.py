@@ -50,7 +50,8 @@ from lightning_speechllm.pruning.plan import (
 )
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 
-__all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison"]
+__all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison",
+           "summary_markdown", "write_comparison"]
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,41 @@ def comparison_markdown(rows: list[ComparisonRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(rows: list[ComparisonRow]) -> str:
+    """One row per (method, fraction): the first set's metric unhealed and after each healing (``*``: the rule's
+    choice for that method and healing), decoder parameters, measured decode speed-up and KV cache of the pruned
+    model (a replacement adds its module: see the full table), and the unhealed failure rates."""
+    baseline = rows[0]
+    set_name = sorted(baseline.scores)[0]
+    metric = next(m for m in METRICS if m in baseline.scores[set_name])
+    healings = list(dict.fromkeys(row.healing for row in rows[1:] if row.healing != "none"))
+    by_key = {(row.method, row.fraction, row.healing): row for row in rows[1:]}
+    header = ["method", "removed", "layers removed", "attention dropped", f"{set_name} {metric} unhealed",
+              *[f"healed: {h}" for h in healings], "decoder params (M)", "decode speed-up", "KV cache",
+              "unhealed loop / empty / max-tokens %"]
+    value = f"{baseline.scores[set_name][metric]:.1f}"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             "| " + " | ".join(["unpruned", "0%", "-", "-", value, *[value] * len(healings),
+                               f"{baseline.decoder_params / 1e6:.1f}", "1.00x", "100%", "-"]) + " |"]
+    for (method, fraction) in dict.fromkeys((row.method, row.fraction) for row in rows[1:]):
+        pruned = by_key[(method, fraction, "none")]
+
+        def cell(healing: str) -> str:
+            row = by_key.get((method, fraction, healing))
+            if row is None:
+                return "n/a"
+            return f"{row.scores[set_name][metric]:.1f}" + ("*" if row.chosen else "")
+
+        rates = pruned.scores[set_name]
+        failure = " / ".join(f"{rates.get(key, float('nan')):.0f}" for key in ("loop_rate", "empty_rate",
+                                                                              "max_tokens_rate"))
+        lines.append("| " + " | ".join([
+            method, f"{fraction:.0%}", _compact(pruned.removed_layers), _compact(pruned.removed_attention),
+            cell("none"), *[cell(h) for h in healings], f"{pruned.decoder_params / 1e6:.1f}",
+            f"{pruned.decode_speedup:.2f}x", f"{pruned.kv_cache_bytes / baseline.kv_cache_bytes:.0%}", failure]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _compact(indices: list[int]) -> str:
     """``[4, 5, 6, 9]`` -> ``4-6,9``."""
     runs: list[list[int]] = []
@@ -347,7 +383,9 @@ def plot_comparison(rows: list[ComparisonRow], path: Path) -> Path:
 
 def write_comparison(rows: list[ComparisonRow], out: Path) -> None:
     """``comparison.md`` / ``.json`` / ``.csv`` / ``.png``."""
-    atomic_write_text(comparison_markdown(rows), out / "comparison.md")
+    atomic_write_text("## Summary\n\n" + summary_markdown(rows) + "\n`*`: the largest removed fraction that passes the "
+                      "paper's rule for that method and healing.\n\n## Every row\n\n" + comparison_markdown(rows),
+                      out / "comparison.md")
     atomic_write_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=2) + "\n", out / "comparison.json")
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sweep = parsed["sweep"]
     if sweep.compare_methods:
-        from lightning_speechllm.evaluation.method_comparison import comparison_markdown
+        from lightning_speechllm.evaluation.method_comparison import summary_markdown
 
-        print(comparison_markdown(table), end="")
+        print(summary_markdown(table), end="")
         print(f"method comparison in {sweep.output_dir} (comparison.md/.csv/.json/.png)")
         return 0
     print(format_markdown(table, sweep.thresholds, chosen), end="")
