@@ -128,3 +128,33 @@ def test_attention_only_plan_heals_with_the_teacher_running_every_attention(tmp_
     assert module.speechllm.sublayer_mask.dropped_attention == (1, 2)  # back after the teacher pass
     trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, train_dataloaders=loader(1, repeat=2))
     assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
+
+
+def test_resume_refuses_another_replacement_or_sublayer_plan(tmp_path):
+    module = replacement_module()
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    t.fit(module, train_dataloaders=loader(1))
+    path = tmp_path / "healed.ckpt"
+    t.save_checkpoint(path)
+    other = HealingConfig(removed_layers=[1, 2], lora=None, losses=list(REPLACE),
+                          replacement=ReplacementConfig(kind="linear"))
+    with pytest.raises(PlanMismatchError, match=r"healed with replacement \{'kind': 'ffn', 'width': 32\}"):
+        HealingModule.load_from_checkpoint(path, healing=other, speechllm=tiny_speechllm())
+    sublayer = HealingConfig(removed_layers=[1, 2], removed_attention=[3], lora=None, losses=list(REPLACE),
+                             replacement=ReplacementConfig(kind="ffn", width=32))
+    with pytest.raises(PlanMismatchError, match=r"removed_attention \[\], this module has \[3\]"):
+        HealingModule.load_from_checkpoint(path, healing=sublayer, speechllm=tiny_speechllm())
+    with pytest.raises(PlanMismatchError, match="kind must be 'ffn' or 'linear', got 'fnn'"):
+        HealingModule(healing=HealingConfig(removed_layers=[1], replacement={"kind": "fnn"}),
+                      speechllm=tiny_speechllm())
+    with pytest.raises(ValueError, match="replacement modules are not sharded under FSDP"):
+        module.speechllm.shard(mesh=None)
+
+
+def test_a_sweep_refuses_a_model_with_dropped_sublayers(tmp_path):
+    from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError, run_sweep
+    from tests.test_module import NamedSets
+
+    model = tiny_speechllm(removed_attention=[2])
+    with pytest.raises(SweepError, match=r"starts from the unpruned model; this one masks attention of layers \[2\]"):
+        run_sweep(model, NamedSets(), SweepConfig(method="last", ns=[1], output_dir=str(tmp_path)))

@@ -200,3 +200,35 @@ def test_attention_plan_round_trips_and_applies(tmp_path):
     assert SublayerMask(model).dropped_attention == (1, 2, 4)
     with pytest.raises(Exception, match=r"removed_attention \[1, 7\]"):
         PruningPlan(removed_layers=[], num_layers=6, method="attention", removed_attention=[1, 7])
+
+
+# ------------------------------------------------------------------------------------------------ guards
+def test_layers_of_other_shapes_are_untouched_unless_dropped_and_their_export_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    from lightning_speechllm.model.export import ExportError
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=256)).eval()
+    ids, attention_mask = _inputs()
+    reference = model(ids, attention_mask=attention_mask).logits
+    sublayers = SublayerMask(model)
+    sublayers.reset()  # GPT-2 has no `mlp.down_proj` / pre-MLP norm names: nothing dropped, nothing looked up
+    with sublayers.suspended():
+        assert torch.equal(model(ids, attention_mask=attention_mask).logits, reference)
+    assert kv_cache_for(model) is None
+    sublayers.drop(attention=[1])  # `attn` is found, so it can be dropped and run ...
+    assert not torch.equal(model(ids, attention_mask=attention_mask).logits, reference)
+    with pytest.raises(ExportError, match=r"layer 1 \(GPT2Block\) drops its attention but has no .*o_proj"):
+        save_pruned_decoder(model, tmp_path / "decoder")  # ... but its c_proj is not zeroed by export: refused
+
+
+def test_prune_refuses_while_sublayers_are_dropped_and_plans_refuse_a_layer_losing_both_halves():
+    model = _model("llama")
+    mask = DecoderLayerMask(model)
+    SublayerMask(model).drop(attention=[4])
+    mask.remove_layers([1])
+    with pytest.raises(LayerMaskError, match="cannot prune while sublayers are dropped"):
+        mask.prune()
+    with pytest.raises(Exception, match=r"layers \[2\] are in both removed_attention and removed_mlp"):
+        PruningPlan(removed_layers=[], num_layers=6, method="explicit", removed_attention=[2], removed_mlp=[2])

@@ -82,7 +82,9 @@ def decoder_parameter_count(llm: nn.Module) -> int:
     """
     if isinstance(llm, SpeechLLM):
         llm = llm.llm
-    dropped = {id(p) for m in llm.modules() if getattr(m, "_lsl_dropped", False) for p in m.parameters()}
+    from lightning_speechllm.model.sublayer_mask import is_dropped
+
+    dropped = {id(p) for m in llm.modules() if is_dropped(m) for p in m.parameters()}
     return sum(param.numel() for param in _unique_parameters(llm) if id(param) not in dropped)
 
 
@@ -469,9 +471,9 @@ def _applied(model: SpeechLLM, plan: Any | None) -> Iterator[None]:
     """``plan`` masked on ``model`` inside the context (None: the full model)."""
     from lightning_speechllm.pruning.plan import apply_plan
 
-    if plan is not None:
-        apply_plan(model, plan)
     try:
+        if plan is not None:
+            apply_plan(model, plan)
         yield
     finally:
         model.layer_mask.reset()

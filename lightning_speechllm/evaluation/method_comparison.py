@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -33,6 +34,9 @@ from lightning_speechllm.evaluation.sweep import (
     HEALING_VARIANTS,
     SweepConfig,
     SweepError,
+    _file_sha256,
+    _require_unpruned,
+    _weights_sha256,
     evaluate,
     healed,
 )
@@ -87,8 +91,11 @@ def _sweep_config(config: SweepConfig, variant: str) -> SweepConfig:
 
 def _calibration_batches(datamodule: L.LightningDataModule, count: int, device: torch.device) -> list:
     datamodule.setup("validate")
-    loader = datamodule.val_dataloader()[0]
-    return [batch.to(device) for batch in itertools.islice(iter(loader), count)]
+    batches = [batch.to(device) for batch in itertools.islice(iter(datamodule.val_dataloader()[0]), count)]
+    if not batches:
+        raise SweepError("the first validation set gave no batch: the comparison calibrates greedy plans and the "
+                         "sublayer map, and times decoding, on it")
+    return batches
 
 
 class _Planner:
@@ -105,6 +112,7 @@ class _Planner:
         self._sublayers = None
 
     def plan(self, method: str, fraction: float) -> PruningPlan:
+        self.speechllm.to(self.batches[0].audio.device)  # Lightning leaves the model on the CPU after each run
         if method == "last":
             return plan_last(self.num_layers, fraction=fraction, model_id=self.model_id)
         if method in ("angular", "block_influence"):
@@ -142,6 +150,7 @@ def _efficiency(speechllm: SpeechLLM, batch: Any, new_tokens: int, rounds: int =
     """Active decoder parameters, measured KV-cache bytes and decode ms/token of the model as masked now, and its
     decode speed-up over the unpruned model measured side by side (interleaved rounds, medians), so that machine
     load hits both alike."""
+    speechllm.to(batch.audio.device)  # Lightning leaves the model on the CPU after each run
     pruned, full = [], []
     for round_index in range(rounds + 1):  # round 0 warms both up
         with _unpruned(speechllm):
@@ -168,10 +177,14 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
                          f"{HEALING_VARIANTS}")
     if not config.fractions:
         raise SweepError("a method comparison needs sweep.fractions (e.g. [0.2, 0.4])")
+    if calibration_batches < 1:
+        raise SweepError(f"calibration_batches must be >= 1, got {calibration_batches}")
+    _require_unpruned(speechllm, "a method comparison")
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
-    signature = _signature(config, methods, variants, calibration_batches, speed_new_tokens, speechllm)
-    batches = _calibration_batches(datamodule, calibration_batches, speechllm.device)
+    device = _device(trainer_kwargs)
+    signature = _signature(config, decoding, calibration_batches, speed_new_tokens, speechllm)
+    batches = _calibration_batches(datamodule, calibration_batches, device)
     speed_batch = batches[0]
 
     def run_eval(model: SpeechLLM) -> Scores:
@@ -189,6 +202,7 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
         return row
 
     def baseline() -> ComparisonRow:
+        speechllm.to(device)
         report = measure_latency(speechllm, speed_batch, max_new_tokens=speed_new_tokens, repeats=3, warmup=1)
         return ComparisonRow("none", 0.0, "none", [], [], run_eval(speechllm), decoder_parameter_count(speechllm.llm),
                              report.decode_ms_per_token, report.kv_cache_measured_bytes)
@@ -196,14 +210,14 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     rows = [cached("baseline", baseline)]
     planner = _Planner(speechllm, config, batches)
     for fraction, method in itertools.product(config.fractions, methods):
-        plan = planner.plan(method, fraction)
-        rows.append(cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan, method, fraction,
+        plan = functools.cache(lambda: planner.plan(method, fraction))  # measured only when a row needs it
+        rows.append(cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan(), method, fraction,
                                                                              run_eval, speed_batch, speed_new_tokens)))
         for variant in variants:
-            if variant == "replacement" and not plan.removed_layers:
-                continue
+            if variant == "replacement" and method == "attention":
+                continue  # no whole layer removed: nothing to replace
             rows.append(cached(f"{method}_{fraction:g}_{variant}", lambda: _healed_row(
-                speechllm, plan, method, fraction, variant, config, datamodule, trainer_kwargs, run_eval,
+                speechllm, plan(), method, fraction, variant, config, datamodule, trainer_kwargs, run_eval,
                 speed_batch, speed_new_tokens)))
     _mark_chosen(rows, config.thresholds)
     write_comparison(rows, out)
@@ -240,15 +254,26 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _signature(config: SweepConfig, methods, variants, calibration_batches, speed_new_tokens,
-               speechllm: SpeechLLM) -> dict[str, Any]:
-    from lightning_speechllm.evaluation.sweep import _weights_sha256
-
+def _signature(config: SweepConfig, decoding: DecodingConfig | None, calibration_batches: int,
+               speed_new_tokens: int, speechllm: SpeechLLM) -> dict[str, Any]:
+    """What a stored row must agree on to be reused (each row is one method, fraction and healing: adding a method
+    to the list reuses the rows already there)."""
+    decoding = decoding or DecodingConfig()
     keys = ("map_path", "stage", "sets", "heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
             "heal_lora_alpha", "replacement_width", "kd_temperature", "max_batches")
-    return {**{key: getattr(config, key) for key in keys}, "methods": list(methods), "variants": list(variants),
+    return {**{key: getattr(config, key) for key in keys}, "map_sha256": _file_sha256(config.map_path),
             "calibration_batches": calibration_batches, "speed_new_tokens": speed_new_tokens,
+            "max_new_tokens": decoding.max_new_tokens, "num_beams": decoding.num_beams,
             "trained_weights_sha256": _weights_sha256(speechllm), "llm_path": speechllm.config.llm_path}
+
+
+def _device(trainer_kwargs: dict[str, Any] | None) -> torch.device:
+    """The device the comparison's own passes (plans, maps, timings) run on: the trainer's accelerator. Lightning
+    moves the model back to the CPU after each validate/fit, so the model is moved there before each pass."""
+    accelerator = (trainer_kwargs or {}).get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------------ the rule

@@ -203,6 +203,19 @@ class SweepConfig:
                 raise SweepError(f"method {method!r} needs map_path (a redundancy map JSON)")
         if self.compare_methods and not self.fractions:
             raise SweepError("a method comparison (compare_methods) needs fractions, e.g. [0.2, 0.4]")
+        if self.compare_methods:
+            from lightning_speechllm.evaluation.method_comparison import COMPARISON_METHODS
+
+            unknown = sorted(set(self.compare_methods) - set(COMPARISON_METHODS)) + sorted(
+                set(self.compare_healing) - set(HEALING_VARIANTS))
+            if unknown:
+                raise SweepError(f"compare_methods / compare_healing name unknown {unknown}; methods: "
+                                 f"{COMPARISON_METHODS}, healing: {HEALING_VARIANTS}")
+            if self.calibration_batches < 1 or self.speed_new_tokens < 2:
+                raise SweepError(f"calibration_batches must be >= 1 and speed_new_tokens >= 2, got "
+                                 f"{self.calibration_batches} and {self.speed_new_tokens}")
+            if self.test_sets or self.stage != "validate":
+                raise SweepError("a method comparison scores the validation sets only (no test_sets, stage validate)")
         if self.test_sets and self.stage != "validate":
             raise SweepError(f"test_sets {self.test_sets} needs stage 'validate' (the rule would otherwise choose on "
                              "test sets)")
@@ -264,11 +277,12 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
 def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataModule, config: SweepConfig,
            trainer_kwargs: dict[str, Any] | None = None) -> Iterator[SpeechLLM]:
     """Heal ``speechllm`` itself (unmasked, without LoRA on entry), pruned by ``plan``, for ``config.heal_steps``
-    steps with a :class:`HealingModule` (LoRA on the receiving layer, trainable projector, task cross-entropy), and
-    yield it healed and masked; no second copy of the decoder is made.
+    steps with a :class:`HealingModule` as ``config.heal_variant`` says (:func:`healing_config`: LoRA on the receiving
+    layer, + KD, or replacement modules; trainable projector), and yield it healed and masked; no second copy of the
+    decoder is made.
 
-    On exit, also after an exception (in healing or in the body), the model is restored exactly: the mask reset, the
-    LoRA modules removed without merging (PEFT ``unload``), the trainable weights (projector, a tuned encoder) put
+    On exit, also after an exception (in healing or in the body), the model is restored exactly: the masks reset, the
+    replacement modules dropped, the LoRA modules removed without merging (PEFT ``unload``), the trainable weights (projector, a tuned encoder) put
     back, and ``speechllm.config``, every ``requires_grad`` flag and every module's train/eval mode as on entry.
     """
     from lightning_speechllm.healing.module import HealingModule
@@ -276,9 +290,7 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
     if speechllm.has_lora:
         raise SweepError("healing in a sweep needs a model without LoRA adapters (merge a LoRA-tuned decoder's "
                          "adapters into its weights first): the healing LoRA would be taken for them")
-    if speechllm.layer_mask.removed_layers:
-        raise SweepError(f"healing in a sweep starts unpruned; the model masks layers "
-                         f"{list(speechllm.layer_mask.removed_layers)}")
+    _require_unpruned(speechllm, "healing in a sweep")
     snapshot = _Snapshot.take(speechllm)
     try:
         module = HealingModule(healing=healing_config(plan, config),
@@ -310,6 +322,17 @@ def healing_config(plan: PruningPlan, config: SweepConfig) -> "HealingConfig":
         healing.replacement = ReplacementConfig(kind="ffn", width=config.replacement_width)
         healing.losses = [{"class_path": "ReplacementMSE"}, {"class_path": "TaskCrossEntropy"}]
     return healing
+
+
+def _require_unpruned(speechllm: SpeechLLM, what: str) -> None:
+    """Raise :class:`SweepError` unless every layer and sublayer of ``speechllm`` is active."""
+    sublayers = speechllm.sublayer_mask
+    cut = {"layers": list(speechllm.layer_mask.removed_layers), "attention of layers": list(sublayers.dropped_attention),
+           "MLP of layers": list(sublayers.dropped_mlp)}
+    cut = {key: value for key, value in cut.items() if value}
+    if cut:
+        raise SweepError(f"{what} starts from the unpruned model; this one masks "
+                         + ", ".join(f"{key} {value}" for key, value in cut.items()))
 
 
 @dataclass
@@ -427,8 +450,7 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
     mask = speechllm.layer_mask
-    if mask.removed_layers:
-        raise SweepError(f"the model already masks layers {list(mask.removed_layers)}; a sweep starts unpruned")
+    _require_unpruned(speechllm, "a sweep")
     num_layers = mask.num_layers
     signature = _signature(config, speechllm, decoding)
     if config.heal and speechllm.has_lora:

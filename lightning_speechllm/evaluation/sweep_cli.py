@@ -155,10 +155,11 @@ def _redundancy_dir(args: SweepArgs, sweep: SweepConfig) -> Path | None:
 
 
 def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None, datamodule: L.LightningDataModule | None = None
-        ) -> tuple[SweepTable, SweepPoint | None, Path | None, dict[str, Any] | None]:
+        ) -> tuple[SweepTable | list, SweepPoint | None, Path | None, dict[str, Any] | None]:
     """Run the sweep (``speechllm`` / ``datamodule`` inject ready-made ones), score the chosen point on
     ``--sweep.test_sets`` and write the report; returns the table, the chosen point, the report.md path (None with
-    ``--report false``) and the test result (None without test sets or chosen point)."""
+    ``--report false``) and the test result (None without test sets or chosen point). With
+    ``--sweep.compare_methods``: the comparison's rows, then None three times (its outputs are comparison.*)."""
     args, sweep = parsed["args"], parsed["sweep"]
     sweep.check()
     L.seed_everything(args.seed, verbose=False)

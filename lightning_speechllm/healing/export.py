@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from lightning_speechllm.io_utils import replace_dir
 from lightning_speechllm.model.checkpoint import CheckpointError, load_module
 from lightning_speechllm.model.export import save_pruned_decoder
+from lightning_speechllm.model.layer_mask import LayerMaskError
 from lightning_speechllm.model.module import SpeechLLMModule
 
 __all__ = ["export_checkpoint", "main", "write_export"]
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = export_checkpoint(args.ckpt, args.out)
-    except CheckpointError as error:
+    except (CheckpointError, LayerMaskError) as error:  # LayerMaskError: no stock form (e.g. a linear replacement)
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.ckpt} -> {out}")

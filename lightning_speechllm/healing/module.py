@@ -201,6 +201,8 @@ class HealingModule(SpeechLLMModule):
         if not removed:
             raise PlanMismatchError("healing.replacement needs removed layers: the plan removes none")
         sl, config = self.speechllm, from_dict(ReplacementConfig, self.healing.replacement)
+        if config.kind not in ("ffn", "linear"):
+            raise PlanMismatchError(f"healing.replacement.kind must be 'ffn' or 'linear', got {config.kind!r}")
         layers = get_layer_mask_state(sl.layer_mask.model).layer_list
         starts = [i for i in removed if i - 1 not in removed]
         modules = {i: build_replacement(layers[i], config.kind, config.width).requires_grad_(True) for i in starts}
@@ -433,7 +435,8 @@ class HealingModule(SpeechLLMModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["healing"] = {"plan": dict(self.plan), "base_model": self.base_model_ids()}
+        checkpoint["healing"] = {"plan": dict(self.plan), "base_model": self.base_model_ids(),
+                                 "replacement": _replacement_record(self.healing.replacement)}
         if self.merged_lora is not None:
             checkpoint["healing"]["merged_lora"] = self.merged_lora
         if self.projector_snapshot:  # a resumed run must distil from the projector of the first start, not a new one
@@ -452,6 +455,14 @@ class HealingModule(SpeechLLMModule):
         if list(theirs) != list(ours):
             raise PlanMismatchError(f"checkpoint was healed with removed layers {list(theirs)}, this module removes "
                                     f"{list(ours)}")
+        for key in ("removed_attention", "removed_mlp"):
+            if list(saved["plan"].get(key, [])) != list(self.plan.get(key, [])):
+                raise PlanMismatchError(f"checkpoint was healed with {key} {saved['plan'].get(key, [])}, this module "
+                                        f"has {self.plan.get(key, [])}")
+        ours_replacement = _replacement_record(self.healing.replacement)
+        if saved.get("replacement") != ours_replacement:
+            raise PlanMismatchError(f"checkpoint was healed with replacement {saved.get('replacement')}, this module "
+                                    f"with {ours_replacement} (set healing.replacement the same way)")
         their_ids, our_ids = saved.get("base_model", {}), self.base_model_ids()
         if not _same_models(their_ids, our_ids):
             raise PlanMismatchError(f"checkpoint base model {their_ids} differs from this module's {our_ids}")
@@ -479,6 +490,11 @@ class HealingModule(SpeechLLMModule):
         if not same:
             raise PlanMismatchError(f"the checkpoint was healed on the fit LoRA of {theirs['source']}, which differs "
                                     f"from the one merged from healing.teacher_checkpoint {ours['source']}")
+
+
+def _replacement_record(config: ReplacementConfig | dict | None) -> dict[str, Any] | None:
+    """The replacement settings as a plain dict (None without replacement), for checkpoints."""
+    return None if config is None else asdict(from_dict(ReplacementConfig, config))
 
 
 def _same_models(a: dict[str, str | None], b: dict[str, str | None]) -> bool:

@@ -29,7 +29,7 @@ from lightning_speechllm.model.module import DecodingConfig, OptimConfig, Speech
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
 
 __all__ = ["CheckpointError", "SAFE_GLOBALS", "check_checkpoint_file", "ignored_settings", "load_checkpoint_file",
-           "load_module", "read_checkpoint", "refused_as_checkpoint_error", "removed_layers_of"]
+           "dropped_sublayers_of", "load_module", "read_checkpoint", "refused_as_checkpoint_error", "removed_layers_of"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,12 @@ def removed_layers_of(checkpoint: dict[str, Any]) -> list[int]:
     return sorted(int(i) for i in checkpoint["hyper_parameters"]["model"].get("removed_layers") or [])
 
 
+def dropped_sublayers_of(checkpoint: dict[str, Any]) -> dict[str, list[int]]:
+    """``{"removed_attention": [...], "removed_mlp": [...]}`` of the checkpoint's model, only the non-empty ones."""
+    source = checkpoint["healing"]["plan"] if "healing" in checkpoint else checkpoint["hyper_parameters"]["model"]
+    return {key: sorted(int(i) for i in source[key]) for key in ("removed_attention", "removed_mlp") if source.get(key)}
+
+
 def ignored_settings(requested: SpeechLLMConfig, saved: SpeechLLMConfig) -> dict[str, tuple[Any, Any]]:
     """``{field: (given, checkpoint's)}`` for the model settings a command set away from their defaults to a value
     other than the checkpoint's (settings left at their defaults are not reported)."""
@@ -135,9 +141,11 @@ def load_module(ckpt_path: str | Path, requested: SpeechLLMConfig | None = None,
     """
     checkpoint = read_checkpoint(ckpt_path)
     removed = removed_layers_of(checkpoint)
-    if removed and not allow_pruned:
-        raise CheckpointError(f"checkpoint {ckpt_path} holds a pruned model (removed decoder layers {removed}); "
-                              "give the checkpoint of the unpruned model")
+    sublayers = dropped_sublayers_of(checkpoint)
+    if (removed or sublayers) and not allow_pruned:
+        what = f"removed decoder layers {removed}" if removed else f"dropped sublayers {sublayers}"
+        raise CheckpointError(f"checkpoint {ckpt_path} holds a pruned model ({what}); give the checkpoint of the "
+                              "unpruned model")
     hp = checkpoint["hyper_parameters"]
     model = from_dict(SpeechLLMConfig, dict(hp["model"]))
     if requested is not None:

@@ -173,12 +173,14 @@ def stock_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor]:
             state = {key: value for key, value in state.items() if not key.startswith(head)}
             state.update({head + key: value for key, value in stock_layer_state(layer, template).items()})
             continue
-        dropped = [] if has_attention(layer) else [f"{name}.o_proj." for name in ATTENTION_NAMES]
-        if mlp_dropped(layer):
-            dropped += [f"{name}.down_proj." for name in MLP_NAMES]
-        for key in state:
-            if key.startswith(head) and any(key[len(head):].startswith(part) for part in dropped):
-                state[key] = torch.zeros_like(state[key])
+        kinds = ([("attention", [f"{n}.o_proj." for n in ATTENTION_NAMES])] if not has_attention(layer) else []) + (
+            [("MLP", [f"{n}.down_proj." for n in MLP_NAMES])] if mlp_dropped(layer) else [])
+        for kind, parts in kinds:
+            keys = [key for key in state if key.startswith(head) and key[len(head):].startswith(tuple(parts))]
+            if not keys:
+                raise ExportError(f"layer {k} ({type(layer).__name__}) drops its {kind} but has no {' / '.join(parts)} "
+                                  "weight to zero: this architecture's dropped sublayers cannot be exported")
+            state.update({key: torch.zeros_like(state[key]) for key in keys})
     return state
 
 

@@ -358,7 +358,10 @@ class DecoderLayerMask:
     def _sync_restored_layers(self, reference: torch.Tensor | None) -> None:
         """Give re-activated layers the device/dtype and train/eval mode of the layers that stayed registered."""
         training = self._parent.training
+        replacements = {id(module) for module in self._state.replacements.values()}
         for layer in getattr(self._parent, self._name):
+            if id(layer) in replacements:
+                continue  # healing owns their dtype and mode
             if layer.training != training:
                 layer.train(training)
             if reference is None:
@@ -374,6 +377,10 @@ class DecoderLayerMask:
         if state.replacements:
             raise LayerMaskError("cannot prune a decoder with replacement modules in its layer list: export it instead "
                                  "(lightning_speechllm.model.export.save_pruned_decoder)")
+        sublayers = self._parent.__dict__.get("_lsl_sublayer_mask_state")  # SublayerMask's, indexed like this mask
+        if sublayers is not None and (sublayers.attention or sublayers.mlp):
+            raise LayerMaskError("cannot prune while sublayers are dropped (their indices would go stale): reset the "
+                                 "SublayerMask first, or export the model")
         layers: nn.ModuleList = getattr(self._parent, self._name)
         config = state.config
         self._parent.__dict__[_STATE_ATTR] = self._state = _MaskState(

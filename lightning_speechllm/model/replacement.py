@@ -31,6 +31,8 @@ _GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 class ReplacementLayer(nn.Module):
     """``x + f(x)`` in place of a removed block; ``f`` is an MLP behind a norm (``ffn``) or a linear map."""
 
+    _lsl_no_attention = True  # sublayer_mask.NO_ATTENTION_ATTR: no KV-cache slot
+
     def __init__(self, kind: ReplacementKind, norm: nn.Module | None = None, mlp: nn.Module | None = None,
                  linear: nn.Linear | None = None) -> None:
         super().__init__()
@@ -40,9 +42,11 @@ class ReplacementLayer(nn.Module):
         self.norm, self.mlp, self.linear = norm, mlp, linear
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.kind == "linear":
-            return hidden_states + self.linear(hidden_states)
-        return hidden_states + self.mlp(self.norm(hidden_states))
+        # Computed in the module's dtype (float32 by default, like PEFT's adapters: small updates to the zero-started
+        # projection survive), added back to the stream in the stream's dtype.
+        x = hidden_states.to(next(self.parameters()).dtype)
+        delta = self.linear(x) if self.kind == "linear" else self.mlp(self.norm(x))
+        return hidden_states + delta.to(hidden_states.dtype)
 
     @property
     def width(self) -> int:
@@ -70,13 +74,19 @@ def _cut(linear: nn.Linear, rows: int | None = None, cols: int | None = None, ze
     return new
 
 
-def build_replacement(template_layer: nn.Module, kind: ReplacementKind = "ffn",
-                      width: int | None = None) -> ReplacementLayer:
-    """An identity-initialised replacement shaped after ``template_layer`` (the block's first layer).
+def build_replacement(template_layer: nn.Module, kind: ReplacementKind = "ffn", width: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> ReplacementLayer:
+    """An identity-initialised replacement shaped after ``template_layer`` (the block's first layer), in ``dtype``.
 
     ``ffn`` copies its pre-MLP norm and its gate/up projections (the first ``width`` units; None = all) and zeroes
     the down projection; ``linear`` is a zero ``D x D`` map. Gated MLPs (gate/up/down projections: Llama, Qwen2,
     Gemma, Mistral...) only."""
+    if kind not in REPLACEMENT_KINDS:
+        raise LayerMaskError(f"replacement kind must be one of {REPLACEMENT_KINDS}, got {kind!r}")
+    return _build(template_layer, kind, width).to(dtype)
+
+
+def _build(template_layer: nn.Module, kind: ReplacementKind, width: int | None) -> ReplacementLayer:
     if kind == "linear":
         reference = next(template_layer.parameters())
         size = _plain_linear(mlp_module(template_layer).down_proj).out_features
@@ -121,7 +131,7 @@ def stock_layer_state(replacement: ReplacementLayer, template: dict[str, torch.T
         if ".o_proj." in f".{key}" and "attn" in key:
             state[key] = torch.zeros_like(state[key])
     for name, value in replacement.norm.state_dict().items():
-        state[f"{norm_key}.{name}"] = value.detach().clone()
+        state[f"{norm_key}.{name}"] = value.detach().to(state[f"{norm_key}.{name}"].dtype).clone()
     for name, value in replacement.mlp.state_dict().items():
         target = state[f"mlp.{name}"]
         padded = torch.zeros_like(target)

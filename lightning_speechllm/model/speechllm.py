@@ -194,6 +194,9 @@ class SpeechLLM(nn.Module):
 
     def shard(self, mesh, reshard_after_forward: bool = True) -> None:
         """Apply FSDP2 in place (see :mod:`lightning_speechllm.model.sharding`); masks keep working."""
+        if len(self.replacements):
+            raise ValueError("replacement modules are not sharded under FSDP (each rank would train its own copy): "
+                             "heal with replacements under DDP (configs/trainer/ddp.yaml) or on one device")
         shard_speechllm(self, mesh, reshard_after_forward)
         self.sharded = True
 

@@ -35,6 +35,7 @@ __all__ = [
     "attention_module",
     "attentionless_positions",
     "has_attention",
+    "is_dropped",
     "kv_cache_bytes",
     "kv_cache_for",
     "mlp_dropped",
@@ -73,20 +74,29 @@ def pre_mlp_norm(layer: nn.Module) -> nn.Module:
     return _child(layer, PRE_MLP_NORM_NAMES, "pre-MLP norm")
 
 
+NO_ATTENTION_ATTR = "_lsl_no_attention"
+"""Class attribute (True) of modules that sit in the decoder-layer list but run no attention (replacements)."""
+
+
+def is_dropped(module: nn.Module) -> bool:
+    """Whether a sublayer module is dropped by a :class:`SublayerMask`."""
+    return bool(getattr(module, _DROPPED_FLAG, False))
+
+
 def has_attention(layer: nn.Module) -> bool:
-    """Whether a decoder-list entry runs attention (False for a dropped attention or a module without any)."""
-    for name in ATTENTION_NAMES:
-        module = getattr(layer, name, None)
-        if isinstance(module, nn.Module):
-            return not getattr(module, _DROPPED_FLAG, False)
-    return False
+    """False only for an entry that runs no attention because of this package: a dropped attention or a module
+    marked with ``NO_ATTENTION_ATTR`` (a replacement). Layers of any other shape count as attention layers, so their
+    cache slots are left as transformers made them."""
+    if getattr(layer, NO_ATTENTION_ATTR, False):
+        return False
+    return not any(is_dropped(getattr(layer, name)) for name in ATTENTION_NAMES
+                   if isinstance(getattr(layer, name, None), nn.Module))
 
 
 def mlp_dropped(layer: nn.Module) -> bool:
     """Whether a decoder layer's MLP is dropped by a :class:`SublayerMask`."""
-    module = next((getattr(layer, name) for name in MLP_NAMES if isinstance(getattr(layer, name, None), nn.Module)),
-                  None)
-    return bool(getattr(module, _DROPPED_FLAG, False))
+    return any(is_dropped(getattr(layer, name)) for name in MLP_NAMES
+               if isinstance(getattr(layer, name, None), nn.Module))
 
 
 def _zero_attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -168,20 +178,29 @@ class SublayerMask:
     @contextmanager
     def suspended(self) -> Iterator[None]:
         """Every sublayer runs inside the context (the teacher pass of healing); the selection is restored on exit."""
+        if not (self._state.attention or self._state.mlp):
+            yield  # nothing dropped: nothing to touch (layers of any shape pass through)
+            return
         self._state.suspended += 1
-        self._apply()
         try:
+            self._apply()
             yield
         finally:
             self._state.suspended -= 1
             self._apply()
 
     def _apply(self) -> None:
+        """Set or clear the zero ``forward`` of every sublayer in the selection or dropped before; other layers are
+        never looked at, so models whose layers are not Llama-shaped work as long as nothing is dropped in them."""
         active = self._state.suspended == 0
         attention, mlp = set(self._state.attention), set(self._state.mlp)
         for i, layer in enumerate(self._all_layers()):
-            _set_dropped(attention_module(layer), _zero_attention, active and i in attention)
-            _set_dropped(mlp_module(layer), _zero_mlp, active and i in mlp)
+            for names, find, zero, chosen in ((ATTENTION_NAMES, attention_module, _zero_attention, attention),
+                                              (MLP_NAMES, mlp_module, _zero_mlp, mlp)):
+                flagged = [getattr(layer, n) for n in names
+                           if isinstance(getattr(layer, n, None), nn.Module) and is_dropped(getattr(layer, n))]
+                if i in chosen or flagged:
+                    _set_dropped(find(layer), zero, active and i in chosen)
 
 
 def _text_config(model: nn.Module) -> Any:

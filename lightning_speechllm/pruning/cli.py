@@ -229,8 +229,9 @@ def _check_greedy_args(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> N
                         f"{sorted(data['val_sets'])}")
     if args.calibration_batches < 1 or args.step < 1:
         raise PlanError(f"--calibration_batches and --step must be >= 1, got {args.calibration_batches}, {args.step}")
-    if args.ckpt_path is None and model.removed_layers:
-        raise PlanError(f"--model.removed_layers {model.removed_layers}: greedy starts from the unpruned model")
+    for key in ("removed_layers", "removed_attention", "removed_mlp"):
+        if args.ckpt_path is None and getattr(model, key):
+            raise PlanError(f"--model.{key} {getattr(model, key)}: greedy starts from the unpruned model")
 
 
 def _greedy_model(args: PruneArgs, model: SpeechLLMConfig) -> SpeechLLM:

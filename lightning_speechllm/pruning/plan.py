@@ -177,6 +177,10 @@ class PruningPlan:
                     f"removed layer index {index} (removed_layers[{position}]) is out of range for a decoder of "
                     f"{num_layers} layers (valid: 0..{num_layers - 1})"
                 )
+        both = sorted(set(self.removed_attention) & set(self.removed_mlp))
+        if both:
+            raise PlanError(f"layers {both} are in both removed_attention and removed_mlp: remove them as whole layers "
+                            "(removed_layers) instead")
         for key in ("removed_attention", "removed_mlp"):
             values = getattr(self, key)
             bad = [i for i in values if not 0 <= i < num_layers or i in self.removed_layers]
@@ -379,10 +383,11 @@ def _mask_and_model_id(target: Any) -> tuple[DecoderLayerMask, str | None]:
 
 
 def apply_plan(target: Any, plan: PruningPlan, model_id: str | None = None) -> DecoderLayerMask:
-    """Mask out ``plan.removed_layers`` on ``target`` (a SpeechLLM, DecoderLayerMask or HF causal LM) after
-    :meth:`PruningPlan.validate_for`; returns the mask. ``model_id`` defaults to a SpeechLLM's ``config.llm_path``.
+    """Mask out ``plan.removed_layers`` and drop ``plan.removed_attention`` / ``removed_mlp`` sublayers on ``target``
+    (a SpeechLLM, DecoderLayerMask or HF causal LM) after :meth:`PruningPlan.validate_for`; returns the layer mask.
+    ``model_id`` defaults to a SpeechLLM's ``config.llm_path``.
 
-    The selection replaces any previous one; indices refer to the model as first masked (``mask.num_layers``).
+    Both selections replace any previous ones; indices refer to the model as first masked (``mask.num_layers``).
     """
     from lightning_speechllm.model.sublayer_mask import SublayerMask
 

@@ -184,7 +184,8 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
         write_summary_csv([callback.results[key] for key in sorted(callback.results)],
                           Path(callback.output_dir) / "summary.csv")
     if args.sublayers:
-        write_sublayer_maps(module.speechllm, datamodule, modalities, args, Path(callback.output_dir) / "sublayers")
+        speechllm = module.speechllm.to(trainer.strategy.root_device)  # Lightning left it on the CPU
+        write_sublayer_maps(speechllm, datamodule, modalities, args, Path(callback.output_dir) / "sublayers")
     return callback
 
 

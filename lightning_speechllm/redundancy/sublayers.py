@@ -7,7 +7,6 @@ selections and float64 arithmetic as the layer maps (:class:`~.metrics.AngularDi
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_speechllm.data.batch import SpeechBatch
-from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.io_utils import read_json, write_json
 from lightning_speechllm.model.layer_mask import LayerMaskError, find_decoder_layers
 from lightning_speechllm.model.sublayer_mask import pre_mlp_norm
 from lightning_speechllm.redundancy.metrics import AngularDistanceMetric, TokenSelection, select_tokens
@@ -86,20 +85,22 @@ class SublayerMap:
         return {"kind": SUBLAYER_MAP_KIND, **asdict(self)}
 
     def to_json(self, path: str | Path) -> Path:
-        return atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "SublayerMap":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read sublayer map {path}: {error}") from error
+        """Read a map written by :meth:`to_json`; errors name the file."""
+        data = read_json(path)
         if data.pop("kind", None) != SUBLAYER_MAP_KIND:
             raise ValueError(f"{path} is not a sublayer map (kind {SUBLAYER_MAP_KIND!r} expected)")
         try:
-            return cls(**data)
+            result = cls(**data)
         except TypeError as error:
             raise ValueError(f"{path}: {error}") from error
+        if not len(result.layers) == len(result.attention) == len(result.mlp):
+            raise ValueError(f"{path}: layers, attention and mlp have different lengths "
+                             f"({len(result.layers)}, {len(result.attention)}, {len(result.mlp)})")
+        return result
 
 
 @torch.no_grad()
@@ -112,13 +113,19 @@ def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_sele
         raise LayerMaskError("sublayer maps of a decoder with replacement modules are not defined")
     metric = AngularDistanceMetric(2 * len(active))
     count = 0
-    for batch in tqdm(batches, desc="sublayer map", disable=not progress, leave=False):
-        inputs = speechllm.build_inputs(batch.to(speechllm.device), with_targets=True)
-        with record_sublayer_stream(llm) as stream:
-            llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
-        metric.update(list(stream), select_tokens(inputs.segment_ids, token_selection))
-        count += len(batch)
+    modes = [(module, module.training) for module in speechllm.modules()]
+    speechllm.eval()  # no dropout (nor SpecAugment) in the measured pass; each module's mode comes back after
+    try:
+        for batch in tqdm(batches, desc="sublayer map", disable=not progress, leave=False):
+            inputs = speechllm.build_inputs(batch.to(speechllm.device), with_targets=True)
+            with record_sublayer_stream(llm) as stream:
+                llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                    position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
+            metric.update(list(stream), select_tokens(inputs.segment_ids, token_selection))
+            count += len(batch)
+    finally:
+        for module, training in modes:
+            module.training = training
     if count == 0:
         raise ValueError("no batch to measure the sublayer map on")
     first_row = metric.compute()[0].tolist()
