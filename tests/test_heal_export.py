@@ -30,6 +30,16 @@ def healed(tmp_path_factory) -> Path:
     return root / "ck" / "last.ckpt"
 
 
+def _exported_and_student_logits(exported, module: HealingModule):
+    """(exported decoder's logits, the live student's, the non-pad positions) on one tiny batch."""
+    with torch.no_grad():
+        inputs = module.speechllm.build_inputs(make_batch())
+        student, _ = module.student_pass(inputs)
+        theirs = exported(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                          position_ids=inputs.position_ids, use_cache=False).logits
+    return theirs, student, inputs.attention_mask.bool()
+
+
 def test_exported_decoder_equals_the_masked_student(healed, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["--ckpt", str(healed), "--out", str(out)]) == 0
@@ -41,12 +51,7 @@ def test_exported_decoder_equals_the_masked_student(healed, tmp_path, capsys):
 
     exported = AutoModelForCausalLM.from_pretrained(out / "decoder").eval()
     assert exported.config.num_hidden_layers == 2 and len(exported.model.layers) == 2
-    batch = make_batch()
-    with torch.no_grad():
-        inputs = module.speechllm.build_inputs(batch)
-        student, _ = module.student_pass(inputs)
-        theirs = exported(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                          position_ids=inputs.position_ids, use_cache=False).logits
+    theirs, student, _ = _exported_and_student_logits(exported, module)
     torch.testing.assert_close(theirs, student, atol=1e-5, rtol=0)
 
     projector = load_file(out / "projector.safetensors")
@@ -128,13 +133,7 @@ def test_heal_with_replacement_and_dropped_attention_then_export_to_stock_transf
     exported = AutoModelForCausalLM.from_pretrained(
         out / "decoder", attn_implementation=module.speechllm.llm.config._attn_implementation).eval()
     assert exported.config.num_hidden_layers == 4  # layer 0, the replacement, layer 2, layer 3 (zero attention)
-    batch = make_batch()
-    with torch.no_grad():
-        inputs = module.speechllm.build_inputs(batch)
-        student, _ = module.student_pass(inputs)
-        theirs = exported(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                          position_ids=inputs.position_ids, use_cache=False).logits
-    real = inputs.attention_mask.bool()
+    theirs, student, real = _exported_and_student_logits(exported, module)
     torch.testing.assert_close(theirs[real], student[real], atol=1e-5, rtol=0)
     plan = PruningPlan.from_json(out / "plan.json")
     assert plan.removed_layers == [1] and plan.removed_attention == [3]
