@@ -144,7 +144,7 @@ def test_resume_refuses_another_replacement_or_sublayer_plan(tmp_path):
                              replacement=ReplacementConfig(kind="ffn", width=32))
     with pytest.raises(PlanMismatchError, match=r"removed_attention \[\], this module has \[3\]"):
         HealingModule.load_from_checkpoint(path, healing=sublayer, speechllm=tiny_speechllm())
-    with pytest.raises(PlanMismatchError, match="kind must be 'ffn' or 'linear', got 'fnn'"):
+    with pytest.raises(PlanMismatchError, match=r"kind must be one of \('ffn', 'linear'\), got 'fnn'"):
         HealingModule(healing=HealingConfig(removed_layers=[1], replacement={"kind": "fnn"}),
                       speechllm=tiny_speechllm())
     with pytest.raises(ValueError, match="replacement modules are not sharded under FSDP"):

@@ -44,7 +44,7 @@ from lightning_speechllm.healing.losses import (
 from lightning_speechllm.model.checkpoint import load_checkpoint_file
 from lightning_speechllm.model.layer_mask import find_decoder_layers, get_layer_mask_state
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
-from lightning_speechllm.model.replacement import ReplacementLayer
+from lightning_speechllm.model.replacement import REPLACEMENT_KINDS, ReplacementLayer, build_replacement
 from lightning_speechllm.model.speechllm import (
     LLMInputs,
     LoraConfig,
@@ -196,13 +196,11 @@ class HealingModule(SpeechLLMModule):
 
     def _add_replacements(self, removed: tuple[int, ...]) -> None:
         """An identity-initialised replacement module (trainable) in place of each removed block."""
-        from lightning_speechllm.model.replacement import build_replacement
-
         if not removed:
             raise PlanMismatchError("healing.replacement needs removed layers: the plan removes none")
         sl, config = self.speechllm, from_dict(ReplacementConfig, self.healing.replacement)
-        if config.kind not in ("ffn", "linear"):
-            raise PlanMismatchError(f"healing.replacement.kind must be 'ffn' or 'linear', got {config.kind!r}")
+        if config.kind not in REPLACEMENT_KINDS:
+            raise PlanMismatchError(f"healing.replacement.kind must be one of {REPLACEMENT_KINDS}, got {config.kind!r}")
         layers = get_layer_mask_state(sl.layer_mask.model).layer_list
         starts = [i for i in removed if i - 1 not in removed]
         modules = {i: build_replacement(layers[i], config.kind, config.width).requires_grad_(True) for i in starts}
