@@ -179,6 +179,18 @@ def test_map_equals_a_direct_accumulator_run(validated):
             np.testing.assert_allclose(written.block_influence, direct.influence.compute().numpy(), atol=1e-6)
 
 
+def test_modality_order_does_not_change_the_maps(validated, tmp_path):
+    """With text listed first, the speech map must still come from the speech forward, not the text one."""
+    module, data, _, out = validated
+    callback = RedundancyCallback(n_boot=0, modalities=["text", "speech"], sets=["clean"],
+                                  output_dir=str(tmp_path / "maps"))
+    trainer(tmp_path, callbacks=[callback]).validate(module, datamodule=data)
+    for modality in ("speech", "text"):
+        ours = RedundancyResult.from_json(tmp_path / "maps" / "clean" / modality / "epoch=0.json")
+        reference = RedundancyResult.from_json(out / "clean" / modality / "epoch=0.json")
+        np.testing.assert_allclose(ours.table, reference.table, atol=1e-6, equal_nan=True)
+
+
 def test_every_n_epochs_sets_filter_and_no_sanity_check(tmp_path):
     callback = RedundancyCallback(every_n_epochs=2, sets=["clean"], modalities=["text"], n_boot=0,
                                   output_dir=tmp_path / "maps")

@@ -154,24 +154,30 @@ class SpeechLLMModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: SpeechBatch, dataloader_idx: int) -> None:
         scored = [i for i, uid in enumerate(batch.ids) if not is_padding_duplicate(uid)]  # Lhotse's DDP padding
-        if not scored:
-            if self.speechllm.sharded and len(batch):  # FSDP gathers weights in each forward: every rank joins
-                self.model_step(batch)
-                self.speechllm.generate(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
+        # A batch of padding copies only is not scored, but under FSDP its forwards still run: every rank must join
+        # the weight gathers of the same calls (the loss forward, and generation where the other ranks generate).
+        if not scored and not (self.speechllm.sharded and len(batch)):
             return
-        if len(scored) < len(batch):
+        if scored and len(scored) < len(batch):
             batch = batch.subset(scored)
-        set_name = self.set_name(stage, dataloader_idx)
         loss, (_, inputs) = self.model_step(batch)
-        # Weighted by target tokens: the logged loss is the corpus's per-token loss, however it was batched or sharded.
+        if scored:
+            self._log_eval_loss(stage, dataloader_idx, loss, inputs)
+        if stage == "val" and not self.decoding.generate_in_validation:
+            return
+        output = self.speechllm.generate_with_details(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
+        if scored:
+            self._update_metrics(stage, self.set_name(stage, dataloader_idx), batch, output.texts,
+                                 output.hit_max_tokens)
+
+    def _log_eval_loss(self, stage: str, dataloader_idx: int, loss: torch.Tensor, inputs: Any) -> None:
+        """The set's loss, weighted by target tokens: the corpus's per-token loss, however it was batched or
+        sharded."""
+        set_name = self.set_name(stage, dataloader_idx)
         tokens = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
         self.log(f"{stage}/{set_name}/loss", loss, batch_size=tokens, add_dataloader_idx=False, sync_dist=True)
         if stage == "val" and dataloader_idx == 0:
             self.log("val/loss", loss, batch_size=tokens, add_dataloader_idx=False, sync_dist=True, prog_bar=True)
-        if stage == "val" and not self.decoding.generate_in_validation:
-            return
-        output = self.speechllm.generate_with_details(batch, self.decoding.max_new_tokens, self.decoding.num_beams)
-        self._update_metrics(stage, set_name, batch, output.texts, output.hit_max_tokens)
 
     def _update_metrics(self, stage: str, set_name: str, batch: SpeechBatch, hyps: list[str],
                         hit_max_tokens: list[bool]) -> None:

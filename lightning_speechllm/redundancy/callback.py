@@ -215,10 +215,12 @@ class RedundancyCallback(L.Callback):
         own = "text" if batch.text_only else "speech"
         targets = self._targets(set_name, batch, rows)
         for modality in self._modalities_for(pl_module, batch):
-            if modality != own or recorded is None:  # the other modality, or a step that did not call the SpeechLLM
-                recorded = RedundancyAccumulator.record(speechllm, batch if modality == own else batch.as_text_only())
+            # The step's own forward serves its own modality; the other modality (or a step that did not call the
+            # SpeechLLM) gets a forward of its own.
+            stream = recorded if modality == own and recorded is not None else RedundancyAccumulator.record(
+                speechllm, batch if modality == own else batch.as_text_only())
             for name, subset in targets:
-                states = _recorded_rows(recorded, subset, rows, len(batch))
+                states = _recorded_rows(stream, subset, rows, len(batch))
                 for accumulator in self._accumulators_of(name, modality, pl_module):
                     accumulator.update_states(*states)
 
