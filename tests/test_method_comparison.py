@@ -19,18 +19,19 @@ METHODS = ["angular", "block_influence", "last", "greedy", "attention"]
 VARIANTS = ["lora", "replacement", "kd"]
 
 
-def _config(tmp_path) -> SweepConfig:
-    return SweepConfig(fractions=[0.25, 0.5], map_path=tiny_angular_map(tmp_path), heal_steps=1, heal_lora_r=2, heal_lora_alpha=2,
-                       replacement_width=8, output_dir=str(tmp_path / "compare"))
+def _config(tmp_path, methods=METHODS) -> SweepConfig:
+    return SweepConfig(fractions=[0.25, 0.5], map_path=tiny_angular_map(tmp_path), heal_steps=1, heal_lora_r=2,
+                       heal_lora_alpha=2, replacement_width=8, output_dir=str(tmp_path / "compare"),
+                       compare_methods=list(methods), compare_healing=list(VARIANTS), calibration_batches=1,
+                       speed_new_tokens=3)
 
 
 def test_every_method_and_variant_runs_on_one_table_and_the_model_is_restored(tmp_path):
     model = tiny_speechllm()
     model.train(False)
     state, model_config = _state(model), copy.deepcopy(model.config)
-    rows = compare_methods(model, NamedSets(n_train=1), _config(tmp_path), METHODS, VARIANTS,
-                           decoding=DecodingConfig(max_new_tokens=3), trainer_kwargs=TRAINER, calibration_batches=1,
-                           speed_new_tokens=3)
+    rows = compare_methods(model, NamedSets(n_train=1), _config(tmp_path), decoding=DecodingConfig(max_new_tokens=3),
+                           trainer_kwargs=TRAINER)
     _assert_restored(model, state, model_config)
     assert not model.sublayer_mask.dropped_attention and not len(model.replacements)
     keys = [(row.method, row.fraction, row.healing) for row in rows]
@@ -67,9 +68,8 @@ def test_every_method_and_variant_runs_on_one_table_and_the_model_is_restored(tm
     assert (out / "plans" / "sublayers.png").is_file() and (out / "plans" / "greedy_0.5.json").is_file()
     assert len(json.loads((out / "comparison.json").read_text())) == len(rows)
 
-    rerun = compare_methods(model, NamedSets(n_train=1), _config(tmp_path), METHODS, VARIANTS,
-                            decoding=DecodingConfig(max_new_tokens=3), trainer_kwargs=TRAINER, calibration_batches=1,
-                            speed_new_tokens=3, evaluate_fn=_never)
+    rerun = compare_methods(model, NamedSets(n_train=1), _config(tmp_path), decoding=DecodingConfig(max_new_tokens=3),
+                            trainer_kwargs=TRAINER, evaluate_fn=_never)
     assert [r.scores for r in rerun] == [r.scores for r in rows]  # every row read back, nothing recomputed
 
 
@@ -90,9 +90,9 @@ def test_rule_marks_the_largest_passing_fraction_per_method_and_healing():
 def test_compact_ranges_and_bad_options(tmp_path):
     assert _compact([4, 5, 6, 9, 11, 12]) == "4-6,9,11-12" and _compact([]) == "-"
     with pytest.raises(SweepError, match=r"unknown methods / healing variants \['sleb'\]"):
-        compare_methods(tiny_speechllm(), NamedSets(), _config(tmp_path), ["sleb"], ["lora"])
+        compare_methods(tiny_speechllm(), NamedSets(), _config(tmp_path, methods=["sleb"]))
     with pytest.raises(SweepError, match="needs sweep.fractions"):
-        compare_methods(tiny_speechllm(), NamedSets(), SweepConfig(ns=[1]), ["last"], ["lora"])
+        compare_methods(tiny_speechllm(), NamedSets(), SweepConfig(ns=[1], compare_methods=["last"]))
 
 
 def test_cli_runs_a_comparison_and_prints_its_table(tmp_path, monkeypatch, capsys):

@@ -18,7 +18,6 @@ import functools
 import io
 import itertools
 import json
-import logging
 import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,27 +36,19 @@ from lightning_speechllm.evaluation.sweep import (
     _file_sha256,
     _require_unpruned,
     _weights_sha256,
+    build_plan,
     evaluate,
     healed,
 )
 from lightning_speechllm.evaluation.sweep_table import METRICS, Scores, SweepPoint, Thresholds, passes
-from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.io_utils import atomic_write_text, read_json, write_json
 from lightning_speechllm.model.module import DecodingConfig
 from lightning_speechllm.model.speechllm import SpeechLLM
-from lightning_speechllm.pruning.plan import (
-    PruningPlan,
-    apply_plan,
-    plan_angular,
-    plan_block_influence,
-    plan_last,
-    plan_sublayers,
-)
+from lightning_speechllm.pruning.plan import PruningPlan, apply_plan, plan_sublayers
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 
 __all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison",
            "summary_markdown", "write_comparison"]
-
-log = logging.getLogger(__name__)
 
 COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention")
 
@@ -79,10 +70,6 @@ class ComparisonRow:
     """Unpruned decode time per token / this model's, measured side by side (-1: not measured, see the table)."""
     chosen: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}_{self.fraction:g}_{self.healing}"
 
 
 def _sweep_config(config: SweepConfig, variant: str) -> SweepConfig:
@@ -113,13 +100,9 @@ class _Planner:
 
     def plan(self, method: str, fraction: float) -> PruningPlan:
         self.speechllm.to(self.batches[0].audio.device)  # Lightning leaves the model on the CPU after each run
-        if method == "last":
-            return plan_last(self.num_layers, fraction=fraction, model_id=self.model_id)
-        if method in ("angular", "block_influence"):
-            if self.result is None:
-                raise SweepError(f"method {method!r} needs sweep.map_path (a redundancy map JSON)")
-            builder = plan_angular if method == "angular" else plan_block_influence
-            return builder(self.result, fraction=fraction, source_map=self.config.map_path)
+        if method in ("angular", "block_influence", "last"):
+            config = dataclasses.replace(self.config, method=method)
+            return build_plan(config, "fraction", fraction, self.num_layers, self.result, self.model_id)
         if method == "greedy":
             from lightning_speechllm.pruning.greedy import plan_greedy
 
@@ -165,27 +148,22 @@ def _efficiency(speechllm: SpeechLLM, batch: Any, new_tokens: int, rounds: int =
 
 
 def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: SweepConfig,
-                    methods: list[str], variants: list[str], decoding: DecodingConfig | None = None,
-                    trainer_kwargs: dict[str, Any] | None = None, calibration_batches: int = 4,
-                    speed_new_tokens: int = 16, evaluate_fn: Callable[..., Scores] | None = None
-                    ) -> list[ComparisonRow]:
-    """Every (fraction, method, variant) of ``config.fractions`` x ``methods`` x ``['none', *variants]``, plus the
-    unpruned baseline (method 'none', fraction 0); writes the rows and the outputs under ``config.output_dir``."""
-    unknown = sorted(set(methods) - set(COMPARISON_METHODS)) + sorted(set(variants) - set(HEALING_VARIANTS))
-    if unknown:
-        raise SweepError(f"unknown methods / healing variants {unknown}; methods: {COMPARISON_METHODS}, healing: "
-                         f"{HEALING_VARIANTS}")
-    if not config.fractions:
-        raise SweepError("a method comparison needs sweep.fractions (e.g. [0.2, 0.4])")
-    if calibration_batches < 1:
-        raise SweepError(f"calibration_batches must be >= 1, got {calibration_batches}")
+                    decoding: DecodingConfig | None = None, trainer_kwargs: dict[str, Any] | None = None,
+                    evaluate_fn: Callable[..., Scores] | None = None) -> list[ComparisonRow]:
+    """Every (fraction, method, healing) of ``config.fractions`` x ``config.compare_methods`` x ``['none',
+    *config.compare_healing]``, plus the unpruned baseline (method 'none', fraction 0); writes the rows and the
+    outputs under ``config.output_dir``. Greedy plans and the sublayer map are measured on, and decoding is timed on,
+    the first ``config.calibration_batches`` batches of the first validation set."""
+    if not config.compare_methods:
+        raise SweepError("a method comparison needs sweep.compare_methods (e.g. [angular, greedy, attention])")
+    config.check()
     _require_unpruned(speechllm, "a method comparison")
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
     device = _device(trainer_kwargs)
-    signature = _signature(config, decoding, calibration_batches, speed_new_tokens, speechllm)
-    batches = _calibration_batches(datamodule, calibration_batches, device)
-    speed_batch = batches[0]
+    signature = _signature(config, decoding, speechllm)
+    batches = _calibration_batches(datamodule, config.calibration_batches, device)
+    speed_batch, speed_new_tokens = batches[0], config.speed_new_tokens
 
     def run_eval(model: SpeechLLM) -> Scores:
         return score(model, datamodule, stage=config.stage, decoding=decoding, trainer_kwargs=trainer_kwargs,
@@ -193,12 +171,11 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
 
     def cached(name: str, compute: Callable[[], ComparisonRow]) -> ComparisonRow:
         path = out / "rows" / f"{name}.json"
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            if stored.get("signature") == signature:
-                return ComparisonRow(**stored["row"])
+        stored = read_json(path) if path.is_file() else {}
+        if stored.get("signature") == signature:
+            return ComparisonRow(**stored["row"])
         row = compute()
-        atomic_write_text(json.dumps({"signature": signature, "row": dataclasses.asdict(row)}, indent=2), path)
+        write_json({"signature": signature, "row": dataclasses.asdict(row)}, path)
         return row
 
     def baseline() -> ComparisonRow:
@@ -209,11 +186,11 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
 
     rows = [cached("baseline", baseline)]
     planner = _Planner(speechllm, config, batches)
-    for fraction, method in itertools.product(config.fractions, methods):
+    for fraction, method in itertools.product(config.fractions, config.compare_methods):
         plan = functools.cache(lambda: planner.plan(method, fraction))  # measured only when a row needs it
         rows.append(cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan(), method, fraction,
                                                                              run_eval, speed_batch, speed_new_tokens)))
-        for variant in variants:
+        for variant in config.compare_healing:
             if variant == "replacement" and method == "attention":
                 continue  # no whole layer removed: nothing to replace
             rows.append(cached(f"{method}_{fraction:g}_{variant}", lambda: _healed_row(
@@ -234,7 +211,7 @@ def _pruned_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: 
         speechllm.layer_mask.reset()
         speechllm.sublayer_mask.reset()
     return ComparisonRow(method, fraction, "none", list(plan.removed_layers), list(plan.removed_attention), scores,
-                         extra={"plan_params": _plain(plan.params)}, **speed)
+                         extra={"plan_params": dict(plan.params)}, **speed)
 
 
 def _healed_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: float, variant: str,
@@ -250,19 +227,14 @@ def _healed_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: 
                          **speed)
 
 
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _signature(config: SweepConfig, decoding: DecodingConfig | None, calibration_batches: int,
-               speed_new_tokens: int, speechllm: SpeechLLM) -> dict[str, Any]:
+def _signature(config: SweepConfig, decoding: DecodingConfig | None, speechllm: SpeechLLM) -> dict[str, Any]:
     """What a stored row must agree on to be reused (each row is one method, fraction and healing: adding a method
     to the list reuses the rows already there)."""
     decoding = decoding or DecodingConfig()
     keys = ("map_path", "stage", "sets", "heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
-            "heal_lora_alpha", "replacement_width", "kd_temperature", "max_batches")
+            "heal_lora_alpha", "replacement_width", "kd_temperature", "max_batches", "calibration_batches",
+            "speed_new_tokens")
     return {**{key: getattr(config, key) for key in keys}, "map_sha256": _file_sha256(config.map_path),
-            "calibration_batches": calibration_batches, "speed_new_tokens": speed_new_tokens,
             "max_new_tokens": decoding.max_new_tokens, "num_beams": decoding.num_beams,
             "trained_weights_sha256": _weights_sha256(speechllm), "llm_path": speechllm.config.llm_path}
 
@@ -331,13 +303,18 @@ def comparison_markdown(rows: list[ComparisonRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _headline(baseline: ComparisonRow) -> tuple[str, str]:
+    """(set, metric) the summary and the plot show: the first set's WER or BLEU."""
+    set_name = sorted(baseline.scores)[0]
+    return set_name, next(m for m in METRICS if m in baseline.scores[set_name])
+
+
 def summary_markdown(rows: list[ComparisonRow]) -> str:
     """One row per (method, fraction): the first set's metric unhealed and after each healing (``*``: the rule's
     choice for that method and healing), decoder parameters, measured decode speed-up and KV cache of the pruned
     model (a replacement adds its module: see the full table), and the unhealed failure rates."""
     baseline = rows[0]
-    set_name = sorted(baseline.scores)[0]
-    metric = next(m for m in METRICS if m in baseline.scores[set_name])
+    set_name, metric = _headline(baseline)
     healings = list(dict.fromkeys(row.healing for row in rows[1:] if row.healing != "none"))
     by_key = {(row.method, row.fraction, row.healing): row for row in rows[1:]}
     header = ["method", "removed", "layers removed", "attention dropped", f"{set_name} {metric} unhealed",
@@ -384,8 +361,7 @@ def plot_comparison(rows: list[ComparisonRow], path: Path) -> Path:
     from lightning_speechllm.redundancy.plots import save_figure
 
     baseline = rows[0]
-    set_name = sorted(baseline.scores)[0]
-    metric = next(m for m in METRICS if m in baseline.scores[set_name])
+    set_name, metric = _headline(baseline)
     healings = list(dict.fromkeys(row.healing for row in rows[1:]))
     figure = Figure(figsize=(4.2 * len(healings), 3.4), layout="tight")
     axes = figure.subplots(1, len(healings), sharey=True, squeeze=False)[0]

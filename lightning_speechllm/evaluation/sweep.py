@@ -193,6 +193,22 @@ class SweepConfig:
         except GridError as error:
             raise SweepError(str(error)) from None
 
+    def _check_comparison(self) -> None:
+        from lightning_speechllm.evaluation.method_comparison import COMPARISON_METHODS
+
+        unknown = sorted(set(self.compare_methods) - set(COMPARISON_METHODS)) + sorted(
+            set(self.compare_healing) - set(HEALING_VARIANTS))
+        if unknown:
+            raise SweepError(f"unknown methods / healing variants {unknown}; methods (compare_methods): "
+                             f"{COMPARISON_METHODS}, healing (compare_healing): {HEALING_VARIANTS}")
+        if not self.fractions:
+            raise SweepError("a method comparison needs sweep.fractions (e.g. [0.2, 0.4])")
+        if self.calibration_batches < 1 or self.speed_new_tokens < 2:
+            raise SweepError(f"calibration_batches must be >= 1 and speed_new_tokens >= 2, got "
+                             f"{self.calibration_batches} and {self.speed_new_tokens}")
+        if self.test_sets or self.stage != "validate":
+            raise SweepError("a method comparison scores the validation sets only (no test_sets, stage validate)")
+
     def check(self) -> None:
         """Raise :class:`SweepError` for inconsistent options."""
         self.values()
@@ -201,21 +217,8 @@ class SweepConfig:
         for method in self.compare_methods or [self.method]:
             if method in ("angular", "block_influence") and not self.map_path:
                 raise SweepError(f"method {method!r} needs map_path (a redundancy map JSON)")
-        if self.compare_methods and not self.fractions:
-            raise SweepError("a method comparison (compare_methods) needs fractions, e.g. [0.2, 0.4]")
         if self.compare_methods:
-            from lightning_speechllm.evaluation.method_comparison import COMPARISON_METHODS
-
-            unknown = sorted(set(self.compare_methods) - set(COMPARISON_METHODS)) + sorted(
-                set(self.compare_healing) - set(HEALING_VARIANTS))
-            if unknown:
-                raise SweepError(f"compare_methods / compare_healing name unknown {unknown}; methods: "
-                                 f"{COMPARISON_METHODS}, healing: {HEALING_VARIANTS}")
-            if self.calibration_batches < 1 or self.speed_new_tokens < 2:
-                raise SweepError(f"calibration_batches must be >= 1 and speed_new_tokens >= 2, got "
-                                 f"{self.calibration_batches} and {self.speed_new_tokens}")
-            if self.test_sets or self.stage != "validate":
-                raise SweepError("a method comparison scores the validation sets only (no test_sets, stage validate)")
+            self._check_comparison()
         if self.test_sets and self.stage != "validate":
             raise SweepError(f"test_sets {self.test_sets} needs stage 'validate' (the rule would otherwise choose on "
                              "test sets)")

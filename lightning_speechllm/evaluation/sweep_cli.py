@@ -172,9 +172,7 @@ def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None, datamodule: 
     if sweep.compare_methods:
         from lightning_speechllm.evaluation.method_comparison import compare_methods
 
-        rows = compare_methods(speechllm, datamodule, sweep, sweep.compare_methods, sweep.compare_healing,
-                               decoding=parsed["decoding"], trainer_kwargs=trainer_kwargs,
-                               calibration_batches=sweep.calibration_batches, speed_new_tokens=sweep.speed_new_tokens)
+        rows = compare_methods(speechllm, datamodule, sweep, decoding=parsed["decoding"], trainer_kwargs=trainer_kwargs)
         return rows, None, None, None
     table, chosen = run_sweep(speechllm, datamodule, sweep, decoding=parsed["decoding"], trainer_kwargs=trainer_kwargs)
     L.seed_everything(args.seed, verbose=False)  # the chosen point's second healing starts from the same seed

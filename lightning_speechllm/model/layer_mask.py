@@ -241,7 +241,8 @@ class DecoderLayerMask:
         return tuple(self._state.original_indices[i] for i in self._state.active)
 
     # ----------------------------------------------------------------------------------------------- selection
-    def _validate(self, indices: Sequence[int], what: str) -> tuple[int, ...]:
+    def check_indices(self, indices: Sequence[int], what: str) -> tuple[int, ...]:
+        """``indices`` sorted, after checking they are ints in range without duplicates (errors name ``what``)."""
         if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
             raise LayerMaskError(f"{what} must be a sequence of ints, got {type(indices).__name__}")
         n = self.num_layers
@@ -264,14 +265,14 @@ class DecoderLayerMask:
 
     def set_active_layers(self, indices: Sequence[int]) -> None:
         """Keep exactly the layers ``indices`` (any order, no duplicates, at least one)."""
-        active = self._validate(indices, "active layers")
+        active = self.check_indices(indices, "active layers")
         if not active:
             raise LayerMaskError("the active-layer selection is empty: at least one decoder layer must stay active")
         self._apply(active)
 
     def remove_layers(self, indices: Sequence[int]) -> None:
         """Keep every layer except ``indices``."""
-        removed = set(self._validate(indices, "removed layers"))
+        removed = set(self.check_indices(indices, "removed layers"))
         if len(removed) == self.num_layers:
             raise LayerMaskError(f"cannot remove all {self.num_layers} decoder layers: at least one must stay active")
         self._apply(tuple(i for i in range(self.num_layers) if i not in removed))
@@ -294,7 +295,7 @@ class DecoderLayerMask:
         pass (all layers active) never runs it. Keys must be layer indices; register the modules on a parent module
         yourself (the mask does not own them)."""
         for i, module in modules.items():
-            self._validate([i], "replacement positions")
+            self.check_indices([i], "replacement positions")
             if not isinstance(module, nn.Module):
                 raise LayerMaskError(f"the replacement for layer {i} is a {type(module).__name__}, not an nn.Module")
         self._state.replacements = dict(modules)

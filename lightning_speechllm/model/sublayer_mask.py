@@ -83,20 +83,21 @@ def is_dropped(module: nn.Module) -> bool:
     return bool(getattr(module, _DROPPED_FLAG, False))
 
 
+def _has_dropped(layer: nn.Module, names: Sequence[str]) -> bool:
+    """Whether a submodule of ``layer`` named one of ``names`` is dropped."""
+    return any(is_dropped(getattr(layer, name)) for name in names if isinstance(getattr(layer, name, None), nn.Module))
+
+
 def has_attention(layer: nn.Module) -> bool:
     """False only for an entry that runs no attention because of this package: a dropped attention or a module
     marked with ``NO_ATTENTION_ATTR`` (a replacement). Layers of any other shape count as attention layers, so their
     cache slots are left as transformers made them."""
-    if getattr(layer, NO_ATTENTION_ATTR, False):
-        return False
-    return not any(is_dropped(getattr(layer, name)) for name in ATTENTION_NAMES
-                   if isinstance(getattr(layer, name, None), nn.Module))
+    return not (getattr(layer, NO_ATTENTION_ATTR, False) or _has_dropped(layer, ATTENTION_NAMES))
 
 
 def mlp_dropped(layer: nn.Module) -> bool:
     """Whether a decoder layer's MLP is dropped by a :class:`SublayerMask`."""
-    return any(is_dropped(getattr(layer, name)) for name in MLP_NAMES
-               if isinstance(getattr(layer, name, None), nn.Module))
+    return _has_dropped(layer, MLP_NAMES)
 
 
 def _zero_attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -149,21 +150,10 @@ class SublayerMask:
     def _all_layers(self) -> nn.ModuleList:
         return get_layer_mask_state(self.model).layer_list
 
-    def _validate(self, indices: Iterable[int], what: str) -> tuple[int, ...]:
-        indices = list(indices)
-        n = self.layer_mask.num_layers
-        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
-        if bad:
-            raise LayerMaskError(f"{what} layer indices {bad} are out of range for a decoder of {n} layers "
-                                 f"(valid: 0..{n - 1})")
-        if len(set(indices)) != len(indices):
-            raise LayerMaskError(f"duplicate layer indices in {what}: {sorted(indices)}")
-        return tuple(sorted(indices))
-
     def drop(self, attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> None:
         """Drop exactly these sublayers (replacing any earlier selection)."""
-        attention = self._validate(attention, "dropped attention")
-        mlp = self._validate(mlp, "dropped MLP")
+        attention = self.layer_mask.check_indices(list(attention), "dropped attention")
+        mlp = self.layer_mask.check_indices(list(mlp), "dropped MLP")
         both = sorted(set(attention) & set(mlp))
         if both:
             raise LayerMaskError(f"layers {both} would lose both attention and MLP: remove them as whole layers "
@@ -197,9 +187,7 @@ class SublayerMask:
         for i, layer in enumerate(self._all_layers()):
             for names, find, zero, chosen in ((ATTENTION_NAMES, attention_module, _zero_attention, attention),
                                               (MLP_NAMES, mlp_module, _zero_mlp, mlp)):
-                flagged = [getattr(layer, n) for n in names
-                           if isinstance(getattr(layer, n, None), nn.Module) and is_dropped(getattr(layer, n))]
-                if i in chosen or flagged:
+                if i in chosen or _has_dropped(layer, names):
                     _set_dropped(find(layer), zero, active and i in chosen)
 
 
