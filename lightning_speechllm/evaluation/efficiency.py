@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lightning_speechllm.data.batch import SAMPLE_RATE, SpeechBatch
+from lightning_speechllm.model.layer_mask import unwrap_peft
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 
 __all__ = [
@@ -54,12 +55,6 @@ GOAL_FRACTION_OF_IDEAL = 0.9
 
 
 # ------------------------------------------------------------------------------------------------ parameters
-def _base_model(llm: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or ``llm`` itself)."""
-    get_base_model = getattr(llm, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else llm
-
-
 def _unique_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Parameters of ``module`` with tied / shared tensors counted once (by identity and storage)."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
@@ -274,7 +269,7 @@ class _GenerationTimer:
 
     @contextmanager
     def attached(self) -> Iterator["_GenerationTimer"]:
-        llm = _base_model(self.model.llm)
+        llm = unwrap_peft(self.model.llm)
         handles = [llm.register_forward_pre_hook(self._on_llm_pre, with_kwargs=True),
                    llm.register_forward_hook(self._on_llm)]
         if self.model.projector is not None:
@@ -293,7 +288,7 @@ def _timed_generate(model: SpeechLLM, batch: SpeechBatch, new_tokens: int) -> _R
     from lightning_speechllm.model.sublayer_mask import kv_cache_for
 
     timer = _GenerationTimer(model)
-    llm = _base_model(model.llm)
+    llm = unwrap_peft(model.llm)
     cache = kv_cache_for(llm) or DynamicCache(config=llm.config)
     with timer.attached():
         timer.start = timer.now()
@@ -360,7 +355,7 @@ def measure_latency(speechllm: SpeechLLM, batch: SpeechBatch | Sequence[SpeechBa
         per_repeat["rtf"].append(total / audio if audio > 0 else float("nan"))
     median = {key: statistics.median(values) if values else None for key, values in per_repeat.items()}
     peak, kind = _peak_memory(device)
-    llm = _base_model(speechllm.llm)
+    llm = unwrap_peft(speechllm.llm)
     kv_bytes = max(kv_cache_bytes(llm.config, len(speechllm.layer_mask.active_layers), tokens + max_new_tokens - 1,
                                   len(item), llm.get_input_embeddings().weight.element_size())
                    for tokens, item in zip(prompt_tokens, batches))
@@ -522,7 +517,7 @@ def run_benchmark(args: BenchArgs, model_config: SpeechLLMConfig,
                 rounds[name].append(measure_latency(model, batches, args.max_new_tokens, 1, 0, label=name))
     full, pruned = (median_report(reports) for reports in rounds.values())
     context = max(1, round(full.prompt_tokens + args.max_new_tokens / 2))
-    ideal = ideal_speedup(_base_model(model.llm).config, len(kept), context, num_layers=mask.num_layers)
+    ideal = ideal_speedup(unwrap_peft(model.llm).config, len(kept), context, num_layers=mask.num_layers)
     comparison = compare(full, pruned, ideal)
     comparison["removed_layers"] = list(plan.removed_layers)
     if plan.removed_attention:  # the FLOP ideal counts whole layers only

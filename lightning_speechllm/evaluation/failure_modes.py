@@ -10,7 +10,7 @@ Definitions (per hypothesis; the rates are shares of the scored hypotheses):
 * **empty**: nothing but whitespace; for ASR (``normalize=True``) also nothing left after the Whisper English
   normaliser (which drops punctuation and fillers such as "uh", "hmm").
 * **max tokens**: generation stopped at ``max_new_tokens`` without a stop token (see
-  :class:`~lightning_speechllm.model.speechllm.GenerationOutput`).
+  :class:`~lightning_speechllm.model.generation.GenerationOutput`).
 """
 from __future__ import annotations
 

@@ -22,8 +22,7 @@ base model or another fit LoRA.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -50,6 +49,7 @@ from lightning_speechllm.model.speechllm import (
     LoraConfig,
     SpeechLLM,
     SpeechLLMConfig,
+    eval_mode,
     target_window,
 )
 from lightning_speechllm.pruning.plan import receiving_layers
@@ -311,7 +311,7 @@ class HealingModule(SpeechLLMModule):
         student_projector = sl.projector
         try:
             sl.projector = self.teacher_projector
-            with torch.no_grad(), _eval_mode(self.teacher_projector):
+            with torch.no_grad(), eval_mode(self.teacher_projector):
                 inputs = sl.build_inputs(batch, with_targets=True)
         finally:
             sl.projector = student_projector
@@ -333,7 +333,7 @@ class HealingModule(SpeechLLMModule):
             stack.enter_context(sl.sublayer_mask.suspended())
             if sl.has_lora:
                 stack.enter_context(sl.llm.disable_adapter())
-            stack.enter_context(_eval_mode(sl.llm))
+            stack.enter_context(eval_mode(sl.llm))
             stream = stack.enter_context(mask.record_residual_stream()) if hidden else None
             output = sl.llm(inputs_embeds=inputs.inputs_embeds.detach(), attention_mask=inputs.attention_mask,
                             position_ids=inputs.position_ids, use_cache=False, logits_to_keep=logits_to_keep)
@@ -527,16 +527,6 @@ def _lora_pairs(state: dict[str, Tensor], source: str) -> dict[str, tuple[Tensor
     return {name: (parts["lora_A"], parts["lora_B"]) for name, parts in pairs.items()}
 
 
-@contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside the context; each one's own mode restored on exit."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _non_finite(total: Tensor, parts: dict[str, Tensor]) -> dict[str, float]:

@@ -385,14 +385,15 @@ class SpeechLLM(nn.Module):
             generate_kwargs.setdefault("cache", cache)
         if self.sharded and torch.distributed.is_initialized():  # every rank runs the decoder until all are done
             generate_kwargs.setdefault("synced_gpus", True)
+        stop_ids = self._stop_token_ids()
         output_ids = self.llm.generate(
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
             max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
-            eos_token_id=self._stop_token_ids(), pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
+            eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
         )
         output_ids = getattr(output_ids, "sequences", output_ids)  # a ModelOutput with return_dict_in_generate
         texts = [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
-        num_tokens, stopped = generated_lengths(output_ids, self._stop_token_ids())
+        num_tokens, stopped = generated_lengths(output_ids, stop_ids)
         return GenerationOutput(texts, num_tokens, stopped, max_new_tokens)
 
     def _stop_token_ids(self) -> list[int]:
@@ -459,6 +460,18 @@ def target_cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None) -> t
     targets = shift_labels != IGNORE_INDEX
     # Only the target positions are upcast: [B, T, V] in float32 is large with 150k-token vocabularies.
     return nn.functional.cross_entropy(logits[:, :-1][targets].float(), shift_labels[targets])
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the context; each one's own mode restored on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def enable_gradient_checkpointing(llm: nn.Module) -> None:

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -158,8 +158,6 @@ def _agreed_num_layers(sources: dict[str, int | None]) -> int | None:
 
 def build_plan(args: PruneArgs) -> PruningPlan:
     """The plan described by ``args`` (validated against every layer count and model id given)."""
-    from lightning_speechllm.redundancy.analysis import RedundancyResult
-
     if args.method == "greedy":
         raise PlanError("--method greedy measures the model: build it with build_greedy_plan(args, model, data)")
     if args.ckpt_path is not None:
@@ -173,18 +171,19 @@ def build_plan(args: PruneArgs) -> PruningPlan:
         raise PlanError(f"--layers is only for --method explicit, not {args.method}")
     if args.method == "explicit" and (args.n is not None or args.fraction is not None):
         raise PlanError("--method explicit takes --layers, not --n / --fraction")
-    if args.method == "attention":
-        return _attention_plan(args)
-    result = RedundancyResult.from_json(args.map) if args.map is not None else None
+    result = _read_map(args)
+    map_layers = None if result is None else (len(result.layers) if args.method == "attention" else result.num_layers)
     llm_layers = llm_num_layers(_llm_dir(args.llm_path)) if args.llm_path is not None else None
-    num_layers = _agreed_num_layers({"--map": None if result is None else result.num_layers,
-                                     "--llm_path config.json": llm_layers, "--num_layers": args.num_layers})
+    num_layers = _agreed_num_layers({"--map": map_layers, "--llm_path config.json": llm_layers,
+                                     "--num_layers": args.num_layers})
     if num_layers is None:
         raise PlanError(f"--method {args.method} needs the layer count: give --num_layers, --llm_path or --map")
     if args.method == "angular":
         plan = plan_angular(result, n=args.n, fraction=args.fraction, source_map=args.map)
     elif args.method == "block_influence":
         plan = plan_block_influence(result, n=args.n, fraction=args.fraction, source_map=args.map)
+    elif args.method == "attention":
+        plan = plan_sublayers(result, num_layers, n=args.n, fraction=args.fraction, source_map=args.map)
     elif args.method == "last":
         plan = plan_last(num_layers, n=args.n, fraction=args.fraction, model_id=args.llm_path)
     else:
@@ -196,22 +195,19 @@ def build_plan(args: PruneArgs) -> PruningPlan:
     return plan
 
 
-def _attention_plan(args: PruneArgs) -> PruningPlan:
-    """``--method attention``: the attention sublayers of lowest angular distance in the sublayer map ``--map``."""
+def _read_map(args: PruneArgs) -> Any:
+    """``--map``: a sublayer map for ``--method attention``, else a redundancy map (None without ``--map``)."""
+    from lightning_speechllm.redundancy.analysis import RedundancyResult
     from lightning_speechllm.redundancy.sublayers import SublayerMap
 
+    if args.map is None:
+        return None
+    if args.method != "attention":
+        return RedundancyResult.from_json(args.map)
     try:
-        result = SublayerMap.from_json(args.map)
+        return SublayerMap.from_json(args.map)
     except ValueError as error:
         raise PlanError(f"--map: {error}") from error
-    llm_layers = llm_num_layers(_llm_dir(args.llm_path)) if args.llm_path is not None else None
-    num_layers = _agreed_num_layers({"--map": len(result.layers), "--llm_path config.json": llm_layers,
-                                     "--num_layers": args.num_layers})
-    plan = plan_sublayers(result, num_layers, n=args.n, fraction=args.fraction, source_map=args.map)
-    plan.validate_for(num_layers, None if args.ignore_model_id else args.llm_path)
-    if plan.model_id is None and args.llm_path is not None:
-        plan.model_id = args.llm_path
-    return plan
 
 
 def _check_greedy_args(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.io_utils import read_json, write_json
 from lightning_speechllm.model.layer_mask import LayerMaskError, find_decoder_layers
+from lightning_speechllm.model.speechllm import eval_mode
 from lightning_speechllm.model.sublayer_mask import pre_mlp_norm
 from lightning_speechllm.redundancy.metrics import AngularDistanceMetric, TokenSelection, select_tokens
 
@@ -109,13 +110,11 @@ def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_sele
     """The :class:`SublayerMap` of ``speechllm`` (as masked now) over ``batches``: one forward per batch."""
     llm = speechllm.llm
     active = list(speechllm.layer_mask.active_layers)
-    if len(speechllm.layer_mask.replacements) and set(speechllm.layer_mask.replacements) - set(active):
+    if any(i not in active for i in speechllm.layer_mask.replacements):  # a replacement is in the layer list
         raise LayerMaskError("sublayer maps of a decoder with replacement modules are not defined")
     metric = AngularDistanceMetric(2 * len(active))
     count = 0
-    modes = [(module, module.training) for module in speechllm.modules()]
-    speechllm.eval()  # no dropout (nor SpecAugment) in the measured pass; each module's mode comes back after
-    try:
+    with eval_mode(speechllm):  # no dropout (nor SpecAugment) in the measured pass
         for batch in tqdm(batches, desc="sublayer map", disable=not progress, leave=False):
             inputs = speechllm.build_inputs(batch.to(speechllm.device), with_targets=True)
             with record_sublayer_stream(llm) as stream:
@@ -123,9 +122,6 @@ def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_sele
                     position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
             metric.update(list(stream), select_tokens(inputs.segment_ids, token_selection))
             count += len(batch)
-    finally:
-        for module, training in modes:
-            module.training = training
     if count == 0:
         raise ValueError("no batch to measure the sublayer map on")
     first_row = metric.compute()[0].tolist()
