@@ -123,15 +123,15 @@ def describe_choice(table: SweepTable, thresholds: Thresholds, chosen: SweepPoin
 def plot_curves(table: SweepTable, path: str | Path, thresholds: Thresholds = Thresholds(),
                 chosen: SweepPoint | None = None) -> Path:
     """WER/BLEU vs removed fraction per set: before (and after) healing, the baseline and the allowed band."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_speechllm.redundancy.plots import save_figure
 
     pairs = table.set_metrics()
     if not pairs:
         raise SweepError("nothing to plot: the baseline has no WER/BLEU")
-    figure, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.4), squeeze=False)
+    figure = Figure(figsize=(4.2 * len(pairs), 3.4), layout="tight")
+    axes = figure.subplots(1, len(pairs), squeeze=False)
     points = sorted(table.points, key=lambda p: p.removed_fraction)
     for ax, (name, metric) in zip(axes[0], pairs):
         base = table.baseline[name][metric]
@@ -154,12 +154,8 @@ def plot_curves(table: SweepTable, path: str | Path, thresholds: Thresholds = Th
         ax.set_ylabel(f"{metric.upper()} (%)")
         ax.set_title(name)
         ax.legend(fontsize=7)
-    figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=110)
-    plt.close(figure)
-    return target
+    save_figure(figure, path, dpi=110)
+    return Path(path)
 
 
 def write_outputs(table: SweepTable, out_dir: str | Path, thresholds: Thresholds = Thresholds(),

@@ -374,28 +374,31 @@ def spearman_null(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000, se
     return _null(observed, null / scale if scale > 0 else np.zeros(n_perm), seed)
 
 
-def path_null(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000, seed: int = 0,
-              statistic: Literal["overlap", "exact"] = "overlap") -> PermutationNull:
-    """Path overlap (or exact agreement) of two tables' pruning paths against the same within-row shuffle of
-    ``table_b`` as :func:`spearman_null`: the permuted map's best block is the argmin of its shuffled row."""
+def path_nulls(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000,
+               seed: int = 0) -> dict[str, PermutationNull]:
+    """``{"overlap", "exact"}``: path overlap and exact agreement of two tables' pruning paths, each against the same
+    within-row shuffle of ``table_b`` as :func:`spearman_null` (the permuted map's best block is the argmin of its
+    shuffled row); one pass over the permutations serves both."""
     if n_perm < 1:
         raise ValueError(f"n_perm must be >= 1, got {n_perm}")
     a, b = _check_pair(table_a, table_b)
     num_layers = a.shape[0]
     path_a = np.asarray(pruning_path(a))
-    hits = np.zeros(n_perm)
+    overlap, exact = np.zeros(n_perm), np.zeros(n_perm)
     for row, perms in enumerate(_row_permutations(num_layers, n_perm, np.random.default_rng(seed))):
         block, width = row + 1, num_layers - row
         first_b = np.argmin(b[row, :width][perms], axis=1)  # ties to the smallest shuffled position
-        hits += (np.abs(first_b - path_a[row]) < block) if statistic == "overlap" else (first_b == path_a[row])
+        overlap += np.abs(first_b - path_a[row]) < block
+        exact += first_b == path_a[row]
     agreement = path_agreement(list(path_a), pruning_path(b))
-    observed = agreement.overlap if statistic == "overlap" else agreement.exact
-    return _null(observed, hits / num_layers, seed)
+    return {"overlap": _null(agreement.overlap, overlap / num_layers, seed),
+            "exact": _null(agreement.exact, exact / num_layers, seed)}
 
 
-def same_best_block(path_a: list[int], path_b: list[int]) -> float:
-    """Fraction of block sizes n whose best first layer l*(n) is the same in both paths (= ``path_agreement.exact``)."""
-    return path_agreement(path_a, path_b).exact
+def path_null(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000, seed: int = 0,
+              statistic: Literal["overlap", "exact"] = "overlap") -> PermutationNull:
+    """One statistic of :func:`path_nulls`."""
+    return path_nulls(table_a, table_b, n_perm, seed)[statistic]
 
 
 @dataclass(frozen=True)

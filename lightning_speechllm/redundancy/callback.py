@@ -46,7 +46,7 @@ from lightning_speechllm.redundancy import plots
 from lightning_speechllm.redundancy.analysis import (
     RedundancyResult,
     path_agreement,
-    path_null,
+    path_nulls,
     spearman_null,
     spearman_rho,
 )
@@ -374,10 +374,9 @@ class RedundancyCallback(L.Callback):
                                      "path_overlap": paths.overlap, "path_mean_jaccard": paths.mean_jaccard,
                                      "path_speech": speech.path, "path_text": text.path}
         if self.n_perm > 0:
+            nulls = path_nulls(speech.table, text.table, self.n_perm)
             agreement["null"] = {"spearman_rho": spearman_null(speech.table, text.table, self.n_perm).to_dict(),
-                                 "path_overlap": path_null(speech.table, text.table, self.n_perm).to_dict(),
-                                 "path_exact": path_null(speech.table, text.table, self.n_perm,
-                                                         statistic="exact").to_dict()}
+                                 "path_overlap": nulls["overlap"].to_dict(), "path_exact": nulls["exact"].to_dict()}
         return agreement
 
     def _log_result(self, pl_module: L.LightningModule, result: RedundancyResult) -> None:

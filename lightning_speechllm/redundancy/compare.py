@@ -30,11 +30,11 @@ from lightning_speechllm.redundancy.analysis import (
     RedundancyResult,
     bootstrap_agreement,
     path_agreement,
-    path_null,
+    path_nulls,
     per_sample_path,
     spearman_null,
 )
-from lightning_speechllm.redundancy.plots import draw_redundancy_heatmap
+from lightning_speechllm.redundancy.plots import draw_redundancy_heatmap, save_figure
 
 __all__ = ["LoadedMap", "build_parser", "compare_maps", "compare_pair", "format_markdown", "load_maps", "main",
            "plot_grid"]
@@ -94,13 +94,13 @@ def compare_pair(a: LoadedMap, b: LoadedMap, n_perm: int = 1000, n_boot: int = 1
     """The agreement statistics of two maps with their permutation nulls and (when available) bootstrap CIs."""
     paths = path_agreement(a.result.path, b.result.path)
     rho = spearman_null(a.result.table, b.result.table, n_perm, seed)
+    nulls = path_nulls(a.result.table, b.result.table, n_perm, seed)
     row: dict[str, Any] = {
         "a": a.label, "b": b.label, "file_a": str(a.path), "file_b": str(b.path),
         "spearman_rho": rho.observed, "path_overlap": paths.overlap, "same_best_block": paths.exact,
         "path_mean_jaccard": paths.mean_jaccard,
         "null": {"spearman_rho": rho.to_dict(),
-                 "path_overlap": path_null(a.result.table, b.result.table, n_perm, seed, "overlap").to_dict(),
-                 "same_best_block": path_null(a.result.table, b.result.table, n_perm, seed, "exact").to_dict()},
+                 "path_overlap": nulls["overlap"].to_dict(), "same_best_block": nulls["exact"].to_dict()},
         "ci": None,
     }
     if a.per_sample is not None and b.per_sample is not None:
@@ -173,9 +173,7 @@ def plot_grid(loaded: list[LoadedMap], save_to: str | Path | None = None, dpi: i
     for ax in axes[len(loaded):]:
         ax.set_visible(False)
     figure.colorbar(image, ax=list(axes[:len(loaded)]), label="angular distance $d(l, n)$")
-    if save_to is not None:
-        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(save_to, dpi=dpi, bbox_inches="tight")
+    save_figure(figure, save_to, dpi)
     return figure
 
 
