@@ -90,7 +90,7 @@ def test_bootstrap_agreement_separates_same_from_unrelated_maps():
     same = np.stack([_noisy_copy(_map(1), seed, 0.05) for seed in range(20, 40)])
     other = np.stack([_noisy_copy(_map(2), seed, 0.05) for seed in range(20, 40)])
     ci_same, ci_other = bootstrap_agreement(per_a, same, n_boot=200), bootstrap_agreement(per_a, other, n_boot=200)
-    assert 0.9 < ci_same.spearman_rho[0] <= ci_same.spearman_rho[1] <= 1.0
+    assert ci_same.spearman_rho[0] > 0.9
     assert ci_other.spearman_rho[1] < ci_same.spearman_rho[0]
     assert ci_other.same_best_block[1] < ci_same.same_best_block[0]
     assert bootstrap_agreement(per_a, same, n_boot=200) == ci_same  # fixed seed
@@ -136,7 +136,7 @@ def test_cli_writes_outputs_with_cis(tmp_path, capsys):
     pair = data["pairs"][0]
     assert (pair["a"], pair["b"]) == ("ASR", "AST") and pair["ci"]["n_boot"] == 50
     low, high = pair["ci"]["spearman_rho"]
-    assert low <= high
+    assert low < high  # 50 resamples of noisy per-utterance maps: an interval, not a point
     markdown = (out / "compare.md").read_text()
     assert f"| ASR | AST | {pair['spearman_rho']:.3f} [{low:.3f}, {high:.3f}] |" in markdown
     assert markdown in capsys.readouterr().out

@@ -11,7 +11,7 @@ from lightning_speechllm.healing.module import HealingConfig, HealingModule, Pla
 from lightning_speechllm.model.checkpoint import load_checkpoint_file
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import LoraConfig
-from tests.test_healing_module import KL_CE, SMALL_LORA, loader, randomise_lora_b
+from tests.test_healing_module import KL_CE, SMALL_LORA, fitted_lora_teacher, loader, randomise_lora_b
 from tests.test_module import trainer
 from tests.test_speechllm import make_batch
 from tests.tiny_speechllm import tiny_speechllm
@@ -22,16 +22,10 @@ FIT_LORA = LoraConfig(layers=[0, 1, 2, 3], r=4, alpha=8, dropout=0.0, target_mod
 @pytest.fixture(scope="module")
 def fit_checkpoint(tmp_path_factory) -> tuple[Path, SpeechLLMModule]:
     """A LoRA-tuned fit run (2 steps at a high LR, so LoRA B and the projector moved) and its checkpoint."""
-    root = tmp_path_factory.mktemp("fit_lora")
-    tuned = SpeechLLMModule(optim=OptimConfig(lr=3e-2, warmup_steps=0, schedule="constant"),
-                            decoding=DecodingConfig(generate_in_validation=False),
-                            speechllm=tiny_speechllm(seed=0, lora=FIT_LORA))
-    fit = trainer(root, max_steps=2, limit_val_batches=0)
-    fit.fit(tuned, train_dataloaders=loader(2))
-    fit.save_checkpoint(root / "fit.ckpt")
+    path, tuned = fitted_lora_teacher(tmp_path_factory.mktemp("fit_lora"), FIT_LORA)
     lora_b = [v for k, v in tuned.speechllm.trainable_state_dict().items() if "lora_B" in k]
     assert max(float(v.abs().max()) for v in lora_b) > 1e-3  # the fit LoRA is not a no-op
-    return root / "fit.ckpt", tuned.eval()
+    return path, tuned
 
 
 def healing(teacher: Path | None, removed=(), losses=KL_CE, seed: int = 0) -> HealingModule:

@@ -333,23 +333,29 @@ def test_yaml_config_builds_the_weighted_losses(tmp_path):
     assert module.speechllm.config.lora.layers == [3] and module.healing.on_nan == "skip"
 
 
-def test_teacher_checkpoint_brings_its_projector_and_merges_its_lora(tmp_path):
+def fitted_lora_teacher(root, lora: LoraConfig):
+    """A LoRA-tuned fit run (2 steps at a high LR, so LoRA B and the projector moved): (checkpoint path, the module
+    in eval mode)."""
     from lightning_speechllm.model.module import SpeechLLMModule
 
-    full_lora = LoraConfig(layers=[0, 1, 2, 3], r=4, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
     tuned = SpeechLLMModule(optim=OptimConfig(lr=3e-2, warmup_steps=0, schedule="constant"),
                             decoding=DecodingConfig(generate_in_validation=False),
-                            speechllm=tiny_speechllm(seed=0, lora=full_lora))
-    t = trainer(tmp_path, max_steps=2, limit_val_batches=0)
-    t.fit(tuned, train_dataloaders=loader(2))
-    t.save_checkpoint(tmp_path / "teacher.ckpt")
+                            speechllm=tiny_speechllm(seed=0, lora=lora))
+    fit = trainer(root, max_steps=2, limit_val_batches=0)
+    fit.fit(tuned, train_dataloaders=loader(2))
+    fit.save_checkpoint(root / "fit.ckpt")
+    return root / "fit.ckpt", tuned.eval()
+
+
+def test_teacher_checkpoint_brings_its_projector_and_merges_its_lora(tmp_path):
+    full_lora = LoraConfig(layers=[0, 1, 2, 3], r=4, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    teacher_path, tuned = fitted_lora_teacher(tmp_path, full_lora)
     batch = make_batch(seed=7)
-    tuned.eval()
     with torch.no_grad():
         reference = tuned.speechllm(batch)[1].logits
 
     config = HealingConfig(removed_layers=[1, 2], lora=SMALL_LORA, losses=KL_CE,
-                           teacher_checkpoint=str(tmp_path / "teacher.ckpt"))
+                           teacher_checkpoint=str(teacher_path))
     module = HealingModule(healing=config, speechllm=tiny_speechllm(seed=0),
                            optim=OptimConfig(lr=1e-2, warmup_steps=0))
     randomise_lora_b(module)
