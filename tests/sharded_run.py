@@ -62,3 +62,6 @@ local = weight.to_local() if hasattr(weight, "to_local") else weight
 if trainer.global_rank == 0:
     torch.save({"state": state, "steps": trainer.global_step, "local_rows": local.shape[0], "rows": weight.shape[0],
                 "active": list(module.speechllm.layer_mask.active_layers)}, args.out)
+if torch.distributed.is_initialized():  # an open gloo group at interpreter exit can abort the process (SIGABRT)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
