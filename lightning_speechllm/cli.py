@@ -13,6 +13,7 @@ from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.model.checkpoint import check_checkpoint_file
 from lightning_speechllm.model.module import SpeechLLMModule
+from lightning_speechllm.precision import resolve_precision
 from lightning_speechllm.preemption import ResumeLast, with_preemption_checkpoint
 from lightning_speechllm.progress import hide_lightning_product_tips, progress_defaults
 
@@ -46,11 +47,24 @@ class SafeResume:
             check_checkpoint_file(ckpt_path)
 
 
-class SpeechLLMCLI(SafeResume, ResumeLast, LightningCLI):
+class HardwarePrecision:
+    """LightningCLI mixin: an unset ``trainer.precision`` becomes the one the hardware runs natively (bf16-mixed or
+    32-true, :func:`~lightning_speechllm.precision.choose_precision`); a set one wins. One printed line says which
+    and why."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)  # type: ignore[attr-defined]
+        trainer = config.trainer
+        trainer.precision = resolve_precision(trainer.precision, trainer.accelerator)
+        super().before_instantiate_classes()  # type: ignore[misc]
+
+
+class SpeechLLMCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
     """LightningCLI bound to SpeechLLMModule + SpeechDataModule; prepares the default corpora when they are used."""
 
     def before_instantiate_classes(self) -> None:
         self._created = time.monotonic()  # preparing the corpora and loading the models come next
+        super().before_instantiate_classes()
         config = self.config.get(self.subcommand, self.config)
         _prepare_default_corpora(config.data)
         trainer = config.trainer

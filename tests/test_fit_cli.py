@@ -10,6 +10,7 @@ import yaml
 
 from lightning_speechllm import cli
 from lightning_speechllm.evaluation import normalize_english
+from lightning_speechllm.precision import choose_precision
 from tests.tiny_speechllm import save_tiny_assets
 
 TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox"]
@@ -36,6 +37,7 @@ def test_fit_writes_checkpoints_maps_and_report_then_resumes_from_last(tmp_path,
     assert cli.fit([*fit_args(assets, tmp_path / "run", max_steps=2), *test_args]) == 0
     assert len(list((tmp_path / "encoder_cache").glob("*/frames/*.npy"))) == len(TEXTS)  # the train set's frames
     out = capsys.readouterr().out
+    assert f"{choose_precision('cpu').line()}\n" in out  # unset: the hardware chose, and the line says why
     assert "last validation:" in out and '"val/dev/wer"' in out and '"test/heldout/wer"' in out
     progress = [line for line in out.splitlines() if line.startswith("step 2/2 | loss ")]  # stdout is no terminal
     assert len(progress) == 1 and " utt/s | " in progress[0] and " tok/s | " in progress[0], out
@@ -84,7 +86,9 @@ def test_options_override_the_embedded_default_and_a_config_replaces_it(monkeypa
     with pytest.raises(SystemExit):
         cli.fit(["--trainer.max_steps", "1000"])
     config, default = parsed["fit"], yaml.safe_load(cli.DEFAULT_CONFIG.read_text())
-    assert config.trainer.max_steps == 1000 and config.trainer.precision == default["trainer"]["precision"]
+    # the default leaves the precision to the hardware: bf16-mixed where the CPU computes bf16 natively, else fp32
+    assert "precision" not in default["trainer"] or default["trainer"]["precision"] is None
+    assert config.trainer.max_steps == 1000 and config.trainer.precision == choose_precision("cpu").precision
     assert default["trainer"]["val_check_interval"] is None
     assert config.trainer.val_check_interval == 1000  # validation (and the best checkpoint) follows max_steps
     assert config.data.train == default["data"]["train"] and len(default["data"]["train"]) == 2

@@ -48,6 +48,7 @@ from lightning_speechllm.evaluation.sweep import (
 from lightning_speechllm.model.checkpoint import CheckpointError, load_module
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
+from lightning_speechllm.precision import resolve_precision
 
 __all__ = ["SweepArgs", "TrainerArgs", "build_parser", "main", "parse_args", "run"]
 
@@ -81,7 +82,8 @@ class TrainerArgs:
     devices: int = 1
     """Devices (scoring and healing run on one process)."""
     precision: str | None = None
-    """e.g. bf16-mixed (default: the model's dtype)."""
+    """e.g. bf16-mixed or 32-true (default: what the hardware computes natively: bf16-mixed on a GPU or CPU with
+    native bf16, else 32-true; one printed line says which and why)."""
 
 
 def build_parser() -> ArgumentParser:
@@ -166,9 +168,8 @@ def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None, datamodule: 
     datamodule = datamodule or build_datamodule(parsed["data"], sweep)
     speechllm = speechllm or build_model(parsed["model"], args.ckpt_path)
     trainer = parsed["trainer"]
-    trainer_kwargs = {"accelerator": trainer.accelerator, "devices": trainer.devices}
-    if trainer.precision is not None:
-        trainer_kwargs["precision"] = trainer.precision
+    trainer_kwargs = {"accelerator": trainer.accelerator, "devices": trainer.devices,
+                      "precision": resolve_precision(trainer.precision, trainer.accelerator)}
     if sweep.compare_methods:
         from lightning_speechllm.evaluation.method_comparison import compare_methods
 

@@ -17,7 +17,7 @@ import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_speechllm.cli import TRAINER_DEFAULTS, SafeResume
+from lightning_speechllm.cli import TRAINER_DEFAULTS, HardwarePrecision, SafeResume
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig
@@ -30,7 +30,7 @@ __all__ = ["HealingCLI", "main"]
 HEAL_TRAINER_DEFAULTS = {**TRAINER_DEFAULTS, "default_root_dir": "checkpoints/heal"}
 
 
-class HealingCLI(SafeResume, ResumeLast, LightningCLI):
+class HealingCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
     """LightningCLI bound to HealingModule + SpeechDataModule (fit only); ``--ckpt_path`` is read as data only."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -31,6 +31,7 @@ from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.model.checkpoint import load_module
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
+from lightning_speechllm.precision import resolve_precision
 from lightning_speechllm.progress import hide_lightning_product_tips
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 from lightning_speechllm.redundancy.callback import RedundancyCallback
@@ -84,7 +85,8 @@ class MeasureArgs:
     accelerator: str = "auto"
     """Lightning accelerator."""
     precision: str | None = None
-    """Lightning precision, e.g. bf16-mixed (default: the model's dtype)."""
+    """Lightning precision, e.g. bf16-mixed or 32-true (default: what the hardware computes natively: bf16-mixed on a
+    GPU or CPU with native bf16, else 32-true; one printed line says which and why)."""
     seed: int = 0
     """Seed of the projector initialisation when no checkpoint is given."""
 
@@ -174,11 +176,11 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
                                   max_batches=args.max_batches, output_dir=args.output_dir, n_boot=args.n_boot,
                                   agreement_selections=args.agreement_selections, n_perm=args.n_perm,
                                   per_task=args.per_task)
-    extra = {} if args.precision is None else {"precision": args.precision}
+    precision = resolve_precision(args.precision, args.accelerator, source="--precision")
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, logger=_logger(args), use_distributed_sampler=False,
                         enable_progress_bar=True, enable_model_summary=False, enable_checkpointing=False,
                         default_root_dir=args.root_dir, limit_val_batches=args.max_batches or 1.0,
-                        callbacks=[callback], **extra)
+                        callbacks=[callback], precision=precision)
     trainer.validate(module, datamodule=datamodule)
     if callback.results and trainer.is_global_zero:
         write_summary_csv([callback.results[key] for key in sorted(callback.results)],
