@@ -6,7 +6,6 @@ import pytest
 import torch
 from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
-from transformers.cache_utils import DummyLayer
 
 from lightning_speechllm.model.export import save_pruned_decoder
 from lightning_speechllm.model.layer_mask import DecoderLayerMask, LayerMaskError, get_layer_mask_state
@@ -59,16 +58,24 @@ def test_dropped_attention_equals_residual_path_and_cached_equals_uncached(arch)
 
     uncached = model.generate(ids, attention_mask=attention_mask, use_cache=False, **GENERATE)
     cache = kv_cache_for(model)
-    cached = model.generate(ids, attention_mask=attention_mask, cache=cache, **GENERATE)
+    cached = model.generate(ids, attention_mask=attention_mask, past_key_values=cache, **GENERATE)
     assert torch.equal(cached, uncached)
-    assert [isinstance(slot, DummyLayer) for slot in cache.layers] == [True, False, False, True, False, False]
+    # The attention-less slots (0 and 3) hold no keys or values, yet every slot answers the length the cache has
+    # seen: the prompt and every generated token but the last, which no forward has consumed yet.
+    holds_nothing = [slot.keys is None and slot.values is None for slot in cache.layers]
+    assert holds_nothing == [True, False, False, True, False, False]
+    seen = ids.shape[1] + GENERATE["max_new_tokens"] - 1
+    assert cache.get_seq_length() == seen and [slot.get_seq_length() for slot in cache.layers] == [seen] * 6
+    # The mask size of a full-attention layer, asked by query length (newer 5.x) or by cache_position (older 5.x).
+    next_position = torch.arange(seen, seen + 1)
+    assert cache.layers[0].get_mask_sizes(1) == cache.layers[0].get_mask_sizes(next_position) == (seen + 1, 0)
     full = _model(arch)
     full_cache = kv_cache_for(full)
     assert full_cache is None  # every layer runs attention: transformers' own cache
     from transformers import DynamicCache
 
     reference = DynamicCache(config=full.config)
-    full.generate(ids, attention_mask=attention_mask, cache=reference, **GENERATE)
+    full.generate(ids, attention_mask=attention_mask, past_key_values=reference, **GENERATE)
     assert kv_cache_bytes(cache) * 6 == kv_cache_bytes(reference) * 4  # 4 of 6 layers keep keys and values
 
 
@@ -80,6 +87,21 @@ def test_default_cache_would_be_wrong_when_layer_0_drops_attention():
     uncached = model.generate(ids, attention_mask=attention_mask, use_cache=False, **GENERATE)
     default = model.generate(ids, attention_mask=attention_mask, use_cache=True, **GENERATE)
     assert not torch.equal(default, uncached)
+
+
+def test_no_kv_cache_slots_follow_beam_search_and_a_decoder_without_attention_needs_none():
+    model = _model("llama")
+    ids, attention_mask = _inputs()
+    sublayers = SublayerMask(model)
+    sublayers.drop(attention=[0, 3])
+    beams = dict(GENERATE, num_beams=3)
+    uncached = model.generate(ids, attention_mask=attention_mask, use_cache=False, **beams)
+    cached = model.generate(ids, attention_mask=attention_mask, past_key_values=kv_cache_for(model), **beams)
+    assert torch.equal(cached, uncached)
+    sublayers.drop(attention=range(6))  # no position runs attention: tokens do not interact, nothing to cache
+    assert kv_cache_for(model) is None
+    assert torch.equal(model.generate(ids, attention_mask=attention_mask, use_cache=True, **GENERATE),
+                       model.generate(ids, attention_mask=attention_mask, use_cache=False, **GENERATE))
 
 
 def test_sublayer_mask_reset_suspend_and_errors():
@@ -119,8 +141,8 @@ def test_replacement_is_identity_at_init_and_runs_in_the_block_place(arch, kind)
     _perturb(replacement)
     assert not torch.allclose(model(ids, attention_mask=attention_mask).logits, pruned)
     uncached = model.generate(ids, attention_mask=attention_mask, use_cache=False, **GENERATE)
-    assert torch.equal(model.generate(ids, attention_mask=attention_mask, cache=kv_cache_for(model), **GENERATE),
-                       uncached)
+    assert torch.equal(model.generate(ids, attention_mask=attention_mask, past_key_values=kv_cache_for(model),
+                                      **GENERATE), uncached)
     with mask.active(range(6)):  # the teacher: every layer, no replacement
         assert len(model.model.layers) == 6
     assert model.model.layers[2] is replacement

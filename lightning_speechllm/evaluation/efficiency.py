@@ -292,7 +292,7 @@ def _timed_generate(model: SpeechLLM, batch: SpeechBatch, new_tokens: int) -> _R
     cache = kv_cache_for(llm) or DynamicCache(config=llm.config)
     with timer.attached():
         timer.start = timer.now()
-        model.generate(batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, cache=cache)
+        model.generate(batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, past_key_values=cache)
         end = timer.now()
     if timer.first_forward_end is None:
         raise RuntimeError("generate() never called the LLM forward: nothing to time")

@@ -382,7 +382,7 @@ class SpeechLLM(nn.Module):
         inputs = self.build_inputs(batch, with_targets=False)
         cache = kv_cache_for(self.llm)
         if cache is not None:
-            generate_kwargs.setdefault("cache", cache)
+            generate_kwargs.setdefault("past_key_values", cache)  # the name every supported transformers takes
         if self.sharded and torch.distributed.is_initialized():  # every rank runs the decoder until all are done
             generate_kwargs.setdefault("synced_gpus", True)
         stop_ids = self._stop_token_ids()

@@ -2,9 +2,12 @@
 
 A dropped sublayer's ``forward`` is replaced (on the instance, so no weight, key or PEFT adapter moves) by one that
 returns zeros: the layer then computes ``x + 0`` for that half, exactly the residual path. A layer without attention
-writes no KV cache: :func:`kv_cache_for` builds a ``DynamicCache`` whose slot is a transformers ``DummyLayer`` at
-every position without attention (a dropped attention, or a replacement module inserted by healing), so cached
-generation equals uncached generation and the cache holds only the attention layers that run.
+writes no KV cache: :func:`kv_cache_for` builds a ``DynamicCache`` whose slot is a :class:`NoKVCacheLayer` at every
+position without attention (a dropped attention, or a replacement module inserted by healing). That slot stores no
+keys or values but answers the length queries (``get_seq_length``, ``get_mask_sizes``) with the number of tokens the
+cache has seen, which transformers reads from slot 0; so cached generation equals uncached generation and the cache
+holds only the attention layers that run. Pass the cache to ``generate`` as ``past_key_values=`` (the name every
+supported transformers release takes; newer ones also take ``cache=``).
 
 Indices are positions in the model as first masked, like :class:`~lightning_speechllm.model.layer_mask.DecoderLayerMask`
 (the two compose: a layer may be masked as a whole and have a dropped sublayer). The dropped sets live unregistered on
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import CacheLayerMixin
 
 from lightning_speechllm.model.layer_mask import (
     DecoderLayerMask,
@@ -31,6 +35,7 @@ from lightning_speechllm.model.layer_mask import (
 __all__ = [
     "ATTENTION_NAMES",
     "MLP_NAMES",
+    "NoKVCacheLayer",
     "SublayerMask",
     "attention_module",
     "attentionless_positions",
@@ -202,17 +207,86 @@ def attentionless_positions(model: nn.Module) -> list[int]:
     return [k for k, layer in enumerate(getattr(parent, name)) if not has_attention(layer)]
 
 
+class NoKVCacheLayer(CacheLayerMixin):
+    """The cache slot of a decoder position that runs no attention: it holds no keys or values (``keys`` and
+    ``values`` stay None, so :func:`kv_cache_bytes` counts nothing) and is never updated, yet answers the length
+    queries transformers makes of a slot (``get_seq_length``, ``get_mask_sizes``, and through them the query offset)
+    with the number of tokens the cache has seen: that of ``source``, a layer of the same cache that does store keys.
+
+    Every slot of one cache sees the same tokens, so reading the length from the layer that stores them keeps the two
+    equal through prefill, decoding, beam reordering, cropping and reset, with no count of its own to drift. It is
+    needed because transformers reads the past length from slot 0: a slot that reported 0 there (a fresh
+    ``DynamicLayer`` that is never written) would restart positions and masks at every step.
+
+    Written against ``CacheLayerMixin`` as transformers 5.x ships it: ``get_mask_sizes`` takes the query length (new
+    releases) or the ``cache_position`` tensor (older 5.x), and both names of the maximum-length query are answered.
+    """
+
+    is_sliding = False
+    is_croppable = True  # nothing to crop: the length follows ``source``
+    supports_early_init = False  # nothing to allocate (transformers skips such slots in ``early_initialization``)
+
+    def __init__(self, source: Any) -> None:
+        super().__init__()
+        self.source = source
+        self.is_initialized = True  # nothing to initialise: the slot is ready as built
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(source={type(self.source).__name__})"
+
+    def get_seq_length(self) -> int:
+        return int(self.source.get_seq_length())
+
+    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of a full-attention layer that had cached every token seen so far."""
+        query_length = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # the name older 5.x releases ask for
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if key_states is None and value_states is None:  # what transformers' own no-KV slot tolerates (DDP rebuild)
+            return None, None
+        raise LayerMaskError("an attention ran at a decoder position whose cache slot keeps no keys or values: build "
+                             "the cache with kv_cache_for() after the sublayer mask or replacement is in place")
+
+    # Nothing stored, so nothing to move, zero, crop, reorder or select: the length follows ``source``.
+    def offload(self) -> None: ...
+    def prefetch(self) -> None: ...
+    def reset(self) -> None: ...
+    def crop(self, *args: Any, **kwargs: Any) -> None: ...
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None: ...
+    def batch_repeat_interleave(self, repeats: int) -> None: ...
+    def batch_select_indices(self, indices: torch.Tensor) -> None: ...
+
+
 def kv_cache_for(model: nn.Module) -> Any | None:
-    """A ``DynamicCache`` for ``model`` as masked now, with a ``DummyLayer`` (no KV storage) at every position that
-    runs no attention; None when every active layer runs attention (transformers' own cache is then right)."""
+    """A ``DynamicCache`` for ``model`` as masked now, with a :class:`NoKVCacheLayer` (no KV storage) at every
+    position that runs no attention; None when every active layer runs attention (transformers' own cache is then
+    right) and when none does (nothing is cached; a per-token model needs no past length). Pass it to ``generate``
+    as ``past_key_values=``."""
     positions = attentionless_positions(model)
     if not positions:
         return None
-    from transformers.cache_utils import DummyLayer, DynamicCache
+    from transformers import DynamicCache
 
     cache = DynamicCache(config=_text_config(model))
+    if len(cache.layers) <= max(positions):
+        raise LayerMaskError(f"the cache built from the config has {len(cache.layers)} slots, but decoder position "
+                             f"{max(positions)} runs no attention")
+    kept = [layer for k, layer in enumerate(cache.layers) if k not in set(positions)]
+    if not kept:
+        return None
+    # Prefer a full-attention layer: its length is the number of keys it holds.
+    source = next((layer for layer in kept if not getattr(layer, "is_sliding", False)), kept[0])
     for k in positions:
-        cache.layers[k] = DummyLayer()
+        cache.layers[k] = NoKVCacheLayer(source)
     return cache
 
 
