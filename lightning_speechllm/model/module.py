@@ -49,6 +49,12 @@ class OptimConfig:
     decay_fraction: float = 1.0
     """Share of the post-warm-up steps the decay takes, at the end; the LR stays at `lr` before it
     (warmup-stable-decay). 1.0 decays from the end of warm-up on."""
+    ctc_warmup_steps: int = 0
+    """Optimizer steps at the start that train the projector alone, with CTC against the transcript's tokens scored
+    by the decoder's own embedding table (``SpeechLLM.alignment_loss``: no decoder pass, a few times cheaper than a
+    decoder step). Then the optimizer state is reset and the cross-entropy through the decoder takes over with its own
+    warm-up and the decay over the remaining steps. It shortens the plateau where the frozen decoder ignores the
+    speech. 0: cross-entropy from the start."""
 
 
 @dataclass
@@ -94,6 +100,15 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, floor: float, d
     raise ValueError(f"unknown LR schedule {schedule!r}; expected 'linear', 'cosine' or 'constant'")
 
 
+def phased_lr_lambda(step: int, cfg: OptimConfig, total: int) -> float:
+    """The LR multiplier with a CTC warm-up: its steps warm up to the peak and stay there; the cross-entropy phase
+    after it has its own warm-up and decays over the remaining steps (:func:`lr_lambda` each)."""
+    ctc = cfg.ctc_warmup_steps
+    if step < ctc:
+        return lr_lambda(step, cfg.warmup_steps, ctc, "constant", cfg.min_lr_ratio)
+    return lr_lambda(step - ctc, cfg.warmup_steps, total - ctc, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+
+
 class SpeechLLMModule(L.LightningModule):
     """Train and evaluate a SpeechLLM; every validation set is logged under its own name."""
 
@@ -125,10 +140,26 @@ class SpeechLLMModule(L.LightningModule):
     def training_step(self, batch: SpeechBatch, batch_idx: int) -> torch.Tensor:
         if len(batch) == 0:
             return self.empty_batch_loss()
+        if self.in_ctc_warmup():
+            loss, positions = self.speechllm.alignment_loss(batch)
+            self.tokens_in_last_batch = positions
+            self.log("train/ctc_loss", loss, batch_size=len(batch))
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+            return loss
+        if self.optim_config.ctc_warmup_steps and self.global_step == self.optim_config.ctc_warmup_steps:
+            self._reset_optimizer_state()  # CTC's gradient scale is not the cross-entropy's: Adam starts afresh
         loss, (_, inputs) = self.model_step(batch)
         self.tokens_in_last_batch = inputs.attention_mask.sum().detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
+
+    def in_ctc_warmup(self) -> bool:
+        """Whether this training step is one of the CTC warm-up's (``OptimConfig.ctc_warmup_steps``)."""
+        return self.global_step < self.optim_config.ctc_warmup_steps
+
+    def _reset_optimizer_state(self) -> None:
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
 
     def validation_step(self, batch: SpeechBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -346,9 +377,10 @@ class SpeechLLMModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                       weight_decay=cfg.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio,
-                                             cfg.decay_fraction))
+        if not 0 <= cfg.ctc_warmup_steps < total:
+            raise ValueError(f"optim.ctc_warmup_steps must be in [0, {total}) (the training steps), got "
+                             f"{cfg.ctc_warmup_steps}")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: phased_lr_lambda(step, cfg, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- checkpoints

@@ -98,7 +98,7 @@ class PromptBuilder:
         except Exception:  # noqa: BLE001 - templates that refuse this conversation keep EOS
             return self.eos_token_id
         after = text.split(marker, 1)[1] if marker in text else ""
-        ids = self._tokenize(after.lstrip(" "))
+        ids = self.tokenize(after.lstrip(" "))
         special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
         return ids[0] if ids and ids[0] in special else self.eos_token_id
 
@@ -125,26 +125,27 @@ class PromptBuilder:
         if text.count(SPEECH_PLACEHOLDER) != 1:
             raise PromptError(f"the rendered prompt must hold the speech placeholder exactly once: {text!r}")
         before, after = text.split(SPEECH_PLACEHOLDER)
-        prefix = self._tokenize(before)
+        prefix = self.tokenize(before)
         if not self.uses_chat_template and self._adds_bos():
             prefix = [self.tokenizer.bos_token_id, *prefix]
-        return PromptPieces(tuple(prefix), tuple(self._tokenize(after)))
+        return PromptPieces(tuple(prefix), tuple(self.tokenize(after)))
 
     def _adds_bos(self) -> bool:
         bos = self.tokenizer.bos_token_id
         return bos is not None and self.tokenizer("a").input_ids[:1] == [bos]
 
-    def _tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens (how targets and transcripts are tokenized)."""
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
     def encode(self, task: str, tgt_lang: str | None, target: str | None, transcript: str | None = None,
                text_only: bool = False) -> EncodedSample:
         """Token ids for one sample; `target=None` builds a generation prompt (no target tokens)."""
         pieces = self.pieces(task, tgt_lang)
-        target_ids = [] if target is None else [*self._tokenize(target.strip()), self.end_token_id]
+        target_ids = [] if target is None else [*self.tokenize(target.strip()), self.end_token_id]
         speech_tokens = None
         if text_only:
             if not transcript or not transcript.strip():
                 raise PromptError("text-only mode needs a non-empty transcript")
-            speech_tokens = self._tokenize(transcript.strip())
+            speech_tokens = self.tokenize(transcript.strip())
         return EncodedSample(list(pieces.prefix), speech_tokens, list(pieces.suffix), target_ids)

@@ -331,6 +331,35 @@ class SpeechLLM(nn.Module):
         finally:
             self.llm.reshard()
 
+    def alignment_loss(self, batch: SpeechBatch) -> tuple[torch.Tensor, int]:
+        """CTC between the projected speech and the tokens of what was said, each speech position scored against the
+        decoder's own (frozen) input-embedding table: logits = speech @ E^T, the pad token as CTC's blank.
+
+        It moves the projector towards embeddings the frozen decoder already reads as the spoken words, without a
+        decoder pass (one [T, D] x [D, V] product per utterance, a few times cheaper than a decoder step), which is
+        how ``OptimConfig.ctc_warmup_steps`` starts training. The tokens are the transcript's (the target's for
+        ASR); an utterance without a transcript, or with more tokens than speech positions, is left out. Returns the
+        loss (CTC per target token, averaged over utterances; 0 attached to the projector when none is left) and the
+        number of speech positions scored."""
+        if self.sharded:
+            raise ValueError("ctc_warmup_steps needs the decoder's embedding table on one device; it is sharded here")
+        speech, lens = self._speech_embeddings(batch)
+        transcripts = [transcript or (text if task == "asr" else None)
+                       for task, text, transcript in zip(batch.tasks, batch.texts, _or_nones(batch.transcripts,
+                                                                                               len(batch)))]
+        tokens = [self.prompts.tokenize(t.strip()) if t and t.strip() else [] for t in transcripts]
+        rows = [i for i, ids in enumerate(tokens) if 0 < len(ids) <= int(lens[i])]
+        if not rows:
+            return (speech * 0.0).sum(), 0
+        table = self.llm.get_input_embeddings().weight
+        log_probs = (speech[rows].float() @ table.float().T).log_softmax(-1)
+        blank = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prompts.eos_token_id
+        targets = torch.tensor([i for row in rows for i in tokens[row]], device=speech.device)
+        loss = nn.functional.ctc_loss(log_probs.transpose(0, 1), targets, lens[rows].to(speech.device),
+                                      torch.tensor([len(tokens[row]) for row in rows], device=speech.device),
+                                      blank=blank, reduction="mean", zero_infinity=True)
+        return loss, int(lens[rows].sum())
+
     # ------------------------------------------------------------------------------------------- forward/generate
     def forward(self, batch: SpeechBatch, **llm_kwargs) -> tuple[torch.Tensor, object, LLMInputs]:
         """Teacher-forced pass: (cross-entropy on target tokens, the HF model output, the inputs used).
