@@ -52,7 +52,9 @@ def test_exported_decoder_equals_the_masked_student(healed, tmp_path, capsys):
     exported = AutoModelForCausalLM.from_pretrained(out / "decoder").eval()
     assert exported.config.num_hidden_layers == 2 and len(exported.model.layers) == 2
     theirs, student, _ = _exported_and_student_logits(exported, module)
-    torch.testing.assert_close(theirs, student, atol=1e-5, rtol=0)
+    # merged vs unmerged LoRA: float32 logits (|x| <= 6) ~6e-6 apart; 1e-4 (~200 ulps) covers any kernel, while the
+    # healing LoRA left out of the export moves them by ~0.17
+    torch.testing.assert_close(theirs, student, atol=1e-4, rtol=0)
 
     projector = load_file(out / "projector.safetensors")
     for key, value in module.speechllm.projector.state_dict().items():
@@ -106,7 +108,7 @@ def test_iterative_healing_checkpoint_exports_its_final_plan(tmp_path):
         student, _ = module.student_pass(inputs)
         theirs = exported(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                           position_ids=inputs.position_ids, use_cache=False).logits
-    torch.testing.assert_close(theirs, student, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs, student, atol=1e-4, rtol=0)  # merged vs unmerged LoRA: as above
 
 
 def test_heal_with_replacement_and_dropped_attention_then_export_to_stock_transformers(tmp_path, capsys):

@@ -51,8 +51,10 @@ def test_student_at_step_zero_is_the_fit_model(fit_checkpoint):
     with torch.no_grad():
         reference = tuned.speechllm(make_batch(seed=7))[1].logits
     module = healing(path).eval()
-    torch.testing.assert_close(logits(module)[:, -reference.shape[1]:], reference, atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits(module, student=False)[:, -reference.shape[1]:], reference, atol=1e-5, rtol=0)
+    # merged vs unmerged LoRA through 4 layers: float32 logits (|x| <= 6) ~1e-5 apart (7.6e-6 here, 1.03e-5 on an AMD
+    # AVX2 CPU); 1e-4 (~200 ulps) covers any kernel, while the fit LoRA left out moves them by >= 0.28
+    torch.testing.assert_close(logits(module)[:, -reference.shape[1]:], reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(module, student=False)[:, -reference.shape[1]:], reference, atol=1e-4, rtol=0)
     assert module.merged_lora["source"] == str(path)
     assert not any("lora_" in n and ".default." not in n for n, _ in module.named_parameters())  # no 2nd adapter
 

@@ -366,7 +366,9 @@ def test_teacher_checkpoint_brings_its_projector_and_merges_its_lora(tmp_path):
     with torch.no_grad():
         inputs = module.speechllm.build_inputs(batch)
         teacher_logits, _ = module.teacher_pass(module.teacher_inputs(batch, inputs))
-    torch.testing.assert_close(teacher_logits[:, -reference.shape[1]:], reference, atol=1e-5, rtol=0)  # merged: W + sBA vs W, sBA apart
+    # merged W + sBA vs W, sBA apart, through 4 layers: float32 logits (|x| <= 6) 1.03e-5 apart on an AMD AVX2 CPU;
+    # 1e-4 (~200 ulps) leaves margin for any kernel, while a lost LoRA (one layer's) moves them by >= 0.1
+    torch.testing.assert_close(teacher_logits[:, -reference.shape[1]:], reference, atol=1e-4, rtol=0)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and not any(".teacher." in n or n.startswith("teacher_projector") for n in trainable)
     assert any(".default." in n for n in trainable)

@@ -123,7 +123,9 @@ def test_attention_only_plan_heals_with_the_teacher_running_every_attention(tmp_
         teacher, _ = module.teacher_pass(inputs)
         reference = plain(batch)[1].logits
         student, _ = module.student_pass(inputs)
-    torch.testing.assert_close(teacher[:, -reference.shape[1]:], reference, rtol=0, atol=1e-6)
+    # the LM head on all positions vs on the target window (another GEMM shape, K = 48): float32 logits (|x| <= 6) ~1e-6
+    # apart, bounded by K eps sum|w h| ~ 5e-5 per side on any kernel; a teacher without the dropped attentions is 5 off
+    torch.testing.assert_close(teacher[:, -reference.shape[1]:], reference, rtol=0, atol=1e-4)
     assert (student[:, -reference.shape[1]:] - reference).abs().max() > 1e-3
     assert module.speechllm.sublayer_mask.dropped_attention == (1, 2)  # back after the teacher pass
     trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, train_dataloaders=loader(1, repeat=2))

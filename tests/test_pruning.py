@@ -325,6 +325,8 @@ def test_cli_attention_plan_from_a_sublayer_map_exports_zeroed_attention_with_id
     ids = tiny_input_ids(batch=2, length=9, seed=5)
     SublayerMask(model).drop(attention=[1, 3])
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)  # eager vs sdpa
+        # eager vs sdpa attention through 6 layers: float32 logits (|x| <= 6) ~6e-6 apart; 1e-4 (~200 ulps) covers any
+        # kernel, while attention left in a dropped layer (or dropped from a kept one) moves them by O(1)
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
     assert main(["--method", "attention", "--n", "2", "--num_layers", "6", "--out", "p.json"]) == 2
     assert "--method attention needs --map (a sublayer map JSON" in capsys.readouterr().err

@@ -276,7 +276,9 @@ def test_healed_sweep_of_a_lora_tuned_model_merges_its_adapters_first(tmp_path):
     run_sweep(model, NamedSets(n_train=1), config, trainer_kwargs=TRAINER, evaluate_fn=spy)
     assert not model.has_lora and model.config.lora is None
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(batch)[1].logits, tuned, atol=1e-5, rtol=1e-5)
+        # merged vs unmerged LoRA (B ~ N(0, 0.5)): float32 logits (|x| <= 6) ~1e-5 apart; 1e-4 (~200 ulps) covers any
+        # kernel, while adapters that are dropped instead of merged change the logits by O(1)
+        torch.testing.assert_close(model.eval()(batch)[1].logits, tuned, atol=1e-4, rtol=1e-5)
 
 
 def test_sweep_trainers_keep_lightnings_banner_out_of_the_log(caplog):
