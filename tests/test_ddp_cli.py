@@ -39,8 +39,9 @@ def last_run(root: Path) -> Path:
 
 
 def assert_same_numbers(one, two, where: str = "") -> None:
-    """Equal structure; floats equal within 1e-4 (scores are rounded to 4 decimals, and the runs batch and reduce in
-    another order)."""
+    """Equal structure; floats at most one unit of the 4th decimal apart: scores are rounded to 4 decimals and the runs
+    batch and reduce in another order (fp32: ~1e-6 apart), so two values a hair apart can round to 1e-4 apart, which
+    float subtraction can give as 1.00000000000003e-4 (> 1e-4); 1.5e-4 allows that one unit and no more."""
     if isinstance(one, dict):
         assert one.keys() == two.keys(), where
         for key in one:
@@ -50,7 +51,7 @@ def assert_same_numbers(one, two, where: str = "") -> None:
         for i, (a, b) in enumerate(zip(one, two)):
             assert_same_numbers(a, b, f"{where}[{i}]")
     elif isinstance(one, float) and isinstance(two, float):
-        assert (math.isnan(one) and math.isnan(two)) or abs(one - two) <= 1e-4, (where, one, two)
+        assert (math.isnan(one) and math.isnan(two)) or abs(one - two) <= 1.5e-4, (where, one, two)
     else:
         assert one == two, (where, one, two)
 
