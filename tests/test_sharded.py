@@ -19,7 +19,11 @@ from tests.tiny_speechllm import save_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-TOLERANCE = 1e-6  # fp32 weights after 3 AdamW steps: float reduction order is all that differs
+TOLERANCE = 1e-6  # resumed vs uninterrupted: the same computation on the same kernels (measured: 0.0)
+# 2 ranks vs 1 process: fp32 weights (|w| ~ 0.2) after 3 AdamW steps (lr 1e-2, eps 1e-4) on gradients reduced in
+# another order: DDP 0.0, FSDP up to 1.2e-7 (~8 ulps, AVX2 kernels); 1e-5 covers any kernel, while a step on
+# other data moves them by ~lr (the resume test's 2 steps: 0.02)
+RANKS_TOLERANCE = 1e-5
 
 
 def run(tmp_path: Path, kind: str, strategy: str, steps: int, *extra: str) -> dict:
@@ -49,7 +53,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(one_process
     the same (sharded) model with every layer active; gradients clipped to norm 1 in both."""
     reference, result = one_process[kind], run(tmp_path, kind, strategy, 3)
     assert result["steps"] == reference["steps"] == 3
-    assert max_difference(result["state"], reference["state"]) <= TOLERANCE
+    assert max_difference(result["state"], reference["state"]) <= RANKS_TOLERANCE
     assert result["active"] == ([0, 3] if kind == "heal" else [0, 1, 2, 3])
     # FSDP: each rank holds half of every decoder weight; DDP: a full replica.
     assert result["local_rows"] == (result["rows"] // 2 if strategy == "fsdp" else result["rows"])
