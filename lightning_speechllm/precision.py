@@ -142,14 +142,15 @@ def resolve_precision(precision: str | int | None, accelerator: object, source: 
 
     The automatic choice is handed to processes this one starts (DDP ranks re-run the command) through the
     environment, so that every rank trains in the same precision whatever its own probe would time."""
+    launching = _is_launching_process()
     if precision is not None:
         choice = PrecisionChoice(str(precision), f"set by {source}")
-    elif os.environ.get(_INHERITED):
+    elif not launching and os.environ.get(_INHERITED):
         choice = PrecisionChoice(os.environ[_INHERITED], "chosen by the launching process")
     else:
         choice = choose_precision(accelerator if isinstance(accelerator, str) else "auto")
         os.environ[_INHERITED] = choice.precision
-    if announce and _is_launching_process():
+    if announce and launching:
         print(choice.line(), flush=True)
     return precision if precision is not None else choice.precision
 

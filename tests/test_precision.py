@@ -51,6 +51,10 @@ def test_ranks_started_by_the_launching_process_inherit_its_choice(monkeypatch, 
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_precision(None, "cpu") == "32-true"
     assert capsys.readouterr().out == "precision: 32-true (why)\n"  # rank 1 prints nothing
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the launching process itself chooses (and says why) every time
+    monkeypatch.setattr(precision, "choose_precision", lambda accelerator: PrecisionChoice("32-true", "why"))
+    resolve_precision(None, "cpu")
+    assert capsys.readouterr().out == "precision: 32-true (why)\n"
 
 
 def test_no_cuda_device_means_fp32(monkeypatch):

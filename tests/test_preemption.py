@@ -57,7 +57,8 @@ def run_args(assets: dict, root: Path, ranks: int, *extra: str) -> list[str]:
             "--data.train", str(assets["manifest"]), "--data.val_sets", f"{{dev: {assets['manifest']}}}",
             "--data.max_duration", "0.6", "--trainer.accelerator", "cpu", "--trainer.max_steps", str(MAX_STEPS),
             "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(root),
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.precision", "32-true"]  # fp32 everywhere: the runs compared must not differ by the CPU's bf16
     if ranks > 1:
         args += ["--trainer.devices", str(ranks), "--trainer.strategy", "ddp"]
     return ["fit", *args, *extra]
@@ -228,7 +229,7 @@ def test_sigusr1_to_every_slurm_task_checkpoints_and_rank_0_requeues_the_job(ass
         strategy = args.index("--trainer.strategy")
         del args[strategy:strategy + 2]  # the preset's DDP strategy and SLURMEnvironment plugin instead
         args[3:3] = ["--config", str(REPO / "configs" / "trainer" / preset)]  # before the CPU / 2-task options
-        args += ["--trainer.num_nodes", "1", "--trainer.precision", "32-true"]  # as the fp32 reference run
+        args += ["--trainer.num_nodes", "1"]
     tasks = [start(args, environment(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))) for rank in (0, 1)]
     stopped = signal_at_the_pause(tasks, markers, 2, [0, 1], signal.SIGUSR1)
     assert [task.returncode for task in stopped] == [0, 0], [task.stderr[-3000:] for task in stopped]

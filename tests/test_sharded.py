@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lightning_speechllm.model.checkpoint import load_checkpoint_file, load_module, read_checkpoint
+from lightning_speechllm.precision import choose_precision
 from tests.test_ddp_cli import last_run, run_cli
 from tests.test_fit_cli import TEXTS, fit_args
 from tests.tiny_speechllm import save_tiny_assets
@@ -80,15 +81,18 @@ def test_mid_epoch_resume_equals_the_uninterrupted_run(tmp_path, strategy):
 
 @pytest.mark.parametrize("preset", ["fsdp.yaml", "ddp.yaml"])
 def test_shipped_presets_run_fit_on_two_cpu_ranks(tmp_path, preset):
-    """`fit --config <task> --config configs/trainer/<preset>` as users type it (GPU presets, on the CPU here), bf16
-    autocast as the presets set it: trains, validates with generation and redundancy maps, tests the best checkpoint."""
+    """`fit --config <task> --config configs/trainer/<preset>` as users type it (GPU presets, on the CPU here), in the
+    precision the hardware picks (the presets leave it unset): trains, validates with generation and redundancy maps,
+    tests the best checkpoint."""
     assets = save_tiny_assets(tmp_path / "assets", TEXTS, [8000, 6000, 4000, 7000])
     args = fit_args(assets, tmp_path / "run", max_steps=2)
     args[2:2] = ["--config", str(REPO / "configs" / "trainer" / preset)]  # after the task config, before options
     args += ["--trainer.devices", "2", "--trainer.accelerator", "cpu", "--test_after_fit", "true",
              "--data.test_sets", f"{{heldout: {assets['manifest']}}}"]
     proc = run_cli("fit", args, devices=1)  # the preset brings the strategy and the 2 devices
-    assert "Using bfloat16 Automatic Mixed Precision" in proc.stdout + proc.stderr
+    chosen = choose_precision("cpu")
+    assert f"\nprecision: {chosen.precision} (" in proc.stdout  # the reason holds this process's probe timing
+    assert ("Using bfloat16 Automatic Mixed Precision" in proc.stdout + proc.stderr) == (chosen.precision == "bf16-mixed")
     run_dir = last_run(tmp_path / "run")
     assert (run_dir / "scores.json").is_file() and list(run_dir.glob("redundancy/dev/speech/epoch=0.json"))
     [checkpoint] = (run_dir / "checkpoints").glob("*.ckpt")

@@ -377,7 +377,7 @@ class SpeechLLMModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                       weight_decay=cfg.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        if not 0 <= cfg.ctc_warmup_steps < total:
+        if cfg.ctc_warmup_steps < 0 or (cfg.ctc_warmup_steps and not cfg.ctc_warmup_steps < total):
             raise ValueError(f"optim.ctc_warmup_steps must be in [0, {total}) (the training steps), got "
                              f"{cfg.ctc_warmup_steps}")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: phased_lr_lambda(step, cfg, total))
