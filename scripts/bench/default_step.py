@@ -1,11 +1,14 @@
-"""Training-step speed of the embedded default, side by side in one run (issue 11): the old recipe (fp32, the
-encoder run at every step, SmolLM2's long default system prompt) against each lever of the new one (bf16 autocast,
-cached encoder outputs, a short prompt). Prints seconds per step (median over the batches), steps per minute and
-the speed-up over the old recipe, plus the encoder's share of the old step.
+"""Training-step speed of the embedded default on THIS CPU, side by side in one run: the default recipe
+(``configs/default.yaml``: cached encoder outputs, its prompt and projector) in fp32 and under bf16 autocast, and the
+issue-11 baseline (fp32, the encoder run at every step, SmolLM2's long default system prompt). Prints seconds per
+step (median over the batches), steps per minute, the bf16 / fp32 ratio, the CPU's ISA and whether it computes bf16
+natively, and the precision ``fit`` picks here (lightning_speechllm.precision).
 
+On an AVX2-only CPU bf16 autocast is emulated: expect bf16 tens of times slower than fp32 (so fewer ``--batches``).
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2`` caps a newer CPU's kernels at AVX2.
 Batches are the first ``--batches`` x ``--batch_size`` utterances of the synthetic train set (``data synth`` first).
 
-    python scripts/bench/default_step.py --threads 2 --batches 6 --batch_size 12
+    python scripts/bench/default_step.py --threads 2 --batches 4 --batch_size 12
 """
 from __future__ import annotations
 
@@ -21,13 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import yaml  # noqa: E402
+
+from lightning_speechllm.config_utils import from_dict  # noqa: E402
 from lightning_speechllm.data.batch import SpeechBatch  # noqa: E402
-from lightning_speechllm.model.projector import ProjectorConfig  # noqa: E402
 from lightning_speechllm.model.prompts import PromptConfig  # noqa: E402
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig  # noqa: E402
+from lightning_speechllm.precision import choose_precision, cpu_has_native_bf16  # noqa: E402
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 OLD_PROMPT = PromptConfig()
-NEW_PROMPT = PromptConfig(system_prompt="Transcribe the speech.", asr_instruction="Transcribe.")
 
 
 def load_batches(manifest: Path, batches: int, batch_size: int) -> list[SpeechBatch]:
@@ -71,36 +77,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", type=Path, default=Path("data_cache/synth/train.jsonl"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = SpeechLLMConfig(encoder_window_step_seconds=6.0, projector=ProjectorConfig(downsample=5, hidden_dim=1024))
+    default = yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]["model"]
+    config = from_dict(SpeechLLMConfig, default)
     model = SpeechLLM.from_config(config).train()
+    new_prompt = config.prompt
     batches = load_batches(args.manifest, args.batches, args.batch_size)
     cached = [with_cached_frames(model, b) for b in batches]
-    encoder = statistics.median(_timed(lambda b=b: model.encode_frames(b.audio, b.audio_lens)) for b in batches)
     rows = []
-    for name, prompt, bf16, data in (("old: fp32, live encoder, default system prompt", OLD_PROMPT, False, batches),
-                                     ("+ bf16 autocast", OLD_PROMPT, True, batches),
-                                     ("+ cached encoder outputs", OLD_PROMPT, True, cached),
-                                     ("+ short prompt (new default)", NEW_PROMPT, True, cached)):
+    for name, prompt, bf16, data in (("issue-11 baseline: fp32, live encoder, default system prompt", OLD_PROMPT, False,
+                                      batches),
+                                     ("default recipe, fp32 (32-true)", new_prompt, False, cached),
+                                     ("default recipe, bf16 autocast (bf16-mixed)", new_prompt, True, cached)):
         model.config.prompt = prompt
         model.prompts = type(model.prompts)(model.tokenizer, prompt)
         rows.append((name, step_seconds(model, data, bf16)))
-    base = rows[0][1]
-    print(f"{args.batches} batches of {args.batch_size} utterances, {args.threads} threads; "
-          f"encoder alone: {encoder:.3f} s/batch ({100 * encoder / base:.0f}% of the old step)")
-    print(f"| recipe | s/step | steps/min | speed-up |\n|---|---:|---:|---:|")
+        print(f"  {name}: {rows[-1][1]:.3f} s/step", flush=True)
+    native, described = cpu_has_native_bf16()
+    print(f"\n{args.batches} batches of {args.batch_size} utterances, {args.threads} threads; CPU: {_cpu_name()} "
+          f"({described}; native bf16: {'yes' if native else 'no'})")
+    print("| recipe | s/step | steps/min | speed-up over the baseline |\n|---|---:|---:|---:|")
     for name, seconds in rows:
-        print(f"| {name} | {seconds:.3f} | {60 / seconds:.1f} | {base / seconds:.2f}x |")
+        print(f"| {name} | {seconds:.3f} | {60 / seconds:.1f} | {rows[0][1] / seconds:.2f}x |")
+    fp32, bf16 = rows[1][1], rows[2][1]
+    print(f"bf16 autocast / fp32 step time on this CPU: {bf16 / fp32:.2f} "
+          f"({'bf16 faster' if bf16 < fp32 else 'fp32 faster'}); fit picks {choose_precision('cpu').line()}")
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        fn()
-    return time.perf_counter() - start
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 if __name__ == "__main__":
