@@ -53,8 +53,9 @@ class OptimConfig:
     """Optimizer steps at the start that train the projector alone, with CTC against the transcript's tokens scored
     by the decoder's own embedding table (``SpeechLLM.alignment_loss``: no decoder pass, a few times cheaper than a
     decoder step). Then the optimizer state is reset and the cross-entropy through the decoder takes over with its own
-    warm-up and the decay over the remaining steps. It shortens the plateau where the frozen decoder ignores the
-    speech. 0: cross-entropy from the start."""
+    warm-up and the decay over the remaining steps. 0 (the default): cross-entropy from the start. Measured on the
+    embedded default (fp32, 24 s batches): 150 CTC steps took 4 min on 2 busy cores, but the cross-entropy after them
+    sat on the same plateau (loss 3.3 after 70-90 steps) as without them, so it is off by default."""
 
 
 @dataclass
