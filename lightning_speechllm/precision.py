@@ -69,15 +69,12 @@ def cpu_has_native_bf16() -> tuple[bool, str]:
     return native, described
 
 
-def _probe_seconds(bf16: bool, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            y = torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(x, up)), down)
-        y.float().square().mean().backward()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _probe_seconds(bf16: bool, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(x, up)), down)
+    y.float().square().mean().backward()
+    return time.perf_counter() - start
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,12 +86,10 @@ def cpu_bf16_probe(tokens: int = 512, width: int = 576, hidden: int = 1536, repe
     x = torch.randn(tokens, width, generator=generator, requires_grad=True)
     up = torch.randn(hidden, width, generator=generator) / width ** 0.5
     down = torch.randn(width, hidden, generator=generator) / hidden ** 0.5
-    _probe_seconds(True, x, up, down, 1)  # warm-up: oneDNN builds its kernels on first use
-    _probe_seconds(False, x, up, down, 1)
-    fp32 = bf16 = float("inf")
-    for _ in range(repeats):
-        fp32 = min(fp32, _probe_seconds(False, x, up, down, 1))
-        bf16 = min(bf16, _probe_seconds(True, x, up, down, 1))
+    _probe_seconds(True, x, up, down)  # warm-up: oneDNN builds its kernels on first use
+    _probe_seconds(False, x, up, down)
+    rounds = [(_probe_seconds(False, x, up, down), _probe_seconds(True, x, up, down)) for _ in range(repeats)]
+    fp32, bf16 = (min(times) for times in zip(*rounds))  # interleaved: a change of load hits both alike
     return fp32 / bf16
 
 
