@@ -6,6 +6,7 @@ with explicit position ids, so batched decoding equals one-by-one decoding.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import LlamaModel
 
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.model.encoders import SpeechEncoder, load_speech_encoder
@@ -28,6 +30,8 @@ from lightning_speechllm.model.sharding import full_tensor, load_into, shard_spe
 from lightning_speechllm.model.sublayer_mask import SublayerMask, kv_cache_for
 
 IGNORE_INDEX = -100
+# transformers renamed the decoders' `past_key_values` argument to `cache` (5.24; the old name warns until 5.40).
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 """The attention kernels `attn_implementation` may name (transformers' names)."""
@@ -361,16 +365,70 @@ class SpeechLLM(nn.Module):
         return loss, int(lens[rows].sum())
 
     # ------------------------------------------------------------------------------------------- forward/generate
-    def forward(self, batch: SpeechBatch, **llm_kwargs) -> tuple[torch.Tensor, object, LLMInputs]:
+    def forward(self, batch: SpeechBatch, shared_prefix: bool = True,
+                **llm_kwargs) -> tuple[torch.Tensor, object, LLMInputs]:
         """Teacher-forced pass: (cross-entropy on target tokens, the HF model output, the inputs used).
 
         Targets are right-aligned (left padding), so only the last `target_window(labels)` positions get logits: the
-        LM head and its backward skip the prompt and speech positions (`output.logits` covers that window only)."""
+        LM head and its backward skip the prompt and speech positions (`output.logits` covers that window only).
+        While training a frozen decoder, the prompt prefix every row shares runs once (:meth:`shared_prefix_length`;
+        `shared_prefix=False` runs every row whole), and `output` then covers the positions after it."""
         inputs = self.build_inputs(batch, with_targets=True)
         window = target_window(inputs.labels)
-        output = self.run_decoder(inputs, logits_to_keep=window, **llm_kwargs)
+        prefix = self.shared_prefix_length(batch) if shared_prefix and not llm_kwargs else 0
+        if prefix:
+            output = self.run_decoder_after_prefix(inputs, prefix, logits_to_keep=window)
+        else:
+            output = self.run_decoder(inputs, logits_to_keep=window, **llm_kwargs)
         labels = inputs.labels[:, -window:] if window else None  # window is 0 only without targets
         return target_cross_entropy(output.logits, labels), output, inputs
+
+    def shared_prefix_length(self, batch: SpeechBatch) -> int:
+        """How many leading prompt tokens every row of a training batch shares and :meth:`forward` runs once, as a
+        KV cache, instead of once per row (0: run every row whole).
+
+        A frozen decoder gives the shared prompt (chat header, system prompt) the same keys and values in every row,
+        and nothing upstream of it trains, so its forward is needed once and its backward never: about a quarter
+        of the default recipe's decoder tokens. Only while gradients flow into a frozen, unsharded, unadapted
+        decoder without activation checkpointing (whose recomputation would append to the cache twice), and only
+        when all rows have one (task, language) prompt."""
+        if not torch.is_grad_enabled() or self.sharded or self.config.gradient_checkpointing or self.llm.training:
+            return 0
+        if len(set(zip(batch.tasks, _or_nones(batch.tgt_langs, len(batch))))) != 1:
+            return 0
+        if any(p.requires_grad for p in self.llm.parameters()) or any(
+                p.requires_grad for p in self.replacements.parameters()):
+            return 0
+        if any(getattr(layer, "is_sliding", False) for layer in self._prefix_cache().layers):
+            return 0  # a sliding-window cache keeps only its window of the prefix: the rows would see less
+        return len(self.prompts.pieces(batch.tasks[0], _or_nones(batch.tgt_langs, 1)[0]).prefix)
+
+    def run_decoder_after_prefix(self, inputs: LLMInputs, prefix: int, logits_to_keep: int = 0) -> object:
+        """:meth:`run_decoder` with the first `prefix` real tokens of each row (identical in every row) run once,
+        without gradients, as a KV cache that the rest of each row attends to. Each row's remaining tokens keep
+        their position ids; the left padding moves between the prefix and them, masked as before. Same logits as
+        :meth:`run_decoder` up to float rounding."""
+        rows = inputs.inputs_embeds.shape[0]
+        real = inputs.attention_mask.bool()
+        in_prefix = real & (inputs.position_ids < prefix)
+        start = int(in_prefix[0].nonzero()[0])
+        cache = self._prefix_cache()
+        with torch.no_grad():
+            self.llm(inputs_embeds=inputs.inputs_embeds[:1, start:start + prefix].detach(),
+                     position_ids=torch.arange(prefix, device=self.device)[None], use_cache=True,
+                     **{_CACHE_KWARG: cache})
+        cache.batch_repeat_interleave(rows)
+        rest = ~in_prefix
+        width = inputs.inputs_embeds.shape[1] - prefix
+        embeds = inputs.inputs_embeds[rest].reshape(rows, width, -1)
+        attention_mask = torch.cat([inputs.attention_mask.new_ones(rows, prefix),
+                                    inputs.attention_mask[rest].reshape(rows, width)], dim=1)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                        position_ids=inputs.position_ids[rest].reshape(rows, width), use_cache=False,
+                        logits_to_keep=logits_to_keep, **{_CACHE_KWARG: cache})
+
+    def _prefix_cache(self) -> DynamicCache:
+        return kv_cache_for(self.llm) or DynamicCache(config=unwrap_peft(self.llm).config)
 
     def run_decoder(self, inputs: LLMInputs, logits_to_keep: int = 0, **llm_kwargs) -> object:
         """One teacher-forced decoder call on `inputs` (no KV cache); logits for the last `logits_to_keep` positions

@@ -1,6 +1,7 @@
 """Training-step speed of the embedded default on THIS CPU, side by side in one run: the default recipe
 (``configs/default.yaml``: cached encoder outputs, its prompt and projector) in fp32 and under bf16 autocast, and the
-issue-11 baseline (fp32, the encoder run at every step, SmolLM2's long default system prompt). Prints seconds per
+issue-11 baseline (fp32, the encoder run at every step, SmolLM2's long default system prompt), and the default in
+fp32 with every row run whole (before the shared prompt prefix ran once as a KV cache: SpeechLLM.forward). Prints seconds per
 step (median over the batches), steps per minute, the bf16 / fp32 ratio, the CPU's ISA and whether it computes bf16
 natively, and the precision ``fit`` picks here (lightning_speechllm.precision).
 
@@ -61,12 +62,12 @@ def with_cached_frames(model: SpeechLLM, batch: SpeechBatch) -> SpeechBatch:
                        encoder_key=model.encoder_cache_key())
 
 
-def step_seconds(model: SpeechLLM, batches: list[SpeechBatch], bf16: bool) -> float:
+def step_seconds(model: SpeechLLM, batches: list[SpeechBatch], bf16: bool, shared_prefix: bool = True) -> float:
     times = []
     for batch in [batches[0], *batches]:  # the first batch warms up
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _, _ = model(batch)
+            loss, _, _ = model(batch, shared_prefix=shared_prefix)
         loss.backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
@@ -88,13 +89,15 @@ def main() -> None:
     batches = load_batches(args.manifest, args.batches, args.batch_size)
     cached = [with_cached_frames(model, b) for b in batches]
     rows = []
-    for name, prompt, bf16, data in (("issue-11 baseline: fp32, live encoder, default system prompt", OLD_PROMPT, False,
-                                      batches),
-                                     ("default recipe, fp32 (32-true)", new_prompt, False, cached),
-                                     ("default recipe, bf16 autocast (bf16-mixed)", new_prompt, True, cached)):
+    for name, prompt, bf16, data, shared in (
+            ("issue-11 baseline: fp32, live encoder, default system prompt, every row whole", OLD_PROMPT, False,
+             batches, False),
+            ("default recipe, fp32, every row whole (before the shared prefix)", new_prompt, False, cached, False),
+            ("default recipe, fp32 (32-true)", new_prompt, False, cached, True),
+            ("default recipe, bf16 autocast (bf16-mixed)", new_prompt, True, cached, True)):
         model.config.prompt = prompt
         model.prompts = type(model.prompts)(model.tokenizer, prompt)
-        rows.append((name, step_seconds(model, data, bf16)))
+        rows.append((name, step_seconds(model, data, bf16, shared)))
         print(f"  {name}: {rows[-1][1]:.3f} s/step", flush=True)
     native, described = cpu_has_native_bf16()
     print(f"\n{args.batches} batches of {args.batch_size} utterances, {args.threads} threads; CPU: {_cpu_name()} "
@@ -102,7 +105,8 @@ def main() -> None:
     print("| recipe | s/step | steps/min | speed-up over the baseline |\n|---|---:|---:|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.3f} | {60 / seconds:.1f} | {rows[0][1] / seconds:.2f}x |")
-    fp32, bf16 = rows[1][1], rows[2][1]
+    whole, fp32, bf16 = rows[1][1], rows[2][1], rows[3][1]
+    print(f"shared prompt prefix run once as a KV cache / every row whole, fp32: {fp32 / whole:.2f}")
     print(f"bf16 autocast / fp32 step time on this CPU: {bf16 / fp32:.2f} "
           f"({'bf16 faster' if bf16 < fp32 else 'fp32 faster'}); fit picks {choose_precision('cpu').line()}")
 
