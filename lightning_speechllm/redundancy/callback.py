@@ -16,8 +16,9 @@ Speech-vs-text agreement is measured at each of ``agreement_selections`` (defaul
 Under ``last`` with teacher forcing both modalities are read at the target's end token, after the *same* reference
 transcript, which inflates their agreement; ``last_prompt`` (the position predicting the first target token) differs
 only by the input modality, so it is the headline number. The maps of an agreement selection other than
-``token_selection`` go to ``<set>/<modality>/<selection>/epoch=E.{json,csv}``. Each statistic carries a permutation
-null (``analysis.spearman_null`` / ``path_null``): agreement that chance alone reaches is not agreement.
+``token_selection`` go to ``<set>/<modality>/<selection>/epoch=E.{json,csv}``. Each statistic carries a null
+(``analysis.spearman_null`` / ``path_nulls``, on surrogates that keep each map's shape): agreement that chance alone
+reaches is not agreement.
 
 A set whose datamodule declares several tasks (``eval_set_tasks``: e.g. ASR and AST in one manifest) is also measured
 per task, as the set ``<set>/<task>`` (files under ``<output_dir>/<set>/<task>/``), besides the whole set. Scalars go to
@@ -368,7 +369,7 @@ class RedundancyCallback(L.Callback):
                 **by_selection[headline], "by_token_selection": by_selection}
 
     def _selection_agreement(self, speech: RedundancyResult, text: RedundancyResult) -> dict[str, Any]:
-        """ρ and path agreement of two maps, each with its permutation null (text's layers shuffled per n)."""
+        """ρ and path agreement of two maps, each with its surrogate null (``analysis.surrogate_tables`` of text)."""
         paths = path_agreement(speech.path, text.path)
         agreement: dict[str, Any] = {"spearman_rho": spearman_rho(speech.table, text.table), "path_exact": paths.exact,
                                      "path_overlap": paths.overlap, "path_mean_jaccard": paths.mean_jaccard,
@@ -376,7 +377,8 @@ class RedundancyCallback(L.Callback):
         if self.n_perm > 0:
             nulls = path_nulls(speech.table, text.table, self.n_perm)
             agreement["null"] = {"spearman_rho": spearman_null(speech.table, text.table, self.n_perm).to_dict(),
-                                 "path_overlap": nulls["overlap"].to_dict(), "path_exact": nulls["exact"].to_dict()}
+                                 "path_overlap": nulls["overlap"].to_dict(), "path_exact": nulls["exact"].to_dict(),
+                                 "path_mean_jaccard": nulls["jaccard"].to_dict()}
         return agreement
 
     def _log_result(self, pl_module: L.LightningModule, result: RedundancyResult) -> None:

@@ -7,9 +7,9 @@ Examples::
     python -m lightning_speechllm compare a.json b.json c.json --out compare/ --n_perm 2000
 
 For every pair of maps (``RedundancyResult`` JSONs of the same layer count) it writes Spearman ρ of the d(l, n)
-tables, the pruning paths' overlap and same-best-block fraction (share of block sizes n with the same l*(n)), each
-beside a permutation null (the second map's first layers shuffled within each block size: p-value and the null's
-95% quantile) and, where both maps have per-utterance tables beside them (``<stem>_per_sample.npy``, written by the
+tables, the pruning paths' overlap, same-best-block fraction (share of block sizes n with the same l*(n)) and mean
+Jaccard, each beside a surrogate null (``analysis.surrogate_tables`` of the second map: p-value and the null's 95%
+quantile) and, where both maps have per-utterance tables beside them (``<stem>_per_sample.npy``, written by the
 redundancy callback), bootstrap CIs. Outputs: ``compare.json``, ``compare.md`` and ``compare.png`` (the maps with
 their paths on one colour scale) under ``--out``.
 """
@@ -36,8 +36,12 @@ from lightning_speechllm.redundancy.analysis import (
 )
 from lightning_speechllm.redundancy.plots import draw_redundancy_heatmap, save_figure
 
-__all__ = ["LoadedMap", "build_parser", "compare_maps", "compare_pair", "format_markdown", "load_maps", "main",
-           "plot_grid"]
+NULL_DESCRIPTION = ("surrogates of the second map: its interior layers' own deviations from its depth trend "
+                    "shuffled, every block re-summed from its layers (keeps each map's shape, breaks only the "
+                    "alignment); one-sided mid-p value")
+
+__all__ = ["NULL_DESCRIPTION", "LoadedMap", "build_parser", "compare_maps", "compare_pair", "format_markdown",
+           "load_maps", "main", "plot_grid"]
 
 
 @dataclass
@@ -100,7 +104,8 @@ def compare_pair(a: LoadedMap, b: LoadedMap, n_perm: int = 1000, n_boot: int = 1
         "spearman_rho": rho.observed, "path_overlap": paths.overlap, "same_best_block": paths.exact,
         "path_mean_jaccard": paths.mean_jaccard,
         "null": {"spearman_rho": rho.to_dict(),
-                 "path_overlap": nulls["overlap"].to_dict(), "same_best_block": nulls["exact"].to_dict()},
+                 "path_overlap": nulls["overlap"].to_dict(), "same_best_block": nulls["exact"].to_dict(),
+                 "path_mean_jaccard": nulls["jaccard"].to_dict()},
         "ci": None,
     }
     if a.per_sample is not None and b.per_sample is not None:
@@ -121,7 +126,7 @@ def compare_maps(loaded: list[LoadedMap], n_perm: int = 1000, n_boot: int = 1000
     pairs = [compare_pair(a, b, n_perm=n_perm, n_boot=n_boot, alpha=alpha, seed=seed)
              for a, b in itertools.combinations(loaded, 2)]
     return {"kind": "lightning_speechllm.compare", "maps": maps, "pairs": pairs,
-            "null": "first layers of the second map shuffled within each block size n; one-sided p-value",
+            "null": NULL_DESCRIPTION,
             "n_perm": n_perm, "seed": seed}
 
 
