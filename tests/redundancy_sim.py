@@ -42,3 +42,19 @@ def map_pair(seed: int, related: bool, layers: int = LAYERS, num_samples: int = 
     first = layer_strengths(rng, layers)
     second = first if related else layer_strengths(rng, layers)
     return (per_sample_maps(first, rng, num_samples, dim), per_sample_maps(second, rng, num_samples, dim))
+
+
+def paired_per_sample_maps(strengths_a: np.ndarray, strengths_b: np.ndarray, rng: np.random.Generator,
+                           num_samples: int = 32, dim: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Two maps of the *same* utterances (same ``x^0`` and noise, two sets of layer strengths), like the speech and
+    text maps of one set: row i of both ``[S, L, L]`` arrays is utterance i."""
+    noise = rng.standard_normal((len(strengths_a) + 1, num_samples, 1, dim))
+    tables = []
+    for strengths in (strengths_a, strengths_b):
+        states = [noise[0]]
+        for layer, strength in enumerate(strengths):
+            states.append(states[-1] + strength * noise[layer + 1])
+        metric = AngularDistanceMetric(len(strengths), keep_per_sample=True)
+        metric.update([torch.from_numpy(state) for state in states], torch.ones(num_samples, 1, dtype=torch.bool))
+        tables.append(metric.compute_per_sample().double().numpy())
+    return tables[0], tables[1]

@@ -45,10 +45,12 @@ def _noisy_copy(table: np.ndarray, seed: int, scale: float = 0.01) -> np.ndarray
     return table + np.random.default_rng(seed).normal(0.0, scale, table.shape)
 
 
-def _write(tmp_path, name: str, table: np.ndarray, per_sample: np.ndarray | None = None) -> str:
+def _write(tmp_path, name: str, table: np.ndarray, per_sample: np.ndarray | None = None,
+           keys: np.ndarray | None = None) -> str:
     result = RedundancyResult.from_tables(table, np.linspace(0.1, 0.3, len(table)), model_id="m",
                                           token_selection="last_prompt", set_name=name, modality="speech",
-                                          num_samples=8, per_sample_tables=per_sample, n_boot=20)
+                                          num_samples=8 if per_sample is None else len(per_sample),
+                                          per_sample_tables=per_sample, per_sample_keys=keys, n_boot=20)
     path = tmp_path / name / "epoch=0.json"
     result.to_json(path)
     result.save_per_sample(path)
@@ -132,7 +134,8 @@ def test_compare_map_with_itself(tmp_path):
 def test_cli_writes_outputs_with_cis(tmp_path, capsys):
     per_a = np.stack([_noisy_copy(_map(1), seed, 0.05) for seed in range(6)])
     per_b = np.stack([_noisy_copy(_map(2), seed, 0.05) for seed in range(6, 12)])
-    files = [_write(tmp_path, "a", per_a.mean(0), per_a), _write(tmp_path, "b", per_b.mean(0), per_b)]
+    files = [_write(tmp_path, "a", per_a.mean(0), per_a, np.arange(6)),
+             _write(tmp_path, "b", per_b.mean(0), per_b, np.arange(6, 12))]
     assert per_sample_path(files[0]).is_file()
     out = tmp_path / "out"
     code = package_main(["compare", *files, "--out", str(out), "--labels", "ASR", "AST", "--n_perm", "100",
@@ -141,6 +144,7 @@ def test_cli_writes_outputs_with_cis(tmp_path, capsys):
     data = json.loads((out / "compare.json").read_text())
     pair = data["pairs"][0]
     assert (pair["a"], pair["b"]) == ("ASR", "AST") and pair["ci"]["n_boot"] == 50
+    assert pair["ci"]["resampling"] == "independent"  # different utterances
     low, high = pair["ci"]["spearman_rho"]
     assert low < high  # 50 resamples of noisy per-utterance maps: an interval, not a point
     markdown = (out / "compare.md").read_text()

@@ -73,6 +73,9 @@ def test_writes_result_files_per_set_and_modality(validated):
             assert null["observed"] == values["spearman_rho"] and null["n_perm"] == 1000
             assert np.load(out / set_name / "speech" / f"{folder}epoch=0_per_sample.npy").shape == (
                 len(batches[0]), LAYERS, LAYERS)
+            # speech and text rows are the same utterances in the same order, so compare can pair them
+            assert speech.per_sample_keys is not None and len(speech.per_sample_keys) == len(batches[0])
+            np.testing.assert_array_equal(speech.per_sample_keys, text.per_sample_keys)
         assert {k: agreement[k] for k in ("spearman_rho", "path_exact", "null")} == {
             k: agreement["by_token_selection"]["last_prompt"][k] for k in ("spearman_rho", "path_exact", "null")}
         assert agreement["num_samples"] == {"speech": len(batches[0]), "text": len(batches[0])}

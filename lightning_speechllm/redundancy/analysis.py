@@ -5,6 +5,7 @@ Tables follow the layout of :class:`~lightning_speechllm.redundancy.metrics.Angu
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
@@ -136,6 +137,15 @@ def _array_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
 
 
+def per_sample_digest(tables: np.ndarray, keys: np.ndarray | None) -> str:
+    """SHA-256 of per-utterance tables (float64) and their keys (int64): the JSON records it, so a
+    ``<stem>_per_sample.npy`` left over from another run is recognised as stale."""
+    digest = hashlib.sha256(np.ascontiguousarray(tables, dtype=np.float64).tobytes())
+    if keys is not None:
+        digest.update(np.ascontiguousarray(keys, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 def per_sample_path(json_path: str | Path) -> Path:
     """Where the per-utterance tables of the map ``<stem>.json`` live: ``<stem>_per_sample.npy`` beside it."""
     path = Path(json_path)
@@ -170,6 +180,10 @@ class RedundancyResult:
     per_sample_tables: np.ndarray | None = field(default=None, repr=False)
     """``[S, L, L]`` per-utterance tables when measured with them (not in the JSON: :meth:`save_per_sample` writes
     them beside it, where ``compare`` finds them for bootstrap CIs of the agreement)."""
+    per_sample_keys: np.ndarray | None = field(default=None, repr=False)
+    """``[S]`` int64 utterance keys of those rows, in row order (in the JSON): maps of the same utterances pair up."""
+    per_sample_sha256: str | None = None
+    """:func:`per_sample_digest` of the per-utterance tables and keys (in the JSON)."""
 
     def __post_init__(self) -> None:
         if self.modality not in get_args(Modality):
@@ -183,6 +197,13 @@ class RedundancyResult:
         for name, shape in shapes.items():
             if shape is not None and shape != (self.num_layers, self.num_layers):
                 raise ValueError(f"{name} has shape {shape}, expected ({self.num_layers}, {self.num_layers})")
+        if self.per_sample_keys is not None:
+            self.per_sample_keys = np.asarray(self.per_sample_keys, dtype=np.int64)
+            if self.per_sample_tables is not None and len(self.per_sample_keys) != len(self.per_sample_tables):
+                raise ValueError(f"per_sample_keys has {len(self.per_sample_keys)} entries for "
+                                 f"{len(self.per_sample_tables)} per-sample tables")
+        if self.per_sample_tables is not None and self.per_sample_sha256 is None:
+            self.per_sample_sha256 = per_sample_digest(self.per_sample_tables, self.per_sample_keys)
         for name, size in (("path", len(self.path)), ("block_influence", self.block_influence.size),
                            ("bi_ranking", len(self.bi_ranking))):
             if size != self.num_layers:
@@ -200,6 +221,7 @@ class RedundancyResult:
         modality: Modality,
         num_samples: int,
         per_sample_tables: ArrayLike | None = None,
+        per_sample_keys: ArrayLike | None = None,
         epoch: int | None = None,
         reduction: str = "token",
         n_boot: int = 1000,
@@ -222,17 +244,20 @@ class RedundancyResult:
                    ci_low=ci_low, ci_high=ci_high, epoch=epoch, reduction=reduction, extra=metadata,
                    per_sample_tables=None if per_sample_tables is None else np.asarray(
                        per_sample_tables.detach().cpu().double().numpy() if isinstance(per_sample_tables, torch.Tensor)
-                       else per_sample_tables, float))
+                       else per_sample_tables, float),
+                   per_sample_keys=None if per_sample_tables is None or per_sample_keys is None
+                   else np.asarray(per_sample_keys, dtype=np.int64))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RedundancyResult):
             return NotImplemented
         scalars = ("model_id", "num_layers", "token_selection", "set_name", "modality", "num_samples",
-                   "path", "bi_ranking", "epoch", "reduction", "extra")
+                   "path", "bi_ranking", "epoch", "reduction", "extra", "per_sample_sha256")
         return (all(getattr(self, name) == getattr(other, name) for name in scalars)
                 and _array_equal(self.table, other.table)
                 and _array_equal(self.block_influence, other.block_influence)
-                and _array_equal(self.ci_low, other.ci_low) and _array_equal(self.ci_high, other.ci_high))
+                and _array_equal(self.ci_low, other.ci_low) and _array_equal(self.ci_high, other.ci_high)
+                and _array_equal(self.per_sample_keys, other.per_sample_keys))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, self-describing dict (``format_version`` 1; NaN cells become ``null``)."""
@@ -260,6 +285,9 @@ class RedundancyResult:
             "table": report.array_to_json(self.table),
             "ci_low": None if self.ci_low is None else report.array_to_json(self.ci_low),
             "ci_high": None if self.ci_high is None else report.array_to_json(self.ci_high),
+            # rows of <stem>_per_sample.npy: their utterance keys in order, and a digest against stale files
+            "per_sample_keys": None if self.per_sample_keys is None else [int(k) for k in self.per_sample_keys],
+            "per_sample_sha256": self.per_sample_sha256,
             "extra": self.extra,
         }
 
@@ -287,7 +315,10 @@ class RedundancyResult:
                    bi_ranking=[int(v) for v in data["bi_ranking"]],
                    ci_low=optional_table("ci_low"), ci_high=optional_table("ci_high"),
                    epoch=data.get("epoch"), reduction=data.get("reduction", "token"),
-                   extra=dict(data.get("extra") or {}))
+                   extra=dict(data.get("extra") or {}),
+                   per_sample_keys=None if data.get("per_sample_keys") is None
+                   else np.asarray(data["per_sample_keys"], dtype=np.int64),
+                   per_sample_sha256=data.get("per_sample_sha256"))
 
     def to_json(self, path: str | Path) -> Path:
         """Write the result as JSON (atomically); returns the path."""
@@ -485,7 +516,8 @@ def path_null(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000, seed: 
 
 @dataclass(frozen=True)
 class AgreementCI:
-    """Percentile bootstrap intervals of ρ, path overlap and same-best-block fraction between two maps."""
+    """Percentile bootstrap intervals of ρ, path overlap and same-best-block fraction between two maps; ``paired``:
+    whether both maps' utterances were resampled together (the same utterances behind both maps)."""
 
     spearman_rho: tuple[float, float]
     path_overlap: tuple[float, float]
@@ -493,17 +525,25 @@ class AgreementCI:
     n_boot: int
     alpha: float
     seed: int
+    paired: bool = False
 
 
-def _resampled_means(tables: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    counts = rng.multinomial(len(tables), np.full(len(tables), 1.0 / len(tables)), size=n_boot)  # [n_boot, S]
+def _resample_counts(num_samples: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.multinomial(num_samples, np.full(num_samples, 1.0 / num_samples), size=n_boot)  # [n_boot, S]
+
+
+def _resampled_means(tables: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.einsum("bs,sij->bij", counts, np.nan_to_num(tables)) / len(tables)
 
 
 def bootstrap_agreement(per_sample_a: ArrayLike, per_sample_b: ArrayLike, n_boot: int = 1000, alpha: float = 0.05,
-                        seed: int = 0) -> AgreementCI:
-    """Bootstrap CIs of the agreement statistics: the utterances of each map are resampled independently (the maps
-    may come from different sets), the mean tables recomputed, and ρ / overlap / same-best measured per resample."""
+                        seed: int = 0, paired: bool = False) -> AgreementCI:
+    """Bootstrap CIs of the agreement statistics: utterances are resampled, the mean tables recomputed, and ρ /
+    overlap / same-best measured per resample.
+
+    ``paired=True`` when row i of both arrays is the same utterance (speech vs text of one set, two models on one
+    set): one resample draws the same utterances for both maps, so a map against itself gives [1, 1]. Otherwise
+    (different sets) each map's utterances are resampled independently."""
     tables = [np.asarray(t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else t, float)
               for t in (per_sample_a, per_sample_b)]
     for name, table in zip(("per_sample_a", "per_sample_b"), tables):
@@ -511,11 +551,15 @@ def bootstrap_agreement(per_sample_a: ArrayLike, per_sample_b: ArrayLike, n_boot
             raise ValueError(f"{name} must be [S, L, L] with S >= 2, got shape {table.shape}")
     if tables[0].shape[1:] != tables[1].shape[1:]:
         raise ValueError(f"per-sample tables differ in layer count: {tables[0].shape[1:]} vs {tables[1].shape[1:]}")
+    if paired and len(tables[0]) != len(tables[1]):
+        raise ValueError(f"paired resampling needs the same utterances: {len(tables[0])} vs {len(tables[1])} rows")
     if n_boot < 1 or not 0.0 < alpha < 1.0:
         raise ValueError(f"need n_boot >= 1 and alpha in (0, 1), got {n_boot}, {alpha}")
     rng = np.random.default_rng(seed)
     valid = valid_cells(tables[0].shape[1])
-    means_a, means_b = (_resampled_means(table, n_boot, rng) for table in tables)
+    counts_a = _resample_counts(len(tables[0]), n_boot, rng)
+    counts_b = counts_a if paired else _resample_counts(len(tables[1]), n_boot, rng)
+    means_a, means_b = _resampled_means(tables[0], counts_a), _resampled_means(tables[1], counts_b)
     stats = np.empty((n_boot, 3))
     for index in range(n_boot):
         a, b = (np.where(valid, means[index], np.nan) for means in (means_a, means_b))
@@ -523,4 +567,4 @@ def bootstrap_agreement(per_sample_a: ArrayLike, per_sample_b: ArrayLike, n_boot
         stats[index] = spearman_rho(a, b), paths.overlap, paths.exact
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2], axis=0)
     rho, overlap, exact = ((float(low[i]), float(high[i])) for i in range(3))
-    return AgreementCI(rho, overlap, exact, n_boot, alpha, seed)
+    return AgreementCI(rho, overlap, exact, n_boot, alpha, seed, paired)

@@ -51,7 +51,7 @@ from lightning_speechllm.redundancy.analysis import (
     spearman_null,
     spearman_rho,
 )
-from lightning_speechllm.redundancy.measure import RedundancyAccumulator
+from lightning_speechllm.redundancy.measure import RedundancyAccumulator, utterance_keys
 from lightning_speechllm.redundancy.metrics import TOKEN_SELECTIONS, TokenSelection
 
 __all__ = ["MODALITIES", "RedundancyCallback"]
@@ -222,8 +222,9 @@ class RedundancyCallback(L.Callback):
                 speechllm, batch if modality == own else batch.as_text_only())
             for name, subset in targets:
                 states = _recorded_rows(stream, subset, rows, len(batch))
+                keys = utterance_keys([batch.ids[row] for row in subset], device=states[1].device)  # pairs speech/text
                 for accumulator in self._accumulators_of(name, modality, pl_module):
-                    accumulator.update_states(*states)
+                    accumulator.update_states(*states, sample_keys=keys)
 
     def _targets(self, set_name: str, batch: SpeechBatch, rows: list[int]) -> list[tuple[str, list[int]]]:
         """(accumulated set name, batch rows) pairs a batch feeds: the whole set, and each declared task's rows."""
