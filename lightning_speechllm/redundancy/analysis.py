@@ -5,6 +5,7 @@ Tables follow the layout of :class:`~lightning_speechllm.redundancy.metrics.Angu
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
@@ -136,6 +137,15 @@ def _array_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
 
 
+def per_sample_digest(tables: np.ndarray, keys: np.ndarray | None) -> str:
+    """SHA-256 of per-utterance tables (float64) and their keys (int64): the JSON records it, so a
+    ``<stem>_per_sample.npy`` left over from another run is recognised as stale."""
+    digest = hashlib.sha256(np.ascontiguousarray(tables, dtype=np.float64).tobytes())
+    if keys is not None:
+        digest.update(np.ascontiguousarray(keys, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 def per_sample_path(json_path: str | Path) -> Path:
     """Where the per-utterance tables of the map ``<stem>.json`` live: ``<stem>_per_sample.npy`` beside it."""
     path = Path(json_path)
@@ -170,6 +180,10 @@ class RedundancyResult:
     per_sample_tables: np.ndarray | None = field(default=None, repr=False)
     """``[S, L, L]`` per-utterance tables when measured with them (not in the JSON: :meth:`save_per_sample` writes
     them beside it, where ``compare`` finds them for bootstrap CIs of the agreement)."""
+    per_sample_keys: np.ndarray | None = field(default=None, repr=False)
+    """``[S]`` int64 utterance keys of those rows, in row order (in the JSON): maps of the same utterances pair up."""
+    per_sample_sha256: str | None = None
+    """:func:`per_sample_digest` of the per-utterance tables and keys (in the JSON)."""
 
     def __post_init__(self) -> None:
         if self.modality not in get_args(Modality):
@@ -183,6 +197,13 @@ class RedundancyResult:
         for name, shape in shapes.items():
             if shape is not None and shape != (self.num_layers, self.num_layers):
                 raise ValueError(f"{name} has shape {shape}, expected ({self.num_layers}, {self.num_layers})")
+        if self.per_sample_keys is not None:
+            self.per_sample_keys = np.asarray(self.per_sample_keys, dtype=np.int64)
+            if self.per_sample_tables is not None and len(self.per_sample_keys) != len(self.per_sample_tables):
+                raise ValueError(f"per_sample_keys has {len(self.per_sample_keys)} entries for "
+                                 f"{len(self.per_sample_tables)} per-sample tables")
+        if self.per_sample_tables is not None and self.per_sample_sha256 is None:
+            self.per_sample_sha256 = per_sample_digest(self.per_sample_tables, self.per_sample_keys)
         for name, size in (("path", len(self.path)), ("block_influence", self.block_influence.size),
                            ("bi_ranking", len(self.bi_ranking))):
             if size != self.num_layers:
@@ -200,6 +221,7 @@ class RedundancyResult:
         modality: Modality,
         num_samples: int,
         per_sample_tables: ArrayLike | None = None,
+        per_sample_keys: ArrayLike | None = None,
         epoch: int | None = None,
         reduction: str = "token",
         n_boot: int = 1000,
@@ -222,17 +244,20 @@ class RedundancyResult:
                    ci_low=ci_low, ci_high=ci_high, epoch=epoch, reduction=reduction, extra=metadata,
                    per_sample_tables=None if per_sample_tables is None else np.asarray(
                        per_sample_tables.detach().cpu().double().numpy() if isinstance(per_sample_tables, torch.Tensor)
-                       else per_sample_tables, float))
+                       else per_sample_tables, float),
+                   per_sample_keys=None if per_sample_tables is None or per_sample_keys is None
+                   else np.asarray(per_sample_keys, dtype=np.int64))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RedundancyResult):
             return NotImplemented
         scalars = ("model_id", "num_layers", "token_selection", "set_name", "modality", "num_samples",
-                   "path", "bi_ranking", "epoch", "reduction", "extra")
+                   "path", "bi_ranking", "epoch", "reduction", "extra", "per_sample_sha256")
         return (all(getattr(self, name) == getattr(other, name) for name in scalars)
                 and _array_equal(self.table, other.table)
                 and _array_equal(self.block_influence, other.block_influence)
-                and _array_equal(self.ci_low, other.ci_low) and _array_equal(self.ci_high, other.ci_high))
+                and _array_equal(self.ci_low, other.ci_low) and _array_equal(self.ci_high, other.ci_high)
+                and _array_equal(self.per_sample_keys, other.per_sample_keys))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, self-describing dict (``format_version`` 1; NaN cells become ``null``)."""
@@ -260,6 +285,9 @@ class RedundancyResult:
             "table": report.array_to_json(self.table),
             "ci_low": None if self.ci_low is None else report.array_to_json(self.ci_low),
             "ci_high": None if self.ci_high is None else report.array_to_json(self.ci_high),
+            # rows of <stem>_per_sample.npy: their utterance keys in order, and a digest against stale files
+            "per_sample_keys": None if self.per_sample_keys is None else [int(k) for k in self.per_sample_keys],
+            "per_sample_sha256": self.per_sample_sha256,
             "extra": self.extra,
         }
 
@@ -287,7 +315,10 @@ class RedundancyResult:
                    bi_ranking=[int(v) for v in data["bi_ranking"]],
                    ci_low=optional_table("ci_low"), ci_high=optional_table("ci_high"),
                    epoch=data.get("epoch"), reduction=data.get("reduction", "token"),
-                   extra=dict(data.get("extra") or {}))
+                   extra=dict(data.get("extra") or {}),
+                   per_sample_keys=None if data.get("per_sample_keys") is None
+                   else np.asarray(data["per_sample_keys"], dtype=np.int64),
+                   per_sample_sha256=data.get("per_sample_sha256"))
 
     def to_json(self, path: str | Path) -> Path:
         """Write the result as JSON (atomically); returns the path."""
@@ -312,12 +343,107 @@ class RedundancyResult:
         return report.write_table_csv(self.table, path, ci_low=self.ci_low, ci_high=self.ci_high)
 
 
-# ------------------------------------------------------------------------------------------ permutation null
+# ------------------------------------------------------------------------------------------ surrogate null
+# Why not shuffle cells: d(l, n) is smooth in l (neighbouring blocks share n - 1 layers) and tied across n (a block's
+# angle is built from its layers' own angles), and every map of a pre-norm LLM shares a generic shape (d grows with
+# n, layer 0 and the last layer stand out, a trend with depth). A null that destroys that structure calls unrelated
+# maps related. The surrogates below keep it and move only *which layer* carries which layer-specific deviation.
+SATURATION_D = 0.45
+"""Above this angular distance the additive scale :func:`additive_scale` continues linearly (``-log cos`` diverges at
+d = 0.5, and real maps reach d > 0.5 between the embeddings and late layers)."""
+
+
+def additive_scale(distance: ArrayLike) -> np.ndarray:
+    """``q = -log cos(π d)``, continued linearly (same value and slope) above :data:`SATURATION_D`.
+
+    Derivation: when the updates of a block are orthogonal to the stream and to each other (independent random
+    increments), ``cos`` of the block's angle is the product of its layers' cosines, so ``q(l, n)`` is the *sum* of
+    the layers' ``q(k, 1)``. ``q`` is strictly increasing in ``d``: ranks and argmins on it are those of ``d``."""
+    d = np.asarray(distance, float)
+    slope = np.pi * np.tan(np.pi * SATURATION_D)
+    linear = -np.log(np.cos(np.pi * SATURATION_D)) + slope * (d - SATURATION_D)
+    with np.errstate(invalid="ignore"):
+        exact = -np.log(np.cos(np.pi * np.minimum(d, SATURATION_D)))
+    return np.where(d <= SATURATION_D, exact, linear)
+
+
+def block_design(num_layers: int) -> np.ndarray:
+    """``[V, L]`` 0/1 matrix: row v (the v-th defined cell in row-major order of :func:`valid_cells`) marks the layers
+    ``l .. l+n-1`` of its block."""
+    rows, firsts = np.nonzero(valid_cells(num_layers))
+    layers = np.arange(num_layers)[None, :]
+    return ((layers >= firsts[:, None]) & (layers <= firsts[:, None] + rows[:, None])).astype(float)
+
+
+@dataclass(frozen=True)
+class LayerDecomposition:
+    """A map on the additive scale, split as ``q = design @ contribution + remainder``.
+
+    ``contribution[k]``: layer k's least-squares share of every block that contains it; ``remainder``: what is not
+    additive over layers (saturation, interactions), kept in place by the surrogates. ``trend``: the smooth depth
+    trend of the interior layers' ``log contribution`` (quadratic); ``deviation``: each interior layer's own
+    log-factor around it. Layers 0 and L-1 are never moved: embeddings and last layer stand out in every LLM."""
+
+    contribution: np.ndarray
+    remainder: np.ndarray
+    interior: np.ndarray
+    trend: np.ndarray
+    deviation: np.ndarray
+
+
+def decompose_layers(table: ArrayLike) -> LayerDecomposition:
+    """The :class:`LayerDecomposition` of one finite map (see :func:`surrogate_tables`)."""
+    array = as_table(table)
+    num_layers = array.shape[0]
+    q = additive_scale(array[valid_cells(num_layers)])
+    design = block_design(num_layers)
+    contribution = np.linalg.lstsq(design, q, rcond=None)[0]
+    remainder = q - design @ contribution
+    interior = np.arange(1, num_layers - 1)
+    if interior.size == 0:
+        return LayerDecomposition(contribution, remainder, interior, np.zeros(0), np.zeros(0))
+    # log: a layer's own strength multiplies the generic one; the floor keeps a non-positive fit finite
+    floor = max(float(np.abs(contribution).max()), 1e-12) * 1e-6
+    log_share = np.log(np.maximum(contribution[interior], floor))
+    degree = min(2, interior.size - 1)
+    trend = np.polyval(np.polyfit(interior.astype(float), log_share, degree), interior.astype(float))
+    return LayerDecomposition(contribution, remainder, interior, trend, log_share - trend)
+
+
+def surrogate_tables(table: ArrayLike, n_perm: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """``[n_perm, L, L]`` surrogates of ``table`` on the :func:`additive_scale` (NaN where ``l + n > L``).
+
+    Each surrogate shuffles the interior layers' deviations from their depth trend (one permutation of layers per
+    surrogate) and re-sums every block from its layers, plus the map's own non-additive remainder in place. So each
+    surrogate keeps what the map shares with any other map (d grows with n, the smoothness in l, the ties across n,
+    the depth trend, layers 0 and L-1) and loses only where its particular redundant layers sit. The identity
+    permutation gives back ``table`` on that scale. Assumes the deviations are exchangeable across interior layers
+    (true for layers of independent random strength); the suite's simulation checks the calibration."""
+    if n_perm < 1:
+        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    parts = decompose_layers(table)
+    num_layers = parts.contribution.size
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    contributions = np.tile(parts.contribution, (n_perm, 1))
+    if parts.interior.size:
+        order = np.argsort(rng.random((n_perm, parts.interior.size)), axis=1)
+        contributions[:, parts.interior] = np.exp(parts.trend + parts.deviation[order])
+    baseline = np.exp(parts.trend + parts.deviation) if parts.interior.size else np.zeros(0)
+    # re-sum on top of the remainder relative to the map's own (floored) contributions, so identity is exact
+    shift = np.zeros(num_layers)
+    shift[parts.interior] = parts.contribution[parts.interior] - baseline
+    values = (contributions + shift) @ block_design(num_layers).T + parts.remainder
+    out = np.full((n_perm, num_layers, num_layers), np.nan)
+    out[:, valid_cells(num_layers)] = values
+    return out
+
+
 @dataclass(frozen=True)
 class PermutationNull:
-    """A statistic beside its permutation null: ``p_value`` = (1 + #{null >= observed}) / (1 + n_perm) (one-sided:
-    agreement larger than chance); ``null_q95`` = the null's 95% quantile (the value chance alone reaches 5% of the
-    time)."""
+    """A statistic beside its surrogate null: ``p_value`` = the one-sided mid-p value (agreement larger than chance)
+    ``(#{null > observed} + ½ (#{null = observed} + 1)) / (1 + n_perm)``: the path statistics take few values, and
+    counting every tie against agreement makes them far more conservative than α; ``null_q95`` = the null's 95%
+    quantile (the value chance alone reaches 5% of the time)."""
 
     observed: float
     p_value: float
@@ -332,78 +458,66 @@ class PermutationNull:
 
 
 def _null(observed: float, null: np.ndarray, seed: int) -> PermutationNull:
-    exceed = int(np.sum(null >= observed - 1e-12))  # ties count against agreement (conservative)
-    return PermutationNull(float(observed), (1 + exceed) / (1 + null.size), float(null.mean()),
-                           float(np.quantile(null, 0.95)), int(null.size), seed)
+    tie = np.abs(null - observed) <= 1e-12
+    above = int(np.sum((null > observed) & ~tie))
+    p_value = (above + 0.5 * (int(tie.sum()) + 1)) / (1 + null.size)
+    return PermutationNull(float(observed), p_value, float(null.mean()), float(np.quantile(null, 0.95)),
+                           int(null.size), seed)
 
 
-def _row_permutations(num_layers: int, n_perm: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Per block size n (row n-1), ``n_perm`` independent shuffles of the first layers ``l = 0..L-n``: ``[n_perm,
-    L-n+1]`` index arrays. Shuffling within a row keeps what every map shares (d grows with n) and destroys only
-    *where* in the stack the redundant blocks are, which is what the agreement claims."""
-    return [np.argsort(rng.random((n_perm, num_layers - row)), axis=1) for row in range(num_layers)]
-
-
-def _check_pair(table_a: ArrayLike, table_b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(table_a: ArrayLike, table_b: ArrayLike, n_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    if n_perm < 1:
+        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
     a, b = as_table(table_a, "table_a"), as_table(table_b, "table_b")
     if a.shape != b.shape:
         raise ValueError(f"tables differ in shape: {a.shape} vs {b.shape}")
     if not (np.isfinite(a[valid_cells(a.shape[0])]).all() and np.isfinite(b[valid_cells(b.shape[0])]).all()):
-        raise ValueError("a permutation null needs every defined cell of both tables to be finite")
+        raise ValueError("a surrogate null needs every defined cell of both tables to be finite")
     return a, b
 
 
 def spearman_null(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000, seed: int = 0) -> PermutationNull:
-    """Spearman ρ of two tables against a permutation null: the first layers of ``table_b`` are shuffled within each
-    block size n (see :func:`_row_permutations`). Ranks over all cells do not change when cells move, so each
-    permuted ρ is the Pearson correlation of ``rank(a)`` and the permuted ``rank(b)``."""
-    if n_perm < 1:
-        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
-    a, b = _check_pair(table_a, table_b)
-    num_layers, valid = a.shape[0], valid_cells(a.shape[0])
-    rank_a, rank_b = np.full(a.shape, np.nan), np.full(b.shape, np.nan)
-    rank_a[valid], rank_b[valid] = rankdata(a[valid]), rankdata(b[valid])  # average ranks, as spearmanr
-    centred_a = rank_a - np.nanmean(rank_a)
-    centred_b = rank_b - np.nanmean(rank_b)
-    scale = np.sqrt(np.nansum(centred_a ** 2) * np.nansum(centred_b ** 2))
-    null = np.zeros(n_perm)
-    for row, perms in enumerate(_row_permutations(num_layers, n_perm, np.random.default_rng(seed))):
-        width = num_layers - row
-        null += centred_b[row, :width][perms] @ centred_a[row, :width]
-    observed = spearman_rho(a, b)
-    return _null(observed, null / scale if scale > 0 else np.zeros(n_perm), seed)
+    """Spearman ρ of two tables against ρ of ``table_a`` with :func:`surrogate_tables` of ``table_b``. Both share
+    the generic shape, so the null's ρ is high too: read ρ against ``null_q95``, not against 0."""
+    a, b = _check_pair(table_a, table_b, n_perm)
+    valid = valid_cells(a.shape[0])
+    rank_a = rankdata(a[valid])
+    rank_a -= rank_a.mean()
+    ranks = rankdata(surrogate_tables(b, n_perm, seed)[:, valid], axis=1)  # average ranks, as spearmanr
+    ranks -= ranks.mean(axis=1, keepdims=True)
+    scale = np.sqrt((ranks ** 2).sum(axis=1) * (rank_a ** 2).sum())
+    null = np.divide(ranks @ rank_a, scale, out=np.zeros(n_perm), where=scale > 0)
+    return _null(spearman_rho(a, b), null, seed)
 
 
 def path_nulls(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000,
                seed: int = 0) -> dict[str, PermutationNull]:
-    """``{"overlap", "exact"}``: path overlap and exact agreement of two tables' pruning paths, each against the same
-    within-row shuffle of ``table_b`` as :func:`spearman_null` (the permuted map's best block is the argmin of its
-    shuffled row); one pass over the permutations serves both."""
-    if n_perm < 1:
-        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
-    a, b = _check_pair(table_a, table_b)
+    """``{"overlap", "exact", "jaccard"}``: path overlap, same-best-block fraction and mean Jaccard of two tables'
+    pruning paths, each against the paths of the same :func:`surrogate_tables` of ``table_b`` as
+    :func:`spearman_null` (a surrogate's best block is the argmin of its row)."""
+    a, b = _check_pair(table_a, table_b, n_perm)
     num_layers = a.shape[0]
+    block = np.arange(1, num_layers + 1)
     path_a = np.asarray(pruning_path(a))
-    overlap, exact = np.zeros(n_perm), np.zeros(n_perm)
-    for row, perms in enumerate(_row_permutations(num_layers, n_perm, np.random.default_rng(seed))):
-        block, width = row + 1, num_layers - row
-        first_b = np.argmin(b[row, :width][perms], axis=1)  # ties to the smallest shuffled position
-        overlap += np.abs(first_b - path_a[row]) < block
-        exact += first_b == path_a[row]
+    surrogates = np.nan_to_num(surrogate_tables(b, n_perm, seed), nan=np.inf)
+    paths_b = np.argmin(surrogates, axis=2)  # [n_perm, L]; ties to the smallest l, as pruning_path
+    shared = np.clip(np.minimum(paths_b, path_a) + block - np.maximum(paths_b, path_a), 0, None)
     agreement = path_agreement(list(path_a), pruning_path(b))
-    return {"overlap": _null(agreement.overlap, overlap / num_layers, seed),
-            "exact": _null(agreement.exact, exact / num_layers, seed)}
+    return {"overlap": _null(agreement.overlap, (shared > 0).mean(axis=1), seed),
+            "exact": _null(agreement.exact, (paths_b == path_a).mean(axis=1), seed),
+            "jaccard": _null(agreement.mean_jaccard, (shared / (2 * block - shared)).mean(axis=1), seed)}
 
 
 def path_null(table_a: ArrayLike, table_b: ArrayLike, n_perm: int = 1000, seed: int = 0,
-              statistic: Literal["overlap", "exact"] = "overlap") -> PermutationNull:
+              statistic: Literal["overlap", "exact", "jaccard"] = "overlap") -> PermutationNull:
     """One statistic of :func:`path_nulls`."""
     return path_nulls(table_a, table_b, n_perm, seed)[statistic]
 
 
 @dataclass(frozen=True)
 class AgreementCI:
-    """Percentile bootstrap intervals of ρ, path overlap and same-best-block fraction between two maps."""
+    """Percentile bootstrap intervals of ρ, path overlap and same-best-block fraction between two maps; ``paired``:
+    whether both maps' utterances were resampled together (the same utterances behind both maps)."""
 
     spearman_rho: tuple[float, float]
     path_overlap: tuple[float, float]
@@ -411,17 +525,25 @@ class AgreementCI:
     n_boot: int
     alpha: float
     seed: int
+    paired: bool = False
 
 
-def _resampled_means(tables: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    counts = rng.multinomial(len(tables), np.full(len(tables), 1.0 / len(tables)), size=n_boot)  # [n_boot, S]
+def _resample_counts(num_samples: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.multinomial(num_samples, np.full(num_samples, 1.0 / num_samples), size=n_boot)  # [n_boot, S]
+
+
+def _resampled_means(tables: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.einsum("bs,sij->bij", counts, np.nan_to_num(tables)) / len(tables)
 
 
 def bootstrap_agreement(per_sample_a: ArrayLike, per_sample_b: ArrayLike, n_boot: int = 1000, alpha: float = 0.05,
-                        seed: int = 0) -> AgreementCI:
-    """Bootstrap CIs of the agreement statistics: the utterances of each map are resampled independently (the maps
-    may come from different sets), the mean tables recomputed, and ρ / overlap / same-best measured per resample."""
+                        seed: int = 0, paired: bool = False) -> AgreementCI:
+    """Bootstrap CIs of the agreement statistics: utterances are resampled, the mean tables recomputed, and ρ /
+    overlap / same-best measured per resample.
+
+    ``paired=True`` when row i of both arrays is the same utterance (speech vs text of one set, two models on one
+    set): one resample draws the same utterances for both maps, so a map against itself gives [1, 1]. Otherwise
+    (different sets) each map's utterances are resampled independently."""
     tables = [np.asarray(t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else t, float)
               for t in (per_sample_a, per_sample_b)]
     for name, table in zip(("per_sample_a", "per_sample_b"), tables):
@@ -429,11 +551,15 @@ def bootstrap_agreement(per_sample_a: ArrayLike, per_sample_b: ArrayLike, n_boot
             raise ValueError(f"{name} must be [S, L, L] with S >= 2, got shape {table.shape}")
     if tables[0].shape[1:] != tables[1].shape[1:]:
         raise ValueError(f"per-sample tables differ in layer count: {tables[0].shape[1:]} vs {tables[1].shape[1:]}")
+    if paired and len(tables[0]) != len(tables[1]):
+        raise ValueError(f"paired resampling needs the same utterances: {len(tables[0])} vs {len(tables[1])} rows")
     if n_boot < 1 or not 0.0 < alpha < 1.0:
         raise ValueError(f"need n_boot >= 1 and alpha in (0, 1), got {n_boot}, {alpha}")
     rng = np.random.default_rng(seed)
     valid = valid_cells(tables[0].shape[1])
-    means_a, means_b = (_resampled_means(table, n_boot, rng) for table in tables)
+    counts_a = _resample_counts(len(tables[0]), n_boot, rng)
+    counts_b = counts_a if paired else _resample_counts(len(tables[1]), n_boot, rng)
+    means_a, means_b = _resampled_means(tables[0], counts_a), _resampled_means(tables[1], counts_b)
     stats = np.empty((n_boot, 3))
     for index in range(n_boot):
         a, b = (np.where(valid, means[index], np.nan) for means in (means_a, means_b))
@@ -441,4 +567,4 @@ def bootstrap_agreement(per_sample_a: ArrayLike, per_sample_b: ArrayLike, n_boot
         stats[index] = spearman_rho(a, b), paths.overlap, paths.exact
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2], axis=0)
     rho, overlap, exact = ((float(low[i]), float(high[i])) for i in range(3))
-    return AgreementCI(rho, overlap, exact, n_boot, alpha, seed)
+    return AgreementCI(rho, overlap, exact, n_boot, alpha, seed, paired)

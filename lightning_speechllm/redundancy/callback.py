@@ -16,8 +16,9 @@ Speech-vs-text agreement is measured at each of ``agreement_selections`` (defaul
 Under ``last`` with teacher forcing both modalities are read at the target's end token, after the *same* reference
 transcript, which inflates their agreement; ``last_prompt`` (the position predicting the first target token) differs
 only by the input modality, so it is the headline number. The maps of an agreement selection other than
-``token_selection`` go to ``<set>/<modality>/<selection>/epoch=E.{json,csv}``. Each statistic carries a permutation
-null (``analysis.spearman_null`` / ``path_null``): agreement that chance alone reaches is not agreement.
+``token_selection`` go to ``<set>/<modality>/<selection>/epoch=E.{json,csv}``. Each statistic carries a null
+(``analysis.spearman_null`` / ``path_nulls``, on surrogates that keep each map's shape): agreement that chance alone
+reaches is not agreement.
 
 A set whose datamodule declares several tasks (``eval_set_tasks``: e.g. ASR and AST in one manifest) is also measured
 per task, as the set ``<set>/<task>`` (files under ``<output_dir>/<set>/<task>/``), besides the whole set. Scalars go to
@@ -50,7 +51,7 @@ from lightning_speechllm.redundancy.analysis import (
     spearman_null,
     spearman_rho,
 )
-from lightning_speechllm.redundancy.measure import RedundancyAccumulator
+from lightning_speechllm.redundancy.measure import RedundancyAccumulator, utterance_keys
 from lightning_speechllm.redundancy.metrics import TOKEN_SELECTIONS, TokenSelection
 
 __all__ = ["MODALITIES", "RedundancyCallback"]
@@ -221,8 +222,9 @@ class RedundancyCallback(L.Callback):
                 speechllm, batch if modality == own else batch.as_text_only())
             for name, subset in targets:
                 states = _recorded_rows(stream, subset, rows, len(batch))
+                keys = utterance_keys([batch.ids[row] for row in subset], device=states[1].device)  # pairs speech/text
                 for accumulator in self._accumulators_of(name, modality, pl_module):
-                    accumulator.update_states(*states)
+                    accumulator.update_states(*states, sample_keys=keys)
 
     def _targets(self, set_name: str, batch: SpeechBatch, rows: list[int]) -> list[tuple[str, list[int]]]:
         """(accumulated set name, batch rows) pairs a batch feeds: the whole set, and each declared task's rows."""
@@ -368,7 +370,7 @@ class RedundancyCallback(L.Callback):
                 **by_selection[headline], "by_token_selection": by_selection}
 
     def _selection_agreement(self, speech: RedundancyResult, text: RedundancyResult) -> dict[str, Any]:
-        """ρ and path agreement of two maps, each with its permutation null (text's layers shuffled per n)."""
+        """ρ and path agreement of two maps, each with its surrogate null (``analysis.surrogate_tables`` of text)."""
         paths = path_agreement(speech.path, text.path)
         agreement: dict[str, Any] = {"spearman_rho": spearman_rho(speech.table, text.table), "path_exact": paths.exact,
                                      "path_overlap": paths.overlap, "path_mean_jaccard": paths.mean_jaccard,
@@ -376,7 +378,8 @@ class RedundancyCallback(L.Callback):
         if self.n_perm > 0:
             nulls = path_nulls(speech.table, text.table, self.n_perm)
             agreement["null"] = {"spearman_rho": spearman_null(speech.table, text.table, self.n_perm).to_dict(),
-                                 "path_overlap": nulls["overlap"].to_dict(), "path_exact": nulls["exact"].to_dict()}
+                                 "path_overlap": nulls["overlap"].to_dict(), "path_exact": nulls["exact"].to_dict(),
+                                 "path_mean_jaccard": nulls["jaccard"].to_dict()}
         return agreement
 
     def _log_result(self, pl_module: L.LightningModule, result: RedundancyResult) -> None:

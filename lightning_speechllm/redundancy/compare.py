@@ -7,9 +7,9 @@ Examples::
     python -m lightning_speechllm compare a.json b.json c.json --out compare/ --n_perm 2000
 
 For every pair of maps (``RedundancyResult`` JSONs of the same layer count) it writes Spearman ρ of the d(l, n)
-tables, the pruning paths' overlap and same-best-block fraction (share of block sizes n with the same l*(n)), each
-beside a permutation null (the second map's first layers shuffled within each block size: p-value and the null's
-95% quantile) and, where both maps have per-utterance tables beside them (``<stem>_per_sample.npy``, written by the
+tables, the pruning paths' overlap, same-best-block fraction (share of block sizes n with the same l*(n)) and mean
+Jaccard, each beside a surrogate null (``analysis.surrogate_tables`` of the second map: p-value and the null's 95%
+quantile) and, where both maps have per-utterance tables beside them (``<stem>_per_sample.npy``, written by the
 redundancy callback), bootstrap CIs. Outputs: ``compare.json``, ``compare.md`` and ``compare.png`` (the maps with
 their paths on one colour scale) under ``--out``.
 """
@@ -31,13 +31,19 @@ from lightning_speechllm.redundancy.analysis import (
     bootstrap_agreement,
     path_agreement,
     path_nulls,
+    per_sample_digest,
     per_sample_path,
     spearman_null,
+    valid_cells,
 )
 from lightning_speechllm.redundancy.plots import draw_redundancy_heatmap, save_figure
 
-__all__ = ["LoadedMap", "build_parser", "compare_maps", "compare_pair", "format_markdown", "load_maps", "main",
-           "plot_grid"]
+NULL_DESCRIPTION = ("surrogates of the second map: its interior layers' own deviations from its depth trend "
+                    "shuffled, every block re-summed from its layers (keeps each map's shape, breaks only the "
+                    "alignment); one-sided mid-p value")
+
+__all__ = ["NULL_DESCRIPTION", "LoadedMap", "build_parser", "compare_maps", "compare_pair", "format_markdown",
+           "load_maps", "main", "plot_grid"]
 
 
 @dataclass
@@ -48,6 +54,8 @@ class LoadedMap:
     path: Path
     result: RedundancyResult
     per_sample: np.ndarray | None
+    per_sample_note: str | None = None
+    """Why ``per_sample`` cannot give CIs (e.g. a file from before utterance keys), else ``None``."""
 
 
 def _default_label(result: RedundancyResult) -> str:
@@ -65,9 +73,13 @@ def load_maps(paths: list[str | Path], labels: list[str] | None = None) -> list[
     for index, path in enumerate(map(Path, paths)):
         result = RedundancyResult.from_json(path)
         per_sample_file = per_sample_path(path)
-        per_sample = np.load(per_sample_file) if per_sample_file.is_file() else None
+        per_sample = load_per_sample(per_sample_file, result) if per_sample_file.is_file() else None
+        note = None
+        if per_sample is not None and result.per_sample_keys is None:
+            note = (f"{per_sample_file} has no utterance keys (written before they were recorded): which rows pair "
+                    "with the other map's is unknown; re-measure for CIs")
         label = labels[index] if labels is not None else _default_label(result)
-        loaded.append(LoadedMap(label, path, result, per_sample))
+        loaded.append(LoadedMap(label, path, result, per_sample, note))
     first = loaded[0]
     for other in loaded[1:]:
         if other.result.num_layers != first.result.num_layers:
@@ -75,6 +87,40 @@ def load_maps(paths: list[str | Path], labels: list[str] | None = None) -> list[
                              f"{first.result.num_layers} layers, {other.path} has {other.result.num_layers}")
     _deduplicate_labels(loaded)
     return loaded
+
+
+SINGLE_TOKEN_SELECTIONS = ("last", "last_prompt")
+
+
+def load_per_sample(file: Path, result: RedundancyResult) -> np.ndarray:
+    """The per-utterance tables beside a map, refused (naming the file) when they cannot be that map's: wrong shape,
+    a digest other than the one the map recorded, or a mean that differs from the table where the table is the
+    utterance mean (one token per utterance, or utterance reduction)."""
+    tables = np.load(file)
+    expected = (result.num_samples, result.num_layers, result.num_layers)
+    if tables.shape != expected:
+        raise ValueError(f"{file} is stale or belongs to another map: shape {tables.shape}, expected {expected} "
+                         f"for {result.num_samples} utterances of {result.num_layers} layers")
+    if result.per_sample_sha256 is not None and per_sample_digest(tables, result.per_sample_keys) \
+            != result.per_sample_sha256:
+        raise ValueError(f"{file} is stale: its digest differs from the one its map recorded")
+    if result.reduction == "utterance" or result.token_selection in SINGLE_TOKEN_SELECTIONS:
+        valid = valid_cells(result.num_layers)
+        gap = float(np.max(np.abs(tables.mean(axis=0)[valid] - result.table[valid])))
+        if not gap <= 1e-5:  # float32 rows: their mean is exact to ~1e-7
+            raise ValueError(f"{file} is stale: its mean differs from the map's table by up to {gap:.3g}")
+    return tables
+
+
+def _paired_rows(a: LoadedMap, b: LoadedMap) -> np.ndarray | None:
+    """Row order of ``b`` that lines its utterances up with ``a``'s, or ``None`` when the two sets of utterances
+    differ (then they are resampled independently)."""
+    keys_a, keys_b = a.result.per_sample_keys, b.result.per_sample_keys
+    if len(keys_a) != len(keys_b) or len(set(keys_a.tolist())) != len(keys_a) \
+            or set(keys_a.tolist()) != set(keys_b.tolist()):
+        return None
+    position = {key: row for row, key in enumerate(keys_b.tolist())}
+    return np.array([position[key] for key in keys_a.tolist()])
 
 
 def _deduplicate_labels(loaded: list[LoadedMap]) -> None:
@@ -100,13 +146,20 @@ def compare_pair(a: LoadedMap, b: LoadedMap, n_perm: int = 1000, n_boot: int = 1
         "spearman_rho": rho.observed, "path_overlap": paths.overlap, "same_best_block": paths.exact,
         "path_mean_jaccard": paths.mean_jaccard,
         "null": {"spearman_rho": rho.to_dict(),
-                 "path_overlap": nulls["overlap"].to_dict(), "same_best_block": nulls["exact"].to_dict()},
+                 "path_overlap": nulls["overlap"].to_dict(), "same_best_block": nulls["exact"].to_dict(),
+                 "path_mean_jaccard": nulls["jaccard"].to_dict()},
         "ci": None,
     }
-    if a.per_sample is not None and b.per_sample is not None:
-        ci = bootstrap_agreement(a.per_sample, b.per_sample, n_boot=n_boot, alpha=alpha, seed=seed)
+    notes = [note for note in (a.per_sample_note, b.per_sample_note) if note]
+    if notes:
+        row["ci_note"] = "; ".join(notes)
+    elif a.per_sample is not None and b.per_sample is not None:
+        order = _paired_rows(a, b)  # the same utterances behind both maps: resample them together
+        per_b = b.per_sample if order is None else b.per_sample[order]
+        ci = bootstrap_agreement(a.per_sample, per_b, n_boot=n_boot, alpha=alpha, seed=seed, paired=order is not None)
         row["ci"] = {"spearman_rho": list(ci.spearman_rho), "path_overlap": list(ci.path_overlap),
-                     "same_best_block": list(ci.same_best_block), "n_boot": n_boot, "alpha": alpha}
+                     "same_best_block": list(ci.same_best_block), "n_boot": n_boot, "alpha": alpha,
+                     "resampling": "paired" if ci.paired else "independent"}
     return row
 
 
@@ -121,7 +174,7 @@ def compare_maps(loaded: list[LoadedMap], n_perm: int = 1000, n_boot: int = 1000
     pairs = [compare_pair(a, b, n_perm=n_perm, n_boot=n_boot, alpha=alpha, seed=seed)
              for a, b in itertools.combinations(loaded, 2)]
     return {"kind": "lightning_speechllm.compare", "maps": maps, "pairs": pairs,
-            "null": "first layers of the second map shuffled within each block size n; one-sided p-value",
+            "null": NULL_DESCRIPTION,
             "n_perm": n_perm, "seed": seed}
 
 
@@ -154,7 +207,10 @@ def format_markdown(comparison: dict[str, Any]) -> str:
             cells += [_with_ci(pair[key], ci, key, fmt), format(null[key]["null_q95"], fmt), _p(null[key]["p_value"])]
         lines.append(f"| {pair['a']} | {pair['b']} | " + " | ".join(cells) + " |")
     lines += ["", f"Null: {comparison['null']} ({comparison['n_perm']} permutations, seed {comparison['seed']}). "
-              "Brackets: bootstrap CI over utterances, where both maps have per-utterance tables."]
+              "Brackets: bootstrap CI over utterances, where both maps have per-utterance tables (utterances "
+              "resampled together when both maps measured the same ones, independently otherwise)."]
+    lines += [f"No CI for {pair['a']} vs {pair['b']}: {pair['ci_note']}" for pair in comparison["pairs"]
+              if pair.get("ci_note")]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,9 @@
 """One-pass measurement on a SpeechLLM: record x^0..x^L of the active layers, update d(l, n) and BI."""
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -14,6 +17,20 @@ from lightning_speechllm.redundancy.metrics import (
     TokenSelection,
     select_tokens,
 )
+
+
+def utterance_keys(ids: Sequence[str], device: torch.device | None = None) -> torch.Tensor:
+    """``[B]`` int64 keys of utterance ids (the first 8 bytes of their BLAKE2b digest): the per-sample tables of every
+    map measured on the same utterances carry the same keys, whatever the rank, batch or modality."""
+    digests = [hashlib.blake2b(str(uid).encode("utf-8"), digest_size=8).digest() for uid in ids]
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.long, device=device)
+
+
+def keyed_row_order(keys: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Indices sorting rows by utterance key (ties, e.g. one id measured twice, by value): the same utterances come
+    out in the same order in every map, so speech and text rows stay paired."""
+    by_value = canonical_row_order(tables)
+    return by_value[torch.argsort(keys.cpu()[by_value.cpu()], stable=True).to(by_value.device)]
 
 
 def canonical_row_order(tables: torch.Tensor) -> torch.Tensor:
@@ -39,7 +56,7 @@ class RedundancyAccumulator(nn.Module):
     @torch.no_grad()
     def update(self, speechllm: SpeechLLM, batch: SpeechBatch) -> None:
         """Forward `batch` (speech or text-only, with its target) and add its residual stream to the metrics."""
-        self.update_states(*self.record(speechllm, batch))
+        self.update_states(*self.record(speechllm, batch), sample_keys=utterance_keys(batch.ids))
 
     @staticmethod
     @torch.no_grad()
@@ -52,10 +69,12 @@ class RedundancyAccumulator(nn.Module):
         return stream.states, inputs.segment_ids
 
     @torch.no_grad()
-    def update_states(self, states: list[torch.Tensor], segment_ids: torch.Tensor) -> None:
-        """Add an already recorded residual stream ``x^0..x^L`` (each ``[B, T, D]``) with its segment ids."""
+    def update_states(self, states: list[torch.Tensor], segment_ids: torch.Tensor,
+                      sample_keys: torch.Tensor | None = None) -> None:
+        """Add an already recorded residual stream ``x^0..x^L`` (each ``[B, T, D]``) with its segment ids and (for
+        paired CIs) the rows' :func:`utterance_keys`."""
         token_mask = select_tokens(segment_ids, self.token_selection)
-        self.angular.update(states, token_mask)
+        self.angular.update(states, token_mask, sample_keys=sample_keys)
         self.influence.update(states, select_tokens(segment_ids, self.bi_token_selection))
 
     def global_utterance_count(self) -> int:
@@ -68,13 +87,17 @@ class RedundancyAccumulator(nn.Module):
         the utterances of every rank."""
         num_samples = self.global_utterance_count()
         per_sample = self.angular.compute_per_sample() if self.angular.keep_per_sample else None
+        keys = self.angular.compute_per_sample_keys() if self.angular.keep_per_sample else None
         if per_sample is not None:  # CIs must not depend on how utterances were sharded across ranks or batched
-            per_sample = per_sample[canonical_row_order(per_sample)]
+            order = canonical_row_order(per_sample) if keys is None else keyed_row_order(keys, per_sample)
+            per_sample = per_sample[order]
+            keys = None if keys is None else keys[order.to(keys.device)]
         has_samples = per_sample is not None and per_sample.shape[0] > 1
         return RedundancyResult.from_tables(
             self.angular.compute(), self.influence.compute(), model_id=model_id,
             token_selection=self.token_selection, set_name=set_name, modality=modality,
             num_samples=num_samples, per_sample_tables=per_sample if has_samples else None,
+            per_sample_keys=keys.cpu().numpy() if has_samples and keys is not None else None,
             epoch=epoch, n_boot=n_boot, extra={"bi_token_selection": self.bi_token_selection},
         )
 

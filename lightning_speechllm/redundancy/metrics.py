@@ -179,10 +179,17 @@ class AngularDistanceMetric(Metric):
         self.add_state("utterance_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         if keep_per_sample:
             self.add_state("per_sample", default=[], dist_reduce_fx="cat")
+            self.add_state("per_sample_key", default=[], dist_reduce_fx="cat")
 
-    def update(self, states: StatesLike, token_mask: Tensor) -> None:  # type: ignore[override]
-        """Add the selected tokens of one batch of residual states ``x^0..x^L`` (each ``[B, T, D]``)."""
+    def update(self, states: StatesLike, token_mask: Tensor,  # type: ignore[override]
+               sample_keys: Tensor | None = None) -> None:
+        """Add the selected tokens of one batch of residual states ``x^0..x^L`` (each ``[B, T, D]``).
+
+        ``sample_keys`` (``[B]`` int64, e.g. :func:`~lightning_speechllm.redundancy.measure.utterance_keys`) names
+        each row's utterance, so per-sample tables of two maps can be paired utterance by utterance."""
         state_list = _check_states(states, token_mask, self.num_layers)
+        if sample_keys is not None and tuple(sample_keys.shape) != (token_mask.shape[0],):
+            raise ValueError(f"sample_keys must be [B] = [{token_mask.shape[0]}], got {tuple(sample_keys.shape)}")
         batch_size = token_mask.shape[0]
         token_mask = token_mask.to(state_list[0].device)
         flat_index = token_mask.reshape(-1).nonzero().squeeze(1)
@@ -206,6 +213,9 @@ class AngularDistanceMetric(Metric):
         self.utterance_count += int(present.sum())
         if self.keep_per_sample:
             self.per_sample.append(utterance_means.float().to(self.token_sum.device))
+            if sample_keys is not None:
+                self.per_sample_key.append(sample_keys.to(torch.long).to(present.device)[present].to(
+                    self.token_sum.device))
 
     def compute(self) -> Tensor:
         """``[L, L]`` float64 table: row ``n-1`` = block size n, column l; NaN where ``l + n > L``."""
@@ -237,6 +247,18 @@ class AngularDistanceMetric(Metric):
             tables = dim_zero_cat(self.per_sample).clone()
         _, _, valid = block_table_index(self.num_layers, device=tables.device)
         return torch.where(valid, tables, torch.full((), float("nan"), dtype=tables.dtype, device=tables.device))
+
+    def compute_per_sample_keys(self) -> Tensor | None:
+        """``[S]`` int64 utterance keys of :meth:`compute_per_sample`'s rows, in the same order; ``None`` when some
+        update came without ``sample_keys`` (the rows cannot be paired with another map's)."""
+        if not self.keep_per_sample:
+            raise RuntimeError("per-sample tables were not kept: construct with keep_per_sample=True")
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
+            keys = self.per_sample_key
+            keys = keys.clone() if isinstance(keys, Tensor) else (dim_zero_cat(keys).clone() if keys else None)
+            tables = self.per_sample
+            rows = tables.shape[0] if isinstance(tables, Tensor) else sum(len(t) for t in tables)
+        return keys if keys is not None and keys.numel() == rows else None
 
 
 class BlockInfluenceMetric(Metric):

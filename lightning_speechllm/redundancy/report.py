@@ -1,4 +1,7 @@
-"""JSON and CSV writing of redundancy results (NaN-safe, atomic writes, readable errors)."""
+"""JSON and CSV writing of redundancy results (NaN-safe, atomic writes, readable errors).
+
+Below ``analysis`` (which imports it): nothing here imports ``analysis``; :func:`write_summary_csv` reads any object
+with :class:`SummaryRow`'s attributes, such as ``analysis.RedundancyResult``."""
 from __future__ import annotations
 
 import csv
@@ -6,14 +9,27 @@ import math
 from collections.abc import Sequence
 from io import StringIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from lightning_speechllm.io_utils import atomic_write_text, read_json, write_json  # noqa: F401 (re-exported)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_speechllm.redundancy.analysis import RedundancyResult
+
+class SummaryRow(Protocol):
+    """What :func:`write_summary_csv` reads of a redundancy result."""
+
+    model_id: str
+    set_name: str
+    modality: str
+    token_selection: str
+    reduction: str
+    epoch: int | None
+    num_layers: int
+    num_samples: int
+    table: np.ndarray
+    path: list[int]
+    bi_ranking: list[int]
 
 
 def array_to_json(array: np.ndarray) -> list:
@@ -62,7 +78,7 @@ def _write_csv(lines: list[list[str]], path: str | Path) -> Path:
     return atomic_write_text(buffer.getvalue(), path)
 
 
-def write_summary_csv(results: Sequence["RedundancyResult"], path: str | Path) -> Path:
+def write_summary_csv(results: Sequence[SummaryRow], path: str | Path) -> Path:
     """One row per result: ids, sample count, best block of each size, and the BI ranking.
 
     Columns: model_id, set_name, modality, token_selection, reduction, epoch, num_layers, num_samples,
