@@ -29,7 +29,6 @@ takes the *largest passing* fraction even when a smaller one fails (see :func:`c
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_speechllm.evaluation.resume_key import data_key, file_sha256, run_key
 from lightning_speechllm.evaluation.sweep_grid import DEFAULT_WALK_STOP_AFTER, GridError, explicit_grid, visit_points
 from lightning_speechllm.evaluation.sweep_report import (
     describe_choice,
@@ -398,33 +398,20 @@ def point_name(method: str, kind: str, value: float | int) -> str:
     return f"{method}_{value:g}" if kind == "fraction" else f"{method}_n{value}"
 
 
-def _signature(config: SweepConfig, speechllm: SpeechLLM, decoding: DecodingConfig | None) -> dict[str, Any]:
+def _signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.LightningDataModule,
+               decoding: DecodingConfig | None, trainer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """What a point file must agree on to be reused (the thresholds need not: the rule is re-applied): the settings,
-    the model (base paths and a hash of its trained weights) and the content of the redundancy map."""
-    decoding = decoding or DecodingConfig()
+    the content of the redundancy map, and the model, decoding, precision and data of
+    :func:`~lightning_speechllm.evaluation.resume_key.run_key` (manifests by content, healing data when healing)."""
     healing = {key: getattr(config, key) for key in ("heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
                                                      "heal_lora_alpha")} if config.heal else {}
     if config.heal and config.heal_variant != "lora":  # absent for 'lora', so earlier sweeps' points stay reusable
         healing.update(heal_variant=config.heal_variant, replacement_width=config.replacement_width,
                        kd_temperature=config.kd_temperature)
-    return {"method": config.method, "map_path": config.map_path, "map_sha256": _file_sha256(config.map_path),
+    return {"method": config.method, "map_path": config.map_path, "map_sha256": file_sha256(config.map_path),
             "stage": config.stage, "sets": config.sets, "heal": config.heal, **healing,
-            "num_layers": speechllm.layer_mask.num_layers, "llm_path": speechllm.config.llm_path,
-            "encoder_path": speechllm.config.encoder_path, "trained_weights_sha256": _weights_sha256(speechllm),
-            "max_batches": config.max_batches, "max_new_tokens": decoding.max_new_tokens,
-            "num_beams": decoding.num_beams}
-
-
-def _file_sha256(path: str | None) -> str | None:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
-
-
-def _weights_sha256(speechllm: SpeechLLM) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(speechllm.trainable_state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+            "num_layers": speechllm.layer_mask.num_layers, "max_batches": config.max_batches,
+            **run_key(speechllm, datamodule, decoding, trainer_kwargs, config.stage, config.heal)}
 
 
 def _load_reusable(path: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
@@ -455,7 +442,7 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     mask = speechllm.layer_mask
     _require_unpruned(speechllm, "a sweep")
     num_layers = mask.num_layers
-    signature = _signature(config, speechllm, decoding)
+    signature = _signature(config, speechllm, datamodule, decoding, trainer_kwargs)
     if config.heal and speechllm.has_lora:
         log.info("sweep: merging the model's LoRA adapters into its decoder weights (healing adds its own)")
         speechllm.merge_lora()
@@ -527,7 +514,8 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
     if not config.test_sets or chosen is None:
         return None
     out = Path(config.output_dir)
-    signature = {**_signature(config, speechllm, decoding), "test_sets": list(config.test_sets),
+    signature = {**_signature(config, speechllm, datamodule, decoding, trainer_kwargs),
+                 "test_sets": list(config.test_sets), "test_data": data_key(datamodule, "test", heal=False),
                  "removed_layers": list(chosen.removed_layers)}
     stored = read_json(out / "test.json") if (out / "test.json").is_file() else None
     if stored is not None and stored.get("signature") == signature:
