@@ -51,6 +51,7 @@ from lightning_speechllm.evaluation.sweep_report import (
     write_outputs,
 )
 from lightning_speechllm.evaluation.sweep_table import (
+    COUNT_METRIC,
     FAILURE_METRICS,
     METRICS,
     SWEEP_FORMAT_VERSION,
@@ -178,7 +179,8 @@ class SweepConfig:
     speed_new_tokens: int = 16
     """Method comparison: tokens generated (forced) per decode-speed measurement."""
     max_batches: int | None = None
-    """Score at most this many batches per set (None: all)."""
+    """Score at most this many batches per validation set (None: all). The test sets (`test_sets`) are always scored
+    whole, as `fit`'s test: a few batches' WER is a subset's, not the set's."""
     output_dir: str = "checkpoints/sweep"
     """Where points/, sweep.csv, sweep.md, sweep.json and sweep.png go."""
 
@@ -250,7 +252,8 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
              max_batches: int | None = None, sets: Sequence[str] | None = None) -> Scores:
     """Score ``speechllm`` as it is (mask included) on the datamodule's named sets with ``Trainer.validate`` or
     ``Trainer.test``; returns the logged ``<val|test>/<set>/{wer,bleu}`` (percent) of ``sets`` (default: all), with
-    the set's FAILURE_METRICS (percent; not read by the stopping rule)."""
+    the set's FAILURE_METRICS (percent) and COUNT_METRIC (utterances scored; neither is read by the stopping rule).
+    The scoring is `fit`'s own (:class:`SpeechLLMModule`'s validation/test step): one decoding path."""
     if stage not in ("validate", "test"):
         raise SweepError(f"stage must be 'validate' or 'test', got {stage!r}")
     decoding = copy.copy(decoding or DecodingConfig())
@@ -263,7 +266,7 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
     scores: Scores = {}
     for key, value in trainer.callback_metrics.items():
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == prefix and parts[2] in (*METRICS, *FAILURE_METRICS):
+        if len(parts) == 3 and parts[0] == prefix and parts[2] in (*METRICS, *FAILURE_METRICS, COUNT_METRIC):
             scores.setdefault(parts[1], {})[parts[2]] = float(value)
     if sets is not None:
         missing = [name for name in sets if name not in scores]
@@ -503,8 +506,9 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
                          trainer_kwargs: dict[str, Any] | None = None,
                          evaluate_fn: Callable[..., Scores] | None = None) -> dict[str, Any] | None:
     """Score the unpruned baseline and the ``chosen`` point of :func:`run_sweep` once on ``config.test_sets``
-    (``Trainer.test``, ``max_batches`` as in the sweep), after the rule chose on the validation sets; None without
-    test sets or without a chosen point.
+    (``Trainer.test``, every batch: ``max_batches`` limits the validation sets only, so the scores are of the same
+    utterances as `fit`'s test), after the rule chose on the validation sets; None without test sets or without a
+    chosen point. Each set's scores say how many utterances they are of (``utterances``).
 
     The chosen plan is masked again and, when the sweep healed, healed again with the same settings (the sweep does
     not keep healed weights), so the test score is the one of a second healing run of the chosen plan. The result
@@ -516,6 +520,7 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
     out = Path(config.output_dir)
     signature = {**_signature(config, speechllm, datamodule, decoding, trainer_kwargs),
                  "test_sets": list(config.test_sets), "test_data": data_key(datamodule, "test", heal=False),
+                 "test_batches": "all",  # earlier sweeps scored max_batches of them: a subset, not reused
                  "removed_layers": list(chosen.removed_layers)}
     stored = read_json(out / "test.json") if (out / "test.json").is_file() else None
     if stored is not None and stored.get("signature") == signature:
@@ -525,7 +530,7 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
 
         def run_test(model: SpeechLLM) -> Scores:
             return score(model, datamodule, stage="test", decoding=decoding, trainer_kwargs=trainer_kwargs,
-                         max_batches=config.max_batches, sets=config.test_sets)
+                         max_batches=None, sets=config.test_sets)
 
         baseline = run_test(speechllm)
         model_id = getattr(speechllm.config, "llm_path", None)
