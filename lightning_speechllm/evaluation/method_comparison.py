@@ -29,16 +29,16 @@ import lightning as L
 import torch
 
 from lightning_speechllm.evaluation.efficiency import decoder_parameter_count, measure_latency
+from lightning_speechllm.evaluation.resume_key import file_sha256, run_key
 from lightning_speechllm.evaluation.sweep import (
     HEALING_VARIANTS,
     SweepConfig,
     SweepError,
-    _require_unpruned,
     build_plan,
     evaluate,
     healed,
 )
-from lightning_speechllm.evaluation.resume_key import file_sha256, run_key
+from lightning_speechllm.evaluation.sweep_common import COMPARISON_METHODS, require_unpruned
 from lightning_speechllm.evaluation.sweep_table import METRICS, Scores, SweepPoint, Thresholds, passes
 from lightning_speechllm.io_utils import atomic_write_text, read_json, write_json
 from lightning_speechllm.model.module import DecodingConfig
@@ -48,8 +48,6 @@ from lightning_speechllm.redundancy.analysis import RedundancyResult
 
 __all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison",
            "summary_markdown", "write_comparison"]
-
-COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention")
 
 
 @dataclass
@@ -156,7 +154,7 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     if not config.compare_methods:
         raise SweepError("a method comparison needs sweep.compare_methods (e.g. [angular, greedy, attention])")
     config.check()
-    _require_unpruned(speechllm, "a method comparison")
+    require_unpruned(speechllm, "a method comparison")
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
     device = _device(trainer_kwargs)

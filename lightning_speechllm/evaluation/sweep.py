@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_speechllm.evaluation.resume_key import data_key, file_sha256, run_key
+from lightning_speechllm.evaluation.sweep_common import COMPARISON_METHODS, require_unpruned
 from lightning_speechllm.evaluation.sweep_grid import DEFAULT_WALK_STOP_AFTER, GridError, explicit_grid, visit_points
 from lightning_speechllm.evaluation.sweep_report import (
     describe_choice,
@@ -196,8 +197,6 @@ class SweepConfig:
             raise SweepError(str(error)) from None
 
     def _check_comparison(self) -> None:
-        from lightning_speechllm.evaluation.method_comparison import COMPARISON_METHODS
-
         unknown = sorted(set(self.compare_methods) - set(COMPARISON_METHODS)) + sorted(
             set(self.compare_healing) - set(HEALING_VARIANTS))
         if unknown:
@@ -296,7 +295,7 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
     if speechllm.has_lora:
         raise SweepError("healing in a sweep needs a model without LoRA adapters (merge a LoRA-tuned decoder's "
                          "adapters into its weights first): the healing LoRA would be taken for them")
-    _require_unpruned(speechllm, "healing in a sweep")
+    require_unpruned(speechllm, "healing in a sweep")
     snapshot = _Snapshot.take(speechllm)
     try:
         module = HealingModule(healing=healing_config(plan, config),
@@ -328,17 +327,6 @@ def healing_config(plan: PruningPlan, config: SweepConfig) -> "HealingConfig":
         healing.replacement = ReplacementConfig(kind="ffn", width=config.replacement_width)
         healing.losses = [{"class_path": "ReplacementMSE"}, {"class_path": "TaskCrossEntropy"}]
     return healing
-
-
-def _require_unpruned(speechllm: SpeechLLM, what: str) -> None:
-    """Raise :class:`SweepError` unless every layer and sublayer of ``speechllm`` is active."""
-    sublayers = speechllm.sublayer_mask
-    cut = {"layers": list(speechllm.layer_mask.removed_layers), "attention of layers": list(sublayers.dropped_attention),
-           "MLP of layers": list(sublayers.dropped_mlp)}
-    cut = {key: value for key, value in cut.items() if value}
-    if cut:
-        raise SweepError(f"{what} starts from the unpruned model; this one masks "
-                         + ", ".join(f"{key} {value}" for key, value in cut.items()))
 
 
 @dataclass
@@ -443,7 +431,7 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
     mask = speechllm.layer_mask
-    _require_unpruned(speechllm, "a sweep")
+    require_unpruned(speechllm, "a sweep")
     num_layers = mask.num_layers
     signature = _signature(config, speechllm, datamodule, decoding, trainer_kwargs)
     if config.heal and speechllm.has_lora:
