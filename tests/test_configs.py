@@ -390,6 +390,9 @@ def test_default_sweep_config_parses_and_scores_what_the_default_fit_validates()
         assert parsed["data"][key] == fit["data"][key], key
     assert sweep.test_sets == list(fit["data"]["test_sets"])  # the chosen point is reported on test afterwards
     assert parsed["decoding"].max_new_tokens == fit["model"]["decoding"]["max_new_tokens"]
+    # the same evaluation batches as fit's (eval_max_duration defaults to max_duration, 12 s here for healing)
+    fit_eval_seconds = fit["data"].get("eval_max_duration") or fit["data"]["max_duration"]
+    assert (parsed["data"]["eval_max_duration"] or parsed["data"]["max_duration"]) == fit_eval_seconds
 
 
 def test_default_heal_config_matches_the_default_fit_model_and_parses():

@@ -75,3 +75,78 @@ def test_a_batch_with_cached_frames_for_some_utterances_only_is_refused():
         collate_utterances([cached, live])
     batch = collate_utterances([cached, cached])
     assert batch.encoder_frames.shape == (2, 3, 4) and batch.encoder_key == "k" and batch.audio.shape == (2, 0)
+
+
+def _break_two_files(assets: dict) -> None:
+    """After the manifest was read (headers checked): u1 no longer decodes, u2 decodes to NaN samples."""
+    import numpy as np
+    import soundfile as sf
+
+    (assets["root"] / "u1.wav").write_bytes(b"RIFF not a wave file" * 20)
+    samples = np.full(4000, np.nan, dtype=np.float32)
+    sf.write(assets["root"] / "u2.wav", samples, 16000, subtype="FLOAT")
+
+
+def test_building_the_cache_applies_the_bad_sample_policy(tmp_path):
+    from lightning_speechllm.data.bad_samples import BadSampleError, count_rejected
+
+    assets = save_tiny_assets(tmp_path / "assets", TEXTS, [8000, 6000, 4000, 7000])
+    model = tiny_speechllm().eval()
+    key = model.encoder_cache_key()
+    dm = datamodule(assets, tmp_path / "cache")
+    _break_two_files(assets)
+    with pytest.raises(BadSampleError, match=r"train\.jsonl:2: \[unreadable_audio\] cannot decode audio .*u1\.wav"):
+        dm.use_encoder_cache(model.encode_frames, key)
+
+    skip = SpeechDataModule(train=assets["manifest"], max_duration=100, shuffle=False, encoder_cache=tmp_path / "c2",
+                            max_audio_seconds=4, on_bad_sample="skip", rejected_dir=tmp_path / "rejected")
+    skip.setup("fit")
+    assert skip.use_encoder_cache(model.encode_frames, key)
+    assert count_rejected(skip.rejected_path) == {"unreadable_audio": 1, "non_finite": 1}
+    batch = next(iter(skip.train_dataloader()))
+    assert sorted(batch.ids) == ["u0", "u3"] and torch.isfinite(batch.encoder_frames).all()
+    assert len(list((tmp_path / "c2" / key / "frames").glob("*.npy"))) == 2  # no NaN frames were stored
+
+
+def test_a_file_re_rendered_at_the_same_length_is_encoded_again(tmp_path):
+    import os
+
+    import numpy as np
+    import soundfile as sf
+
+    assets = save_tiny_assets(tmp_path / "assets", TEXTS, [8000, 6000, 4000, 7000])
+    model = tiny_speechllm().eval()
+    key = model.encoder_cache_key()
+    dm = datamodule(assets, tmp_path / "cache")
+    dm.use_encoder_cache(model.encode_frames, key)
+    before = {cut.id: cut.load_custom("encoder_frames") for cut in dm.cuts("train")}
+    path = assets["root"] / "u0.wav"
+    stat = path.stat()
+    sf.write(path, (0.3 * np.random.default_rng(7).standard_normal(8000)).astype(np.float32), 16000)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))  # a later render, same length
+    assert path.stat().st_size == stat.st_size
+    again = datamodule(assets, tmp_path / "cache")
+    again.use_encoder_cache(model.encode_frames, key)
+    after = {cut.id: cut.load_custom("encoder_frames") for cut in again.cuts("train")}
+    assert not np.array_equal(after["u0"], before["u0"])  # fresh frames, not the stale ones
+    assert all(np.array_equal(after[i], before[i]) for i in ("u1", "u2", "u3"))
+
+
+def test_waveform_normalisation_is_part_of_the_encoder_cache_key():
+    from transformers import AutoModel
+
+    from lightning_speechllm.model.encoders import WaveformSpeechEncoder
+    from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
+    from tests.test_scale_up import tiny_waveform_config
+    from tests.tiny_speechllm import tiny_llama, tiny_tokenizer
+
+    torch.manual_seed(0)
+    wavlm = AutoModel.from_config(tiny_waveform_config("wavlm"))
+    keys, descriptions = [], []
+    for normalize in (True, False):
+        encoder = WaveformSpeechEncoder(wavlm, normalize=normalize)  # the same weights
+        model = SpeechLLM(tiny_llama(layers=2), tiny_tokenizer(), encoder, SpeechLLMConfig(llm_path="<memory>"))
+        keys.append(model.encoder_cache_key())
+        descriptions.append(model.encoder_description())
+    assert keys[0] != keys[1]  # the same weights, other frames: another cache
+    assert descriptions[0]["waveform_normalize"] is True and descriptions[1]["waveform_normalize"] is False

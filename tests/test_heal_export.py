@@ -142,3 +142,36 @@ def test_heal_with_replacement_and_dropped_attention_then_export_to_stock_transf
     pruning = json.loads((out / "decoder" / "pruning.json").read_text())
     assert pruning["replaced_blocks"] == [{"first_layer": 1, "kind": "ffn", "width": 16}]
     assert pruning["dropped_attention"] == [3]
+
+
+def test_prune_attention_then_heal_from_the_plan_then_export_and_reload(tmp_path, capsys):
+    """`prune --method attention` -> `heal --model.healing.plan_path` -> `export`, and the loader `measure` and
+    `sweep` use: the healed checkpoint's dropped attentions come back from its plan (they are not in the healing
+    settings when a plan_path was given)."""
+    import yaml
+
+    from lightning_speechllm.pruning.cli import main as prune
+    from lightning_speechllm.redundancy.sublayers import SublayerMap
+
+    assets = tiny_assets(tmp_path / "assets")
+    sublayers = SublayerMap(layers=list(range(4)), attention=[0.4, 0.02, 0.01, 0.5], mlp=[0.6] * 4,
+                            token_selection="last", num_samples=3, model_id=str(assets["llm"]))
+    map_path = sublayers.to_json(tmp_path / "sublayers.json")
+    plan_path = tmp_path / "plan.json"
+    assert prune(["--method", "attention", "--map", str(map_path), "--n", "2", "--num_layers", "4",
+                  "--out", str(plan_path)]) == 0
+    assert PruningPlan.from_json(plan_path).removed_attention == [1, 2]
+    config_path = heal_yaml(assets, tmp_path / "run", max_steps=2, callbacks=[
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True}}])
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["healing"].update(removed_layers=[], plan_path=str(plan_path))
+    config_path.write_text(yaml.safe_dump(config))
+    assert heal(["--config", str(config_path)]) == 0
+    checkpoint = tmp_path / "ck" / "last.ckpt"
+
+    module = load_module(checkpoint)  # raised PlanMismatchError: "healed with removed_attention [1, 2], ... []"
+    assert module.speechllm.sublayer_mask.dropped_attention == (1, 2)
+    assert module.plan["removed_attention"] == [1, 2]
+    assert main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "export")]) == 0
+    assert PruningPlan.from_json(tmp_path / "export" / "plan.json").removed_attention == [1, 2]

@@ -339,3 +339,19 @@ def test_find_decoder_layers_on_base_models_and_peft_wrappers() -> None:
     mask = DecoderLayerMask(peft_base)
     mask.remove_layers([0])
     assert causal_lm.config.num_hidden_layers == 1 and DecoderLayerMask(causal_lm).removed_layers == (0,)
+
+
+def test_a_float32_replacement_at_position_0_does_not_set_the_decoder_dtype() -> None:
+    """A plan removing layer 0 puts its (float32) replacement first in the list; the decoder's dtype must come from
+    a decoder layer, or the teacher pass (reset) would cast the whole bf16 decoder to float32."""
+    model = tiny_causal_lm("llama", num_layers=3).to(torch.bfloat16)
+    replacement = nn.Linear(32, 32)  # float32, as healing keeps it
+    mask = DecoderLayerMask(model)
+    mask.remove_layers([0])
+    mask.set_replacements({0: replacement})
+    assert model.model.layers[0] is replacement
+    mask.reset()  # the teacher pass: every layer active
+    assert {p.dtype for p in model.model.layers.parameters()} == {torch.bfloat16}
+    mask.remove_layers([0])  # back to the student: the replacement keeps its own dtype
+    assert replacement.weight.dtype == torch.float32
+    assert {p.dtype for p in model.model.layers[1:].parameters()} == {torch.bfloat16}

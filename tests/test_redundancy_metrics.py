@@ -236,12 +236,13 @@ def states(seed):
 
 MASK = torch.tensor([[False, True, True, True, True], [True] * 5])
 
-def run(rank, port, out):
+def run(rank, port, out, idle):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     distance, influence = AngularDistanceMetric(3, keep_per_sample=True), BlockInfluenceMetric(3)
-    distance.update(states(rank), MASK)
-    influence.update(states(rank), MASK)
+    if rank != idle:  # an idle rank saw no utterance for this accumulator (a per-task set, a padding shard)
+        distance.update(states(rank), MASK)
+        influence.update(states(rank), MASK)
     result = (distance.compute(), distance.compute_per_sample(), influence.compute())
     if rank == 0:
         torch.save(result, out)
@@ -249,12 +250,12 @@ def run(rank, port, out):
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
 '''
 
 
-def test_ddp_sync_over_two_gloo_ranks_equals_single_process(tmp_path):
-    """Real torch.distributed sync (2 CPU ranks, gloo): sums, counts and per-sample lists are gathered."""
+def _run_two_gloo_ranks(tmp_path, idle: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run _DDP_SCRIPT on 2 CPU ranks (gloo); rank ``idle`` updates nothing. Rank 0's (table, per-sample, BI)."""
     import socket
     import subprocess
     import sys
@@ -264,19 +265,41 @@ def test_ddp_sync_over_two_gloo_ranks_equals_single_process(tmp_path):
         port = probe.getsockname()[1]
     script, out = tmp_path / "ddp.py", tmp_path / "ddp.pt"
     script.write_text(_DDP_SCRIPT)
-    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(port), str(out)],
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(port), str(out), str(idle)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     for rank, process in enumerate(ranks):
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, f"rank {rank}: {stderr[-2000:]}"
-    table, per_sample, influence = torch.load(out)
+    return torch.load(out)
+
+
+def _single_process(ranks: tuple[int, ...]) -> tuple[AngularDistanceMetric, BlockInfluenceMetric]:
+    """The metrics of one process that saw the batches of ``ranks`` in rank order."""
     mask = torch.tensor([[False, True, True, True, True], [True] * 5])
     distance, block = AngularDistanceMetric(3, keep_per_sample=True), BlockInfluenceMetric(3)
-    for rank in (0, 1):
+    for rank in ranks:
         generator = torch.Generator().manual_seed(rank)
         rank_states = [torch.randn(2, 5, 8, generator=generator) for _ in range(4)]
         distance.update(rank_states, mask)
         block.update(rank_states, mask)
+    return distance, block
+
+
+def test_ddp_sync_over_two_gloo_ranks_equals_single_process(tmp_path):
+    """Real torch.distributed sync (2 CPU ranks, gloo): sums, counts and per-sample lists are gathered."""
+    table, per_sample, influence = _run_two_gloo_ranks(tmp_path)
+    distance, block = _single_process((0, 1))
+    torch.testing.assert_close(table, distance.compute(), equal_nan=True)
+    torch.testing.assert_close(per_sample, distance.compute_per_sample(), equal_nan=True)
+    torch.testing.assert_close(influence, block.compute())
+
+
+def test_ddp_sync_with_a_rank_that_saw_no_utterance(tmp_path):
+    """A rank without utterances used to sync an empty 1-D per-sample tensor against [S, L, L] elsewhere, and gloo
+    aborted ("Received data size doesn't match expected size"). It must contribute zero tables instead."""
+    table, per_sample, influence = _run_two_gloo_ranks(tmp_path, idle=1)
+    distance, block = _single_process((0,))
+    assert per_sample.shape == (2, 3, 3)
     torch.testing.assert_close(table, distance.compute(), equal_nan=True)
     torch.testing.assert_close(per_sample, distance.compute_per_sample(), equal_nan=True)
     torch.testing.assert_close(influence, block.compute())

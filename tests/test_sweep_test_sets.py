@@ -117,3 +117,55 @@ def test_test_sets_are_checked_before_anything_runs():
                                                                                        "other": "o.jsonl"}},
                                       SweepConfig(method="last", test_sets=["held"]))
     assert data.test_set_names == ["held"] and data.val_set_names == ["dev"]
+
+
+class LongTestSet(NamedSets):
+    """NamedSets plus one named test set of three batches (six utterances) whose references differ in length, so that
+    a subset of its batches has another WER than the whole set."""
+
+    test_set_names = ["held"]
+
+    def __init__(self):
+        super().__init__(n_train=1)
+        long = "one two three four five six seven eight nine ten eleven twelve"
+        self.test = [[make_batch(seconds=(1.0, 0.6), texts=["yes", "no"], seed=200),
+                      make_batch(seconds=(1.2, 0.8), texts=[long, long], seed=201),
+                      make_batch(seconds=(0.7, 0.9), texts=["the cat", "hello world"], seed=202)]]
+
+    def test_dataloader(self):
+        return [DataLoader(t, batch_size=None) for t in self.test]
+
+
+def test_the_sweeps_test_baseline_scores_what_fits_test_scores(tmp_path):
+    """Issue 20: one checkpoint scored 10.93% in `fit`'s test and 7.28% as the sweep's test baseline. Both run the
+    same test step, but the sweep limited its test sets to `max_batches` (6 batches of 12 s: 21 of the 100 synthetic
+    test utterances). The sweep now scores its test sets whole, and both outputs say how many utterances they scored."""
+    from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
+    from tests.test_module import trainer
+
+    model, data, decoding = tiny_speechllm(), LongTestSet(), DecodingConfig(max_new_tokens=3)
+    fit_test = trainer(tmp_path)  # `fit`'s test: the trained module's test step over the whole test set
+    fit_test.test(SpeechLLMModule(speechllm=model, decoding=decoding), datamodule=data, verbose=False)
+    fit_scores = {key: float(value) for key, value in fit_test.callback_metrics.items()}
+    assert fit_scores["test/held/utterances"] == 6
+
+    config = SweepConfig(method="last", ns=[1], test_sets=["held"], max_batches=1, output_dir=str(tmp_path / "out"))
+    chosen = sweep_mod.SweepPoint(method="last", value=1, kind="n", n=1, num_layers=model.layer_mask.num_layers,
+                                  removed_layers=[2], before={})
+    result = score_chosen_on_test(model, data, config, chosen, decoding=decoding,
+                                  trainer_kwargs={"accelerator": "cpu", "devices": 1})
+    assert result["baseline"]["held"]["wer"] == pytest.approx(fit_scores["test/held/wer"], abs=1e-6)
+    assert result["baseline"]["held"]["utterances"] == 6
+    assert "on 6 utterances" in sweep_mod.describe_test(result)
+
+
+def test_a_sweep_names_decoding_that_differs_from_its_checkpoints(tmp_path):
+    import torch
+
+    from lightning_speechllm.model.module import DecodingConfig
+
+    path = tmp_path / "fit.ckpt"
+    torch.save({"hyper_parameters": {"model": {}, "decoding": {"max_new_tokens": 40, "num_beams": 1}},
+                "state_dict": {}}, path)
+    assert sweep_cli.decoding_differences(str(path), DecodingConfig()) == {"max_new_tokens": (96, 40)}
+    assert sweep_cli.decoding_differences(str(path), DecodingConfig(max_new_tokens=40)) == {}

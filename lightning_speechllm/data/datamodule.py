@@ -288,7 +288,9 @@ class SpeechDataModule(L.LightningDataModule):
             return False
         cuts = self._read(*self.train_paths)
         self._cached_train = cached_encoder_outputs(cuts, encode, key, self.encoder_cache, description=description,
-                                                    progress=self.rank == 0)
+                                                    progress=self.rank == 0, handler=self.handler,
+                                                    max_audio_seconds=self.max_audio_seconds,
+                                                    source=str(self.train_paths[0]))
         return True
 
     # ------------------------------------------------------------------ dataloaders

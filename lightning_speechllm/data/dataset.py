@@ -69,6 +69,32 @@ def check_waveform(audio: np.ndarray, sample_rate: int, max_audio_seconds: float
         )
 
 
+def decode_checked(cut: Cut, sample_rate: int, max_audio_seconds: float | None) -> np.ndarray:
+    """A cut's waveform after the lazy checks every audio path applies before an encoder sees it (the dataset and
+    the encoder cache alike); raises :class:`CheckFailed` for an undecodable, empty, non-finite or too long one."""
+    try:
+        audio = load_waveform(cut, sample_rate)
+    except Exception as e:  # decoders raise many types; all mean "this file cannot be read"
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise CheckFailed(BadReason.UNREADABLE_AUDIO,
+                          f"cannot decode audio {_audio_name(cut)}: {type(e).__name__}: {first_line}") from e
+    check_waveform(audio, sample_rate, max_audio_seconds)
+    return audio
+
+
+def _audio_name(cut: Cut) -> str:
+    """The audio file(s) of a cut, for error messages (a recording in memory or from a URL says its type)."""
+    sources = cut.recording.sources if cut.has_recording else []
+    return ", ".join(str(s.source) if s.type in ("file", "url") else f"<{s.type}>" for s in sources) or "<none>"
+
+
+def reject_cut(handler: BadSampleHandler, cut: Cut, failure: CheckFailed, source: str) -> None:
+    """Apply the bad-sample policy to ``cut``: raise naming its manifest, line and id, or record and drop it.
+    ``source`` labels cuts that do not say which manifest they came from (Shar shards)."""
+    custom = cut.custom or {}
+    handler.reject(custom.get("manifest", source), custom.get("line"), failure.reason, failure.detail, cut.id)
+
+
 def collate_utterances(utts: list[Utterance], text_only: bool = False) -> SpeechBatch:
     """Right-pad waveforms with zeros into ``[B, S]``; ``text_only`` gives ``[B, 0]`` audio and zero lengths."""
     cached = sum(u.encoder_frames is not None for u in utts)
@@ -155,11 +181,7 @@ class SpeechDataset(torch.utils.data.Dataset):
                 encoder_frames=cut.load_custom(FRAMES_FIELD), encoder_key=cut.custom[KEY_FIELD],
             )
         if not self.text_only:
-            try:
-                audio = load_waveform(cut, self.sample_rate)
-            except Exception as e:  # decoders raise many types; all mean "this file cannot be read"
-                raise CheckFailed(BadReason.UNREADABLE_AUDIO, f"cannot decode audio: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-            check_waveform(audio, self.sample_rate, self.max_audio_seconds)
+            audio = decode_checked(cut, self.sample_rate, self.max_audio_seconds)
         return Utterance(
             id=cut.id, audio=audio, text=target, task=fields["task"], transcript=fields["text"],
             src_lang=fields["src_lang"], tgt_lang=fields["tgt_lang"],
@@ -170,7 +192,6 @@ class SpeechDataset(torch.utils.data.Dataset):
         for cut in cuts:
             try:
                 utts.append(self.load_utterance(cut))
-            except CheckFailed as r:
-                custom = cut.custom or {}
-                self.handler.reject(custom.get("manifest", self.source), custom.get("line"), r.reason, r.detail, cut.id)
+            except CheckFailed as failure:
+                reject_cut(self.handler, cut, failure, self.source)
         return collate_utterances(utts, text_only=self.text_only)

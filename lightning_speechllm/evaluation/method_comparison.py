@@ -29,17 +29,16 @@ import lightning as L
 import torch
 
 from lightning_speechllm.evaluation.efficiency import decoder_parameter_count, measure_latency
+from lightning_speechllm.evaluation.resume_key import file_sha256, run_key
 from lightning_speechllm.evaluation.sweep import (
     HEALING_VARIANTS,
     SweepConfig,
     SweepError,
-    _file_sha256,
-    _require_unpruned,
-    _weights_sha256,
     build_plan,
     evaluate,
     healed,
 )
+from lightning_speechllm.evaluation.sweep_common import COMPARISON_METHODS, require_unpruned
 from lightning_speechllm.evaluation.sweep_table import METRICS, Scores, SweepPoint, Thresholds, passes
 from lightning_speechllm.io_utils import atomic_write_text, read_json, write_json
 from lightning_speechllm.model.module import DecodingConfig
@@ -49,8 +48,6 @@ from lightning_speechllm.redundancy.analysis import RedundancyResult
 
 __all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison",
            "summary_markdown", "write_comparison"]
-
-COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention")
 
 
 @dataclass
@@ -157,11 +154,11 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     if not config.compare_methods:
         raise SweepError("a method comparison needs sweep.compare_methods (e.g. [angular, greedy, attention])")
     config.check()
-    _require_unpruned(speechllm, "a method comparison")
+    require_unpruned(speechllm, "a method comparison")
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
     device = _device(trainer_kwargs)
-    signature = _signature(config, decoding, speechllm)
+    signature = _signature(config, speechllm, datamodule, decoding, trainer_kwargs)
     batches = _calibration_batches(datamodule, config.calibration_batches, device)
     speed_batch, speed_new_tokens = batches[0], config.speed_new_tokens
 
@@ -227,16 +224,16 @@ def _healed_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: 
                          **speed)
 
 
-def _signature(config: SweepConfig, decoding: DecodingConfig | None, speechllm: SpeechLLM) -> dict[str, Any]:
+def _signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.LightningDataModule,
+               decoding: DecodingConfig | None, trainer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """What a stored row must agree on to be reused (each row is one method, fraction and healing: adding a method
-    to the list reuses the rows already there)."""
-    decoding = decoding or DecodingConfig()
+    to the list reuses the rows already there): the settings, the map's content, and the model, decoding, precision
+    and data (healing data included) of :func:`~lightning_speechllm.evaluation.resume_key.run_key`."""
     keys = ("map_path", "stage", "sets", "heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
             "heal_lora_alpha", "replacement_width", "kd_temperature", "max_batches", "calibration_batches",
             "speed_new_tokens")
-    return {**{key: getattr(config, key) for key in keys}, "map_sha256": _file_sha256(config.map_path),
-            "max_new_tokens": decoding.max_new_tokens, "num_beams": decoding.num_beams,
-            "trained_weights_sha256": _weights_sha256(speechllm), "llm_path": speechllm.config.llm_path}
+    return {**{key: getattr(config, key) for key in keys}, "map_sha256": file_sha256(config.map_path),
+            **run_key(speechllm, datamodule, decoding, trainer_kwargs, config.stage, heal=bool(config.compare_healing))}
 
 
 def _device(trainer_kwargs: dict[str, Any] | None) -> torch.device:

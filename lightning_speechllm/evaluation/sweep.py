@@ -29,7 +29,6 @@ takes the *largest passing* fraction even when a smaller one fails (see :func:`c
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +40,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_speechllm.evaluation.resume_key import data_key, file_sha256, run_key
+from lightning_speechllm.evaluation.sweep_common import COMPARISON_METHODS, require_unpruned
 from lightning_speechllm.evaluation.sweep_grid import DEFAULT_WALK_STOP_AFTER, GridError, explicit_grid, visit_points
 from lightning_speechllm.evaluation.sweep_report import (
     describe_choice,
@@ -51,6 +52,7 @@ from lightning_speechllm.evaluation.sweep_report import (
     write_outputs,
 )
 from lightning_speechllm.evaluation.sweep_table import (
+    COUNT_METRIC,
     FAILURE_METRICS,
     METRICS,
     SWEEP_FORMAT_VERSION,
@@ -178,7 +180,8 @@ class SweepConfig:
     speed_new_tokens: int = 16
     """Method comparison: tokens generated (forced) per decode-speed measurement."""
     max_batches: int | None = None
-    """Score at most this many batches per set (None: all)."""
+    """Score at most this many batches per validation set (None: all). The test sets (`test_sets`) are always scored
+    whole, as `fit`'s test: a few batches' WER is a subset's, not the set's."""
     output_dir: str = "checkpoints/sweep"
     """Where points/, sweep.csv, sweep.md, sweep.json and sweep.png go."""
 
@@ -194,8 +197,6 @@ class SweepConfig:
             raise SweepError(str(error)) from None
 
     def _check_comparison(self) -> None:
-        from lightning_speechllm.evaluation.method_comparison import COMPARISON_METHODS
-
         unknown = sorted(set(self.compare_methods) - set(COMPARISON_METHODS)) + sorted(
             set(self.compare_healing) - set(HEALING_VARIANTS))
         if unknown:
@@ -250,7 +251,8 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
              max_batches: int | None = None, sets: Sequence[str] | None = None) -> Scores:
     """Score ``speechllm`` as it is (mask included) on the datamodule's named sets with ``Trainer.validate`` or
     ``Trainer.test``; returns the logged ``<val|test>/<set>/{wer,bleu}`` (percent) of ``sets`` (default: all), with
-    the set's FAILURE_METRICS (percent; not read by the stopping rule)."""
+    the set's FAILURE_METRICS (percent) and COUNT_METRIC (utterances scored; neither is read by the stopping rule).
+    The scoring is `fit`'s own (:class:`SpeechLLMModule`'s validation/test step): one decoding path."""
     if stage not in ("validate", "test"):
         raise SweepError(f"stage must be 'validate' or 'test', got {stage!r}")
     decoding = copy.copy(decoding or DecodingConfig())
@@ -263,7 +265,7 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
     scores: Scores = {}
     for key, value in trainer.callback_metrics.items():
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == prefix and parts[2] in (*METRICS, *FAILURE_METRICS):
+        if len(parts) == 3 and parts[0] == prefix and parts[2] in (*METRICS, *FAILURE_METRICS, COUNT_METRIC):
             scores.setdefault(parts[1], {})[parts[2]] = float(value)
     if sets is not None:
         missing = [name for name in sets if name not in scores]
@@ -293,7 +295,7 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
     if speechllm.has_lora:
         raise SweepError("healing in a sweep needs a model without LoRA adapters (merge a LoRA-tuned decoder's "
                          "adapters into its weights first): the healing LoRA would be taken for them")
-    _require_unpruned(speechllm, "healing in a sweep")
+    require_unpruned(speechllm, "healing in a sweep")
     snapshot = _Snapshot.take(speechllm)
     try:
         module = HealingModule(healing=healing_config(plan, config),
@@ -325,17 +327,6 @@ def healing_config(plan: PruningPlan, config: SweepConfig) -> "HealingConfig":
         healing.replacement = ReplacementConfig(kind="ffn", width=config.replacement_width)
         healing.losses = [{"class_path": "ReplacementMSE"}, {"class_path": "TaskCrossEntropy"}]
     return healing
-
-
-def _require_unpruned(speechllm: SpeechLLM, what: str) -> None:
-    """Raise :class:`SweepError` unless every layer and sublayer of ``speechllm`` is active."""
-    sublayers = speechllm.sublayer_mask
-    cut = {"layers": list(speechllm.layer_mask.removed_layers), "attention of layers": list(sublayers.dropped_attention),
-           "MLP of layers": list(sublayers.dropped_mlp)}
-    cut = {key: value for key, value in cut.items() if value}
-    if cut:
-        raise SweepError(f"{what} starts from the unpruned model; this one masks "
-                         + ", ".join(f"{key} {value}" for key, value in cut.items()))
 
 
 @dataclass
@@ -398,33 +389,20 @@ def point_name(method: str, kind: str, value: float | int) -> str:
     return f"{method}_{value:g}" if kind == "fraction" else f"{method}_n{value}"
 
 
-def _signature(config: SweepConfig, speechllm: SpeechLLM, decoding: DecodingConfig | None) -> dict[str, Any]:
+def _signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.LightningDataModule,
+               decoding: DecodingConfig | None, trainer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """What a point file must agree on to be reused (the thresholds need not: the rule is re-applied): the settings,
-    the model (base paths and a hash of its trained weights) and the content of the redundancy map."""
-    decoding = decoding or DecodingConfig()
+    the content of the redundancy map, and the model, decoding, precision and data of
+    :func:`~lightning_speechllm.evaluation.resume_key.run_key` (manifests by content, healing data when healing)."""
     healing = {key: getattr(config, key) for key in ("heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
                                                      "heal_lora_alpha")} if config.heal else {}
     if config.heal and config.heal_variant != "lora":  # absent for 'lora', so earlier sweeps' points stay reusable
         healing.update(heal_variant=config.heal_variant, replacement_width=config.replacement_width,
                        kd_temperature=config.kd_temperature)
-    return {"method": config.method, "map_path": config.map_path, "map_sha256": _file_sha256(config.map_path),
+    return {"method": config.method, "map_path": config.map_path, "map_sha256": file_sha256(config.map_path),
             "stage": config.stage, "sets": config.sets, "heal": config.heal, **healing,
-            "num_layers": speechllm.layer_mask.num_layers, "llm_path": speechllm.config.llm_path,
-            "encoder_path": speechllm.config.encoder_path, "trained_weights_sha256": _weights_sha256(speechllm),
-            "max_batches": config.max_batches, "max_new_tokens": decoding.max_new_tokens,
-            "num_beams": decoding.num_beams}
-
-
-def _file_sha256(path: str | None) -> str | None:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
-
-
-def _weights_sha256(speechllm: SpeechLLM) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(speechllm.trainable_state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+            "num_layers": speechllm.layer_mask.num_layers, "max_batches": config.max_batches,
+            **run_key(speechllm, datamodule, decoding, trainer_kwargs, config.stage, config.heal)}
 
 
 def _load_reusable(path: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
@@ -453,9 +431,9 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
     mask = speechllm.layer_mask
-    _require_unpruned(speechllm, "a sweep")
+    require_unpruned(speechllm, "a sweep")
     num_layers = mask.num_layers
-    signature = _signature(config, speechllm, decoding)
+    signature = _signature(config, speechllm, datamodule, decoding, trainer_kwargs)
     if config.heal and speechllm.has_lora:
         log.info("sweep: merging the model's LoRA adapters into its decoder weights (healing adds its own)")
         speechllm.merge_lora()
@@ -516,8 +494,9 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
                          trainer_kwargs: dict[str, Any] | None = None,
                          evaluate_fn: Callable[..., Scores] | None = None) -> dict[str, Any] | None:
     """Score the unpruned baseline and the ``chosen`` point of :func:`run_sweep` once on ``config.test_sets``
-    (``Trainer.test``, ``max_batches`` as in the sweep), after the rule chose on the validation sets; None without
-    test sets or without a chosen point.
+    (``Trainer.test``, every batch: ``max_batches`` limits the validation sets only, so the scores are of the same
+    utterances as `fit`'s test), after the rule chose on the validation sets; None without test sets or without a
+    chosen point. Each set's scores say how many utterances they are of (``utterances``).
 
     The chosen plan is masked again and, when the sweep healed, healed again with the same settings (the sweep does
     not keep healed weights), so the test score is the one of a second healing run of the chosen plan. The result
@@ -527,7 +506,9 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
     if not config.test_sets or chosen is None:
         return None
     out = Path(config.output_dir)
-    signature = {**_signature(config, speechllm, decoding), "test_sets": list(config.test_sets),
+    signature = {**_signature(config, speechllm, datamodule, decoding, trainer_kwargs),
+                 "test_sets": list(config.test_sets), "test_data": data_key(datamodule, "test", heal=False),
+                 "test_batches": "all",  # earlier sweeps scored max_batches of them: a subset, not reused
                  "removed_layers": list(chosen.removed_layers)}
     stored = read_json(out / "test.json") if (out / "test.json").is_file() else None
     if stored is not None and stored.get("signature") == signature:
@@ -537,7 +518,7 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
 
         def run_test(model: SpeechLLM) -> Scores:
             return score(model, datamodule, stage="test", decoding=decoding, trainer_kwargs=trainer_kwargs,
-                         max_batches=config.max_batches, sets=config.test_sets)
+                         max_batches=None, sets=config.test_sets)
 
         baseline = run_test(speechllm)
         model_id = getattr(speechllm.config, "llm_path", None)

@@ -24,6 +24,7 @@ Rerunning with the same ``--sweep.output_dir`` resumes: finished points are read
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,14 @@ from lightning_speechllm.evaluation.sweep import (
     run_sweep,
     score_chosen_on_test,
 )
-from lightning_speechllm.model.checkpoint import CheckpointError, load_module
+from lightning_speechllm.model.checkpoint import CheckpointError, load_module, read_checkpoint
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 from lightning_speechllm.precision import resolve_precision
 
-__all__ = ["SweepArgs", "TrainerArgs", "build_parser", "main", "parse_args", "run"]
+__all__ = ["SweepArgs", "TrainerArgs", "build_parser", "decoding_differences", "main", "parse_args", "run"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,6 +128,15 @@ def build_model(model: SpeechLLMConfig, ckpt_path: str | None) -> SpeechLLM:
     return module.speechllm
 
 
+def decoding_differences(ckpt_path: str, decoding: DecodingConfig) -> dict[str, tuple[int, int]]:
+    """``{setting: (the sweep's, the checkpoint's)}`` for the decoding settings in which the sweep differs from the
+    `fit` run that wrote ``ckpt_path`` (its validation and test decoded with the checkpoint's): the two WERs of one
+    model then differ by these too."""
+    saved = from_dict(DecodingConfig, read_checkpoint(ckpt_path)["hyper_parameters"].get("decoding"))
+    return {key: (getattr(decoding, key), getattr(saved, key)) for key in ("max_new_tokens", "num_beams")
+            if getattr(decoding, key) != getattr(saved, key)}
+
+
 def build_datamodule(data: dict[str, Any], sweep: SweepConfig) -> L.LightningDataModule:
     """A :class:`SpeechDataModule` restricted to ``sweep.sets`` (of the val or test sets, per ``sweep.stage``)."""
     key = "val_sets" if sweep.stage == "validate" else "test_sets"
@@ -167,6 +179,13 @@ def run(parsed: dict[str, Any], speechllm: SpeechLLM | None = None, datamodule: 
     L.seed_everything(args.seed, verbose=False)
     datamodule = datamodule or build_datamodule(parsed["data"], sweep)
     speechllm = speechllm or build_model(parsed["model"], args.ckpt_path)
+    if args.ckpt_path:
+        differences = decoding_differences(args.ckpt_path, parsed["decoding"])
+        if differences:
+            log.warning("sweep decodes with %s, the checkpoint's run with %s: its WER/BLEU are not comparable with "
+                        "that run's (set --decoding.* to the checkpoint's values to compare)",
+                        {k: ours for k, (ours, _) in differences.items()},
+                        {k: theirs for k, (_, theirs) in differences.items()})
     trainer = parsed["trainer"]
     trainer_kwargs = {"accelerator": trainer.accelerator, "devices": trainer.devices,
                       "precision": resolve_precision(trainer.precision, trainer.accelerator)}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_speechllm.evaluation.sweep_table import (
+    COUNT_METRIC,
     METRICS,
     SweepError,
     SweepPoint,
@@ -39,8 +40,10 @@ def describe_test(result: dict[str, Any]) -> str:
         for metric in METRICS:
             if metric in baseline[name]:
                 base, value = baseline[name][metric], final.get(name, {}).get(metric, math.nan)
+                count = baseline[name].get(COUNT_METRIC)  # absent from results of earlier versions
                 lines.append(f"  {name} {metric}: {base:.2f} -> {value:.2f} "
-                             f"({100 * relative_change(value, base):+.1f}%)")
+                             f"({100 * relative_change(value, base):+.1f}%)"
+                             + ("" if count is None else f" on {int(count)} utterances"))
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "COUNT_METRIC",
     "FAILURE_METRICS",
     "METRICS",
     "SWEEP_FORMAT_VERSION",
@@ -33,9 +34,12 @@ METRICS = ("wer", "bleu")
 FAILURE_METRICS = ("insertion_rate", "loop_rate", "empty_rate", "max_tokens_rate")
 """Failure-mode rates (percent; insertion_rate on ASR sets only) kept in the scores next to METRICS; only METRICS
 feed the stopping rule."""
+COUNT_METRIC = "utterances"
+"""How many utterances a set's scores are of, kept next to METRICS: a limited number of batches scores a subset,
+whose WER is not the set's. Never read by the rule."""
 Scores = dict[str, dict[str, float]]
 """Per evaluation set, its metrics: ``{"clean": {"wer": 4.2}, "covost": {"bleu": 31.0}}`` (percent; may also hold
-FAILURE_METRICS)."""
+FAILURE_METRICS and COUNT_METRIC)."""
 
 
 class SweepError(ValueError):

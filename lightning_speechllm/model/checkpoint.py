@@ -158,8 +158,13 @@ def load_module(ckpt_path: str | Path, requested: SpeechLLMConfig | None = None,
         from lightning_speechllm.healing.module import HealingConfig, HealingModule
 
         healing = from_dict(HealingConfig, dict(hp["healing"]))
+        # The checkpoint's plan is the truth: a run healed from a plan_path has its cut there only (its healing
+        # settings keep their defaults), and without the plan file the dropped sublayers would be lost.
         healing.removed_layers, healing.plan_path, healing.teacher_checkpoint = removed, None, None
+        healing.removed_attention = sublayers.get("removed_attention", [])
+        healing.removed_mlp = sublayers.get("removed_mlp", [])
         model.removed_layers = removed
+        model.removed_attention, model.removed_mlp = list(healing.removed_attention), list(healing.removed_mlp)
         module: SpeechLLMModule = HealingModule(model=model, healing=healing, **common)
     else:
         module = SpeechLLMModule(model=model, **common)

@@ -353,8 +353,16 @@ class DecoderLayerMask:
         self._sync_restored_layers(reference)
 
     def _current_reference_param(self) -> torch.Tensor | None:
-        layers = getattr(self._parent, self._name)
-        return next(layers.parameters(), None)
+        """A parameter of the first registered decoder layer. Replacement modules are skipped: healing keeps them in
+        float32, and one at position 0 (a plan removing layer 0) would otherwise cast the whole decoder to it."""
+        replacements = {id(module) for module in self._state.replacements.values()}
+        for layer in getattr(self._parent, self._name):
+            if id(layer) in replacements:
+                continue
+            param = next(layer.parameters(), None)
+            if param is not None:
+                return param
+        return None
 
     def _sync_restored_layers(self, reference: torch.Tensor | None) -> None:
         """Give re-activated layers the device/dtype and train/eval mode of the layers that stayed registered."""

@@ -321,7 +321,10 @@ class SpeechLLMModule(L.LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         """Compute every metric of ``stage`` on every rank (same keys, same order: the same collectives), and log
-        those that scored at least one utterance on some rank (a count summed across ranks)."""
+        those that scored at least one utterance on some rank (a count summed across ranks), with
+        ``{stage}/{set}/utterances``: how many utterances the scores are of (a limited number of batches scores a
+        subset, and a subset's WER is not the set's)."""
+        utterances: dict[str, int] = {}
         for key, metric in sorted(self.eval_metrics.items()):
             metric_stage, set_name, task = key.split("|")
             if metric_stage != stage:
@@ -335,6 +338,7 @@ class SpeechLLMModule(L.LightningModule):
             metric.reset()
             if scored == 0:
                 continue
+            utterances[set_name] = utterances.get(set_name, 0) + scored
             # The values are already global (synced metric states), so sync_dist's mean over ranks returns them.
             if task == "asr":
                 self.log(f"{stage}/{set_name}/wer", 100 * value["wer"], add_dataloader_idx=False, sync_dist=True)
@@ -345,6 +349,8 @@ class SpeechLLMModule(L.LightningModule):
                          add_dataloader_idx=False, sync_dist=True)
             else:
                 self.log(f"{stage}/{set_name}/bleu", 100 * value, add_dataloader_idx=False, sync_dist=True)
+        for set_name, count in utterances.items():
+            self.log(f"{stage}/{set_name}/utterances", float(count), add_dataloader_idx=False, sync_dist=True)
         self._log_failure_modes(stage)
 
     def _log_failure_modes(self, stage: str) -> None:

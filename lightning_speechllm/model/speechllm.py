@@ -265,7 +265,10 @@ class SpeechLLM(nn.Module):
         return {"encoder_class": type(encoder).__name__, "encoder_path": self.config.encoder_path,
                 "encoder_config": config.to_dict() if config is not None else None,
                 "window_samples": getattr(encoder, "window_samples", None),
-                "window_step_samples": getattr(encoder, "window_step_samples", None)}
+                "window_step_samples": getattr(encoder, "window_step_samples", None),
+                # WavLM/HuBERT/wav2vec2 normalise the waveform per utterance (or not, per preprocessor_config.json):
+                # other frames from the same weights, so another cache
+                "waveform_normalize": getattr(encoder, "normalize", None)}
 
     def encode_frames(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Waveforms (on any device) -> frozen-encoder frames and lengths, computed on the encoder's device (the

@@ -217,6 +217,16 @@ class AngularDistanceMetric(Metric):
                 self.per_sample_key.append(sample_keys.to(torch.long).to(present.device)[present].to(
                     self.token_sum.device))
 
+    def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:  # noqa: ANN001
+        """A rank that saw no utterance (a per-task accumulator, a shard of padding copies) gathers a ``[0, L, L]``
+        table instead of torchmetrics' empty 1-D placeholder: ranks must agree on the number of dimensions, or
+        gloo aborts ("Received data size doesn't match expected size"). ``sync`` caches the states before this
+        call and ``unsync`` restores them, so the placeholder never outlives the sync."""
+        if self.keep_per_sample and isinstance(self.per_sample, list) and not self.per_sample:
+            self.per_sample = [torch.zeros(0, self.num_layers, self.num_layers, dtype=torch.float32,
+                                           device=self.token_sum.device)]
+        super()._sync_dist(dist_sync_fn, process_group)
+
     def compute(self) -> Tensor:
         """``[L, L]`` float64 table: row ``n-1`` = block size n, column l; NaN where ``l + n > L``."""
         if self.reduction == "token":
