@@ -20,7 +20,7 @@ refuses the reset):
   fit          ``SpeechLLMModule`` + ``SpeechDataModule`` through ``Trainer.fit`` (frozen encoder and decoder, the
                projector trains): tokens/s, MFU, peak memory
   validate     ``Trainer.validate`` with generation (greedy, a few utterances): loss, WER, seconds
-  checkpoint   ``trainer.save_checkpoint`` then ``lightning_speechllm.model.checkpoint.load_module``: the trainable
+  checkpoint   ``trainer.save_checkpoint`` then ``lightning_speechllm.checkpoints.load_module``: the trainable
                weights equal, the same loss on one batch
   heal         ``HealingModule`` on the reloaded model with a pruning plan removing 25% of the layers (a block ending
                before the last layer), LoRA on the receiving layer, losses TaskCrossEntropy + KLDivergence (the
@@ -640,7 +640,7 @@ def phase_validate(ctx: Context) -> dict[str, Any]:
 def phase_checkpoint(ctx: Context) -> dict[str, Any]:
     import torch
 
-    from lightning_speechllm.model.checkpoint import load_module
+    from lightning_speechllm.checkpoints import load_module
 
     fitted, fit_trainer = ctx.fit["module"], ctx.fit["trainer"]
     path = ctx.work_dir / "fit.ckpt"

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_speechllm.checkpoints import load_module
 from lightning_speechllm.evaluation import sweep_cli
 from lightning_speechllm.healing.module import HealingConfig, HealingModule
-from lightning_speechllm.model.checkpoint import CheckpointError, load_module, removed_layers_of
+from lightning_speechllm.model.checkpoint import CheckpointError, removed_layers_of
 from lightning_speechllm.model.module import SpeechLLMModule
 from lightning_speechllm.model.projector import ProjectorConfig
 from lightning_speechllm.model.speechllm import LoraConfig, SpeechLLMConfig
@@ -79,7 +80,7 @@ def test_measure_and_sweep_load_the_weights_of_a_speechllm_checkpoint(trained, c
     module = measure_cli.build_module(measure_cli.MeasureArgs(ckpt_path=str(path)), SpeechLLMConfig())
     _assert_equal_weights(module.speechllm, weights)
     assert module.speechllm.layer_mask.removed_layers == () and not module.decoding.generate_in_validation
-    with caplog.at_level(logging.WARNING, logger="lightning_speechllm.model.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="lightning_speechllm.checkpoints"):
         speechllm = sweep_cli.build_model(SpeechLLMConfig(llm_path="elsewhere", llm_dtype="float32"), str(path))
     _assert_equal_weights(speechllm, weights)
     assert speechllm.config.llm_path == module.speechllm.config.llm_path != "elsewhere"  # the checkpoint wins

@@ -12,13 +12,13 @@ import torch
 import yaml
 
 from lightning_speechllm import cli
+from lightning_speechllm.checkpoints import load_module
 from lightning_speechllm.healing.cli import main as heal
 from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.model.checkpoint import (
     SAFE_GLOBALS,
     CheckpointError,
     load_checkpoint_file,
-    load_module,
     read_checkpoint,
 )
 from lightning_speechllm.model.module import SpeechLLMModule

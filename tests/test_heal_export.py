@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from lightning_speechllm.checkpoints import load_module
 from lightning_speechllm.healing.cli import main as heal
 from lightning_speechllm.healing.export import export_checkpoint, main
 from lightning_speechllm.healing.module import HealingModule
-from lightning_speechllm.model.checkpoint import CheckpointError, load_module
+from lightning_speechllm.model.checkpoint import CheckpointError
 from lightning_speechllm.pruning.plan import PruningPlan
 from tests.test_heal_cli import heal_yaml, tiny_assets
 from tests.test_speechllm import make_batch

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_speechllm.model.checkpoint import load_checkpoint_file, load_module, read_checkpoint
+from lightning_speechllm.checkpoints import load_module
+from lightning_speechllm.model.checkpoint import load_checkpoint_file, read_checkpoint
 from lightning_speechllm.precision import choose_precision
 from tests.test_ddp_cli import last_run, run_cli
 from tests.test_fit_cli import TEXTS, fit_args

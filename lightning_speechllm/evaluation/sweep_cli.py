@@ -33,6 +33,7 @@ from typing import Any
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
+from lightning_speechllm.checkpoints import load_module
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.evaluation.report import write_report
@@ -46,7 +47,7 @@ from lightning_speechllm.evaluation.sweep import (
     run_sweep,
     score_chosen_on_test,
 )
-from lightning_speechllm.model.checkpoint import CheckpointError, load_module, read_checkpoint
+from lightning_speechllm.model.checkpoint import CheckpointError, read_checkpoint
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 from lightning_speechllm.precision import resolve_precision
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
 
 def build_model(model: SpeechLLMConfig, ckpt_path: str | None) -> SpeechLLM:
     """The unpruned SpeechLLM of ``model``, or, with ``ckpt_path``, the one rebuilt from the checkpoint by
-    :func:`~lightning_speechllm.model.checkpoint.load_module` (its own model settings win over ``model``). A
+    :func:`~lightning_speechllm.checkpoints.load_module` (its own model settings win over ``model``). A
     checkpoint whose model has removed layers (a healing checkpoint) is refused: a sweep starts unpruned."""
     if ckpt_path is None:
         return SpeechLLMModule(model=model).speechllm

@@ -9,7 +9,7 @@ The output directory holds:
 - ``plan.json``: the pruning plan (a ``PruningPlan`` file; a plain record when nothing was removed).
 
 It is written to a temporary sibling directory and renamed into place, so a failed export leaves no partial output.
-The module is rebuilt by :func:`lightning_speechllm.model.checkpoint.load_module` (the loader ``measure`` and
+The module is rebuilt by :func:`lightning_speechllm.checkpoints.load_module` (the loader ``measure`` and
 ``sweep`` use too).
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from safetensors.torch import save_file
 
+from lightning_speechllm.checkpoints import load_module
 from lightning_speechllm.io_utils import replace_dir
-from lightning_speechllm.model.checkpoint import CheckpointError, load_module
+from lightning_speechllm.model.checkpoint import CheckpointError
 from lightning_speechllm.model.export import save_pruned_decoder
 from lightning_speechllm.model.layer_mask import LayerMaskError
 from lightning_speechllm.model.module import SpeechLLMModule

@@ -31,10 +31,10 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 
+from lightning_speechllm.checkpoints import load_module
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.data.datamodule import SpeechDataModule
-from lightning_speechllm.model.checkpoint import load_module
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 from lightning_speechllm.pruning.greedy import plan_greedy
 from lightning_speechllm.pruning.plan import (

@@ -26,9 +26,9 @@ from typing import Literal
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
+from lightning_speechllm.checkpoints import load_module
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.datamodule import SpeechDataModule
-from lightning_speechllm.model.checkpoint import load_module
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
 from lightning_speechllm.precision import resolve_precision
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MeasureArgs, SpeechLLMCon
 
 def build_module(args: MeasureArgs, model: SpeechLLMConfig) -> SpeechLLMModule:
     """The module to measure: built from ``model``, or, with ``--ckpt_path``, rebuilt from the checkpoint by
-    :func:`~lightning_speechllm.model.checkpoint.load_module` (its own model settings, trained weights and, for a
+    :func:`~lightning_speechllm.checkpoints.load_module` (its own model settings, trained weights and, for a
     healing checkpoint, its pruning plan: the pruned model is measured)."""
     decoding = DecodingConfig(generate_in_validation=args.decode)
     if args.ckpt_path is None:
