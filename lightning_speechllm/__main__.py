@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("lightning_speechllm.redundancy.compare:main", "agreement of N redundancy maps (rho, paths, null)"),
     "prune": ("lightning_speechllm.pruning.cli:main", "build a pruning plan and optionally export the pruned decoder"),
     "heal": ("lightning_speechllm.healing.cli:main", "heal a pruned SpeechLLM: LoRA and/or distillation from the full model"),
-    "sweep": ("lightning_speechllm.evaluation.sweep_cli:main", "prune -> evaluate -> heal -> evaluate over fractions; the paper's rule"),
+    "sweep": ("lightning_speechllm.evaluation.sweep.cli:main", "prune -> evaluate -> heal -> evaluate over fractions; the paper's rule"),
     "efficiency": ("lightning_speechllm.evaluation.efficiency:main", "full vs pruned: parameters, latency, RTF, memory"),
     "export": ("lightning_speechllm.healing.export:main", "write a (healed, pruned) checkpoint as an HF decoder + projector"),
     "assets": ("lightning_speechllm.assets:main", "list or pull the offline pretrained weights"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_speechllm.checkpoints import load_module
-from lightning_speechllm.evaluation import sweep_cli
+from lightning_speechllm.evaluation.sweep import cli as sweep_cli
 from lightning_speechllm.healing.module import HealingConfig, HealingModule
 from lightning_speechllm.model.checkpoint import CheckpointError, removed_layers_of
 from lightning_speechllm.model.module import SpeechLLMModule

@@ -180,7 +180,7 @@ def _select_keys(path: Path) -> list[tuple[str, str]]:
 
         keys.append(("map", str(parse_args(["--config", str(path)]).map)))
     elif command == "sweep":
-        from lightning_speechllm.evaluation.sweep_cli import parse_args
+        from lightning_speechllm.evaluation.sweep.cli import parse_args
 
         parsed = parse_args(["--config", str(path)])
         sweep = parsed["sweep"]
@@ -380,7 +380,7 @@ def test_prune_config_parses_and_points_at_a_measured_map():
 
 
 def test_default_sweep_config_parses_and_scores_what_the_default_fit_validates():
-    from lightning_speechllm.evaluation.sweep_cli import parse_args
+    from lightning_speechllm.evaluation.sweep.cli import parse_args
 
     parsed = parse_args(["--config", str(CONFIGS / "sweep" / "default.yaml")])
     sweep, fit = parsed["sweep"], yaml.safe_load((CONFIGS / "default.yaml").read_text())

@@ -14,7 +14,7 @@ from lightning_speechllm.evaluation import FAILURE_METRICS, FailureModeCounts, W
 from lightning_speechllm.evaluation.failure_modes import has_loop, is_empty, words
 from lightning_speechllm.evaluation.report import write_report
 from lightning_speechllm.evaluation.sweep import evaluate
-from lightning_speechllm.evaluation.sweep_table import SweepPoint, SweepTable, Thresholds, choose_point, passes
+from lightning_speechllm.evaluation.sweep.table import SweepPoint, SweepTable, Thresholds, choose_point, passes
 from lightning_speechllm.model.generation import GenerationOutput, generated_lengths
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from tests.test_speechllm import make_batch

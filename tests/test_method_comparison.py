@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from lightning_speechllm.evaluation import sweep_cli
+from lightning_speechllm.evaluation.sweep import cli as sweep_cli
 from lightning_speechllm.evaluation.method_comparison import ComparisonRow, _compact, _mark_chosen, compare_methods
 from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError
-from lightning_speechllm.evaluation.sweep_table import Thresholds
+from lightning_speechllm.evaluation.sweep.table import Thresholds
 from lightning_speechllm.model.module import DecodingConfig
 from tests.test_module import NamedSets
 from tests.test_sweep import TRAINER, _assert_restored, _state, tiny_angular_map

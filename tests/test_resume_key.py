@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_speechllm.evaluation import method_comparison
-from lightning_speechllm.evaluation import sweep as sweep_mod
+from lightning_speechllm.evaluation.sweep import run as sweep_mod
 from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError, run_sweep
 from tests.test_module import NamedSets
 from tests.test_sweep import CountingEvaluator

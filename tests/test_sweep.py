@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_speechllm.evaluation import sweep as sweep_mod
+from lightning_speechllm.evaluation.sweep import run as sweep_mod
 from lightning_speechllm.evaluation.sweep import (
     SweepConfig,
     SweepError,
@@ -225,7 +225,7 @@ def test_healing_is_undone_when_the_evaluation_of_the_healed_model_raises(tmp_pa
 
 # ------------------------------------------------------------------------------------------------ the command
 def test_cli_print_config_lists_every_group(capsys):
-    from lightning_speechllm.evaluation import sweep_cli
+    from lightning_speechllm.evaluation.sweep import cli as sweep_cli
 
     assert sweep_cli.main(["--print_config"]) == 0
     printed = capsys.readouterr().out
@@ -234,7 +234,7 @@ def test_cli_print_config_lists_every_group(capsys):
 
 
 def test_cli_runs_from_yaml_prints_table_and_writes_report(tmp_path, monkeypatch, capsys):
-    from lightning_speechllm.evaluation import sweep_cli
+    from lightning_speechllm.evaluation.sweep import cli as sweep_cli
 
     monkeypatch.setattr(sweep_cli, "build_model", lambda model, ckpt_path: tiny_speechllm())
     monkeypatch.setattr(sweep_cli, "build_datamodule", lambda data, sweep: NamedSets())
@@ -250,7 +250,7 @@ def test_cli_runs_from_yaml_prints_table_and_writes_report(tmp_path, monkeypatch
 
 
 def test_cli_reports_bad_options_with_exit_code_2(tmp_path, capsys):
-    from lightning_speechllm.evaluation import sweep_cli
+    from lightning_speechllm.evaluation.sweep import cli as sweep_cli
 
     assert sweep_cli.main(["--sweep.method", "angular", "--sweep.ns", "[1]", "--data.val_sets", "{a: a.jsonl}",
                            "--sweep.output_dir", str(tmp_path)]) == 2

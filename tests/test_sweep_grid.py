@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_speechllm.evaluation import sweep_cli
+from lightning_speechllm.evaluation.sweep import cli as sweep_cli
 from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError, build_plan, run_sweep
-from lightning_speechllm.evaluation.sweep_grid import GridError, explicit_grid, walk_layer_counts
+from lightning_speechllm.evaluation.sweep.grid import GridError, explicit_grid, walk_layer_counts
 from tests.test_module import NamedSets
 from tests.tiny_speechllm import tiny_speechllm
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from torch.utils.data import DataLoader
 
-from lightning_speechllm.evaluation import sweep as sweep_mod
-from lightning_speechllm.evaluation import sweep_cli
+from lightning_speechllm.evaluation.sweep import run as sweep_mod
+from lightning_speechllm.evaluation.sweep import cli as sweep_cli
 from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError, score_chosen_on_test
 from tests.test_module import NamedSets
 from tests.test_speechllm import make_batch

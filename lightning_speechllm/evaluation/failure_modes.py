@@ -21,7 +21,7 @@ import torch
 from torchmetrics import Metric
 
 from lightning_speechllm.evaluation.metrics import normalize_english
-from lightning_speechllm.evaluation.sweep_table import FAILURE_METRICS
+from lightning_speechllm.evaluation.sweep.table import FAILURE_METRICS
 
 __all__ = ["FAILURE_METRICS", "FailureModeCounts", "has_loop", "is_empty", "words"]
 

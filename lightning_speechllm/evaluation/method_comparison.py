@@ -4,10 +4,10 @@ measured decode speed-up and measured KV cache, failure modes, and the paper's r
 Methods: ``angular`` (the paper's contiguous block), ``block_influence`` (ShortGPT), ``last`` (deepest layers),
 ``greedy`` (SLEB-style, re-measured after each removal on calibration batches of the first validation set) and
 ``attention`` (attention sublayers only, LLM-Drop, from a sublayer map measured on the same batches). Healing
-variants are those of :data:`~lightning_speechllm.evaluation.sweep.HEALING_VARIANTS` (``replacement`` does not apply
-to ``attention``, which removes no whole layer). For each removed fraction and method the plan is scored unpruned
+variants are those of :data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` does not
+apply to ``attention``, which removes no whole layer). For each removed fraction and method the plan is scored unpruned
 -> pruned -> healed per variant, with the model restored exactly between runs (see
-:func:`~lightning_speechllm.evaluation.sweep.healed`). Every row is written at once to ``rows/<name>.json`` and a
+:func:`~lightning_speechllm.evaluation.sweep.run.healed`). Every row is written at once to ``rows/<name>.json`` and a
 rerun with the same settings reuses it. Outputs: ``comparison.{csv,md,json,png}`` in ``output_dir``.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from lightning_speechllm.evaluation.efficiency import decoder_parameter_count, measure_latency
 from lightning_speechllm.evaluation.resume_key import file_sha256, run_key
-from lightning_speechllm.evaluation.sweep import (
+from lightning_speechllm.evaluation.sweep.run import (
     HEALING_VARIANTS,
     SweepConfig,
     SweepError,
@@ -38,8 +38,8 @@ from lightning_speechllm.evaluation.sweep import (
     evaluate,
     healed,
 )
-from lightning_speechllm.evaluation.sweep_common import COMPARISON_METHODS, require_unpruned
-from lightning_speechllm.evaluation.sweep_table import METRICS, Scores, SweepPoint, Thresholds, passes
+from lightning_speechllm.evaluation.sweep.common import COMPARISON_METHODS, require_unpruned
+from lightning_speechllm.evaluation.sweep.table import METRICS, Scores, SweepPoint, Thresholds, passes
 from lightning_speechllm.io_utils import atomic_write_text, read_json, write_json
 from lightning_speechllm.model.module import DecodingConfig
 from lightning_speechllm.model.speechllm import SpeechLLM

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_speechllm.evaluation.sweep_table import FAILURE_METRICS
+from lightning_speechllm.evaluation.sweep.table import FAILURE_METRICS
 from lightning_speechllm.io_utils import atomic_write_text, read_json
 
 __all__ = ["Block", "collect_blocks", "render_html", "render_markdown", "write_report"]

@@ -1,5 +1,5 @@
 """What a stored sweep point or method-comparison row must agree on to be reused: the parts of a run that change its
-scores, shared by :mod:`~lightning_speechllm.evaluation.sweep` and
+scores, shared by :mod:`~lightning_speechllm.evaluation.sweep.run` and
 :mod:`~lightning_speechllm.evaluation.method_comparison`.
 
 A rerun after any of these changed must score again, never read a stale result: the model settings that change
@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 
-from lightning_speechllm.evaluation.sweep_table import SweepError
+from lightning_speechllm.evaluation.sweep.table import SweepError
 from lightning_speechllm.model.module import DecodingConfig
 from lightning_speechllm.model.speechllm import SpeechLLM
 

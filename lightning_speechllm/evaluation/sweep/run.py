@@ -1,7 +1,7 @@
 """Pruning sweep: score a SpeechLLM at several pruning sizes, optionally heal each, and apply the paper's stopping rule.
 
 For each point (a fraction of the decoder layers, or a layer count ``n``; by default n = 1, 2, ... until the rule
-has failed twice in a row, see :mod:`~lightning_speechllm.evaluation.sweep_grid`) :func:`run_sweep` builds a
+has failed twice in a row, see :mod:`~lightning_speechllm.evaluation.sweep.grid`) :func:`run_sweep` builds a
 :class:`~lightning_speechllm.pruning.plan.PruningPlan` (``angular`` / ``block_influence`` from a measured redundancy
 map, or ``last``), masks the layers, scores every named evaluation set (WER for ASR sets, BLEU for translation sets)
 with ``Trainer.validate`` / ``Trainer.test``, optionally heals the pruned model in place with a
@@ -18,8 +18,9 @@ baseline and the chosen point once on those test sets (``test.json``, and ``"tes
 never an input of the choice.
 
 This module runs the sweep. The table, its JSON form and the rule live in
-:mod:`~lightning_speechllm.evaluation.sweep_table`, the outputs in :mod:`~lightning_speechllm.evaluation.sweep_report`;
-every name of ``__all__`` below is importable from here as before.
+:mod:`~lightning_speechllm.evaluation.sweep.table`, the outputs in :mod:`~lightning_speechllm.evaluation.sweep.report`;
+every name of ``__all__`` below is importable from here (and from the package,
+:mod:`lightning_speechllm.evaluation.sweep`) as before the sweep became a package.
 
 Stopping rule (Moumen et al., 2026): keep the largest removed fraction whose relative WER increase is at most
 ``max_rel_wer_increase`` (0.25) on every ASR set and whose relative BLEU drop is at most ``max_rel_bleu_drop``
@@ -41,9 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_speechllm.evaluation.resume_key import data_key, file_sha256, run_key
-from lightning_speechllm.evaluation.sweep_common import COMPARISON_METHODS, require_unpruned
-from lightning_speechllm.evaluation.sweep_grid import DEFAULT_WALK_STOP_AFTER, GridError, explicit_grid, visit_points
-from lightning_speechllm.evaluation.sweep_report import (
+from lightning_speechllm.evaluation.sweep.common import COMPARISON_METHODS, require_unpruned
+from lightning_speechllm.evaluation.sweep.grid import DEFAULT_WALK_STOP_AFTER, GridError, explicit_grid, visit_points
+from lightning_speechllm.evaluation.sweep.report import (
     describe_choice,
     describe_test,
     format_markdown,
@@ -51,7 +52,7 @@ from lightning_speechllm.evaluation.sweep_report import (
     write_csv,
     write_outputs,
 )
-from lightning_speechllm.evaluation.sweep_table import (
+from lightning_speechllm.evaluation.sweep.table import (
     COUNT_METRIC,
     FAILURE_METRICS,
     METRICS,

@@ -1,9 +1,9 @@
 """The sweep's outputs: ``sweep.csv``, ``sweep.md``, ``sweep.json`` and ``sweep.png``, and the printed verdicts.
 
-:func:`write_outputs` writes all four for a :class:`~lightning_speechllm.evaluation.sweep_table.SweepTable`;
+:func:`write_outputs` writes all four for a :class:`~lightning_speechllm.evaluation.sweep.table.SweepTable`;
 :func:`describe_choice` states the rule and its outcome, :func:`describe_test` the test-set scores of
-:func:`~lightning_speechllm.evaluation.sweep.score_chosen_on_test`. Imports
-:mod:`~lightning_speechllm.evaluation.sweep_table` (never :mod:`~lightning_speechllm.evaluation.sweep`, which
+:func:`~lightning_speechllm.evaluation.sweep.run.score_chosen_on_test`. Imports
+:mod:`~lightning_speechllm.evaluation.sweep.table` (never :mod:`~lightning_speechllm.evaluation.sweep.run`, which
 imports this module); matplotlib only inside :func:`plot_curves`.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lightning_speechllm.evaluation.sweep_table import (
+from lightning_speechllm.evaluation.sweep.table import (
     COUNT_METRIC,
     METRICS,
     SweepError,

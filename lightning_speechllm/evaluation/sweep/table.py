@@ -4,7 +4,7 @@
 :func:`relative_change`, :func:`passes`, :func:`choose_point` / :func:`choose_fraction` (Moumen et al., 2026: the
 largest removed fraction within ``max_rel_wer_increase`` on every ASR set and ``max_rel_bleu_drop`` on every
 translation set) and :class:`SweepError`. Pure data and arithmetic: imports neither
-:mod:`~lightning_speechllm.evaluation.sweep` nor :mod:`~lightning_speechllm.evaluation.sweep_report`, nor torch or
+:mod:`~lightning_speechllm.evaluation.sweep.run` nor :mod:`~lightning_speechllm.evaluation.sweep.report`, nor torch or
 Lightning.
 """
 from __future__ import annotations

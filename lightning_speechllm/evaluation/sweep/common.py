@@ -3,7 +3,7 @@ back: the comparison's method names (the sweep checks its options against them) 
 run first. (Their resume keys are in :mod:`~lightning_speechllm.evaluation.resume_key`.)"""
 from __future__ import annotations
 
-from lightning_speechllm.evaluation.sweep_table import SweepError
+from lightning_speechllm.evaluation.sweep.table import SweepError
 from lightning_speechllm.model.speechllm import SpeechLLM
 
 __all__ = ["COMPARISON_METHODS", "require_unpruned"]

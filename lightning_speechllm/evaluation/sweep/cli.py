@@ -37,7 +37,7 @@ from lightning_speechllm.checkpoints import load_module
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.evaluation.report import write_report
-from lightning_speechllm.evaluation.sweep import (
+from lightning_speechllm.evaluation.sweep.run import (
     SweepConfig,
     SweepError,
     SweepPoint,
