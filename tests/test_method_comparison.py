@@ -12,7 +12,7 @@ from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError
 from lightning_speechllm.evaluation.sweep.table import Thresholds
 from lightning_speechllm.model.module import DecodingConfig
 from tests.test_module import NamedSets
-from tests.test_sweep import TRAINER, _assert_restored, _state, tiny_angular_map
+from tests.test_sweep import TRAINER, assert_restored, model_state, tiny_angular_map
 from tests.tiny_speechllm import tiny_speechllm
 
 METHODS = ["angular", "block_influence", "last", "greedy", "attention"]
@@ -29,10 +29,10 @@ def _config(tmp_path, methods=METHODS) -> SweepConfig:
 def test_every_method_and_variant_runs_on_one_table_and_the_model_is_restored(tmp_path):
     model = tiny_speechllm()
     model.train(False)
-    state, model_config = _state(model), copy.deepcopy(model.config)
+    state, model_config = model_state(model), copy.deepcopy(model.config)
     rows = compare_methods(model, NamedSets(n_train=1), _config(tmp_path), decoding=DecodingConfig(max_new_tokens=3),
                            trainer_kwargs=TRAINER)
-    _assert_restored(model, state, model_config)
+    assert_restored(model, state, model_config)
     assert not model.sublayer_mask.dropped_attention and not len(model.replacements)
     keys = [(row.method, row.fraction, row.healing) for row in rows]
     assert keys[0] == ("none", 0.0, "none")

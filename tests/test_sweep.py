@@ -160,7 +160,7 @@ def test_two_point_sweep_writes_table_markdown_and_curve(tmp_path, heal):
     config = SweepConfig(method="last", fractions=[0.25, 0.5], heal=heal, heal_steps=2, heal_lora_r=4,
                          heal_lora_alpha=4, output_dir=str(tmp_path))
     model = tiny_speechllm()
-    state, model_config = _state(model), copy.deepcopy(model.config)
+    state, model_config = model_state(model), copy.deepcopy(model.config)
     table, chosen = run_sweep(model, NamedSets(n_train=2), config, decoding=DecodingConfig(max_new_tokens=3),
                               trainer_kwargs=TRAINER)
     assert set(table.baseline) == {"clean", "ast-fr"}
@@ -171,18 +171,18 @@ def test_two_point_sweep_writes_table_markdown_and_curve(tmp_path, heal):
     assert ("clean/wer_after" in rows[0]) == heal and "ast-fr/rel_dbleu_before" in rows[0]
     if heal:
         assert all(p.after is not None and p.heal_steps == 2 for p in table.points)
-    _assert_restored(model, state, model_config)  # healed in place, then restored bit for bit
+    assert_restored(model, state, model_config)  # healed in place, then restored bit for bit
     markdown = (tmp_path / "sweep.md").read_text()
     assert markdown.count("\n| last |") == 2 and ("Chosen:" in markdown or "No sweep point passes" in markdown)
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert model.layer_mask.removed_layers == ()
 
 
-def _state(model) -> dict[str, torch.Tensor]:
+def model_state(model) -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in model.state_dict().items()}
 
 
-def _assert_restored(model, state: dict[str, torch.Tensor], model_config) -> None:
+def assert_restored(model, state: dict[str, torch.Tensor], model_config) -> None:
     assert not model.has_lora and model.layer_mask.removed_layers == ()
     now = model.state_dict()
     assert list(now) == list(state)
@@ -211,7 +211,7 @@ class FailingEvaluator(CountingEvaluator):
 def test_healing_is_undone_when_the_evaluation_of_the_healed_model_raises(tmp_path):
     model = tiny_speechllm()
     model.train(False)
-    state, model_config = _state(model), copy.deepcopy(model.config)
+    state, model_config = model_state(model), copy.deepcopy(model.config)
     spy = FailingEvaluator()
     config = SweepConfig(method="last", ns=[2], heal=True, heal_steps=1, heal_lora_r=2, heal_lora_alpha=2,
                          output_dir=str(tmp_path))
@@ -219,7 +219,7 @@ def test_healing_is_undone_when_the_evaluation_of_the_healed_model_raises(tmp_pa
         run_sweep(model, NamedSets(n_train=1), config, trainer_kwargs=TRAINER, evaluate_fn=spy)
     assert spy.calls == [(), (1, 2)] and spy.healed == [(1, 2)]  # the healed model: LoRA and the plan's mask
     assert any(not torch.equal(v, state[f"projector.{k}"]) for k, v in spy.projector.items())  # the projector trained
-    _assert_restored(model, state, model_config)
+    assert_restored(model, state, model_config)
     assert not any(m.training for m in model.modules())  # eval mode as on entry, though fit trains
 
 

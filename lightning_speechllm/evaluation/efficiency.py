@@ -48,6 +48,7 @@ __all__ = [
     "per_token_flops",
     "prefill_flops",
     "run_benchmark",
+    "synthetic_batches",
 ]
 
 GOAL_FRACTION_OF_IDEAL = 0.9
@@ -475,7 +476,8 @@ def _applied(model: SpeechLLM, plan: Any | None) -> Iterator[None]:
         model.sublayer_mask.reset()
 
 
-def _batches(args: BenchArgs) -> list[SpeechBatch]:
+def synthetic_batches(args: BenchArgs) -> list[SpeechBatch]:
+    """``args.sentences`` unique synthetic utterances (the demo's synthesizer), in batches of ``args.batch_size``."""
     from lightning_speechllm.data.sentences import unique_sentences
     from lightning_speechllm.demo import synthesize
 
@@ -498,7 +500,7 @@ def run_benchmark(args: BenchArgs, model_config: SpeechLLMConfig,
     if device == "cpu":
         torch.set_num_threads(args.threads)
     model = (model or SpeechLLM.from_config(model_config)).to(device).eval()
-    batches = list(batches) if batches is not None else _batches(args)
+    batches = list(batches) if batches is not None else synthetic_batches(args)
     plan = _bench_plan(args, model)
     mask = model.layer_mask
     kept = plan.kept_layers

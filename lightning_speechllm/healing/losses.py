@@ -49,6 +49,7 @@ __all__ = [
     "layer_map_for",
     "load_loss",
     "prediction_mask",
+    "upcast",
 ]
 
 
@@ -137,7 +138,7 @@ def _require(value: Any, what: str, loss: HealingLoss) -> Any:
     return value
 
 
-def _upcast(tensor: Tensor) -> Tensor:
+def upcast(tensor: Tensor) -> Tensor:
     """Half-precision tensors in float32 (float32/float64 stay as they are)."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
@@ -157,7 +158,7 @@ class TaskCrossEntropy(HealingLoss):
         labels = _require(inputs.labels, "labels", self)
         targets = labels[:, 1:] != IGNORE_INDEX
         # Only the target positions are upcast (the mean over them is what ignore_index gave on all positions).
-        logits = _upcast(inputs.student_logits[:, :-1][targets])
+        logits = upcast(inputs.student_logits[:, :-1][targets])
         loss = nn.functional.cross_entropy(logits, labels[:, 1:][targets], label_smoothing=self.label_smoothing)
         return loss, {}
 
@@ -190,8 +191,8 @@ class KLDivergence(HealingLoss):
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
         teacher = _require(inputs.teacher_logits, "teacher logits", self)
         mask = inputs.target_mask
-        log_q = torch.log_softmax(_upcast(inputs.student_logits[mask]) / self.temperature, dim=-1)
-        log_p = torch.log_softmax(_upcast(teacher[mask]).detach() / self.temperature, dim=-1)
+        log_q = torch.log_softmax(upcast(inputs.student_logits[mask]) / self.temperature, dim=-1)
+        log_p = torch.log_softmax(upcast(teacher[mask]).detach() / self.temperature, dim=-1)
         if log_q.shape[0] == 0:
             raise ValueError("KLDivergence: the batch has no target tokens (empty target_mask)")
         per_token = self._divergence(log_p, log_q)
@@ -261,8 +262,8 @@ class _HiddenStateLoss(HealingLoss):
         terms = {}
         for s, t in self._pairs(inputs):
             # The chosen tokens are picked first, then upcast: [N, D] in float32, not [B, T, D].
-            student = _upcast(_last(inputs.student_hidden[s], mask.shape[1])[mask])
-            teacher = _upcast(_last(inputs.teacher_hidden[t], mask.shape[1])[mask]).detach()
+            student = upcast(_last(inputs.student_hidden[s], mask.shape[1])[mask])
+            teacher = upcast(_last(inputs.teacher_hidden[t], mask.shape[1])[mask]).detach()
             terms[f"state{s}"] = self._per_token(student, teacher).mean()
         loss = torch.stack(list(terms.values())).mean()
         return loss, {k: v.detach() for k, v in terms.items()}

@@ -59,7 +59,7 @@ from lightning_speechllm.healing.losses import (  # noqa: E402
     KLDivergence,
     TaskCrossEntropy,
     WeightedHealingLoss,
-    _upcast,
+    upcast,
 )
 from lightning_speechllm.healing.module import HealingConfig, HealingModule  # noqa: E402
 from lightning_speechllm.model.encoders import WhisperSpeechEncoder  # noqa: E402
@@ -270,7 +270,7 @@ class FullLogitCrossEntropy(TaskCrossEntropy):
     needs_full_logits = True
 
     def forward(self, inputs: HealingInputs) -> tuple[torch.Tensor, dict]:
-        logits = _upcast(inputs.student_logits[:, :-1])
+        logits = upcast(inputs.student_logits[:, :-1])
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs.labels[:, 1:].reshape(-1),
                                            ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
         return loss, {}

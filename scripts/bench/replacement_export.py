@@ -34,9 +34,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from lightning_speechllm.evaluation.efficiency import (  # noqa: E402
     BenchArgs,
-    _batches,
     decoder_parameter_count,
     measure_latency,
+    synthetic_batches,
 )
 from lightning_speechllm.model.export import save_pruned_decoder  # noqa: E402
 from lightning_speechllm.model.layer_mask import get_layer_mask_state  # noqa: E402
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     framework, stock, out = build(args)
-    batches = _batches(BenchArgs(sentences=args.sentences, batch_size=1))
+    batches = synthetic_batches(BenchArgs(sentences=args.sentences, batch_size=1))
     difference = max_logit_difference(framework, stock, batches)
     variants, params = _variants(args, framework, stock, batches)
     for run in variants.values():

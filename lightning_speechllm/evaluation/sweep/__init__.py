@@ -25,7 +25,7 @@ _SOURCES: dict[str, str] = {
                      "score_chosen_on_test"), "run"),
     **dict.fromkeys(("COUNT_METRIC", "FAILURE_METRICS", "METRICS", "SWEEP_FORMAT_VERSION", "Scores", "SweepError",
                      "SweepPoint", "SweepTable", "Thresholds", "choose_fraction", "choose_point", "passes",
-                     "relative_change"), "table"),
+                     "relative_change", "scores_from_json", "scores_to_json"), "table"),
     **dict.fromkeys(("describe_choice", "describe_test", "format_markdown", "plot_curves", "write_csv",
                      "write_outputs"), "report"),
     **dict.fromkeys(("DEFAULT_WALK_STOP_AFTER", "GridError", "explicit_grid", "visit_points", "walk_layer_counts"),

@@ -22,9 +22,9 @@ from lightning_speechllm.evaluation.sweep.table import (
     SweepPoint,
     SweepTable,
     Thresholds,
-    _scores_from_json,
     passes,
     relative_change,
+    scores_from_json,
 )
 from lightning_speechllm.io_utils import atomic_write_text, write_json
 
@@ -33,7 +33,7 @@ __all__ = ["describe_choice", "describe_test", "format_markdown", "plot_curves",
 
 def describe_test(result: dict[str, Any]) -> str:
     """The scores of :func:`score_chosen_on_test`, one line per set and metric: baseline -> chosen (relative change)."""
-    baseline, final = _scores_from_json(result["baseline"]) or {}, _scores_from_json(result["chosen"]) or {}
+    baseline, final = scores_from_json(result["baseline"]) or {}, scores_from_json(result["chosen"]) or {}
     lines = [f"test sets (scored once, after the rule chose {result['requested']} on the validation sets; "
              f"layers {result['removed_layers']}{', healed again' if result['healed'] else ''}):"]
     for name in sorted(baseline):

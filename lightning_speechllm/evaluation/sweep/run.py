@@ -62,12 +62,12 @@ from lightning_speechllm.evaluation.sweep.table import (
     SweepPoint,
     SweepTable,
     Thresholds,
-    _scores_from_json,
-    _scores_to_json,
     choose_fraction,
     choose_point,
     passes,
     relative_change,
+    scores_from_json,
+    scores_to_json,
 )
 from lightning_speechllm.io_utils import read_json, write_json
 from lightning_speechllm.model.module import (
@@ -449,9 +449,9 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     stored = _load_reusable(baseline_file, signature)
     if stored is None:
         baseline = run_eval(speechllm)
-        write_json({"signature": signature, "scores": _scores_to_json(baseline)}, baseline_file)
+        write_json({"signature": signature, "scores": scores_to_json(baseline)}, baseline_file)
     else:
-        baseline = _scores_from_json(stored["scores"]) or {}
+        baseline = scores_from_json(stored["scores"]) or {}
     table = SweepTable(baseline=baseline, num_layers=num_layers)
 
     def point_at(kind: str, value: float | int) -> SweepPoint:
@@ -535,7 +535,7 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
                 speechllm.layer_mask.reset()
         result = {"sets": list(config.test_sets), "requested": f"{chosen.kind}={chosen.value:g}", "n": chosen.n,
                   "removed_fraction": chosen.removed_fraction, "removed_layers": list(chosen.removed_layers),
-                  "healed": config.heal, "baseline": _scores_to_json(baseline), "chosen": _scores_to_json(final)}
+                  "healed": config.heal, "baseline": scores_to_json(baseline), "chosen": scores_to_json(final)}
         write_json({"signature": signature, "result": result}, out / "test.json")
     summary_path = out / "sweep.json"
     if summary_path.is_file():

@@ -27,6 +27,8 @@ __all__ = [
     "choose_point",
     "passes",
     "relative_change",
+    "scores_from_json",
+    "scores_to_json",
 ]
 
 SWEEP_FORMAT_VERSION = 1
@@ -74,7 +76,7 @@ class SweepPoint:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["before"], data["after"] = _scores_to_json(self.before), _scores_to_json(self.after)
+        data["before"], data["after"] = scores_to_json(self.before), scores_to_json(self.after)
         return data
 
     @classmethod
@@ -82,7 +84,7 @@ class SweepPoint:
         try:
             return cls(method=data["method"], value=data["value"], kind=data["kind"], n=int(data["n"]),
                        num_layers=int(data["num_layers"]), removed_layers=[int(i) for i in data["removed_layers"]],
-                       before=_scores_from_json(data["before"]), after=_scores_from_json(data.get("after")),
+                       before=scores_from_json(data["before"]), after=scores_from_json(data.get("after")),
                        heal_steps=int(data.get("heal_steps", 0)))
         except KeyError as error:
             raise SweepError(f"{source}: missing key {error.args[0]!r}") from error
@@ -105,7 +107,7 @@ class SweepTable:
         return [(name, metric) for name in sorted(self.baseline) for metric in METRICS if metric in self.baseline[name]]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": SWEEP_FORMAT_VERSION, "baseline": _scores_to_json(self.baseline),
+        return {"format_version": SWEEP_FORMAT_VERSION, "baseline": scores_to_json(self.baseline),
                 "num_layers": self.num_layers, "points": [point.to_dict() for point in self.points]}
 
     @classmethod
@@ -114,18 +116,20 @@ class SweepTable:
             raise SweepError(f"{source}: unsupported format_version {data.get('format_version')!r}, "
                              f"expected {SWEEP_FORMAT_VERSION}")
         points = [SweepPoint.from_dict(p, f"{source}: points[{i}]") for i, p in enumerate(data.get("points", []))]
-        return cls(baseline=_scores_from_json(data["baseline"]) or {}, num_layers=int(data["num_layers"]),
+        return cls(baseline=scores_from_json(data["baseline"]) or {}, num_layers=int(data["num_layers"]),
                    points=points)
 
 
-def _scores_to_json(scores: Scores | None) -> dict | None:
+def scores_to_json(scores: Scores | None) -> dict | None:
+    """``scores`` as JSON: a non-finite score (NaN, inf) becomes ``None``; ``None`` stays ``None``."""
     if scores is None:
         return None
     return {name: {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
             for name, metrics in scores.items()}
 
 
-def _scores_from_json(data: dict | None) -> Scores | None:
+def scores_from_json(data: dict | None) -> Scores | None:
+    """The inverse of :func:`scores_to_json`: ``None`` scores read back as NaN, every score as a float."""
     if data is None:
         return None
     return {name: {k: (math.nan if v is None else float(v)) for k, v in metrics.items()}
