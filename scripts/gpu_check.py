@@ -556,7 +556,7 @@ def phase_assets(ctx: Context) -> dict[str, Any]:
     del meta
     started = time.perf_counter()
     ctx.paths["llm"] = root / "decoder"
-    memory._save_random(AutoModelForCausalLM.from_config, decoder_config, getattr(torch, ctx.opts.llm_dtype),
+    memory.save_random(AutoModelForCausalLM.from_config, decoder_config, getattr(torch, ctx.opts.llm_dtype),
                         ctx.paths["llm"])
     tokenizer.save_pretrained(ctx.paths["llm"])
     out["decoder_save_s"] = time.perf_counter() - started
@@ -569,7 +569,7 @@ def phase_assets(ctx: Context) -> dict[str, Any]:
     started = time.perf_counter()
     ctx.paths["whisper"] = root / "whisper"
     # fp16 on disk, as whisper-large-v3 is published (loaded in encoder_dtype: the cast path of the loader).
-    memory._save_random(WhisperForConditionalGeneration, whisper_config, torch.float16, ctx.paths["whisper"])
+    memory.save_random(WhisperForConditionalGeneration, whisper_config, torch.float16, ctx.paths["whisper"])
     out["whisper_save_s"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -150,7 +150,7 @@ def save_stand_ins(root: Path, args: BenchArgs) -> dict[str, Path]:
         config = Qwen2Config(vocab_size=args.vocab_size, hidden_size=896, intermediate_size=4864,
                              num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                              max_position_embeddings=4096, tie_word_embeddings=True)
-        _save_random(AutoModelForCausalLM.from_config, config, torch.bfloat16, paths["llm"])
+        save_random(AutoModelForCausalLM.from_config, config, torch.bfloat16, paths["llm"])
         AutoTokenizer.from_pretrained(resolve(args.tokenizer_path)).save_pretrained(paths["llm"])
     for stored in ("float32", "float16"):
         paths[stored] = root / f"whisper-medium-shaped-{stored}"
@@ -158,11 +158,11 @@ def save_stand_ins(root: Path, args: BenchArgs) -> dict[str, Path]:
             config = WhisperConfig(d_model=1024, encoder_layers=24, decoder_layers=24, encoder_attention_heads=16,
                                    decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096,
                                    num_mel_bins=80, vocab_size=51865)
-            _save_random(WhisperForConditionalGeneration, config, getattr(torch, stored), paths[stored])
+            save_random(WhisperForConditionalGeneration, config, getattr(torch, stored), paths[stored])
     return paths
 
 
-def _save_random(build: Any, config: Any, dtype: torch.dtype, out: Path) -> None:
+def save_random(build: Any, config: Any, dtype: torch.dtype, out: Path) -> None:
     """Random N(0, 0.02) weights without a slow init pass: built on meta, materialised, filled, saved."""
     with torch.device("meta"):
         model = build(config)
