@@ -57,6 +57,17 @@ def test_measure_speech_and_text_from_a_yaml_config(tiny_dirs, tmp_path, capsys)
     assert list((tmp_path / "runs" / "measure").glob("version_0/metrics.csv"))
 
 
+def test_model_options_from_their_own_file_as_the_help_says(tiny_dirs, tmp_path):
+    """`--model model.yaml` (a group read from a file) once failed: jsonargparse's `__path__` reached the config."""
+    config = yaml.safe_load(_config(tiny_dirs, tmp_path).read_text())
+    model_file = tmp_path / "model.yaml"
+    model_file.write_text(yaml.safe_dump(config.pop("model")))
+    (tmp_path / "rest.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "rest.yaml"), "--model", str(model_file), "--sets", "[dev]"]) == 0
+    result = RedundancyResult.from_json(tmp_path / "maps" / "dev" / "speech" / "epoch=0.json")
+    assert result.model_id == str(tiny_dirs["llm"]) and result.num_layers == LAYERS
+
+
 def test_measure_writes_sublayer_maps_that_attention_plans_read(tiny_dirs, tmp_path):
     from lightning_speechllm.pruning.plan import plan_sublayers
     from lightning_speechllm.redundancy.sublayers import SublayerMap
