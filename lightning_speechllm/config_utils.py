@@ -40,3 +40,15 @@ def _convert(hint: Any, value: Any) -> Any:
 def _dataclass_options(hint: Any) -> list[type]:
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     return [o for o in options if dataclasses.is_dataclass(o)]
+
+
+def parsed_values(namespace: Any) -> dict[str, Any]:
+    """A jsonargparse namespace as a dict, without the ``__path__`` entries it adds to a group read from its own
+    file (``--model model.yaml``): they are not options, and :func:`from_dict` refuses unknown keys."""
+    return _without_file_paths(namespace.as_dict())
+
+
+def _without_file_paths(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {key: _without_file_paths(value) for key, value in values.items() if key != "__path__"}
+    return values

@@ -598,9 +598,9 @@ def build_parser():
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchArgs, SpeechLLMConfig]:
     """Parse ``argv`` into the benchmark options and the model config."""
-    from lightning_speechllm.config_utils import from_dict
+    from lightning_speechllm.config_utils import from_dict, parsed_values
 
-    values = build_parser().parse_args(argv).as_dict()
+    values = parsed_values(build_parser().parse_args(argv))
     args = BenchArgs(**{key: values[key] for key in BenchArgs.__dataclass_fields__})
     return args, from_dict(SpeechLLMConfig, values["model"])
 

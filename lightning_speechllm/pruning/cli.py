@@ -32,7 +32,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 
 from lightning_speechllm.checkpoints import load_module
-from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.config_utils import from_dict, parsed_values
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
@@ -120,7 +120,7 @@ def build_parser() -> ArgumentParser:
 
 def parse_command(argv: list[str] | None = None) -> tuple[PruneArgs, SpeechLLMConfig, dict]:
     """Parse ``argv`` into :class:`PruneArgs`, the model config and the datamodule keyword arguments (greedy)."""
-    values = build_parser().parse_args(argv).as_dict()
+    values = parsed_values(build_parser().parse_args(argv))
     args = PruneArgs(**{key: values[key] for key in PruneArgs.__dataclass_fields__})
     return args, from_dict(SpeechLLMConfig, values["model"]), dict(values["data"])
 

@@ -21,13 +21,13 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
 from lightning_speechllm.checkpoints import load_module
-from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.config_utils import from_dict, parsed_values
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.model.module import DecodingConfig, SpeechLLMModule
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
@@ -102,18 +102,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _without_file_paths(values: Any) -> Any:
-    """The parsed values without the ``__path__`` entries jsonargparse adds to a group read from a file
-    (``--model model.yaml``): they are not options."""
-    if isinstance(values, dict):
-        return {key: _without_file_paths(value) for key, value in values.items() if key != "__path__"}
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[MeasureArgs, SpeechLLMConfig, dict]:
     """Parse ``argv`` into the command options, the model config and the datamodule keyword arguments."""
     namespace: Namespace = build_parser().parse_args(argv)
-    values = _without_file_paths(namespace.as_dict())
+    values = parsed_values(namespace)
     args = MeasureArgs(**{key: values[key] for key in MeasureArgs.__dataclass_fields__})
     return args, from_dict(SpeechLLMConfig, values["model"]), dict(values["data"])
 

@@ -34,7 +34,7 @@ import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from lightning_speechllm.checkpoints import load_module
-from lightning_speechllm.config_utils import from_dict
+from lightning_speechllm.config_utils import from_dict, parsed_values
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.evaluation.report import write_report
 from lightning_speechllm.evaluation.sweep.run import (
@@ -108,7 +108,7 @@ def build_parser() -> ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` into ``{"args", "sweep", "model", "data", "decoding", "trainer"}`` (dataclasses / kwargs)."""
-    values = build_parser().parse_args(argv).as_dict()
+    values = parsed_values(build_parser().parse_args(argv))
     return {"args": SweepArgs(**{key: values[key] for key in SweepArgs.__dataclass_fields__}),
             "sweep": from_dict(SweepConfig, values["sweep"]), "model": from_dict(SpeechLLMConfig, values["model"]),
             "data": dict(values["data"]), "decoding": from_dict(DecodingConfig, values["decoding"]),
