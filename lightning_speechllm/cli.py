@@ -66,7 +66,7 @@ class SpeechLLMCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
         self._created = time.monotonic()  # preparing the corpora and loading the models come next
         super().before_instantiate_classes()
         config = self.config.get(self.subcommand, self.config)
-        _prepare_default_corpora(config.data)
+        prepare_default_corpora(config.data)
         trainer = config.trainer
         if self.subcommand == "fit" and trainer.val_check_interval is None and trainer.check_val_every_n_epoch is None \
                 and (trainer.max_steps or -1) > 0:
@@ -164,7 +164,7 @@ class SpeechLLMCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
         return _scores(self.trainer.callback_metrics, "test/")
 
 
-def _prepare_default_corpora(data) -> None:
+def prepare_default_corpora(data) -> None:
     """Synthesize the espeak-ng corpus, and convert the Asterisk real recordings, when a config reads them and they
     are missing. Without Debian's Asterisk packages the real-speech sets are dropped, with a printed note."""
     train = data.train if isinstance(data.train, list) else [data.train]

@@ -213,7 +213,8 @@ class PreemptionCheckpoint(L.Callback):
         requeue_index = self._signums.index(self._requeue_signum) if self._requeue_signum in self._signums else None
         wants_requeue = self.requeue and requeue_index is not None and any(row[requeue_index] for row in flags)
         self._saving = {"global_step": step, "signals": _who(flags, self._signums),
-                        "slurm_job_id": _slurm_job_id(os.environ), "rng_states": _gather_objects(trainer, _rng_state())}
+                        "slurm_job_id": _slurm_job_id(os.environ),
+                        "rng_states": _gather_objects(trainer, capture_rng_state())}
         try:
             _save_atomically(trainer, path)
         finally:
@@ -238,7 +239,7 @@ class PreemptionCheckpoint(L.Callback):
             _print(trainer, f"preemption: the checkpoint holds RNG states of {len(states)} ranks, this run has "
                             f"{trainer.world_size}: random draws (dropout) continue from the seed instead")
             return
-        _set_rng_state(states[trainer.global_rank])
+        restore_rng_state(states[trainer.global_rank])
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -292,7 +293,7 @@ def _gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
     return [obj]
 
 
-def _rng_state() -> dict[str, Any]:
+def capture_rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain containers (checkpoints are loaded with weights_only=True)."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     version, python_state, gauss = random.getstate()
@@ -303,7 +304,7 @@ def _rng_state() -> dict[str, Any]:
             "python": [version, list(python_state), gauss]}
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("torch.cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["torch.cuda"])

@@ -82,7 +82,7 @@ def test_options_override_the_embedded_default_and_a_config_replaces_it(monkeypa
             raise SystemExit(0)
 
     monkeypatch.setattr(cli, "SpeechLLMCLI", ParseOnly)
-    monkeypatch.setattr(cli, "_prepare_default_corpora", lambda data: None)
+    monkeypatch.setattr(cli, "prepare_default_corpora", lambda data: None)
     with pytest.raises(SystemExit):
         cli.fit(["--trainer.max_steps", "1000"])
     config, default = parsed["fit"], yaml.safe_load(cli.DEFAULT_CONFIG.read_text())
@@ -104,7 +104,7 @@ def test_real_speech_sets_are_skipped_with_a_note_without_the_asterisk_packages(
     monkeypatch.setattr(prepare, "ASTERISK_TRANSCRIPTS", tmp_path / "missing.txt.gz")
     data = SimpleNamespace(train=["mine.jsonl", "data_cache/asterisk/train.jsonl"], val_sets={},
                            test_sets={"test": "mine.jsonl", "real": "data_cache/asterisk/heldout.jsonl"})
-    cli._prepare_default_corpora(data)
+    cli.prepare_default_corpora(data)
     assert data.test_sets == {"test": "mine.jsonl"} and data.train == ["mine.jsonl"]
     out = capsys.readouterr().out
     assert "data.test_sets.real (real recorded speech) is skipped" in out and "missing.txt.gz" in out

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lightning_speechllm.evaluation.sweep import cli as sweep_cli
-from lightning_speechllm.evaluation.method_comparison import ComparisonRow, _compact, _mark_chosen, compare_methods
+from lightning_speechllm.evaluation.method_comparison import ComparisonRow, compact_indices, mark_chosen, compare_methods
 from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError
 from lightning_speechllm.evaluation.sweep.table import Thresholds
 from lightning_speechllm.model.module import DecodingConfig
@@ -83,12 +83,12 @@ def test_rule_marks_the_largest_passing_fraction_per_method_and_healing():
 
     rows = [row("none", 0.0, "none", 10.0), row("a", 0.2, "none", 12.0), row("a", 0.4, "none", 13.0),
             row("a", 0.2, "lora", 11.0), row("a", 0.4, "lora", 12.4), row("b", 0.2, "none", 12.6)]
-    _mark_chosen(rows, Thresholds(0.25, 0.10))
+    mark_chosen(rows, Thresholds(0.25, 0.10))
     assert [r.chosen for r in rows] == [False, True, False, False, True, False]
 
 
 def test_compact_ranges_and_bad_options(tmp_path):
-    assert _compact([4, 5, 6, 9, 11, 12]) == "4-6,9,11-12" and _compact([]) == "-"
+    assert compact_indices([4, 5, 6, 9, 11, 12]) == "4-6,9,11-12" and compact_indices([]) == "-"
     with pytest.raises(SweepError, match=r"unknown methods / healing variants \['sleb'\]"):
         compare_methods(tiny_speechllm(), NamedSets(), _config(tmp_path, methods=["sleb"]))
     with pytest.raises(SweepError, match="needs sweep.fractions"):

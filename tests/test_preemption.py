@@ -320,10 +320,10 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
-    torch.save({"rng": preemption._rng_state()}, tmp_path / "rng.ckpt")
+    torch.save({"rng": preemption.capture_rng_state()}, tmp_path / "rng.ckpt")
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.rand(5), np.random.rand(5), random.random()
-    preemption._set_rng_state(torch.load(tmp_path / "rng.ckpt", weights_only=True)["rng"])
+    preemption.restore_rng_state(torch.load(tmp_path / "rng.ckpt", weights_only=True)["rng"])
     drawn = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(drawn[0], expected[0]) and (drawn[1] == expected[1]).all() and drawn[2] == expected[2]
 

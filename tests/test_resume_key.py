@@ -89,12 +89,12 @@ def test_a_sweep_rerun_after_a_change_that_moves_the_scores_refuses_the_stale_po
 
 def _sweep_key(model, data, trainer, heal: bool) -> dict:
     config = SweepConfig(method="last", ns=[1], heal=heal, output_dir="unused")
-    return sweep_mod._signature(config, model, data, None, trainer)
+    return sweep_mod.resume_signature(config, model, data, None, trainer)
 
 
 def _comparison_key(model, data, trainer) -> dict:
     config = SweepConfig(method="last", fractions=[0.25], compare_methods=["last"], compare_healing=["lora"])
-    return method_comparison._signature(config, model, data, None, trainer)
+    return method_comparison.resume_signature(config, model, data, None, trainer)
 
 
 @pytest.mark.parametrize("change", [*CHANGES, "healing manifest content", "healing sampler seed"])

@@ -285,6 +285,6 @@ def test_sweep_trainers_keep_lightnings_banner_out_of_the_log(caplog):
     import logging
 
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
-        sweep_mod._trainer({"accelerator": "cpu"}, max_steps=1)
+        sweep_mod.build_trainer({"accelerator": "cpu"}, max_steps=1)
     assert not [r for r in caplog.records if "GPU available" in r.getMessage()]
     assert logging.getLogger("lightning.pytorch.utilities.rank_zero").level == logging.NOTSET  # restored

@@ -158,7 +158,7 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
     device = _device(trainer_kwargs)
-    signature = _signature(config, speechllm, datamodule, decoding, trainer_kwargs)
+    signature = resume_signature(config, speechllm, datamodule, decoding, trainer_kwargs)
     batches = _calibration_batches(datamodule, config.calibration_batches, device)
     speed_batch, speed_new_tokens = batches[0], config.speed_new_tokens
 
@@ -193,7 +193,7 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
             rows.append(cached(f"{method}_{fraction:g}_{variant}", lambda: _healed_row(
                 speechllm, plan(), method, fraction, variant, config, datamodule, trainer_kwargs, run_eval,
                 speed_batch, speed_new_tokens)))
-    _mark_chosen(rows, config.thresholds)
+    mark_chosen(rows, config.thresholds)
     write_comparison(rows, out)
     return rows
 
@@ -224,7 +224,7 @@ def _healed_row(speechllm: SpeechLLM, plan: PruningPlan, method: str, fraction: 
                          **speed)
 
 
-def _signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.LightningDataModule,
+def resume_signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.LightningDataModule,
                decoding: DecodingConfig | None, trainer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """What a stored row must agree on to be reused (each row is one method, fraction and healing: adding a method
     to the list reuses the rows already there): the settings, the map's content, and the model, decoding, precision
@@ -252,7 +252,7 @@ def _passes(row: ComparisonRow, baseline: Scores, thresholds: Thresholds) -> boo
     return passes(point, baseline, thresholds)[0]
 
 
-def _mark_chosen(rows: list[ComparisonRow], thresholds: Thresholds) -> None:
+def mark_chosen(rows: list[ComparisonRow], thresholds: Thresholds) -> None:
     """Per (method, healing): the largest fraction that passes the paper's rule is marked ``chosen``."""
     baseline = rows[0].scores
     for row in rows[1:]:
@@ -293,8 +293,8 @@ def comparison_markdown(rows: list[ComparisonRow]) -> str:
         speed = f"{row.decode_speedup:.2f}x" if row.decode_speedup > 0 else "as unhealed"
         kv = f"{row.kv_cache_bytes / baseline.kv_cache_bytes:.0%}" if row.kv_cache_bytes >= 0 else "as unhealed"
         params = f"{row.decoder_params / 1e6:.1f}" if row.decoder_params >= 0 else "as unhealed"
-        cells = [row.method, f"{row.fraction:.0%}", row.healing, _compact(row.removed_layers),
-                 _compact(row.removed_attention), *_metric_cells(row, baseline), params, speed, kv,
+        cells = [row.method, f"{row.fraction:.0%}", row.healing, compact_indices(row.removed_layers),
+                 compact_indices(row.removed_attention), *_metric_cells(row, baseline), params, speed, kv,
                  "chosen" if row.chosen else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -334,13 +334,14 @@ def summary_markdown(rows: list[ComparisonRow]) -> str:
         failure = " / ".join(f"{rates.get(key, float('nan')):.0f}" for key in ("loop_rate", "empty_rate",
                                                                               "max_tokens_rate"))
         lines.append("| " + " | ".join([
-            method, f"{fraction:.0%}", _compact(pruned.removed_layers), _compact(pruned.removed_attention),
+            method, f"{fraction:.0%}", compact_indices(pruned.removed_layers),
+            compact_indices(pruned.removed_attention),
             cell("none"), *[cell(h) for h in healings], f"{pruned.decoder_params / 1e6:.1f}",
             f"{pruned.decode_speedup:.2f}x", f"{pruned.kv_cache_bytes / baseline.kv_cache_bytes:.0%}", failure]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _compact(indices: list[int]) -> str:
+def compact_indices(indices: list[int]) -> str:
     """``[4, 5, 6, 9]`` -> ``4-6,9``."""
     runs: list[list[int]] = []
     for index in indices:

@@ -202,7 +202,7 @@ class WaveformSpeechEncoder(SpeechEncoder):
         audio = audio.float()
         if self.normalize:
             with torch.autocast(device_type=audio.device.type, enabled=False):
-                audio = _zero_mean_unit_var(audio, valid)
+                audio = zero_mean_unit_var(audio, valid)
         kwargs = {"attention_mask": valid.long()} if self.use_attention_mask else {}
         hidden = self.model(input_values=audio.to(self._dtype()), **kwargs).last_hidden_state
         lens = self.model._get_feat_extract_output_lengths(audio_lens).clamp(max=hidden.shape[1])
@@ -212,7 +212,7 @@ class WaveformSpeechEncoder(SpeechEncoder):
         return next(self.model.parameters()).dtype
 
 
-def _zero_mean_unit_var(audio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def zero_mean_unit_var(audio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     count = valid.sum(dim=1, keepdim=True).clamp(min=1)
     mean = (audio * valid).sum(dim=1, keepdim=True) / count
     var = (((audio - mean) * valid) ** 2).sum(dim=1, keepdim=True) / count

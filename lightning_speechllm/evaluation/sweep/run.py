@@ -234,7 +234,7 @@ class SweepConfig:
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _trainer(trainer_kwargs: dict[str, Any] | None, **overrides: Any) -> L.Trainer:
+def build_trainer(trainer_kwargs: dict[str, Any] | None, **overrides: Any) -> L.Trainer:
     defaults = dict(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
                     enable_model_summary=False, enable_checkpointing=False)
     # A sweep builds a trainer per evaluation and per healing: keep Lightning's accelerator banner and tips out.
@@ -260,7 +260,7 @@ def evaluate(speechllm: SpeechLLM, datamodule: L.LightningDataModule, stage: str
     decoding.generate_in_validation = True
     module = SpeechLLMModule(speechllm=speechllm, decoding=decoding)
     limit = {"limit_val_batches" if stage == "validate" else "limit_test_batches": max_batches or 1.0}
-    trainer = _trainer(trainer_kwargs, **limit)
+    trainer = build_trainer(trainer_kwargs, **limit)
     getattr(trainer, stage)(module, datamodule=datamodule, verbose=False)
     prefix = "val" if stage == "validate" else "test"
     scores: Scores = {}
@@ -303,7 +303,8 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
                                optim=OptimConfig(lr=config.heal_lr, warmup_steps=config.heal_warmup_steps,
                                                  schedule="linear"),
                                speechllm=speechllm)
-        trainer = _trainer(trainer_kwargs, max_steps=config.heal_steps, limit_val_batches=0, num_sanity_val_steps=0)
+        trainer = build_trainer(trainer_kwargs, max_steps=config.heal_steps, limit_val_batches=0,
+                                num_sanity_val_steps=0)
         trainer.fit(module, datamodule=datamodule)
         del module, trainer  # the optimizer state goes with them
         yield speechllm
@@ -390,7 +391,7 @@ def point_name(method: str, kind: str, value: float | int) -> str:
     return f"{method}_{value:g}" if kind == "fraction" else f"{method}_n{value}"
 
 
-def _signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.LightningDataModule,
+def resume_signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.LightningDataModule,
                decoding: DecodingConfig | None, trainer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """What a point file must agree on to be reused (the thresholds need not: the rule is re-applied): the settings,
     the content of the redundancy map, and the model, decoding, precision and data of
@@ -434,7 +435,7 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
     mask = speechllm.layer_mask
     require_unpruned(speechllm, "a sweep")
     num_layers = mask.num_layers
-    signature = _signature(config, speechllm, datamodule, decoding, trainer_kwargs)
+    signature = resume_signature(config, speechllm, datamodule, decoding, trainer_kwargs)
     if config.heal and speechllm.has_lora:
         log.info("sweep: merging the model's LoRA adapters into its decoder weights (healing adds its own)")
         speechllm.merge_lora()
@@ -507,7 +508,7 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
     if not config.test_sets or chosen is None:
         return None
     out = Path(config.output_dir)
-    signature = {**_signature(config, speechllm, datamodule, decoding, trainer_kwargs),
+    signature = {**resume_signature(config, speechllm, datamodule, decoding, trainer_kwargs),
                  "test_sets": list(config.test_sets), "test_data": data_key(datamodule, "test", heal=False),
                  "test_batches": "all",  # earlier sweeps scored max_batches of them: a subset, not reused
                  "removed_layers": list(chosen.removed_layers)}
