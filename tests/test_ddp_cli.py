@@ -57,7 +57,12 @@ def assert_same_numbers(one, two, where: str = "") -> None:
 
 
 def maps_of(run: Path) -> dict[str, dict]:
-    return {str(p.relative_to(run)): json.loads(p.read_text()) for p in sorted(run.glob("redundancy/**/*.json"))}
+    """Every map JSON of a run, without the SHA-256 of its per-sample file: 2 ranks reduce in another order, so the
+    file's bytes differ in the last bits while its numbers (compared within tolerance) agree."""
+    maps = {str(p.relative_to(run)): json.loads(p.read_text()) for p in sorted(run.glob("redundancy/**/*.json"))}
+    for values in maps.values():
+        values.pop("per_sample_sha256", None)
+    return maps
 
 
 @pytest.fixture(scope="module")
