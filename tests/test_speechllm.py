@@ -116,6 +116,18 @@ def test_prompt_uses_chat_template_and_targets_end_with_eos():
     assert tokenizer.decode(sample.target[:-1]) == "the cat"
 
 
+def test_instruction_first_moves_the_instruction_into_the_prefix():
+    tokenizer = tiny_tokenizer(chat=True)
+    after = PromptBuilder(tokenizer)
+    first = PromptBuilder(tokenizer, PromptConfig(instruction_first=True))
+    assert first.render("asr", None).startswith("<|im_start|>user\nTranscribe the audio.\n<|speech|><|im_end|>")
+    late, early = after.pieces("asr", None), first.pieces("asr", None)
+    # The same tokens in all; the instruction (and its newline) moves from after the speech to before it.
+    assert len(early.suffix) < len(late.suffix)
+    assert len(early.prefix) + len(early.suffix) == len(late.prefix) + len(late.suffix)
+    assert tokenizer.decode(list(early.suffix)) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_chat_target_ends_with_the_templates_end_of_turn_token_when_eos_differs():
     # Qwen2.5-base style: the chat template closes turns with <|im_end|>, the tokenizer's EOS is <|endoftext|>.
     tokenizer = tiny_tokenizer(chat=True)
