@@ -27,6 +27,7 @@ TRAINER_DEFAULTS = {
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 DEFAULT_CORPUS = Path("data_cache/synth")
 REAL_SPEECH_CORPUS = Path("data_cache/asterisk")
+REAL_SPEAKERS_CORPUS = Path("data_cache/real_speakers")
 
 
 class SafeResume:
@@ -77,6 +78,12 @@ class SpeechLLMCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
                             help="After `fit`, test the best checkpoint (by the ModelCheckpoint monitor; the last "
                                  "weights without one) on the datamodule's test sets; scores go to scores.json and "
                                  "the report.")
+
+        parser.add_argument("--anchor_sets", type=list[str] | None, default=None,
+                            help="Validation/test set names scored also by Whisper tiny.en's own decoder (the "
+                                 "anchor, cached in data_cache/anchor), written beside the model's WER in scores.json "
+                                 "and the report. Default: every set whose manifest folder's prepare.json marks real "
+                                 "speech (data prepare real_speakers / asterisk); [] for none.")
 
     def before_fit(self) -> None:
         self._fit_started = time.monotonic()
@@ -134,6 +141,7 @@ class SpeechLLMCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
             print(f"test ({'best checkpoint' if self.subcommand == 'fit' else summary['test_checkpoint']}):",
                   json.dumps(summary["test"]))
         summary = {**summary, "seconds": {k: round(v, 1) for k, v in summary["seconds"].items()},
+                   "anchor": self._anchor(summary),
                    "test_examples": [asdict(h) for h in _examples_per_set(
                        hypotheses, getattr(self.datamodule, "test_set_names", None) or ())]}
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "scores.json")
@@ -142,6 +150,19 @@ class SpeechLLMCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
         print(f"report: {markdown} and {page}" + (f"; checkpoints in {checkpoints}"
                                                    if self.subcommand == "fit" and checkpoints else ""))
         return run_dir
+
+    def _anchor(self, summary: dict) -> dict:
+        """Whisper tiny.en's own WER on the real-speech sets that were scored (``--anchor_sets``), printed beside
+        the model's; {} when none (a failure is a printed note, never an error of the run)."""
+        config = self.config.get(self.subcommand, self.config)
+        wanted = config.get("anchor_sets")
+        stages = {"validation": getattr(self.datamodule, "val_sets", None) or {},
+                  "test": getattr(self.datamodule, "test_sets", None) or {}}
+        try:
+            return anchor_summary(summary, stages, wanted)
+        except Exception as err:  # noqa: BLE001 - the anchor is a reference number, not part of the run
+            print(f"note: the Whisper anchor was not computed: {type(err).__name__}: {err}")
+            return {}
 
     def _print_sweep_command(self, run_dir: Path) -> None:
         """The next step: the `sweep` of this run's best checkpoint along its latest speech map."""
@@ -164,6 +185,35 @@ class SpeechLLMCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
         return _scores(self.trainer.callback_metrics, "test/")
 
 
+def anchor_summary(summary: dict, stages: dict[str, dict], wanted: list[str] | None,
+                   decoder=None, cache_dir: Path | str | None = None) -> dict:
+    """``{stage: {set: anchor}}`` for the sets of each scored stage that are real speech (``wanted`` None) or named
+    in ``wanted``; prints each anchor beside the model's WER."""
+    from lightning_speechllm.evaluation.anchor import DEFAULT_CACHE_DIR, anchor_scores, is_real_speech
+
+    out: dict = {}
+    for stage, sets in stages.items():
+        scores = summary.get(stage) or {}
+        prefix = "val" if stage == "validation" else "test"
+        chosen = {name: path for name, path in sets.items() if f"{prefix}/{name}/wer" in scores
+                  and (name in wanted if wanted is not None else is_real_speech(str(path)))}
+        if not chosen:
+            continue
+        if wanted is not None:  # named sets count as real speech whatever their prepare.json says
+            from lightning_speechllm.evaluation.anchor import anchor_wer
+
+            results = {name: {k: v for k, v in anchor_wer(path, decoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
+                              .items() if k != "hypotheses"} for name, path in chosen.items()}
+        else:
+            results = anchor_scores(chosen, decoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
+        for name, result in results.items():
+            print(f"anchor ({result['model']}'s own decoder) on {stage} set {name}: WER {100 * result['wer']:.1f}% "
+                  f"(this model: {100 * scores[f'{prefix}/{name}/wer']:.1f}%)")
+        if results:
+            out[stage] = results
+    return out
+
+
 def prepare_default_corpora(data) -> None:
     """Synthesize the espeak-ng corpus, and convert the Asterisk real recordings, when a config reads them and they
     are missing. Without Debian's Asterisk packages the real-speech sets are dropped, with a printed note."""
@@ -182,11 +232,24 @@ def prepare_default_corpora(data) -> None:
             prepare_asterisk(REAL_SPEECH_CORPUS)
         except FileNotFoundError as missing_packages:
             _skip_real_speech(data, f"{missing_packages}. Install Debian's {ASTERISK_PACKAGES} to use it.")
+    if REAL_SPEAKERS_CORPUS in missing:
+        from lightning_speechllm.data.real_speakers import prepare_real_speakers
+
+        try:
+            prepare_real_speakers(REAL_SPEAKERS_CORPUS)
+        except FileNotFoundError as no_source:
+            _skip_real_speech(data, str(no_source), REAL_SPEAKERS_CORPUS)
+        for split in ("test", "dev"):  # a split whose sources were all skipped
+            manifest = REAL_SPEAKERS_CORPUS / f"{split}.jsonl"
+            if not manifest.exists():
+                _skip_real_speech(data, f"no source of its {split} split could be read (see the notes above)",
+                                  REAL_SPEAKERS_CORPUS, manifest)
 
 
-def _skip_real_speech(data, reason: str) -> None:
-    """Drop the Asterisk manifests from the train list and the named sets, printing what was dropped and why."""
-    real = lambda path: Path(str(path)).parent == REAL_SPEECH_CORPUS  # noqa: E731
+def _skip_real_speech(data, reason: str, corpus: Path = REAL_SPEECH_CORPUS, manifest: Path | None = None) -> None:
+    """Drop a real-speech corpus's manifests (or one of them) from the train list and the named sets, printing what
+    was dropped and why."""
+    real = lambda path: Path(str(path)) == manifest if manifest else Path(str(path)).parent == corpus  # noqa: E731
     if isinstance(data.train, list) and any(real(p) for p in data.train):
         print(f"note: the real recordings in data.train ({[str(p) for p in data.train if real(p)]}) are skipped: "
               f"{reason}")

