@@ -87,3 +87,18 @@ def test_a_warmup_as_long_as_training_is_refused(tmp_path):
     model = SpeechLLMModule(optim=OptimConfig(ctc_warmup_steps=3), speechllm=tiny_speechllm())
     with pytest.raises(ValueError, match=r"optim.ctc_warmup_steps must be in \[0, 3\).*got 3"):
         trainer(tmp_path, max_steps=3).fit(model, train_dataloaders=DataLoader([make_batch()] * 3, batch_size=None))
+
+
+def test_ctc_weight_adds_the_alignment_loss_to_the_cross_entropy_of_each_step():
+    weight = 0.3
+    model = SpeechLLMModule(optim=OptimConfig(ctc_weight=weight), speechllm=tiny_speechllm())
+    batch = make_batch()
+    expected = model.speechllm(batch)[0] + weight * model.speechllm.alignment_loss(batch)[0]
+    model.log = lambda *args, **kwargs: None  # no trainer attached
+    torch.testing.assert_close(model.training_step(batch, 0), expected)
+
+
+def test_a_negative_ctc_weight_is_refused(tmp_path):
+    model = SpeechLLMModule(optim=OptimConfig(ctc_weight=-0.1), speechllm=tiny_speechllm())
+    with pytest.raises(ValueError, match=r"optim.ctc_weight must be >= 0, got -0.1"):
+        trainer(tmp_path, max_steps=1).fit(model, train_dataloaders=DataLoader([make_batch()], batch_size=None))

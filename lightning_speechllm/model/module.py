@@ -56,6 +56,9 @@ class OptimConfig:
     warm-up and the decay over the remaining steps. 0 (the default): cross-entropy from the start. Measured on the
     embedded default (fp32, 24 s batches): 150 CTC steps took 4 min on 2 busy cores, but the cross-entropy after them
     sat on the same plateau (loss 3.3 after 70-90 steps) as without them, so it is off by default."""
+    ctc_weight: float = 0.0
+    """Weight of that CTC alignment loss added to the cross-entropy at every step after the CTC warm-up (a joint
+    auxiliary loss: no extra decoder pass, one speech-by-vocabulary product). 0 (the default): cross-entropy alone."""
 
 
 @dataclass
@@ -151,6 +154,11 @@ class SpeechLLMModule(L.LightningModule):
             self._reset_optimizer_state()  # CTC's gradient scale is not the cross-entropy's: Adam starts afresh
         loss, (_, inputs) = self.model_step(batch)
         self.tokens_in_last_batch = inputs.attention_mask.sum().detach()
+        if self.optim_config.ctc_weight:
+            self.log("train/ce_loss", loss, batch_size=len(batch))
+            ctc, _ = self.speechllm.alignment_loss(batch)
+            self.log("train/ctc_loss", ctc, batch_size=len(batch))
+            loss = loss + self.optim_config.ctc_weight * ctc
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -387,6 +395,8 @@ class SpeechLLMModule(L.LightningModule):
         if cfg.ctc_warmup_steps < 0 or (cfg.ctc_warmup_steps and not cfg.ctc_warmup_steps < total):
             raise ValueError(f"optim.ctc_warmup_steps must be in [0, {total}) (the training steps), got "
                              f"{cfg.ctc_warmup_steps}")
+        if cfg.ctc_weight < 0:
+            raise ValueError(f"optim.ctc_weight must be >= 0, got {cfg.ctc_weight}")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: phased_lr_lambda(step, cfg, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
