@@ -1,9 +1,9 @@
 """The anchor beside a real-speech WER: Whisper tiny.en's own decoder on the same audio.
 
 The SpeechLLM reads the frozen Whisper encoder's outputs; Whisper's own decoder reading those outputs shows what the
-encoder carries. :func:`anchor_wer` decodes every utterance of a JSONL manifest with it (greedy, batched, one
-thread) and scores it with the project's WER (:class:`~lightning_speechllm.evaluation.metrics.WordErrorCounts`,
-Whisper's English normaliser), so the two numbers compare. The result is cached in ``<cache_dir>/<model>-<hash>.json``
+encoder carries. :func:`anchor_wer` decodes every utterance of a JSONL manifest with it (greedy, batched) and scores
+it with the project's WER (:class:`~lightning_speechllm.evaluation.metrics.WordErrorCounts`, Whisper's English
+normaliser), so the two numbers compare. The result is cached in ``<cache_dir>/<model>-<hash>.json``
 keyed by the model name and the sha256 of the manifest and of every audio file it names: it runs once per set.
 
 Which sets get an anchor (:func:`real_speech_sets`): those whose manifest folder holds a ``prepare.json`` saying
@@ -11,6 +11,7 @@ Which sets get an anchor (:func:`real_speech_sets`): those whose manifest folder
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -61,8 +62,9 @@ def word_error_scores(hypotheses: Sequence[str], references: Sequence[str]) -> d
     return {k: (float(v) if k in ("wer", "insertion_rate") else int(v)) for k, v in metric.compute().items()}
 
 
-def whisper_decoder(model: str = DEFAULT_MODEL, batch_size: int = 8, threads: int = 1) -> Decoder:
-    """Whisper's own greedy decoder (the converted offline weights that `demo` loads), batched."""
+def whisper_decoder(model: str = DEFAULT_MODEL, batch_size: int = 8, threads: int | None = None) -> Decoder:
+    """Whisper's own greedy decoder (the converted offline weights that `demo` loads), batched; `threads` None keeps
+    torch's thread count (it runs inside `fit`, on the cores training just used)."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
@@ -75,7 +77,7 @@ def whisper_decoder(model: str = DEFAULT_MODEL, batch_size: int = 8, threads: in
 
     def decode(waves: list[np.ndarray]) -> list[str]:
         out: list[str] = []
-        with torch_threads(threads), torch.no_grad():
+        with torch_threads(threads) if threads else contextlib.nullcontext(), torch.no_grad():
             for start in range(0, len(waves), batch_size):
                 batch = [np.asarray(w, dtype=np.float32) for w in waves[start:start + batch_size]]
                 features = processor(batch, sampling_rate=16000, return_tensors="pt").input_features
