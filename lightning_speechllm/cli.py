@@ -207,8 +207,8 @@ def anchor_summary(summary: dict, stages: dict[str, dict], wanted: list[str] | N
         else:
             results = anchor_scores(chosen, decoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
         for name, result in results.items():
-            print(f"anchor ({result['model']}'s own decoder) on {stage} set {name}: WER {100 * result['wer']:.1f}% "
-                  f"(this model: {100 * scores[f'{prefix}/{name}/wer']:.1f}%)")
+            print(f"anchor ({result['model']}'s own decoder) on {stage} set {name}: WER {result['wer']:.1f}% "
+                  f"(this model: {scores[f'{prefix}/{name}/wer']:.1f}%)")
         if results:
             out[stage] = results
     return out

@@ -236,7 +236,7 @@ def test_anchor_wer_matches_jiwer_and_runs_once(tmp_path: Path) -> None:
     result = A.anchor_wer(manifest, fake, cache_dir=tmp_path / "cache")
     # by hand: 1 substitution (a/the), 1 deletion (meters), 1 insertion (big) over 6 + 4 + 2 = 12 words
     assert (result["substitutions"], result["deletions"], result["insertions"], result["reference_words"]) == (1, 1, 1, 12)
-    assert result["wer"] == pytest.approx(3 / 12) == pytest.approx(jiwer.wer(references, hypotheses))
+    assert result["wer"] == pytest.approx(100 * 3 / 12) == pytest.approx(100 * jiwer.wer(references, hypotheses))
     assert result["hypotheses"] == {"u0": hypotheses[0], "u1": hypotheses[1], "u2": hypotheses[2]}
     assert A.anchor_wer(manifest, fake, cache_dir=tmp_path / "cache") == result and calls == [3]
     sf.write(tmp_path / "u1.wav", _tone(0.6, 300), RATE, subtype="PCM_16")  # new audio, new key: decoded again
@@ -246,20 +246,20 @@ def test_anchor_wer_matches_jiwer_and_runs_once(tmp_path: Path) -> None:
 
 def test_anchor_goes_to_real_sets_only_and_beside_the_model_wer(tmp_path: Path, capsys) -> None:
     from lightning_speechllm.cli import anchor_summary
-    from lightning_speechllm.evaluation.report import _anchor_blocks
+    from lightning_speechllm.evaluation.report import anchor_blocks
 
     (tmp_path / "real").mkdir()
     (tmp_path / "synth").mkdir()
     real = _manifest(tmp_path / "real", ["the cat sat down"])
     synth = _manifest(tmp_path / "synth", ["good day"])
     (tmp_path / "synth" / "prepare.json").unlink()
-    summary = {"test": {"test/real/wer": 0.5, "test/synth/wer": 0.1}, "validation": {}}
+    summary = {"test": {"test/real/wer": 50.0, "test/synth/wer": 10.0}, "validation": {}}  # percent, as logged
     anchors = anchor_summary(summary, {"test": {"real": str(real), "synth": str(synth)}}, None,
                              decoder=lambda waves: ["the cat sat"] * len(waves), cache_dir=tmp_path / "c")
     assert list(anchors) == ["test"] and list(anchors["test"]) == ["real"]
-    assert anchors["test"]["real"]["wer"] == pytest.approx(0.25) and "hypotheses" not in anchors["test"]["real"]
+    assert anchors["test"]["real"]["wer"] == pytest.approx(25.0) and "hypotheses" not in anchors["test"]["real"]
     assert "on test set real: WER 25.0% (this model: 50.0%)" in capsys.readouterr().out
-    table = _anchor_blocks({**summary, "anchor": anchors})[0].text
+    table = anchor_blocks({**summary, "anchor": anchors})[0].text
     assert "| test | real | 1 | 50.0% | 25.0% | 2.0x |" in table
     named = anchor_summary(summary, {"test": {"real": str(real), "synth": str(synth)}}, ["synth"],
                            decoder=lambda waves: ["good day"] * len(waves), cache_dir=tmp_path / "c")

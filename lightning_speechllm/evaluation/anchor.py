@@ -24,6 +24,8 @@ from lightning_speechllm.io_utils import atomic_write_text
 DEFAULT_MODEL = "whisper-tiny.en"
 DEFAULT_CACHE_DIR = Path("data_cache/anchor")
 REAL_CORPORA = ("asterisk-core-sounds-en",)
+CACHE_FORMAT = 2
+"""Part of each cache key: 2 stores WER in percent, like scores.json (1 stored fractions)."""
 
 Decoder = Callable[[list[np.ndarray]], list[str]]
 """16 kHz float32 waveforms → transcripts."""
@@ -47,19 +49,20 @@ def read_jsonl_manifest(path: Path | str) -> list[dict]:
 
 def manifest_key(path: Path | str, model: str) -> str:
     """sha256 over the model name, the manifest bytes and each audio file's bytes (first 16 hex digits)."""
-    digest = hashlib.sha256(model.encode() + b"\0" + Path(path).read_bytes())
+    digest = hashlib.sha256(f"{model}\0{CACHE_FORMAT}\0".encode() + Path(path).read_bytes())
     for row in read_jsonl_manifest(path):
         digest.update(Path(row["audio"]).read_bytes())
     return digest.hexdigest()[:16]
 
 
 def word_error_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus WER with S/D/I counts, exactly as the model's `test/<set>/wer` is computed."""
+    """Corpus WER with S/D/I counts, exactly as the model's `test/<set>/wer` is computed, and like it in percent
+    (wer and insertion_rate)."""
     from lightning_speechllm.evaluation.metrics import WordErrorCounts
 
     metric = WordErrorCounts()
     metric.update(list(hypotheses), list(references))
-    return {k: (float(v) if k in ("wer", "insertion_rate") else int(v)) for k, v in metric.compute().items()}
+    return {k: (100.0 * float(v) if k in ("wer", "insertion_rate") else int(v)) for k, v in metric.compute().items()}
 
 
 def whisper_decoder(model: str = DEFAULT_MODEL, batch_size: int = 8, threads: int | None = None) -> Decoder:
@@ -81,11 +84,25 @@ def whisper_decoder(model: str = DEFAULT_MODEL, batch_size: int = 8, threads: in
             for start in range(0, len(waves), batch_size):
                 batch = [np.asarray(w, dtype=np.float32) for w in waves[start:start + batch_size]]
                 features = processor(batch, sampling_rate=16000, return_tensors="pt").input_features
-                ids = whisper.generate(features, max_new_tokens=128)
+                with quiet_transformers():  # per-batch warnings about Whisper's own generation defaults
+                    ids = whisper.generate(features, max_new_tokens=128)
                 out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
         return out
 
     return decode
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' logging at error level for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def anchor_wer(manifest: Path | str, decoder: Decoder | None = None, *, model: str = DEFAULT_MODEL,

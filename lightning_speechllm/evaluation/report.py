@@ -134,7 +134,7 @@ def _scores_blocks(scores_json: Path) -> list[Block]:
         where = f" Test scores are of `{data['test_checkpoint']}`." if data.get("test_checkpoint") else ""
         blocks.append(Block("markdown", f"After {data.get('global_step', '?')} training steps.{where}"
                                         f"{_timing(data.get('seconds') or {})}\n\n" + "\n".join(table)))
-    blocks += _anchor_blocks(data)
+    blocks += anchor_blocks(data)
     blocks += _failure_blocks(data)
     examples = data.get("test_examples") or []
     if examples:
@@ -144,7 +144,7 @@ def _scores_blocks(scores_json: Path) -> list[Block]:
     return blocks
 
 
-def _anchor_blocks(data: dict[str, Any]) -> list[Block]:
+def anchor_blocks(data: dict[str, Any]) -> list[Block]:
     """Real-speech sets: the model's WER beside Whisper's own decoder on the same audio (scores.json's `anchor`)."""
     rows = []
     for stage, sets in (data.get("anchor") or {}).items():
@@ -152,8 +152,8 @@ def _anchor_blocks(data: dict[str, Any]) -> list[Block]:
         for name, anchor in sets.items():
             model_wer = (data.get(stage) or {}).get(f"{prefix}/{name}/wer")
             ratio = model_wer / anchor["wer"] if isinstance(model_wer, (int, float)) and anchor.get("wer") else None
-            rows.append(f"| {stage} | {name} | {anchor.get('utterances', '-')} | {_percent(model_wer)} | "
-                        f"{_percent(anchor.get('wer'))} | {'-' if ratio is None else f'{ratio:.1f}x'} |")
+            rows.append(f"| {stage} | {name} | {anchor.get('utterances', '-')} | {_in_percent(model_wer)} | "
+                        f"{_in_percent(anchor.get('wer'))} | {'-' if ratio is None else f'{ratio:.1f}x'} |")
     if not rows:
         return []
     model = next(iter(next(iter(data["anchor"].values())).values())).get("model", "Whisper")
@@ -165,6 +165,11 @@ def _anchor_blocks(data: dict[str, Any]) -> list[Block]:
 
 def _percent(value: Any) -> str:
     return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}%"
+
+
+def _in_percent(value: Any) -> str:
+    """A score already in percent (every `*/wer` of scores.json)."""
+    return "-" if not isinstance(value, (int, float)) else f"{value:.1f}%"
 
 
 def _failure_blocks(data: dict[str, Any]) -> list[Block]:
