@@ -98,7 +98,7 @@ def write_split(out_dir: Path, split: str, cuts) -> tuple[Path, Path]:
     return jsonl, cuts_path
 
 
-def _cuts_from(recordings, supervisions):
+def cuts_from(recordings, supervisions):
     """One cut per recording (ids = recording ids) from lists or Lhotse Recording/Supervision sets."""
     from lhotse import CutSet, RecordingSet, SupervisionSet
 
@@ -244,7 +244,7 @@ def prepare_asterisk(out_dir: Path | str = Path("data_cache/asterisk"), sounds_d
     if not recordings:
         raise RuntimeError(f"no usable Asterisk prompts: transcripts {transcripts}, sounds {sounds_dir}; "
                            f"dropped {({k: len(v) for k, v in report.dropped.items()})}")
-    cuts = _cuts_from(recordings, supervisions)
+    cuts = cuts_from(recordings, supervisions)
     write_split(out_dir, "test", cuts)
     heldout = {c.id for c in cuts if is_heldout_sentence(c.supervisions[0].text, heldout_fraction)}
     write_split(out_dir, "train", cuts.filter(lambda c: c.id not in heldout))
@@ -280,7 +280,7 @@ def prepare_librispeech(corpus_dir: Path | str, out_dir: Path | str = Path("data
     if not manifests:
         raise ValueError(f"no LibriSpeech parts prepared from {corpus_dir} (parts={parts!r})")
     for part, manifest in sorted(manifests.items()):
-        write_split(out_dir, part, _cuts_from(manifest["recordings"], manifest["supervisions"]))
+        write_split(out_dir, part, cuts_from(manifest["recordings"], manifest["supervisions"]))
     return out_dir
 
 
@@ -333,7 +333,7 @@ def prepare_covost2(tsv_dir: Path | str, clips_dir: Path | str, out_dir: Path | 
                 custom={"task": "ast", "translation": row["translation"].strip(), "tgt_lang": tgt_lang}))
         if not recordings:
             raise ValueError(f"{tsv}: no utterances")
-        write_split(out_dir, f"ast_{split}", _cuts_from(recordings, supervisions))
+        write_split(out_dir, f"ast_{split}", cuts_from(recordings, supervisions))
     return out_dir
 
 

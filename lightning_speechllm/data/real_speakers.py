@@ -404,7 +404,7 @@ def prepare_real_speakers(out_dir: Path | str = DEFAULT_OUT, sdist_dir: Path | s
     file) for a clip that is unreadable, silent, too long or textless."""
     from lhotse import Recording, SupervisionSegment
 
-    from lightning_speechllm.data.prepare import _cuts_from, write_split
+    from lightning_speechllm.data.prepare import cuts_from, write_split
 
     out_dir, sdist_dir = Path(out_dir), Path(sdist_dir)
     clip_lists = CLIP_LISTS if clip_lists is None else clip_lists
@@ -449,7 +449,7 @@ def prepare_real_speakers(out_dir: Path | str = DEFAULT_OUT, sdist_dir: Path | s
                                  if sdists[n].stem not in skipped},
                      "skipped": skipped, "splits": {}}
     for split, (recordings, supervisions) in sorted(by_split.items()):
-        write_split(out_dir, split, _cuts_from(recordings, supervisions))
+        write_split(out_dir, split, cuts_from(recordings, supervisions))
         summary["splits"][split] = {"utterances": len(recordings),
                                     "seconds": round(sum(r.duration for r in recordings), 2),
                                     "words": sum(len(s.text.split()) for s in supervisions),
