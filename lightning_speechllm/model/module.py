@@ -58,7 +58,9 @@ class OptimConfig:
     sat on the same plateau (loss 3.3 after 70-90 steps) as without them, so it is off by default."""
     ctc_weight: float = 0.0
     """Weight of that CTC alignment loss added to the cross-entropy at every step after the CTC warm-up (a joint
-    auxiliary loss: no extra decoder pass, one speech-by-vocabulary product). 0 (the default): cross-entropy alone."""
+    auxiliary loss: no extra decoder pass, one speech-by-vocabulary product). 0 (the default): cross-entropy alone.
+    Measured on the embedded default (fp32, peak LR 1e-2, weight 0.2): cross-entropy 3.26 against 2.44 without it at
+    step 120, and steps 40% slower (the product over SmolLM2's 49k-token table), so it is off by default."""
 
 
 @dataclass
