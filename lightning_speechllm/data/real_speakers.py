@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from lightning_speechllm.assets import sha256_file
 from lightning_speechllm.data.synth import TARGET_SAMPLE_RATE, resample, torch_threads, write_wav
 
 DEFAULT_OUT = Path("data_cache/real_speakers")
@@ -216,14 +217,6 @@ CLIP_LISTS: dict[str, Callable[[_Source], list[RealClip]]] = {
 
 
 # ------------------------------------------------------------------------------------------------ fetching
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"  # PEP 691
 
 
@@ -455,7 +448,8 @@ def prepare_real_speakers(out_dir: Path | str = DEFAULT_OUT, sdist_dir: Path | s
                                     "words": sum(len(s.text.split()) for s in supervisions),
                                     "speakers": sorted(speakers[split])}
     (out_dir / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / MARKER).write_text("ok\n")
+    if not skipped:  # a set missing a source is rebuilt next time, when the source may be reachable
+        (out_dir / MARKER).write_text("ok\n")
     return out_dir
 
 

@@ -154,9 +154,9 @@ def real_speech_sets(sets: dict[str, str | Path]) -> dict[str, Path]:
 
 
 def anchor_scores(sets: dict[str, str | Path], decoder: Decoder | None = None, *, model: str = DEFAULT_MODEL,
-                  cache_dir: Path | str | None = DEFAULT_CACHE_DIR) -> dict[str, dict]:
-    """``{set name: anchor_wer(...) without the hypotheses}`` for every real-speech set among ``sets``; the Whisper
-    decoder is loaded once, and only when some set is not cached yet."""
+                  cache_dir: Path | str | None = DEFAULT_CACHE_DIR, real_only: bool = True) -> dict[str, dict]:
+    """``{set name: anchor_wer(...) without the hypotheses}`` for every real-speech set among ``sets`` (every set
+    when not ``real_only``); the Whisper decoder is loaded once, and only when some set is not cached yet."""
     out: dict[str, dict] = {}
     lazy: list[Decoder] = []
 
@@ -165,7 +165,8 @@ def anchor_scores(sets: dict[str, str | Path], decoder: Decoder | None = None, *
             lazy.append(decoder or whisper_decoder(model))
         return lazy[0](waves)
 
-    for name, path in real_speech_sets(sets).items():
+    chosen = real_speech_sets(sets) if real_only else {name: Path(str(path)) for name, path in sets.items()}
+    for name, path in chosen.items():
         result = anchor_wer(path, shared, model=model, cache_dir=cache_dir)
         out[name] = {k: v for k, v in result.items() if k != "hypotheses"}
     return out
