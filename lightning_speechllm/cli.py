@@ -10,6 +10,7 @@ from pathlib import Path
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.data.default_corpora import prepare_default_corpora
 from lightning_speechllm.io_utils import atomic_write_text
 from lightning_speechllm.model.checkpoint import check_checkpoint_file
 from lightning_speechllm.model.module import SpeechLLMModule
@@ -25,9 +26,6 @@ TRAINER_DEFAULTS = {
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-DEFAULT_CORPUS = Path("data_cache/synth")
-REAL_SPEECH_CORPUS = Path("data_cache/asterisk")
-REAL_SPEAKERS_CORPUS = Path("data_cache/real_speakers")
 
 
 class SafeResume:
@@ -207,53 +205,6 @@ def anchor_summary(summary: dict, stages: dict[str, dict], wanted: list[str] | N
         if results:
             out[stage] = results
     return out
-
-
-def prepare_default_corpora(data) -> None:
-    """Synthesize the espeak-ng corpus, and convert the Asterisk real recordings, when a config reads them and they
-    are missing. Without Debian's Asterisk packages the real-speech sets are dropped, with a printed note."""
-    train = data.train if isinstance(data.train, list) else [data.train]
-    manifests = [*train, *(data.val_sets or {}).values(), *(data.test_sets or {}).values()]
-    missing = {Path(str(m)).parent for m in manifests if m and not Path(str(m)).exists()}
-    if DEFAULT_CORPUS in missing:
-        from lightning_speechllm.data.synth import synthesize_corpus
-
-        print(f"synthesizing the default espeak-ng corpus into {DEFAULT_CORPUS}/ (once, about 2 minutes)")
-        synthesize_corpus(DEFAULT_CORPUS)
-    if REAL_SPEECH_CORPUS in missing:
-        from lightning_speechllm.data.prepare import ASTERISK_PACKAGES, prepare_asterisk
-
-        try:
-            prepare_asterisk(REAL_SPEECH_CORPUS)
-        except FileNotFoundError as missing_packages:
-            _skip_real_speech(data, f"{missing_packages}. Install Debian's {ASTERISK_PACKAGES} to use it.")
-    if REAL_SPEAKERS_CORPUS in missing:
-        from lightning_speechllm.data.real_speakers import prepare_real_speakers
-
-        try:
-            prepare_real_speakers(REAL_SPEAKERS_CORPUS)
-        except FileNotFoundError as no_source:
-            _skip_real_speech(data, str(no_source), REAL_SPEAKERS_CORPUS)
-        for split in ("test", "dev"):  # a split whose sources were all skipped
-            manifest = REAL_SPEAKERS_CORPUS / f"{split}.jsonl"
-            if not manifest.exists():
-                _skip_real_speech(data, f"no source of its {split} split could be read (see the notes above)",
-                                  REAL_SPEAKERS_CORPUS, manifest)
-
-
-def _skip_real_speech(data, reason: str, corpus: Path = REAL_SPEECH_CORPUS, manifest: Path | None = None) -> None:
-    """Drop a real-speech corpus's manifests (or one of them) from the train list and the named sets, printing what
-    was dropped and why."""
-    real = lambda path: Path(str(path)) == manifest if manifest else Path(str(path)).parent == corpus  # noqa: E731
-    if isinstance(data.train, list) and any(real(p) for p in data.train):
-        print(f"note: the real recordings in data.train ({[str(p) for p in data.train if real(p)]}) are skipped: "
-              f"{reason}")
-        data.train = [p for p in data.train if not real(p)]
-    for kind in ("val_sets", "test_sets"):
-        sets = getattr(data, kind) or {}
-        for name in [name for name, path in sets.items() if real(path)]:
-            del sets[name]
-            print(f"note: data.{kind}.{name} (real recorded speech) is skipped: {reason}")
 
 
 def _examples_per_set(hypotheses: list, set_names: list[str] | tuple[str, ...] = (), per_set: int = 8) -> list:

@@ -107,9 +107,23 @@ def test_prepare_asterisk_on_a_fake_tree(fake_asterisk: tuple[Path, Path], tmp_p
                                   "no audio file": 1, "silent audio": 1}
     cuts = CutSet.from_file(out / "cuts_test.jsonl.gz")
     assert sorted(c.id for c in cuts) == sorted(rows) and all(c.sampling_rate == 16000 for c in cuts)
-    train, heldout = ({r["id"] for r in _rows(out / f"{split}.jsonl")} for split in ("train", "heldout"))
-    assert train | heldout == set(rows) and not train & heldout
+    train, dev, heldout = ({r["id"] for r in _rows(out / f"{split}.jsonl")} for split in ("train", "dev", "heldout"))
+    assert train | dev | heldout == set(rows) and not train & heldout and not dev & (train | heldout)
     assert heldout == {i for i in rows if is_heldout_sentence(rows[i]["text"], 0.25)}
+    assert dev == {i for i in set(rows) - heldout if is_heldout_sentence(rows[i]["text"], 0.1, salt="dev")}
+    assert json.loads((out / "prepare.json").read_text())["splits"] == {
+        "test": 4, "train": len(train), "dev": len(dev), "heldout": len(heldout)}
+
+
+def test_prepare_asterisk_dev_split_takes_every_sentence_its_hash_names(fake_asterisk, tmp_path: Path) -> None:
+    sounds, transcripts = fake_asterisk
+    out = prepare_asterisk(tmp_path / "out", sounds, transcripts, progress=False, heldout_fraction=0.0,
+                           dev_fraction=1.0)
+    assert _rows(out / "train.jsonl") == [] and _rows(out / "heldout.jsonl") == []
+    assert len(_rows(out / "dev.jsonl")) == 4
+    (out / "dev.jsonl").unlink()  # an older cache without the dev split is rebuilt
+    again = prepare_asterisk(out, sounds, transcripts, progress=False)
+    assert (again / "dev.jsonl").is_file() and len(_rows(again / "test.jsonl")) == 4
 
 
 def test_heldout_sentences_are_chosen_by_their_words_not_by_case_punctuation_or_order():
@@ -118,6 +132,8 @@ def test_heldout_sentences_are_chosen_by_their_words_not_by_case_punctuation_or_
     assert 70 <= len(heldout) <= 130  # about a quarter
     assert all(is_heldout_sentence(s.upper().replace(",", ""), 0.25) for s in heldout)
     assert not any(is_heldout_sentence(s, 0.0) for s in sentences) and all(is_heldout_sentence(s, 1.0) for s in sentences)
+    dev = [s for s in sentences if is_heldout_sentence(s, 0.25, salt="dev")]
+    assert 70 <= len(dev) <= 130 and 0 < len(set(dev) & set(heldout)) < 50  # another, independent draw
 
 
 def test_prepare_asterisk_drops_long_prompts_and_is_idempotent(fake_asterisk: tuple[Path, Path],

