@@ -104,6 +104,29 @@ def test_projector_mlp_stacks_consecutive_frames():
     torch.testing.assert_close(out[0], expected)
 
 
+def test_projector_frame_masks_zero_frames_in_training_only():
+    config = ProjectorConfig(downsample=1, hidden_dim=4, time_masks=2, time_mask_frames=6, feature_masks=1,
+                             feature_mask_width=3)
+    projector = Projector(8, 3, config)
+    frames, lens = torch.randn(4, 30, 8) + 5.0, torch.tensor([30, 30, 20, 30])
+    seen: list[torch.Tensor] = []
+    projector.net[0].register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    projector.eval()
+    projector(frames, lens)
+    torch.testing.assert_close(seen[-1][:, :20], frames[:, :20])  # eval: untouched
+    projector.train()
+    torch.manual_seed(0)
+    projector(frames, lens)
+    masked = seen[-1] == 0
+    assert masked.any() and (masked | (seen[-1] == frames)).all()  # only zeros are put in
+    whole_frames = masked.all(dim=-1)[:, :20]  # a time mask: every channel of a frame
+    whole_channels = masked[:, :20].all(dim=1)  # a feature mask: a channel over every frame
+    assert whole_frames.sum(dim=1).max() <= 12 and whole_channels.sum(dim=1).max() <= 3
+    assert len({tuple(row.tolist()) for row in whole_channels}) > 1  # drawn per utterance
+    with pytest.raises(ValueError, match="time_masks must be >= 0, got -1"):
+        Projector(8, 3, ProjectorConfig(time_masks=-1))
+
+
 def test_prompt_uses_chat_template_and_targets_end_with_eos():
     tokenizer = tiny_tokenizer(chat=True)
     builder = PromptBuilder(tokenizer)

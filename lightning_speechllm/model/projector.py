@@ -17,6 +17,16 @@ class ProjectorConfig:
     """Frames merged into one LLM position (k)."""
     hidden_dim: int = 2048
     """Width of the hidden layer."""
+    time_masks: int = 0
+    """Training only: SpecAugment-style masks over time on the encoder frames (torchaudio's TimeMasking, drawn per
+    utterance), so the projector cannot lean on any one stretch of frames. 0 = off (the paper)."""
+    time_mask_frames: int = 10
+    """Longest time mask, in encoder frames (Whisper: 20 ms each)."""
+    feature_masks: int = 0
+    """Training only: masks over the encoder's feature dimension (torchaudio's FrequencyMasking, per utterance), so
+    the projector cannot lean on a few channels (a voice's timbre lives in some). 0 = off."""
+    feature_mask_width: int = 40
+    """Widest feature mask, in encoder channels."""
 
 
 class Projector(nn.Module):
@@ -36,6 +46,20 @@ class Projector(nn.Module):
             self.net = nn.Sequential(nn.GELU(), nn.Linear(hidden, output_dim))
         else:
             raise ValueError(f"unknown projector kind {self.config.kind!r}; expected 'mlp' or 'conv1d'")
+        for name in ("time_masks", "time_mask_frames", "feature_masks", "feature_mask_width"):
+            if getattr(self.config, name) < 0:
+                raise ValueError(f"projector {name} must be >= 0, got {getattr(self.config, name)}")
+        self.masks = self._frame_masks()
+
+    def _frame_masks(self) -> nn.Sequential | None:
+        import torchaudio
+
+        c = self.config
+        masks = [torchaudio.transforms.TimeMasking(c.time_mask_frames, iid_masks=True)
+                 for _ in range(c.time_masks if c.time_mask_frames else 0)]
+        masks += [torchaudio.transforms.FrequencyMasking(c.feature_mask_width, iid_masks=True)
+                  for _ in range(c.feature_masks if c.feature_mask_width else 0)]
+        return nn.Sequential(*masks) if masks else None
 
     def output_lengths(self, lens: torch.Tensor) -> torch.Tensor:
         k = self.config.downsample
@@ -47,6 +71,8 @@ class Projector(nn.Module):
         # Frames past an utterance's end (encoder output over padding) must not leak into its last stacked group.
         valid = torch.arange(time, device=frames.device)[None, :] < lens[:, None]
         frames = (frames * valid[..., None]).to(self._dtype())
+        if self.training and self.masks is not None:  # [B, D, T]: torchaudio's (freq, time) layout
+            frames = self.masks(frames.transpose(1, 2)).transpose(1, 2)
         frames = nn.functional.pad(frames, (0, 0, 0, (-time) % k))
         if self.down is None:
             stacked = frames.reshape(batch, -1, dim * k)
