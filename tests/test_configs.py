@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.datamodule import SpeechDataModule
+from lightning_speechllm.model.projector import ProjectorConfig
 from lightning_speechllm.model.module import DecodingConfig, OptimConfig
 from lightning_speechllm.model.speechllm import SpeechLLMConfig
 
@@ -250,6 +251,17 @@ def test_config_values_reach_the_parsed_namespace(fit_cli):
     assert cfg.model.model.llm_path == yaml.safe_load(path.read_text())["model"]["model"]["llm_path"]
 
 
+def test_the_saved_config_writes_the_train_list_as_a_yaml_list(fit_cli, tmp_path):
+    """The config.yaml a run saves lists the train manifests (it once held the list's repr as one string)."""
+    default = CONFIGS / "default.yaml"
+    saved = yaml.safe_load(fit_cli.parser.dump(fit_cli.parser.parse_args(["fit", "--config", str(default)]),
+                                               skip_check=True))
+    assert saved["fit"]["data"]["train"] == yaml.safe_load(default.read_text())["data"]["train"]
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(saved["fit"]))
+    again = parse_lightning(fit_cli, [tmp_path / "saved.yaml"])
+    assert again.data.train == saved["fit"]["data"]["train"]
+
+
 # ------------------------------------------------------------------------------------------------ trainer presets
 def _strategy_class(cfg: Namespace) -> str:
     strategy = cfg.trainer.strategy
@@ -367,7 +379,9 @@ def test_measure_config_parses():
     assert (model.projector.downsample, model.projector.hidden_dim) == (5, 2048)
     assert set(SpeechDataModule(**data).val_set_names) == {"dev-clean", "dev-other"}
     fit = yaml.safe_load((CONFIGS / "asr" / "wavlm-large_qwen2.5-7b_librispeech.yaml").read_text())
-    assert asdict(model.projector) == fit["model"]["model"]["projector"]  # measures the model fit trained
+    trained = fit["model"]["model"]["projector"]
+    assert {k: v for k, v in asdict(model.projector).items() if k in trained} == trained  # the model fit trained
+    assert asdict(model.projector) == asdict(ProjectorConfig(**trained))  # and no training-only option set
 
 
 def test_prune_config_parses_and_points_at_a_measured_map():

@@ -115,7 +115,7 @@ class SpeechDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train: PathLike | list[PathLike] | None = None,
+        train: list[PathLike] | PathLike | None = None,
         val_sets: dict[str, PathLike] | None = None,
         test_sets: dict[str, PathLike] | None = None,
         *,
