@@ -1,7 +1,8 @@
 """Training-step speed of the embedded default on THIS CPU, side by side in one run: the default recipe
 (``configs/default.yaml``: cached encoder outputs, its prompt and projector) in fp32 and under bf16 autocast, and the
 issue-11 baseline (fp32, the encoder run at every step, SmolLM2's long default system prompt), and the default in
-fp32 with every row run whole (before the shared prompt prefix ran once as a KV cache: SpeechLLM.forward). Prints seconds per
+fp32 with every row run whole (before the shared prompt prefix ran once as a KV cache: SpeechLLM.forward), and the
+default's eager attention against PyTorch's sdpa (its kernel before issue 19). Prints seconds per
 step (median over the batches), steps per minute, the bf16 / fp32 ratio, the CPU's ISA and whether it computes bf16
 natively, and the precision ``fit`` picks here (lightning_speechllm.precision).
 
@@ -101,12 +102,18 @@ def main() -> None:
         model.prompts = type(model.prompts)(model.tokenizer, prompt)
         rows.append((name, step_seconds(model, data, bf16, shared)))
         print(f"  {name}: {rows[-1][1]:.3f} s/step", flush=True)
+    # the attention kernel: the default's eager against the sdpa it used before, at the precision fit picks here
+    sdpa = SpeechLLM.from_config(from_dict(SpeechLLMConfig, {**default, "attn_implementation": "sdpa"})).train()
+    bf16_here = not args.no_bf16
+    kernels = {"eager": step_seconds(model, cached, bf16_here), "sdpa": step_seconds(sdpa, cached, bf16_here)}
     native, described = cpu_has_native_bf16()
     print(f"\n{args.batches} batches of {args.batch_size} utterances, {args.threads} threads; CPU: {_cpu_name()} "
           f"({described}; native bf16: {'yes' if native else 'no'})")
     print("| recipe | s/step | steps/min | speed-up over the baseline |\n|---|---:|---:|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.3f} | {60 / seconds:.1f} | {rows[0][1] / seconds:.2f}x |")
+    print(f"attention kernel, {'bf16' if bf16_here else 'fp32'}: eager {kernels['eager']:.3f} s/step, sdpa (before) "
+          f"{kernels['sdpa']:.3f} s/step: eager / sdpa {kernels['eager'] / kernels['sdpa']:.2f}")
     whole, fp32 = rows[1][1], rows[2][1]
     print(f"shared prompt prefix run once as a KV cache / every row whole, fp32: {fp32 / whole:.2f}")
     if args.no_bf16:
