@@ -18,7 +18,6 @@ a printed note naming what to install.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 SYNTH = Path("data_cache/synth")
@@ -80,7 +79,8 @@ def prepare_default_corpora(data) -> None:
         _build_synth()
     if SYNTH_VOICES in read:
         _build_synth_voices()
-    if ASTERISK in missing or (read & set(ASTERISK_DERIVED) and not (ASTERISK / "train.jsonl").is_file()):
+    derived_read = read & set(ASTERISK_DERIVED)
+    if ASTERISK in missing or (derived_read and not (ASTERISK / "train.jsonl").is_file()):
         from lightning_speechllm.data.prepare import ASTERISK_PACKAGES, prepare_asterisk
 
         try:
@@ -89,11 +89,11 @@ def prepare_default_corpora(data) -> None:
             reason = f"{missing_packages}. Install Debian's {ASTERISK_PACKAGES} to use it."
             for corpus in (ASTERISK, *ASTERISK_DERIVED):
                 skip_real_speech(data, reason, corpus)
-    builders: dict[Path, Callable[[], None]] = {ASTERISK_AUGMENTED: _build_asterisk_augmented,
-                                                ASTERISK_TTS: _build_asterisk_tts}
-    for corpus, build in builders.items():
-        if corpus in {m.parent for m in _manifests(data)}:
-            build()
+            derived_read = set()
+    if ASTERISK_AUGMENTED in derived_read:
+        _build_asterisk_augmented()
+    if ASTERISK_TTS in derived_read:
+        _build_asterisk_tts()
     if REAL_SPEAKERS in missing:
         from lightning_speechllm.data.real_speakers import prepare_real_speakers
 

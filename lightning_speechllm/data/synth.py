@@ -546,6 +546,5 @@ def _resolve_tts_voices(tts_voices: str | Sequence[str] | None) -> list[VoiceSpe
 
 
 __all__ = ["DEFAULT_AST_SIZES", "DEFAULT_SIZES", "EspeakError", "EspeakSynthesizer", "TARGET_SAMPLE_RATE", "VOICES",
-           "corpus_is_complete",
-           "Utterance", "VoiceError", "resample", "speak_manifest_texts", "torch_threads", "synthesize_corpus",
-           "write_lhotse_cuts", "write_wav"]
+           "Utterance", "VoiceError", "corpus_is_complete", "resample", "speak_manifest_texts", "synthesize_corpus",
+           "torch_threads", "write_lhotse_cuts", "write_wav"]
