@@ -57,7 +57,7 @@ def text_redundancy(model: SpeechLLM, batch: SpeechBatch, out_dir: Path) -> None
 
     accumulator = RedundancyAccumulator(len(model.layer_mask.active_layers), token_selection="last")
     accumulator.update(model, batch.as_text_only())
-    result = accumulator.result(model_id=model.config.llm_path, set_name="demo", modality="text")
+    result = accumulator.result(model_id=model.config.model_id, set_name="demo", modality="text")
     result.to_json(out_dir / "text_redundancy.json")
     result.to_csv(out_dir / "text_redundancy.csv")
     plot_result_heatmap(result, save_to=out_dir / "text_redundancy.png")

@@ -454,7 +454,7 @@ def _bench_plan(args: BenchArgs, model: SpeechLLM) -> Any:
     num_layers = model.layer_mask.num_layers
     if args.plan is not None:
         plan = PruningPlan.from_json(args.plan)
-        plan.validate_for(num_layers, model.config.llm_path)
+        plan.validate_for(num_layers, model.config.model_id)
         return plan
     bad = [i for i in args.remove if not 0 <= i < num_layers]
     if bad:

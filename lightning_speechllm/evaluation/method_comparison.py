@@ -89,7 +89,7 @@ class _Planner:
         self.speechllm, self.config, self.batches = speechllm, config, batches
         self.out = Path(config.output_dir) / "plans"
         self.num_layers = speechllm.layer_mask.num_layers
-        self.model_id = speechllm.config.llm_path
+        self.model_id = speechllm.config.model_id
         self.result = RedundancyResult.from_json(config.map_path) if config.map_path else None
         self.token_selection = self.result.token_selection if self.result is not None else "last"
         self._greedy: PruningPlan | None = None

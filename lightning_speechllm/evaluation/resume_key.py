@@ -70,7 +70,8 @@ def weights_sha256(speechllm: SpeechLLM) -> str:
 def model_key(speechllm: SpeechLLM) -> dict[str, Any]:
     """The model: base paths, dtypes, attention kernel, encoder window, prompt, projector shape, trained weights."""
     config = speechllm.config
-    return {**{key: getattr(config, key) for key in _MODEL_KEYS}, "prompt": asdict(config.prompt),
+    released = {"pretrained": config.pretrained} if config.pretrained else {}  # older keys stay as they were
+    return {**released, **{key: getattr(config, key) for key in _MODEL_KEYS}, "prompt": asdict(config.prompt),
             "projector": asdict(config.projector), "trained_weights_sha256": weights_sha256(speechllm)}
 
 

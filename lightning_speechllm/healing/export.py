@@ -8,6 +8,10 @@ The output directory holds:
 - ``speechllm.json``: ``SpeechLLM.describe()`` plus the resolved encoder directory and the source checkpoint;
 - ``plan.json``: the pruning plan (a ``PruningPlan`` file; a plain record when nothing was removed).
 
+A released model (``model.pretrained``: Qwen2-Audio, ...) is written whole instead, as ``model/``: a stock directory
+of its own class (pruned decoder with LoRA merged, audio tower, projector, processor files), which
+``Qwen2AudioForConditionalGeneration.from_pretrained`` (etc.) reloads with the framework's logits.
+
 It is written to a temporary sibling directory and renamed into place, so a failed export leaves no partial output.
 The module is rebuilt by :func:`lightning_speechllm.checkpoints.load_module` (the loader ``measure`` and
 ``sweep`` use too).
@@ -31,6 +35,7 @@ from lightning_speechllm.model.checkpoint import CheckpointError
 from lightning_speechllm.model.export import save_pruned_decoder
 from lightning_speechllm.model.layer_mask import LayerMaskError
 from lightning_speechllm.model.module import SpeechLLMModule
+from lightning_speechllm.model.released.export import save_released
 
 __all__ = ["export_checkpoint", "main", "write_export"]
 
@@ -42,24 +47,29 @@ def _plan_json(module: SpeechLLMModule) -> dict[str, Any]:
     removed = list(mask.removed_layers)
     if not removed and not sublayers.dropped_attention and not sublayers.dropped_mlp:
         return {"removed_layers": [], "num_layers": mask.num_layers, "method": "none",
-                "model_id": module.model_config.llm_path}
-    plan = plan_explicit(mask.num_layers, removed, model_id=module.model_config.llm_path)
+                "model_id": module.model_config.model_id}
+    plan = plan_explicit(mask.num_layers, removed, model_id=module.model_config.model_id)
     plan.removed_attention, plan.removed_mlp = list(sublayers.dropped_attention), list(sublayers.dropped_mlp)
     return plan.to_dict()
 
 
 def write_export(module: SpeechLLMModule, directory: Path, source: str | None = None) -> None:
-    """Write decoder/, projector.safetensors, speechllm.json and plan.json of `module` into `directory`."""
+    """Write decoder/, projector.safetensors, speechllm.json and plan.json of `module` into `directory`; for a
+    released model (``model.pretrained``), model/ (the whole model in its own class) instead of the first two."""
     from lightning_speechllm.assets import resolve
 
     sl = module.speechllm
-    save_pruned_decoder(sl.llm, directory / "decoder", sl.tokenizer)
-    if sl.projector is not None:
-        state = {k: v.detach().contiguous().cpu() for k, v in sl.projector.state_dict().items()}
-        save_file(state, str(directory / "projector.safetensors"))
-    description = sl.describe()
     config = sl.config
-    description["encoder_dir"] = str(resolve(config.encoder_path)) if config.encoder_path else None
+    description = sl.describe()
+    if sl.released is not None:  # the whole model in its own class: stock transformers reloads it
+        save_released(sl, config.pretrained, directory / "model")
+        description["encoder_dir"] = None
+    else:
+        save_pruned_decoder(sl.llm, directory / "decoder", sl.tokenizer)
+        if sl.projector is not None:
+            state = {k: v.detach().contiguous().cpu() for k, v in sl.projector.state_dict().items()}
+            save_file(state, str(directory / "projector.safetensors"))
+        description["encoder_dir"] = str(resolve(config.encoder_path)) if config.encoder_path else None
     description["projector_config"] = asdict(config.projector)
     description["source_checkpoint"] = source
     (directory / "speechllm.json").write_text(json.dumps(description, indent=2) + "\n")

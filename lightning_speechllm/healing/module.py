@@ -152,7 +152,7 @@ class HealingModule(SpeechLLMModule):
         if self.healing.on_nan not in ON_NAN:
             raise ValueError(f"healing.on_nan must be one of {ON_NAN}, got {self.healing.on_nan!r}")
         self.healing.losses = [asdict(s) if isinstance(s, LossSpec) else dict(s) for s in self.healing.losses]
-        self.plan = load_plan(self.healing, self.speechllm.layer_mask.num_layers, self.model_config.llm_path)
+        self.plan = load_plan(self.healing, self.speechllm.layer_mask.num_layers, self.model_config.model_id)
         self._apply_plan()
         self.model_config = self.speechllm.config
         self.save_hyperparameters({"model": asdict(self.model_config), "healing": asdict(self.healing)})
@@ -429,7 +429,8 @@ class HealingModule(SpeechLLMModule):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def base_model_ids(self) -> dict[str, str | None]:
-        return {"llm_path": self.model_config.llm_path, "encoder_path": self.model_config.encoder_path}
+        ids = {"llm_path": self.model_config.llm_path, "encoder_path": self.model_config.encoder_path}
+        return {"pretrained": self.model_config.pretrained, **ids} if self.model_config.pretrained else ids
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -35,6 +35,11 @@ class PromptConfig:
     """Optional system message (chat template only)."""
     plain_template: str = "{speech}\n{instruction}\nAnswer:"
     """Template used without a chat template; must contain {speech} and {instruction}."""
+    speech_prefix: str | None = None
+    """Text right before the speech (a released model's audio start token, e.g. Qwen2-Audio's <|audio_bos|>). None:
+    the released model's own marker (model.pretrained), else nothing."""
+    speech_suffix: str | None = None
+    """Text right after the speech (e.g. <|audio_eos|>). None: the released model's own marker, else nothing."""
     instruction_first: bool = False
     """Chat template only: the user turn is "instruction, newline, speech" instead of "speech, newline,
     instruction". The tokens after the speech are then the template's alone, and the instruction joins the prefix
@@ -118,11 +123,11 @@ class PromptBuilder:
     def render(self, task: str, tgt_lang: str | None) -> str:
         """The prompt text with SPEECH_PLACEHOLDER where the speech goes (generation prompt included)."""
         instruction = self.instruction(task, tgt_lang)
+        speech = f"{self.config.speech_prefix or ''}{SPEECH_PLACEHOLDER}{self.config.speech_suffix or ''}"
         if not self.uses_chat_template:
-            return self.config.plain_template.format(speech=SPEECH_PLACEHOLDER, instruction=instruction)
+            return self.config.plain_template.format(speech=speech, instruction=instruction)
         messages = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
-        content = (f"{instruction}\n{SPEECH_PLACEHOLDER}" if self.config.instruction_first
-                   else f"{SPEECH_PLACEHOLDER}\n{instruction}")
+        content = f"{instruction}\n{speech}" if self.config.instruction_first else f"{speech}\n{instruction}"
         messages.append({"role": "user", "content": content})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -24,6 +24,7 @@ from lightning_speechllm.model.encoders import SpeechEncoder, load_speech_encode
 from lightning_speechllm.model.generation import GenerationOutput, generated_lengths
 from lightning_speechllm.model.layer_mask import DecoderLayerMask, unwrap_peft
 from lightning_speechllm.model.projector import Projector, ProjectorConfig
+from lightning_speechllm.model.released import ReleasedFamily, load_released
 from lightning_speechllm.model.prompts import EncodedSample, PromptBuilder, PromptConfig
 from lightning_speechllm.model.segments import Segment
 from lightning_speechllm.model.sharding import full_tensor, load_into, shard_speechllm
@@ -60,6 +61,10 @@ class SpeechLLMConfig:
 
     llm_path: str = "smollm2-135m"
     """Local HF causal-LM directory, or a registered offline asset name."""
+    pretrained: str | None = None
+    """Local HF directory of a released SpeechLLM (Qwen2-Audio, ...: :mod:`lightning_speechllm.model.released`),
+    loaded whole in its own class through its own feature extractor and chat template; `llm_path`, `encoder_path`,
+    the encoder window and `projector` are then unused. None (the default) assembles encoder + projector + LLM."""
     encoder_path: str | None = "whisper-tiny.en"
     """Local HF speech-encoder directory, or a registered offline asset name; None for a text-only model."""
     encoder_window_seconds: float | None = None
@@ -100,6 +105,11 @@ class SpeechLLMConfig:
     removed_mlp: list[int] = field(default_factory=list)
     """Decoder layers whose MLP sublayer is dropped at load time (the residual path and the attention stay)."""
 
+    @property
+    def model_id(self) -> str:
+        """What names this model in maps and plans: the released model's directory, else the LLM's path."""
+        return self.pretrained or self.llm_path
+
 
 @dataclass
 class LLMInputs:
@@ -116,15 +126,21 @@ class SpeechLLM(nn.Module):
     """Speech encoder + projector + HF causal LLM with pluggable decoder-layer masks."""
 
     def __init__(self, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoder: SpeechEncoder | None,
-                 config: SpeechLLMConfig | None = None) -> None:
+                 config: SpeechLLMConfig | None = None, projector: nn.Module | None = None,
+                 released: ReleasedFamily | None = None) -> None:
+        """`projector`: a ready projector (a released model's own) instead of one built from `config.projector`;
+        `released`: the released family the parts come from (exported in its own class)."""
         super().__init__()
         self.config = config or SpeechLLMConfig()
+        self.released = released
         self.encoder = _cast_encoder(encoder, self.config.encoder_dtype)
         self.llm = llm
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, self.config.prompt)
         llm_dim = llm.get_input_embeddings().embedding_dim
-        self.projector = Projector(encoder.output_dim, llm_dim, self.config.projector) if encoder else None
+        if projector is None and encoder is not None:
+            projector = Projector(encoder.output_dim, llm_dim, self.config.projector)
+        self.projector = projector
         self._configure_encoder_window(encoder)
         self._encoder_weights_digest: str | None = None
         self.sharded = False  # set by shard(): FSDP2 units, DTensor parameters
@@ -166,6 +182,8 @@ class SpeechLLM(nn.Module):
 
         llm_dtype, encoder_dtype = _dtype(config.llm_dtype), _dtype(config.encoder_dtype, "encoder_dtype")
         attn = _attn_implementation(config.attn_implementation)  # refused before any weight is read
+        if config.pretrained:
+            return cls._from_released(config, llm_dtype, attn)
         llm_dir = resolve(config.llm_path)
         # transformers 5 builds the model on the meta device and fills it from the memory-mapped safetensors
         # (what `low_cpu_mem_usage=True` was): the weights are in memory once, not a random init plus a copy.
@@ -175,6 +193,20 @@ class SpeechLLM(nn.Module):
         encoder = (load_speech_encoder(resolve(config.encoder_path), dtype=encoder_dtype)
                    if config.encoder_path else None)
         return cls(llm, tokenizer, encoder, config)
+
+    @classmethod
+    def _from_released(cls, config: SpeechLLMConfig, dtype: torch.dtype, attn: str | None) -> "SpeechLLM":
+        if config.encoder_window_seconds is not None or config.encoder_window_step_seconds is not None:
+            raise ValueError("model.encoder_window_seconds / encoder_window_step_seconds apply to an assembled "
+                             "Whisper encoder, not to a released model (model.pretrained), which keeps its own window")
+        parts = load_released(config.pretrained, dtype=dtype, attn_implementation=attn)
+        prefix, suffix = parts.speech_markers
+        if config.prompt.speech_prefix is None:
+            config.prompt.speech_prefix = prefix
+        if config.prompt.speech_suffix is None:
+            config.prompt.speech_suffix = suffix
+        return cls(parts.llm, parts.tokenizer, parts.encoder, config, projector=parts.projector,
+                   released=parts.family)
 
     def _apply_trainability(self) -> None:
         self.llm.requires_grad_(False)

@@ -306,13 +306,30 @@ def export_pruned(plan: PruningPlan, llm_path: str, out_dir: str | Path, dtype: 
     from transformers import AutoModelForCausalLM
 
     from lightning_speechllm.model.export import save_pruned_decoder
+    from lightning_speechllm.model.released import is_released_dir
 
     llm_dir = _llm_dir(llm_path)
+    if is_released_dir(llm_dir):
+        return _export_released(plan, llm_path, out_dir, dtype, check_model_id)
     model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=getattr(torch, dtype)).eval()
     before = parameter_count(model)
     apply_plan(model, plan, model_id=llm_path if check_model_id else None)
     after = parameter_count(model)
     out = save_pruned_decoder(model, out_dir, tokenizer=_load_tokenizer(llm_dir))
+    plan.to_json(out / PLAN_IN_EXPORT)
+    return out, before, after
+
+
+def _export_released(plan: PruningPlan, directory: str, out_dir: str | Path, dtype: str,
+                     check_model_id: bool) -> tuple[Path, int, int]:
+    """:func:`export_pruned` for a released SpeechLLM: the whole model, pruned, in its own class."""
+    from lightning_speechllm.model.released.export import save_released
+
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=directory, llm_dtype=dtype))
+    before = parameter_count(speechllm.llm)
+    apply_plan(speechllm, plan, model_id=directory if check_model_id else None)
+    after = parameter_count(speechllm.llm)
+    out = save_released(speechllm, directory, out_dir)
     plan.to_json(out / PLAN_IN_EXPORT)
     return out, before, after
 

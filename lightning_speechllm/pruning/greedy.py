@@ -114,14 +114,14 @@ def plan_greedy(speechllm: SpeechLLM, batches: Iterable[SpeechBatch], n: int | N
     on error), as is train/eval mode. ``batches`` (SpeechBatch, moved to the model's device in place) is iterated
     once per measured round and must give the same batches each time. ``start_from``: an earlier greedy plan (same
     model, ``step`` and ``token_selection``) whose leading rounds of the same sizes are kept instead of re-measured.
-    ``model_id`` defaults to the model's ``config.llm_path``.
+    ``model_id`` defaults to the model's ``config.model_id``.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise PlanError(f"step must be a positive int, got {step!r}")
     if token_selection not in TOKEN_SELECTIONS:
         raise PlanError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
     mask = speechllm.layer_mask
-    model_id = model_id if model_id is not None else getattr(speechllm.config, "llm_path", None)
+    model_id = model_id if model_id is not None else getattr(speechllm.config, "model_id", None)
     size = block_size(mask.num_layers, n, fraction)
     schedule = greedy_schedule(size, step)
     rounds = _reused_rounds(start_from, schedule, mask.num_layers, step, token_selection, model_id)

@@ -375,7 +375,7 @@ def _mask_and_model_id(target: Any) -> tuple[DecoderLayerMask, str | None]:
     mask = getattr(target, "layer_mask", None)
     if isinstance(mask, DecoderLayerMask):
         config = getattr(target, "config", None)
-        return mask, getattr(config, "llm_path", None)
+        return mask, getattr(config, "model_id", None)
     if isinstance(target, nn.Module):
         return DecoderLayerMask(target), None
     raise PlanError(f"cannot apply a pruning plan to a {type(target).__name__}: expected a SpeechLLM, a "
@@ -385,7 +385,7 @@ def _mask_and_model_id(target: Any) -> tuple[DecoderLayerMask, str | None]:
 def apply_plan(target: Any, plan: PruningPlan, model_id: str | None = None) -> DecoderLayerMask:
     """Mask out ``plan.removed_layers`` and drop ``plan.removed_attention`` / ``removed_mlp`` sublayers on ``target``
     (a SpeechLLM, DecoderLayerMask or HF causal LM) after :meth:`PruningPlan.validate_for`; returns the layer mask.
-    ``model_id`` defaults to a SpeechLLM's ``config.llm_path``.
+    ``model_id`` defaults to a SpeechLLM's ``config.model_id``.
 
     Both selections replace any previous ones; indices refer to the model as first masked (``mask.num_layers``).
     """

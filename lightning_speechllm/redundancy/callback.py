@@ -251,7 +251,7 @@ class RedundancyCallback(L.Callback):
         if not self._measuring or not self.accumulators:
             return
         epoch = trainer.current_epoch
-        model_id = str(_speechllm(pl_module).config.llm_path)
+        model_id = str(_speechllm(pl_module).config.model_id)
         self.results, self.agreements, self.selection_results = {}, {}, {}
         layer_indices = list(_speechllm(pl_module).layer_mask.active_layers)
         # Same order on every rank: compute() syncs the metric states under DDP.

@@ -169,7 +169,7 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
         raise ValueError("nothing to measure: --modalities is empty (or speech only on a model without encoder)")
     if modalities == ["text"]:
         data["text_only"] = True  # the module's own forward is then the text forward: no audio, no extra pass
-    elif "speech" in modalities and args.ckpt_path is None:
+    elif "speech" in modalities and args.ckpt_path is None and not model.pretrained:  # a released model is trained
         warnings.warn("measuring speech input without --ckpt_path: the projector is untrained", stacklevel=2)
     datamodule = SpeechDataModule(**data)
     callback = RedundancyCallback(token_selection=args.token_selection, modalities=modalities, sets=args.sets,

@@ -127,7 +127,7 @@ def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_sele
     first_row = metric.compute()[0].tolist()
     return SublayerMap(layers=active, attention=first_row[0::2], mlp=first_row[1::2],
                        token_selection=token_selection, num_samples=count,
-                       model_id=getattr(speechllm.config, "llm_path", None))
+                       model_id=getattr(speechllm.config, "model_id", None))
 
 
 def plot_sublayer_map(result: SublayerMap, path: str | Path) -> Path:

@@ -440,7 +440,7 @@ def run_sweep(speechllm: SpeechLLM, datamodule: L.LightningDataModule, config: S
         log.info("sweep: merging the model's LoRA adapters into its decoder weights (healing adds its own)")
         speechllm.merge_lora()
     result = RedundancyResult.from_json(config.map_path) if config.method != "last" else None
-    model_id = getattr(speechllm.config, "llm_path", None)
+    model_id = getattr(speechllm.config, "model_id", None)
 
     def run_eval(model: SpeechLLM) -> Scores:
         return score(model, datamodule, stage=config.stage, decoding=decoding, trainer_kwargs=trainer_kwargs,
@@ -523,7 +523,7 @@ def score_chosen_on_test(speechllm: SpeechLLM, datamodule: L.LightningDataModule
                          max_batches=None, sets=config.test_sets)
 
         baseline = run_test(speechllm)
-        model_id = getattr(speechllm.config, "llm_path", None)
+        model_id = getattr(speechllm.config, "model_id", None)
         plan = plan_explicit(chosen.num_layers, chosen.removed_layers, model_id=model_id)
         if config.heal:
             with healed(speechllm, plan, datamodule, config, trainer_kwargs) as model:

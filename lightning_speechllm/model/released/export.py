@@ -1,0 +1,81 @@
+"""A pruned (healed) released SpeechLLM written back in its own transformers class.
+
+The decoder's active layers come from :func:`~lightning_speechllm.model.export.stock_state_dict` (LoRA merged,
+renumbered ``0..k-1``, dropped sublayers zeroed, replacements as stock layers), renamed to where the released class
+keeps its decoder; the audio tower and projector are the live ones (healing may have trained the projector). The
+config is the source's with the cut text config (``num_hidden_layers``, ``layer_types``), so stock transformers
+reloads it with a KV cache of the kept layers only. The processor files (tokenizer, feature extractor, chat
+template) and the generation config are copied from the source directory.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+from lightning_speechllm.io_utils import replace_dir
+
+from ..export import PRUNING_FILE, pruning_info, stock_state_dict
+from ..layer_mask import unwrap_peft
+from .families import ReleasedFamily, ReleasedModelError
+
+__all__ = ["released_state_dict", "save_released"]
+
+
+def released_state_dict(family: ReleasedFamily, llm: torch.nn.Module, tower: torch.nn.Module,
+                        projector: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The stock class's state dict (its in-memory key names) of the pruned decoder view, tower and projector."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in stock_state_dict(unwrap_peft(llm)).items():
+        if key.startswith("model."):
+            state[f"{family.decoder}.{key[len('model.'):]}"] = value
+        elif key.startswith("lm_head."):
+            state[f"{family.lm_head}.{key[len('lm_head.'):]}"] = value
+        else:
+            raise ReleasedModelError(f"decoder weight {key!r} has no place in {family.class_name}")
+    state.update({f"{family.audio_tower}.{k}": v for k, v in tower.state_dict().items()})
+    state.update({f"{family.projector}.{k}": v for k, v in projector.state_dict().items()})
+    return {key: value.detach().contiguous() for key, value in state.items()}
+
+
+def save_released(speechllm, source_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write `speechllm` (a SpeechLLM loaded from the released model in `source_dir`) as a stock directory of its
+    class into `out_dir` (assembled in a temporary sibling, then renamed into place); returns `out_dir`."""
+    family: ReleasedFamily | None = speechllm.released
+    if family is None:
+        raise ReleasedModelError("this SpeechLLM was not loaded from a released model (model.pretrained)")
+    source, out = Path(source_dir).expanduser(), Path(out_dir).expanduser().resolve()
+    state = released_state_dict(family, speechllm.llm, speechllm.encoder.tower, speechllm.projector.net)
+    config = AutoConfig.from_pretrained(source)
+    config.text_config = copy.deepcopy(unwrap_peft(speechllm.llm).config)  # the cut layer count and per-layer lists
+    expected = {k for k in _meta_model(family, config).state_dict()}
+    missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or extra:
+        raise ReleasedModelError(f"the pruned weights do not fit {family.class_name}: missing {missing[:3]}, "
+                                 f"unexpected {extra[:3]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _meta_model(family, config).save_pretrained(tmp, state_dict=state)
+        AutoProcessor.from_pretrained(source).save_pretrained(tmp)
+        if (source / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(source).save_pretrained(tmp)
+        info = {**pruning_info(speechllm.llm), "family": family.model_type, "source": str(source.resolve())}
+        (tmp / PRUNING_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _meta_model(family: ReleasedFamily, config) -> torch.nn.Module:
+    """The stock class on the meta device: its key names and save logic, no memory for weights."""
+    with torch.device("meta"):
+        return getattr(transformers, family.class_name)(config)

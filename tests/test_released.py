@@ -1,0 +1,217 @@
+"""Released SpeechLLMs (`model.pretrained`) through the CLI: measure -> prune -> heal -> export -> stock reload.
+
+A tiny random Qwen2-Audio is saved with `save_pretrained`; every step runs the commands users type, and the exported
+directory is reloaded by stock transformers and compared with the framework's logits.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from transformers import Qwen2AudioForConditionalGeneration
+
+from lightning_speechllm.__main__ import main as cli
+from lightning_speechllm.checkpoints import load_module
+from lightning_speechllm.model.released import ReleasedModelError, detect_family
+from lightning_speechllm.model.segments import Segment
+from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
+from lightning_speechllm.pruning.plan import PruningPlan
+from lightning_speechllm.redundancy.analysis import RedundancyResult
+from tests.test_speechllm import make_batch
+from tests.tiny_released import save_tiny_qwen2_audio
+
+TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox", "transcribe the audio",
+         "one two three four five"]
+LORA = {"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("released")
+    save_tiny_qwen2_audio(root / "qwen2_audio")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, text in enumerate(TEXTS):
+        sf.write(root / f"u{i}.wav", (0.1 * rng.standard_normal(8000 + 2000 * (i % 3))).astype(np.float32), 16000)
+        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "text": text, "task": "asr"})
+    (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "model": root / "qwen2_audio", "manifest": root / "dev.jsonl"}
+
+
+def _stock_inputs(speechllm: SpeechLLM, stock, batch) -> tuple[dict, object]:
+    """What the stock class reads for `batch` (its audio token at the speech positions, its own features) and the
+    framework's inputs for the same batch."""
+    inputs = speechllm.build_inputs(batch, with_targets=True)
+    samples = [speechllm.prompts.encode(task, None, text) for task, text in zip(batch.tasks, batch.texts)]
+    width = inputs.segment_ids.shape[1]
+    ids = torch.full((len(samples), width), speechllm.tokenizer.pad_token_id)
+    for row, sample in enumerate(samples):
+        speech = int((inputs.segment_ids[row] == Segment.SPEECH).sum())
+        tokens = sample.prefix + [stock.config.audio_token_id] * speech + sample.suffix + sample.target
+        ids[row, width - len(tokens):] = torch.tensor(tokens)
+    waves = [batch.audio[i, :n].numpy() for i, n in enumerate(batch.audio_lens.tolist())]
+    features = speechllm.encoder.feature_extractor(waves, sampling_rate=16000, padding="max_length",
+                                                   return_attention_mask=True, return_tensors="pt")
+    return {"input_ids": ids, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids,
+            "input_features": features.input_features, "feature_attention_mask": features.attention_mask}, inputs
+
+
+def _assert_stock_equals_framework(directory: Path, speechllm: SpeechLLM, atol: float = 0.0) -> None:
+    stock = Qwen2AudioForConditionalGeneration.from_pretrained(directory, attn_implementation="eager").eval()
+    batch = make_batch(seconds=(1.0, 0.6, 1.4))
+    with torch.no_grad():
+        stock_inputs, inputs = _stock_inputs(speechllm, stock, batch)
+        theirs = stock(**stock_inputs).logits
+        ours = speechllm.run_decoder(inputs).logits
+    real = inputs.attention_mask.bool()
+    assert ours[real].abs().max() > 1.0  # logits that carry the weights, not a near-zero random init
+    torch.testing.assert_close(theirs[real], ours[real], atol=atol, rtol=0)
+
+
+def test_the_parts_give_the_stock_models_logits(assets):
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
+    assert speechllm.released.model_type == "qwen2_audio" and speechllm.layer_mask.num_layers == 4
+    assert speechllm.prompts.render("asr", None).count("<|audio_bos|><|speech|><|audio_eos|>") == 1
+    _assert_stock_equals_framework(assets["model"], speechllm.eval())
+
+
+def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
+    model_dir, manifest = str(assets["model"]), str(assets["manifest"])
+    model = {"pretrained": model_dir, "attn_implementation": "eager"}
+    data = {"val_sets": {"dev": manifest}, "max_audio_seconds": 4.0, "max_cuts": 3}
+    measure_yaml = tmp_path / "measure.yaml"
+    measure_yaml.write_text(yaml.safe_dump({"model": model, "data": data, "root_dir": str(tmp_path / "runs"),
+                                            "output_dir": str(tmp_path / "maps"), "n_boot": 10, "n_perm": 20,
+                                            "precision": "32-true"}))
+    assert cli(["measure", "--config", str(measure_yaml)]) == 0
+    speech_map = RedundancyResult.from_json(tmp_path / "maps" / "dev" / "speech" / "epoch=0.json")
+    assert speech_map.model_id == model_dir and speech_map.num_layers == 4 and speech_map.num_samples == len(TEXTS)
+    assert (tmp_path / "maps" / "dev" / "text" / "epoch=0.json").is_file()
+
+    # prune: the plan from the map, exported whole in its own class
+    plan_path, pruned = tmp_path / "plan.json", tmp_path / "pruned"
+    assert cli(["prune", "--method", "angular", "--map", str(tmp_path / "maps" / "dev" / "speech" / "epoch=0.json"),
+                "--n", "2", "--llm_path", model_dir, "--out", str(plan_path), "--export", str(pruned)]) == 0
+    plan = PruningPlan.from_json(plan_path)
+    assert len(plan.removed_layers) == 2 and "pruned decoder written to" in capsys.readouterr().out
+    masked = SpeechLLM.from_config(SpeechLLMConfig(pretrained=model_dir, attn_implementation="eager")).eval()
+    masked.layer_mask.remove_layers(plan.removed_layers)
+    _assert_stock_equals_framework(pruned, masked)
+    assert json.loads((pruned / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+
+    # heal 3 steps (LoRA on the receiving layer + projector, CE + KL from the shared-weight teacher), then export
+    heal_yaml = tmp_path / "heal.yaml"
+    heal_yaml.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "limit_val_batches": 0, "max_steps": 3,
+                    "default_root_dir": str(tmp_path / "heal"),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True}}]},
+        "model": {"model": model,
+                  "healing": {"plan_path": str(plan_path), "lora": LORA,
+                              "losses": [{"class_path": "TaskCrossEntropy"},
+                                         {"class_path": "KLDivergence", "weight": 0.5}]},
+                  "optim": {"lr": 5e-2, "warmup_steps": 0, "schedule": "constant"},
+                  "decoding": {"generate_in_validation": False}},
+        "data": {"train": manifest, "max_duration": 3.0, "num_buckets": 2, "seed": 1, "max_audio_seconds": 4.0}}))
+    assert cli(["heal", "--config", str(heal_yaml)]) == 0
+    out = tmp_path / "export"
+    assert cli(["export", "--ckpt", str(tmp_path / "ck" / "last.ckpt"), "--out", str(out)]) == 0
+    healed = load_module(tmp_path / "ck" / "last.ckpt")
+    lora_b = [v for k, v in healed.speechllm.trainable_state_dict().items() if "lora_B" in k]
+    assert lora_b and max(float(v.abs().max()) for v in lora_b) > 1e-3  # the merge matters
+    assert not (out / "decoder").exists() and (out / "model" / "processor_config.json").is_file()
+    # merged vs unmerged LoRA: float32 rounding only
+    _assert_stock_equals_framework(out / "model", healed.speechllm.eval(), atol=1e-4)
+    info = json.loads((out / "model" / "pruning.json").read_text())
+    assert info["removed_layers"] == plan.removed_layers and info["family"] == "qwen2_audio"
+
+
+def test_cached_generation_equals_uncached_after_pruning(assets, tmp_path):
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
+    speechllm.layer_mask.remove_layers([1, 2])
+    from lightning_speechllm.model.released.export import save_released
+
+    save_released(speechllm, assets["model"], tmp_path / "pruned")
+    stock = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "pruned", attn_implementation="eager")
+    batch = make_batch(seconds=(1.0, 0.6))
+    with torch.no_grad():
+        inputs, _ = _stock_inputs(speechllm, stock.eval(), batch)
+        inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+        cached = stock.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True, min_new_tokens=8)
+        uncached = stock.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False, min_new_tokens=8)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 8
+    assert torch.equal(cached, uncached)
+    assert len(stock.model.language_model.layers) == 2
+
+
+def test_the_speech_map_is_reproduced_from_output_hidden_states(assets, tmp_path):
+    """d(l, n) at each utterance's last token, recomputed in float64 from the stock model's hidden states. HF's last
+    hidden state is after the final norm, so x^L is read from the last decoder layer's output (a hook)."""
+    model_dir = assets["model"]
+    measure_yaml = tmp_path / "measure.yaml"
+    measure_yaml.write_text(yaml.safe_dump({
+        "model": {"pretrained": str(model_dir), "attn_implementation": "eager"},
+        "data": {"val_sets": {"dev": str(assets["manifest"])}, "max_audio_seconds": 4.0, "max_cuts": 3},
+        "root_dir": str(tmp_path / "runs"), "output_dir": str(tmp_path / "maps"), "n_boot": 10, "n_perm": 20,
+        "modalities": ["speech"], "precision": "32-true"}))
+    assert cli(["measure", "--config", str(measure_yaml)]) == 0
+    ours = RedundancyResult.from_json(tmp_path / "maps" / "dev" / "speech" / "epoch=0.json")
+
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(model_dir))).eval()
+    stock = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval()
+    rows = [json.loads(line) for line in assets["manifest"].read_text().splitlines()]
+    last_layer_out = []
+    stock.model.language_model.layers[-1].register_forward_hook(
+        lambda module, args, output: last_layer_out.append(output[0] if isinstance(output, tuple) else output))
+    layers = len(stock.model.language_model.layers)
+    sums = np.zeros((layers, layers))
+    for row in rows:
+        audio, _ = sf.read(assets["root"] / row["audio"], dtype="float32")
+        batch = make_batch(seconds=(len(audio) / 16000,), texts=[row["text"]])
+        batch.audio = torch.from_numpy(audio)[None]
+        with torch.no_grad():
+            inputs, _ = _stock_inputs(speechllm, stock, batch)
+            hidden = stock(**inputs, output_hidden_states=True).hidden_states
+        states = [h[0, -1].double() for h in hidden[:layers]] + [last_layer_out[-1][0, -1].double()]
+        for n in range(1, layers + 1):
+            for first in range(layers - n + 1):
+                cos = torch.nn.functional.cosine_similarity(states[first], states[first + n], dim=0).clamp(-1, 1)
+                sums[n - 1, first] += float(torch.arccos(cos) / np.pi)
+    reference = sums / len(rows)
+    defined = np.tri(layers, layers, dtype=bool)[::-1]  # row n-1, column l: defined where l + n <= L
+    assert np.ptp(reference[defined]) > 0.05  # a map with structure, not a constant
+    np.testing.assert_allclose(ours.table[defined], reference[defined], atol=1e-6, rtol=0)
+
+
+def _config_dir(root: Path, model_type: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return root
+
+
+@pytest.mark.parametrize("model_type, words", [
+    ("gemma3n", "num_kv_shared_layers"), ("qwen3_omni_moe", "mixture-of-experts"),
+    ("voxtral", "not supported yet"), ("bert", "not a released SpeechLLM family")])
+def test_unsupported_families_are_refused_with_the_reason(tmp_path, model_type, words):
+    directory = _config_dir(tmp_path / model_type, model_type)
+    with pytest.raises(ReleasedModelError, match=words) as error:
+        detect_family(directory)
+    assert str(directory / "config.json") in str(error.value)
+    with pytest.raises(ReleasedModelError, match=words):
+        SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(directory)))
+
+
+def test_prune_export_refuses_a_kv_shared_family_through_the_cli(tmp_path, capsys):
+    directory = _config_dir(tmp_path / "gemma3n", "gemma3n")
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"] = {"num_hidden_layers": 6}
+    (directory / "config.json").write_text(json.dumps(config))
+    assert cli(["prune", "--method", "last", "--n", "1", "--llm_path", str(directory),
+                "--export", str(tmp_path / "out")]) == 2
+    assert "num_kv_shared_layers" in capsys.readouterr().err and not (tmp_path / "out").exists()
