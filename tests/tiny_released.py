@@ -4,7 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
+from transformers import (
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    WhisperFeatureExtractor,
+)
 
 from tests.tiny_speechllm import tiny_tokenizer
 

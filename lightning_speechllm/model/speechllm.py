@@ -195,7 +195,7 @@ class SpeechLLM(nn.Module):
         return cls(llm, tokenizer, encoder, config)
 
     @classmethod
-    def _from_released(cls, config: SpeechLLMConfig, dtype: torch.dtype, attn: str | None) -> "SpeechLLM":
+    def _from_released(cls, config: SpeechLLMConfig, dtype: torch.dtype, attn: str | None) -> SpeechLLM:
         if config.encoder_window_seconds is not None or config.encoder_window_step_seconds is not None:
             raise ValueError("model.encoder_window_seconds / encoder_window_step_seconds apply to an assembled "
                              "Whisper encoder, not to a released model (model.pretrained), which keeps its own window")
