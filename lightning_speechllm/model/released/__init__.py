@@ -1,13 +1,13 @@
 """Released SpeechLLMs (Qwen2-Audio, ...) loaded in their own class and run through the framework's parts."""
 from .families import (
-                       FAMILIES,
-                       NOT_YET,
-                       REFUSED,
-                       ReleasedFamily,
-                       ReleasedModelError,
-                       detect_family,
-                       is_released_dir,
-                       read_model_type,
+    FAMILIES,
+    NOT_YET,
+    REFUSED,
+    ReleasedFamily,
+    ReleasedModelError,
+    detect_family,
+    is_released_dir,
+    read_model_type,
 )
 from .parts import ReleasedAudioEncoder, ReleasedParts, ReleasedProjector, decoder_view, load_released
 
