@@ -105,20 +105,8 @@ def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
     assert json.loads((pruned / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
 
     # heal 3 steps (LoRA on the receiving layer + projector, CE + KL from the shared-weight teacher), then export
-    heal_yaml = tmp_path / "heal.yaml"
-    heal_yaml.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "enable_progress_bar": False,
-                    "enable_model_summary": False, "limit_val_batches": 0, "max_steps": 3,
-                    "default_root_dir": str(tmp_path / "heal"),
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True}}]},
-        "model": {"model": model,
-                  "healing": {"plan_path": str(plan_path), "lora": LORA,
-                              "losses": [{"class_path": "TaskCrossEntropy"},
-                                         {"class_path": "KLDivergence", "weight": 0.5}]},
-                  "optim": {"lr": 5e-2, "warmup_steps": 0, "schedule": "constant"},
-                  "decoding": {"generate_in_validation": False}},
-        "data": {"train": manifest, "max_duration": 3.0, "num_buckets": 2, "seed": 1, "max_audio_seconds": 4.0}}))
+    heal_yaml = _heal_yaml(assets, tmp_path, {"plan_path": str(plan_path), "lora": LORA, "losses": [
+        {"class_path": "TaskCrossEntropy"}, {"class_path": "KLDivergence", "weight": 0.5}]})
     assert cli(["heal", "--config", str(heal_yaml)]) == 0
     out = tmp_path / "export"
     assert cli(["export", "--ckpt", str(tmp_path / "ck" / "last.ckpt"), "--out", str(out)]) == 0
@@ -130,6 +118,35 @@ def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
     _assert_stock_equals_framework(out / "model", healed.speechllm.eval(), atol=1e-4)
     info = json.loads((out / "model" / "pruning.json").read_text())
     assert info["removed_layers"] == plan.removed_layers and info["family"] == "qwen2_audio"
+
+
+def _heal_yaml(assets: dict[str, Path], tmp_path: Path, healing: dict, steps: int = 3) -> Path:
+    path = tmp_path / "heal.yaml"
+    path.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
+                    "max_steps": steps, "default_root_dir": str(tmp_path / "heal"),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ck"), "save_last": True}}]},
+        "model": {"model": {"pretrained": str(assets["model"]), "attn_implementation": "eager"}, "healing": healing,
+                  "optim": {"lr": 5e-2, "warmup_steps": 0, "schedule": "constant"},
+                  "decoding": {"generate_in_validation": False}},
+        "data": {"train": str(assets["manifest"]), "max_duration": 3.0, "num_buckets": 2, "seed": 1,
+                 "max_audio_seconds": 4.0}}))
+    return path
+
+
+def test_replacement_healing_exports_as_a_stock_model(assets, tmp_path):
+    """A trained FFN replacement of the removed block becomes a stock decoder layer of the exported Qwen2-Audio."""
+    config = _heal_yaml(assets, tmp_path, {"removed_layers": [1, 2], "lora": None,
+                                           "replacement": {"kind": "ffn", "width": 32},
+                                           "losses": [{"class_path": "ReplacementMSE"}]}, steps=2)
+    assert cli(["heal", "--config", str(config)]) == 0
+    assert cli(["export", "--ckpt", str(tmp_path / "ck" / "last.ckpt"), "--out", str(tmp_path / "export")]) == 0
+    healed = load_module(tmp_path / "ck" / "last.ckpt").speechllm.eval()
+    exported = json.loads((tmp_path / "export" / "model" / "config.json").read_text())
+    assert exported["text_config"]["num_hidden_layers"] == 3  # layers 0, 3 and the replacement
+    _assert_stock_equals_framework(tmp_path / "export" / "model", healed, atol=1e-5)
 
 
 def test_cached_generation_equals_uncached_after_pruning(assets, tmp_path):
@@ -215,3 +232,30 @@ def test_prune_export_refuses_a_kv_shared_family_through_the_cli(tmp_path, capsy
     assert cli(["prune", "--method", "last", "--n", "1", "--llm_path", str(directory),
                 "--export", str(tmp_path / "out")]) == 2
     assert "num_kv_shared_layers" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_validate_efficiency_and_sweep_run_on_it(assets, tmp_path, capsys):
+    model_dir, manifest = str(assets["model"]), str(assets["manifest"])
+    config = tmp_path / "validate.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path / "val")},
+        "model": {"model": {"pretrained": model_dir}, "decoding": {"max_new_tokens": 3}},
+        "data": {"val_sets": {"dev": manifest}, "max_audio_seconds": 4.0}}))
+    assert cli(["validate", "--config", str(config)]) == 0
+    assert '"val/dev/utterances": 6.0' in capsys.readouterr().out
+
+    assert cli(["efficiency", "--model.pretrained", model_dir, "--remove", "[1, 2]", "--repeats", "1", "--warmup",
+                "0", "--max_new_tokens", "2", "--sentences", "1", "--threads", "1",
+                "--json_out", str(tmp_path / "efficiency.json")]) == 0
+    rows = json.loads((tmp_path / "efficiency.json").read_text())
+    assert "decoder layers" in capsys.readouterr().out and rows
+
+    assert cli(["sweep", "--model.pretrained", model_dir, "--sweep.method", "last", "--sweep.ns", "[1]",
+                "--sweep.heal", "true", "--sweep.heal_steps", "2", "--sweep.heal_lora_r", "4",
+                "--sweep.heal_lora_alpha", "4", "--data.val_sets", f"{{dev: {manifest}}}", "--data.train", manifest,
+                "--data.max_duration", "3.0", "--data.num_buckets", "2", "--data.max_audio_seconds", "4.0",
+                "--decoding.max_new_tokens", "2", "--trainer.precision", "32-true",
+                "--sweep.output_dir", str(tmp_path / "sweep")]) == 0
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| baseline |" in table and "| last |" in table and "dev/wer_after" in table
