@@ -6,6 +6,7 @@ with explicit position ids, so batched decoding equals one-by-one decoding.
 from __future__ import annotations
 
 import hashlib
+import logging
 import inspect
 import json
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,7 @@ from lightning_speechllm.model.segments import Segment
 from lightning_speechllm.model.sharding import full_tensor, load_into, shard_speechllm
 from lightning_speechllm.model.sublayer_mask import SublayerMask, kv_cache_for
 
+log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # transformers renamed the decoders' `past_key_values` argument to `cache` (5.24; the old name warns until 5.40).
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -196,9 +198,12 @@ class SpeechLLM(nn.Module):
 
     @classmethod
     def _from_released(cls, config: SpeechLLMConfig, dtype: torch.dtype, attn: str | None) -> SpeechLLM:
-        if config.encoder_window_seconds is not None or config.encoder_window_step_seconds is not None:
-            raise ValueError("model.encoder_window_seconds / encoder_window_step_seconds apply to an assembled "
-                             "Whisper encoder, not to a released model (model.pretrained), which keeps its own window")
+        unused = {key: getattr(config, key) for key in ("encoder_window_seconds", "encoder_window_step_seconds")
+                  if getattr(config, key) is not None}
+        if unused:  # e.g. from a shared YAML: a released model keeps the window its tower was trained with
+            log.warning("model.pretrained %s keeps its own audio window; ignoring %s", config.pretrained,
+                        ", ".join(f"{key}={value}" for key, value in unused.items()))
+            config.encoder_window_seconds = config.encoder_window_step_seconds = None
         parts = load_released(config.pretrained, dtype=dtype, attn_implementation=attn)
         prefix, suffix = parts.speech_markers
         if config.prompt.speech_prefix is None:
