@@ -76,7 +76,8 @@ def _assert_stock_equals_framework(directory: Path, speechllm: SpeechLLM, atol: 
 def test_the_parts_give_the_stock_models_logits(assets):
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
     assert speechllm.released.model_type == "qwen2_audio" and speechllm.layer_mask.num_layers == 4
-    assert speechllm.prompts.render("asr", None).count("<|audio_bos|><|speech|><|audio_eos|>") == 1
+    assert speechllm.prompts.render("asr", None).count("Audio 1: <|audio_bos|><|speech|><|audio_eos|>\n") == 1
+    assert speechllm.prompts.end_token_id == speechllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     _assert_stock_equals_framework(assets["model"], speechllm.eval())
 
 

@@ -6,6 +6,7 @@ splices speech embeddings (or, in text-only mode, the transcript's token embeddi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -35,11 +36,6 @@ class PromptConfig:
     """Optional system message (chat template only)."""
     plain_template: str = "{speech}\n{instruction}\nAnswer:"
     """Template used without a chat template; must contain {speech} and {instruction}."""
-    speech_prefix: str | None = None
-    """Text right before the speech (a released model's audio start token, e.g. Qwen2-Audio's <|audio_bos|>). None:
-    the released model's own marker (model.pretrained), else nothing."""
-    speech_suffix: str | None = None
-    """Text right after the speech (e.g. <|audio_eos|>). None: the released model's own marker, else nothing."""
     instruction_first: bool = False
     """Chat template only: the user turn is "instruction, newline, speech" instead of "speech, newline,
     instruction". The tokens after the speech are then the template's alone, and the instruction joins the prefix
@@ -76,14 +72,21 @@ class EncodedSample:
 class PromptBuilder:
     """Tokenizes prompts and targets for ASR and speech translation."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PromptConfig | None = None) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PromptConfig | None = None,
+                 chat_renderer: Callable[[list[dict]], str] | None = None, audio_token: str | None = None) -> None:
+        """`chat_renderer` (with the `audio_token` it writes): a released model's processor template, rendered on
+        messages whose user content is an audio item and the instruction; None: the tokenizer's template."""
         self.tokenizer = tokenizer
         self.config = config or PromptConfig()
+        self.chat_renderer, self.audio_token = chat_renderer, audio_token
+        if chat_renderer is not None and not audio_token:
+            raise PromptError("a chat_renderer needs the audio_token its template writes")
         if "{speech}" not in self.config.plain_template or "{instruction}" not in self.config.plain_template:
             raise PromptError("PromptConfig.plain_template must contain {speech} and {instruction}")
         use_chat = self.config.use_chat_template
-        self.uses_chat_template = bool(tokenizer.chat_template) if use_chat is None else use_chat
-        if self.uses_chat_template and not tokenizer.chat_template:
+        has_template = bool(tokenizer.chat_template) or chat_renderer is not None
+        self.uses_chat_template = has_template if use_chat is None else use_chat
+        if self.uses_chat_template and not has_template:
             raise PromptError("use_chat_template=True but the tokenizer has no chat template")
         if tokenizer.eos_token_id is None:
             raise PromptError("the tokenizer has no eos token; set tokenizer.eos_token before building prompts")
@@ -102,8 +105,12 @@ class PromptBuilder:
             return self.eos_token_id
         marker = "@@speechllm-target@@"
         try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
+            if self.chat_renderer is not None:  # a processor template: content as lists of items
+                text = self.chat_renderer([{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                                           {"role": "assistant", "content": [{"type": "text", "text": marker}]}])
+            else:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
         except Exception:  # noqa: BLE001 - templates that refuse this conversation keep EOS
             return self.eos_token_id
         after = text.split(marker, 1)[1] if marker in text else ""
@@ -123,13 +130,28 @@ class PromptBuilder:
     def render(self, task: str, tgt_lang: str | None) -> str:
         """The prompt text with SPEECH_PLACEHOLDER where the speech goes (generation prompt included)."""
         instruction = self.instruction(task, tgt_lang)
-        speech = f"{self.config.speech_prefix or ''}{SPEECH_PLACEHOLDER}{self.config.speech_suffix or ''}"
+        if self.chat_renderer is not None:
+            return self._render_with_audio_content(instruction)
         if not self.uses_chat_template:
-            return self.config.plain_template.format(speech=speech, instruction=instruction)
+            return self.config.plain_template.format(speech=SPEECH_PLACEHOLDER, instruction=instruction)
         messages = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
-        content = f"{instruction}\n{speech}" if self.config.instruction_first else f"{speech}\n{instruction}"
+        content = (f"{instruction}\n{SPEECH_PLACEHOLDER}" if self.config.instruction_first
+                   else f"{SPEECH_PLACEHOLDER}\n{instruction}")
         messages.append({"role": "user", "content": content})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _render_with_audio_content(self, instruction: str) -> str:
+        """A released model's prompt: its processor's template on an audio item and the instruction, with the one
+        audio placeholder it writes (and its own markers around it) turned into SPEECH_PLACEHOLDER."""
+        audio, text = {"type": "audio"}, {"type": "text", "text": instruction}
+        messages = [{"role": "system", "content": [{"type": "text", "text": self.config.system_prompt}]}
+                    if self.config.system_prompt else None,
+                    {"role": "user", "content": [text, audio] if self.config.instruction_first else [audio, text]}]
+        rendered = self.chat_renderer([m for m in messages if m is not None])
+        if rendered.count(self.audio_token) != 1:
+            raise PromptError(f"the processor's chat template must write its audio token {self.audio_token!r} once "
+                              f"for one audio item: {rendered!r}")
+        return rendered.replace(self.audio_token, SPEECH_PLACEHOLDER)
 
     def _pieces(self, task: str, tgt_lang: str | None) -> PromptPieces:
         text = self.render(task, tgt_lang)

@@ -205,13 +205,11 @@ class SpeechLLM(nn.Module):
                         ", ".join(f"{key}={value}" for key, value in unused.items()))
             config.encoder_window_seconds = config.encoder_window_step_seconds = None
         parts = load_released(config.pretrained, dtype=dtype, attn_implementation=attn)
-        prefix, suffix = parts.speech_markers
-        if config.prompt.speech_prefix is None:
-            config.prompt.speech_prefix = prefix
-        if config.prompt.speech_suffix is None:
-            config.prompt.speech_suffix = suffix
-        return cls(parts.llm, parts.tokenizer, parts.encoder, config, projector=parts.projector,
-                   released=parts.family)
+        speechllm = cls(parts.llm, parts.tokenizer, parts.encoder, config, projector=parts.projector,
+                        released=parts.family)
+        speechllm.prompts = PromptBuilder(parts.tokenizer, config.prompt, chat_renderer=parts.render_chat,
+                                          audio_token=parts.audio_token)
+        return speechllm
 
     def _apply_trainability(self) -> None:
         self.llm.requires_grad_(False)

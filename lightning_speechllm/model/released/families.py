@@ -18,49 +18,51 @@ class ReleasedModelError(ValueError):
 
 @dataclass(frozen=True)
 class ReleasedFamily:
-    """How one released SpeechLLM class is laid out (attribute paths from the top-level model)."""
+    """How one released SpeechLLM class is laid out (attribute paths from the top-level model) and how its audio
+    tower reads its features. The prompt (chat template, audio markers) is the model's own processor's."""
 
     model_type: str
     """``config.json``'s ``model_type``."""
     class_name: str
     """The transformers class that loads and exports it."""
-    decoder: str
+    decoder: str = "model.language_model"
     """The decoder (a ``*Model`` with ``.layers``, ``.embed_tokens``, ``.norm``)."""
-    lm_head: str
-    audio_tower: str
-    projector: str
-    frames_per_position: int
-    """Encoder frames the projector reads for one decoder position (stacked along the features)."""
-    audio_lengths: str
-    """'masked': the tower attends to the real frames only and the audio spans them (Qwen2-Audio); 'window': every
-    frame of the padded window is a speech position (Voxtral)."""
-    speech_prefix: str
-    """Text before the audio placeholders in the prompt (the processor's audio start token)."""
-    speech_suffix: str
-    """Text after them."""
-    audio_token: str
-    """The placeholder token the stock model replaces by one speech embedding each."""
+    lm_head: str = "lm_head"
+    audio_tower: str = "model.audio_tower"
+    projector: str = "model.multi_modal_projector"
+    tower_mask: str = "none"
+    """How the tower is told which mel frames are real: 'attention' (a bidirectional mask over its conv frames, as
+    Qwen2-Audio's model builds it), 'features' (an ``input_features_mask`` argument, Audio Flamingo 3) or 'none'."""
+    frame_lengths: str = "pooled"
+    """Real tower frames per utterance: 'pooled' (stride-2 conv, then 2x average pooling), 'conv' (stride-2 conv
+    only) or 'window' (every frame of the padded window is a speech position)."""
+    stacked_frames: bool = False
+    """The projector reads the tower's frames stacked along the features, as many as the audio config's
+    ``intermediate_size`` / ``hidden_size`` (Voxtral, GLM-ASR); False: one frame per position."""
+    feature_mask_argument: str | None = None
+    """The stock forward's keyword for the mel-frame mask (None: it takes none)."""
 
 
 FAMILIES: dict[str, ReleasedFamily] = {
     family.model_type: family
     for family in (
         ReleasedFamily(model_type="qwen2_audio", class_name="Qwen2AudioForConditionalGeneration",
-                       decoder="model.language_model", lm_head="lm_head", audio_tower="model.audio_tower",
-                       projector="model.multi_modal_projector", frames_per_position=1, audio_lengths="masked",
-                       speech_prefix="<|audio_bos|>", speech_suffix="<|audio_eos|>", audio_token="<|AUDIO|>"),
+                       tower_mask="attention", frame_lengths="pooled",
+                       feature_mask_argument="feature_attention_mask"),
+        ReleasedFamily(model_type="audioflamingo3", class_name="AudioFlamingo3ForConditionalGeneration",
+                       tower_mask="features", frame_lengths="pooled", feature_mask_argument="input_features_mask"),
+        ReleasedFamily(model_type="glmasr", class_name="GlmAsrForConditionalGeneration", tower_mask="none",
+                       frame_lengths="conv", stacked_frames=True, feature_mask_argument="input_features_mask"),
     )
 }
 """The families every command supports, by ``model_type``."""
 
 NOT_YET: dict[str, str] = {
-    "voxtral": "Voxtral (Llama decoder, Whisper-style tower, 4 frames per position)",
+    "voxtral": "Voxtral (its prompt comes from mistral-common's tokenizer, not a transformers chat template)",
     "granite_speech": "Granite Speech (its LoRA is active on audio inputs only)",
     "qwen2_5_omni": "the Qwen2.5-Omni thinker",
     "phi4_multimodal": "Phi-4-multimodal",
     "qwen3_asr": "Qwen3-ASR",
-    "glm_asr": "GLM-ASR",
-    "audioflamingo3": "Audio Flamingo 3",
     "kyutai_speech_to_text": "Kyutai speech-to-text",
 }
 """Native transformers SpeechLLMs whose adapter is not written yet."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from lightning_speechllm.data.batch import SAMPLE_RATE
@@ -39,10 +39,12 @@ class ReleasedAudioEncoder(SpeechEncoder):
         self.config = tower.config
         self.feature_extractor = feature_extractor
         self.family = family
-        self.output_dim = tower.config.d_model
+        self.output_dim = tower.config.hidden_size
         self.window_samples = int(feature_extractor.n_samples)
 
-    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The feature extractor's ``input_features`` [B, mels, frames] and mel-frame ``attention_mask`` [B, frames]
+        of each utterance, padded to the window (what the processor gives the stock model)."""
         too_long = audio_lens > self.window_samples
         if bool(too_long.any()):
             seconds = float(audio_lens[too_long].max()) / SAMPLE_RATE
@@ -51,26 +53,31 @@ class ReleasedAudioEncoder(SpeechEncoder):
         waves = [audio[i, :n].detach().float().cpu().numpy().astype(np.float32)
                  for i, n in enumerate(audio_lens.tolist())]
         with torch.autocast(device_type=audio.device.type, enabled=False):  # features in float32, as stock
-            features = self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding="max_length",
-                                              return_attention_mask=True, return_tensors="pt")
-        device = next(self.tower.parameters()).device
-        mel = features["input_features"].to(device)
-        if self.family.audio_lengths == "masked":
-            return self._masked(mel, features["attention_mask"].sum(-1).to(device))
-        frames = self.tower(mel).last_hidden_state
-        return frames, torch.full((len(waves),), frames.shape[1], dtype=torch.long, device=device)
+            return self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding="max_length",
+                                          return_attention_mask=True, return_tensors="pt")
 
-    def _masked(self, mel: torch.Tensor, mel_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen2-Audio's tower: attention over the real conv frames only, then 2x average pooling (the stock
-        model's own length formula and mask)."""
-        conv_lens = (mel_lens - 1) // 2 + 1
-        pooled_lens = (conv_lens - 2) // 2 + 1
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(audio, audio_lens)
+        device = next(self.tower.parameters()).device
+        mel, mel_mask = features["input_features"].to(device), features["attention_mask"].to(device)
+        conv_lens = (mel_mask.sum(-1) - 1) // 2 + 1  # the towers' stride-2 second conv (the stock formula)
+        if self.family.tower_mask == "attention":
+            frames = self.tower(mel, attention_mask=self._conv_frame_mask(mel, conv_lens)).last_hidden_state
+        elif self.family.tower_mask == "features":
+            frames = self.tower(mel, input_features_mask=mel_mask).last_hidden_state
+        else:
+            frames = self.tower(mel).last_hidden_state
+        lengths = {"pooled": (conv_lens - 2) // 2 + 1, "conv": conv_lens,
+                   "window": torch.full_like(conv_lens, frames.shape[1])}[self.family.frame_lengths]
+        return frames, lengths
+
+    def _conv_frame_mask(self, mel: torch.Tensor, conv_lens: torch.Tensor) -> torch.Tensor:
+        """Qwen2-Audio's tower mask: attention over the real conv frames only (built as its model builds it)."""
         positions = (mel.shape[-1] - 2) // 2 + 1
         keep = (torch.arange(positions, device=mel.device)[None, :] < conv_lens[:, None]).long()
         dummy = torch.zeros((mel.shape[0], positions, 1), dtype=next(self.tower.parameters()).dtype,
                             device=mel.device)
-        mask = create_bidirectional_mask(config=self.tower.config, inputs_embeds=dummy, attention_mask=keep)
-        return self.tower(mel, attention_mask=mask).last_hidden_state, pooled_lens
+        return create_bidirectional_mask(config=self.tower.config, inputs_embeds=dummy, attention_mask=keep)
 
 
 class ReleasedProjector(nn.Module):
@@ -113,36 +120,40 @@ class ReleasedParts:
     model: PreTrainedModel
     llm: PreTrainedModel
     tokenizer: object
+    processor: object
     encoder: ReleasedAudioEncoder
     projector: ReleasedProjector
-    speech_markers: tuple[str, str]
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The processor's own chat template on `messages` (generation prompt added, not tokenized)."""
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def audio_token(self) -> str:
+        """The placeholder the processor's template writes where the audio goes (one per speech position)."""
+        return self.processor.audio_token
 
 
 def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
                   attn_implementation: str | None = None) -> ReleasedParts:
-    """Load the released SpeechLLM in ``directory`` (weights, tokenizer, feature extractor) into its parts."""
+    """Load the released SpeechLLM in ``directory`` (weights, processor: tokenizer, feature extractor, chat template)
+    into its parts."""
     directory = Path(directory).expanduser()
     family = detect_family(directory)
     model_class = getattr(transformers, family.class_name)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
+    if not getattr(processor, "chat_template", None):
+        raise ReleasedModelError(f"{directory}: the processor has no chat template (chat_template.jinja / .json), "
+                                 "so the prompt around the audio is unknown")
+    audio_token = getattr(processor, "audio_token", None)
+    if not audio_token or audio_token not in processor.tokenizer.get_vocab():
+        raise ReleasedModelError(f"{directory}: the processor's audio token {audio_token!r} is not in its tokenizer")
     model = model_class.from_pretrained(directory, config=config, dtype=dtype, attn_implementation=attn_implementation,
                                         trust_remote_code=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    feature_extractor = AutoFeatureExtractor.from_pretrained(directory, trust_remote_code=False)
-    markers = _speech_markers(directory, family)
-    missing = [token for token in (*markers, family.audio_token) if token and token not in tokenizer.get_vocab()]
-    if missing:
-        raise ReleasedModelError(f"{directory}: the tokenizer has no {missing} token(s) that {family.class_name} "
-                                 "puts around / in place of the audio")
-    encoder = ReleasedAudioEncoder(attrgetter(family.audio_tower)(model), feature_extractor, family)
-    projector = ReleasedProjector(attrgetter(family.projector)(model), family.frames_per_position)
-    return ReleasedParts(family, model, decoder_view(model, family), tokenizer, encoder, projector, markers)
-
-
-def _speech_markers(directory: Path, family: ReleasedFamily) -> tuple[str, str]:
-    """The audio start / end texts: the processor's own (``processor_config.json``) where it names them."""
-    import json
-
-    path = directory / "processor_config.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    return saved.get("audio_bos_token", family.speech_prefix), saved.get("audio_eos_token", family.speech_suffix)
+    tower = attrgetter(family.audio_tower)(model)
+    stack = tower.config.intermediate_size // tower.config.hidden_size if family.stacked_frames else 1
+    encoder = ReleasedAudioEncoder(tower, processor.feature_extractor, family)
+    projector = ReleasedProjector(attrgetter(family.projector)(model), stack)
+    return ReleasedParts(family, model, decoder_view(model, family), processor.tokenizer, processor, encoder,
+                         projector)
