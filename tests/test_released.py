@@ -1,19 +1,20 @@
 """Released SpeechLLMs (`model.pretrained`) through the CLI: measure -> prune -> heal -> export -> stock reload.
 
-A tiny random Qwen2-Audio is saved with `save_pretrained`; every step runs the commands users type, and the exported
-directory is reloaded by stock transformers and compared with the framework's logits.
+A tiny random model of each supported family is saved with `save_pretrained`; every step runs the commands users
+type, and the exported directory is reloaded by stock transformers and compared with the framework's logits.
 """
 from __future__ import annotations
 
 import json
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import transformers
 import yaml
-from transformers import Qwen2AudioForConditionalGeneration
 
 from lightning_speechllm.__main__ import main as cli
 from lightning_speechllm.checkpoints import load_module
@@ -23,24 +24,34 @@ from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 from lightning_speechllm.pruning.plan import PruningPlan
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 from tests.test_speechllm import make_batch
-from tests.tiny_released import save_tiny_qwen2_audio
+from tests.tiny_released import FAMILIES, save_tiny_released
 
 TEXTS = ["the cat sat on the mat", "one two three", "hello world", "a quick brown fox", "transcribe the audio",
          "one two three four five"]
 LORA = {"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("released")
-    save_tiny_qwen2_audio(root / "qwen2_audio")
+def _make_assets(root: Path, family: str) -> dict[str, Path]:
+    save_tiny_released(family, root / family)
     rng = np.random.default_rng(0)
     rows = []
     for i, text in enumerate(TEXTS):
         sf.write(root / f"u{i}.wav", (0.1 * rng.standard_normal(8000 + 2000 * (i % 3))).astype(np.float32), 16000)
         rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "text": text, "task": "asr"})
     (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"root": root, "model": root / "qwen2_audio", "manifest": root / "dev.jsonl"}
+    return {"root": root, "model": root / family, "manifest": root / "dev.jsonl", "family": family}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def assets(request, tmp_path_factory) -> dict[str, Path]:
+    """A tiny model of each supported family, and a 6-utterance manifest."""
+    return _make_assets(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen2_assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Qwen2-Audio alone, for the checks that do not depend on the family."""
+    return _make_assets(tmp_path_factory.mktemp("qwen2_audio_only"), "qwen2_audio")
 
 
 def _stock_inputs(speechllm: SpeechLLM, stock, batch) -> tuple[dict, object]:
@@ -57,12 +68,20 @@ def _stock_inputs(speechllm: SpeechLLM, stock, batch) -> tuple[dict, object]:
     waves = [batch.audio[i, :n].numpy() for i, n in enumerate(batch.audio_lens.tolist())]
     features = speechllm.encoder.feature_extractor(waves, sampling_rate=16000, padding="max_length",
                                                    return_attention_mask=True, return_tensors="pt")
-    return {"input_ids": ids, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids,
-            "input_features": features.input_features, "feature_attention_mask": features.attention_mask}, inputs
+    stock_inputs = {"input_ids": ids, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids,
+                    "input_features": features.input_features}
+    if speechllm.released.feature_mask_argument:
+        stock_inputs[speechllm.released.feature_mask_argument] = features.attention_mask
+    return stock_inputs, inputs
+
+
+def _stock(directory: Path, speechllm: SpeechLLM):
+    return getattr(transformers, speechllm.released.class_name).from_pretrained(
+        directory, attn_implementation="eager").eval()
 
 
 def _assert_stock_equals_framework(directory: Path, speechllm: SpeechLLM, atol: float = 0.0) -> None:
-    stock = Qwen2AudioForConditionalGeneration.from_pretrained(directory, attn_implementation="eager").eval()
+    stock = _stock(directory, speechllm)
     batch = make_batch(seconds=(1.0, 0.6, 1.4))
     with torch.no_grad():
         stock_inputs, inputs = _stock_inputs(speechllm, stock, batch)
@@ -75,8 +94,10 @@ def _assert_stock_equals_framework(directory: Path, speechllm: SpeechLLM, atol: 
 
 def test_the_parts_give_the_stock_models_logits(assets):
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
-    assert speechllm.released.model_type == "qwen2_audio" and speechllm.layer_mask.num_layers == 4
-    assert speechllm.prompts.render("asr", None).count("Audio 1: <|audio_bos|><|speech|><|audio_eos|>\n") == 1
+    assert speechllm.released.model_type == assets["family"] and speechllm.layer_mask.num_layers == 4
+    around = {"qwen2_audio": "Audio 1: <|audio_bos|><|speech|><|audio_eos|>\n", "audioflamingo3": "<|speech|>\n",
+              "glmasr": "<|begin_of_audio|><|speech|><|end_of_audio|>\n"}[assets["family"]]
+    assert speechllm.prompts.render("asr", None).count(around) == 1
     assert speechllm.prompts.end_token_id == speechllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     _assert_stock_equals_framework(assets["model"], speechllm.eval())
 
@@ -118,7 +139,7 @@ def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
     # merged vs unmerged LoRA: float32 rounding only
     _assert_stock_equals_framework(out / "model", healed.speechllm.eval(), atol=1e-4)
     info = json.loads((out / "model" / "pruning.json").read_text())
-    assert info["removed_layers"] == plan.removed_layers and info["family"] == "qwen2_audio"
+    assert info["removed_layers"] == plan.removed_layers and info["family"] == assets["family"]
 
 
 def _heal_yaml(assets: dict[str, Path], tmp_path: Path, healing: dict, steps: int = 3) -> Path:
@@ -156,7 +177,7 @@ def test_cached_generation_equals_uncached_after_pruning(assets, tmp_path):
     from lightning_speechllm.model.released.export import save_released
 
     save_released(speechllm, assets["model"], tmp_path / "pruned")
-    stock = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "pruned", attn_implementation="eager")
+    stock = _stock(tmp_path / "pruned", speechllm)
     batch = make_batch(seconds=(1.0, 0.6))
     with torch.no_grad():
         inputs, _ = _stock_inputs(speechllm, stock.eval(), batch)
@@ -165,7 +186,7 @@ def test_cached_generation_equals_uncached_after_pruning(assets, tmp_path):
         uncached = stock.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False, min_new_tokens=8)
     assert cached.shape[1] == inputs["input_ids"].shape[1] + 8
     assert torch.equal(cached, uncached)
-    assert len(stock.model.language_model.layers) == 2
+    assert len(attrgetter(speechllm.released.decoder)(stock).layers) == 2
 
 
 def test_the_speech_map_is_reproduced_from_output_hidden_states(assets, tmp_path):
@@ -182,12 +203,13 @@ def test_the_speech_map_is_reproduced_from_output_hidden_states(assets, tmp_path
     ours = RedundancyResult.from_json(tmp_path / "maps" / "dev" / "speech" / "epoch=0.json")
 
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(model_dir))).eval()
-    stock = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval()
+    stock = _stock(model_dir, speechllm)
     rows = [json.loads(line) for line in assets["manifest"].read_text().splitlines()]
     last_layer_out = []
-    stock.model.language_model.layers[-1].register_forward_hook(
+    decoder = attrgetter(speechllm.released.decoder)(stock)
+    decoder.layers[-1].register_forward_hook(
         lambda module, args, output: last_layer_out.append(output[0] if isinstance(output, tuple) else output))
-    layers = len(stock.model.language_model.layers)
+    layers = len(decoder.layers)
     sums = np.zeros((layers, layers))
     for row in rows:
         audio, _ = sf.read(assets["root"] / row["audio"], dtype="float32")
@@ -235,8 +257,8 @@ def test_prune_export_refuses_a_kv_shared_family_through_the_cli(tmp_path, capsy
     assert "num_kv_shared_layers" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def test_validate_efficiency_and_sweep_run_on_it(assets, tmp_path, capsys):
-    model_dir, manifest = str(assets["model"]), str(assets["manifest"])
+def test_validate_efficiency_and_sweep_run_on_it(qwen2_assets, tmp_path, capsys):
+    model_dir, manifest = str(qwen2_assets["model"]), str(qwen2_assets["manifest"])
     config = tmp_path / "validate.yaml"
     config.write_text(yaml.safe_dump({
         "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False,

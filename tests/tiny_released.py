@@ -1,39 +1,61 @@
-"""Tiny random released SpeechLLMs saved with `save_pretrained` (no hub): the model, its processor and tokenizer."""
+"""Tiny random released SpeechLLMs saved with `save_pretrained` (no hub): the model, its processor and tokenizer.
+
+Each family keeps what makes it differ: Qwen2-Audio's tower mask over conv frames and its audio markers, Audio
+Flamingo 3's mel-frame mask argument, GLM-ASR's rotary tower and 4 frames stacked per position (a Llama decoder).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import (
-    Qwen2AudioConfig,
-    Qwen2AudioForConditionalGeneration,
-    Qwen2AudioProcessor,
-    WhisperFeatureExtractor,
-)
+import transformers
+from transformers import WhisperFeatureExtractor
 
 from tests.tiny_speechllm import tiny_tokenizer
 
-QWEN2_AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 WINDOW_SECONDS = 4
 """The tiny towers' audio window (the real ones have 30 s): 4 s keeps the tests fast."""
+FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr")
+
+# A ChatML template of the processors' kind: content is a string or a list of audio / text items.
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for item in m['content'] %}{% if item['type'] == 'audio' %}AUDIO_TEXT\n"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_TEXT = {"num_hidden_layers": 4, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": False,
+         "initializer_range": 0.2}
+_TOWER = {"num_mel_bins": 80, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "intermediate_size": 128}
+# family -> (config class, processor class, decoder model_type, tower keys, special tokens, audio token, audio text)
+_SPECS = {
+    "qwen2_audio": ("Qwen2AudioConfig", "Qwen2AudioProcessor", "qwen2",
+                    {"model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 2,
+                     "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 80,
+                     "max_source_positions": WINDOW_SECONDS * 50},
+                    ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"], "<|AUDIO|>", None),
+    "audioflamingo3": ("AudioFlamingo3Config", "AudioFlamingo3Processor", "qwen2",
+                       {"model_type": "audioflamingo3_encoder", **_TOWER, "max_source_positions": WINDOW_SECONDS * 50},
+                       ["<sound>"], "<sound>", "<sound>"),
+    "glmasr": ("GlmAsrConfig", "GlmAsrProcessor", "llama",
+               {"model_type": "glmasr_encoder", **_TOWER, "num_key_value_heads": 2, "max_position_embeddings": 512},
+               ["<|pad|>", "<|begin_of_audio|>", "<|end_of_audio|>"], "<|pad|>",
+               "<|begin_of_audio|><|pad|><|end_of_audio|>"),
+}
 
 
-def save_tiny_qwen2_audio(directory: Path, layers: int = 4, seed: int = 0) -> Path:
-    """A 4-layer Qwen2 decoder with a 2-layer audio tower and a 4 s window, as a stock Qwen2-Audio directory."""
+def save_tiny_released(family: str, directory: Path, seed: int = 0) -> Path:
+    """A 4-layer decoder with a 2-layer audio tower and a 4 s window, as a stock directory of `family`'s class."""
+    config_class, processor_class, decoder_type, tower, special, audio_token, audio_text = _SPECS[family]
     tokenizer = tiny_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2_AUDIO_TOKENS})
-    config = Qwen2AudioConfig(
-        audio_config={"model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 2,
-                      "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 80,
-                      "max_source_positions": WINDOW_SECONDS * 50},
-        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 48,
-                     "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": False,
-                     "initializer_range": 0.2},
-        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
-    )
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    config = getattr(transformers, config_class)(
+        audio_config=tower, text_config={"model_type": decoder_type, "vocab_size": len(tokenizer), **_TEXT},
+        audio_token_id=tokenizer.convert_tokens_to_ids(audio_token))
     torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(config).eval()
+    model = getattr(transformers, config_class.replace("Config", "ForConditionalGeneration"))(config).eval()
     with torch.no_grad():  # larger random weights than HF's init, so that every layer moves the residual stream
         for name, param in model.named_parameters():
             if name.endswith("weight") and param.dim() == 2 and "language_model" in name:
@@ -42,5 +64,10 @@ def save_tiny_qwen2_audio(directory: Path, layers: int = 4, seed: int = 0) -> Pa
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     features = WhisperFeatureExtractor(feature_size=80, chunk_length=WINDOW_SECONDS)
-    Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(directory)
+    processor = getattr(transformers, processor_class)
+    if audio_text is None:  # Qwen2-Audio's processor brings its own default template and markers
+        processor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(directory)
+    else:
+        processor(feature_extractor=features, tokenizer=tokenizer, audio_token=audio_token,
+                  chat_template=_CHAT_TEMPLATE.replace("AUDIO_TEXT", audio_text)).save_pretrained(directory)
     return directory
