@@ -229,17 +229,19 @@ def test_the_speech_map_is_reproduced_from_output_hidden_states(assets, tmp_path
     np.testing.assert_allclose(ours.table[defined], reference[defined], atol=1e-6, rtol=0)
 
 
-def _config_dir(root: Path, model_type: str) -> Path:
+def _config_dir(root: Path, model_type: str, **extra) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (root / "config.json").write_text(json.dumps({"model_type": model_type, **extra}))
     return root
 
 
-@pytest.mark.parametrize("model_type, words", [
-    ("gemma3n", "num_kv_shared_layers"), ("qwen3_omni_moe", "mixture-of-experts"),
-    ("voxtral", "not supported yet"), ("bert", "not a released SpeechLLM family")])
-def test_unsupported_families_are_refused_with_the_reason(tmp_path, model_type, words):
-    directory = _config_dir(tmp_path / model_type, model_type)
+@pytest.mark.parametrize("model_type, extra, words", [
+    ("gemma3n", {}, "num_kv_shared_layers"), ("qwen3_omni_moe", {}, "mixture-of-experts"),
+    ("granite_speech", {"has_lora_adapter": True}, "on audio inputs only"),
+    ("granite_speech", {"has_lora_adapter": False}, "not supported yet"), ("voxtral", {}, "mistral-common"),
+    ("bert", {}, "not a released SpeechLLM family")])
+def test_unsupported_families_are_refused_with_the_reason(tmp_path, model_type, extra, words):
+    directory = _config_dir(tmp_path / model_type, model_type, **extra)
     with pytest.raises(ReleasedModelError, match=words) as error:
         detect_family(directory)
     assert str(directory / "config.json") in str(error.value)

@@ -59,7 +59,7 @@ FAMILIES: dict[str, ReleasedFamily] = {
 
 NOT_YET: dict[str, str] = {
     "voxtral": "Voxtral (its prompt comes from mistral-common's tokenizer, not a transformers chat template)",
-    "granite_speech": "Granite Speech (its LoRA is active on audio inputs only)",
+    "granite_speech": "Granite Speech without an adapter (Conformer + windowed Q-Former)",
     "qwen2_5_omni": "the Qwen2.5-Omni thinker",
     "phi4_multimodal": "Phi-4-multimodal",
     "qwen3_asr": "Qwen3-ASR",
@@ -78,18 +78,33 @@ REFUSED: dict[str, str] = {
 """Families whose decoder cannot be pruned safely, with the reason."""
 
 
-def read_model_type(directory: str | Path) -> str:
-    """``model_type`` of ``directory/config.json`` (an error naming the file when it is missing or unreadable)."""
+def read_config(directory: str | Path) -> dict:
+    """``directory/config.json`` as a dict (an error naming the file when it is missing or unreadable)."""
     path = Path(directory).expanduser() / "config.json"
     if not path.is_file():
         raise ReleasedModelError(f"{path} does not exist: model.pretrained must be a local Hugging Face directory")
     try:
-        model_type = json.loads(path.read_text()).get("model_type")
+        config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ReleasedModelError(f"{path}: not a readable JSON config ({error})") from error
-    if not isinstance(model_type, str):
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ReleasedModelError(f"{path} has no model_type string")
-    return model_type
+    return config
+
+
+def read_model_type(directory: str | Path) -> str:
+    """``model_type`` of ``directory/config.json``."""
+    return read_config(directory)["model_type"]
+
+
+def _refusal(config: dict) -> str | None:
+    """Why the model in `config` must not be pruned here, or None."""
+    if config["model_type"] in REFUSED:
+        return REFUSED[config["model_type"]]
+    if config.get("has_lora_adapter"):  # Granite Speech: its generate turns the adapter on only with audio
+        return ("it ships a LoRA adapter that its class enables on audio inputs only (has_lora_adapter): the text-input "
+                "map, healing LoRA and the export cannot honour that switch")
+    return None
 
 
 def is_released_dir(directory: str | Path) -> bool:
@@ -101,12 +116,13 @@ def is_released_dir(directory: str | Path) -> bool:
 
 def detect_family(directory: str | Path) -> ReleasedFamily:
     """The family of the released SpeechLLM in ``directory``, or an error that names the reason it is unsupported."""
-    model_type = read_model_type(directory)
+    config = read_config(directory)
+    model_type, refusal = config["model_type"], _refusal(config)
+    where = Path(directory).expanduser() / "config.json"
+    if refusal:
+        raise ReleasedModelError(f"{where}: model_type {model_type!r} is refused: {refusal}")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    where = Path(directory).expanduser() / "config.json"
-    if model_type in REFUSED:
-        raise ReleasedModelError(f"{where}: model_type {model_type!r} is refused: {REFUSED[model_type]}")
     if model_type in NOT_YET:
         raise ReleasedModelError(f"{where}: {NOT_YET[model_type]} ({model_type!r}) is not supported yet; supported "
                                  f"released families: {sorted(FAMILIES)}")
