@@ -70,13 +70,13 @@ def _stock_inputs(speechllm: SpeechLLM, stock, batch) -> tuple[dict, object]:
                                                    return_attention_mask=True, return_tensors="pt")
     stock_inputs = {"input_ids": ids, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids,
                     "input_features": features.input_features}
-    if speechllm.released.feature_mask_argument:
-        stock_inputs[speechllm.released.feature_mask_argument] = features.attention_mask
+    if speechllm.released.family.feature_mask_argument:
+        stock_inputs[speechllm.released.family.feature_mask_argument] = features.attention_mask
     return stock_inputs, inputs
 
 
 def _stock(directory: Path, speechllm: SpeechLLM):
-    return getattr(transformers, speechllm.released.class_name).from_pretrained(
+    return getattr(transformers, speechllm.released.family.class_name).from_pretrained(
         directory, attn_implementation="eager").eval()
 
 
@@ -94,7 +94,7 @@ def _assert_stock_equals_framework(directory: Path, speechllm: SpeechLLM, atol: 
 
 def test_the_parts_give_the_stock_models_logits(assets):
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
-    assert speechllm.released.model_type == assets["family"] and speechllm.layer_mask.num_layers == 4
+    assert speechllm.released.family.model_type == assets["family"] and speechllm.layer_mask.num_layers == 4
     around = {"qwen2_audio": "Audio 1: <|audio_bos|><|speech|><|audio_eos|>\n", "audioflamingo3": "<|speech|>\n",
               "glmasr": "<|begin_of_audio|><|speech|><|end_of_audio|>\n"}[assets["family"]]
     assert speechllm.prompts.render("asr", None).count(around) == 1
@@ -176,7 +176,7 @@ def test_cached_generation_equals_uncached_after_pruning(assets, tmp_path):
     speechllm.layer_mask.remove_layers([1, 2])
     from lightning_speechllm.model.released.export import save_released
 
-    save_released(speechllm, assets["model"], tmp_path / "pruned")
+    save_released(speechllm, tmp_path / "pruned")
     stock = _stock(tmp_path / "pruned", speechllm)
     batch = make_batch(seconds=(1.0, 0.6))
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_cached_generation_equals_uncached_after_pruning(assets, tmp_path):
         uncached = stock.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False, min_new_tokens=8)
     assert cached.shape[1] == inputs["input_ids"].shape[1] + 8
     assert torch.equal(cached, uncached)
-    assert len(attrgetter(speechllm.released.decoder)(stock).layers) == 2
+    assert len(attrgetter(speechllm.released.family.decoder)(stock).layers) == 2
 
 
 def test_the_speech_map_is_reproduced_from_output_hidden_states(assets, tmp_path):
@@ -206,7 +206,7 @@ def test_the_speech_map_is_reproduced_from_output_hidden_states(assets, tmp_path
     stock = _stock(model_dir, speechllm)
     rows = [json.loads(line) for line in assets["manifest"].read_text().splitlines()]
     last_layer_out = []
-    decoder = attrgetter(speechllm.released.decoder)(stock)
+    decoder = attrgetter(speechllm.released.family.decoder)(stock)
     decoder.layers[-1].register_forward_hook(
         lambda module, args, output: last_layer_out.append(output[0] if isinstance(output, tuple) else output))
     layers = len(decoder.layers)

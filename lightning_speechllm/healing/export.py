@@ -62,7 +62,7 @@ def write_export(module: SpeechLLMModule, directory: Path, source: str | None = 
     config = sl.config
     description = sl.describe()
     if sl.released is not None:  # the whole model in its own class: stock transformers reloads it
-        save_released(sl, config.pretrained, directory / "model")
+        save_released(sl, directory / "model")
         description["encoder_dir"] = None
     else:
         save_pruned_decoder(sl.llm, directory / "decoder", sl.tokenizer)

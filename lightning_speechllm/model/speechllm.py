@@ -6,9 +6,9 @@ with explicit position ids, so batched decoding equals one-by-one decoding.
 from __future__ import annotations
 
 import hashlib
-import logging
 import inspect
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,8 +25,8 @@ from lightning_speechllm.model.encoders import SpeechEncoder, load_speech_encode
 from lightning_speechllm.model.generation import GenerationOutput, generated_lengths
 from lightning_speechllm.model.layer_mask import DecoderLayerMask, unwrap_peft
 from lightning_speechllm.model.projector import Projector, ProjectorConfig
-from lightning_speechllm.model.released import ReleasedFamily, load_released
 from lightning_speechllm.model.prompts import EncodedSample, PromptBuilder, PromptConfig
+from lightning_speechllm.model.released import ReleasedOrigin, ReleasedParts, load_released
 from lightning_speechllm.model.segments import Segment
 from lightning_speechllm.model.sharding import full_tensor, load_into, shard_speechllm
 from lightning_speechllm.model.sublayer_mask import SublayerMask, kv_cache_for
@@ -129,16 +129,19 @@ class SpeechLLM(nn.Module):
 
     def __init__(self, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoder: SpeechEncoder | None,
                  config: SpeechLLMConfig | None = None, projector: nn.Module | None = None,
-                 released: ReleasedFamily | None = None) -> None:
+                 released: ReleasedOrigin | None = None) -> None:
         """`projector`: a ready projector (a released model's own) instead of one built from `config.projector`;
-        `released`: the released family the parts come from (exported in its own class)."""
+        `released`: the released model the parts come from (its prompt is its processor's; exported in its own
+        class)."""
         super().__init__()
         self.config = config or SpeechLLMConfig()
         self.released = released
         self.encoder = _cast_encoder(encoder, self.config.encoder_dtype)
         self.llm = llm
         self.tokenizer = tokenizer
-        self.prompts = PromptBuilder(tokenizer, self.config.prompt)
+        self.prompts = (PromptBuilder(tokenizer, self.config.prompt) if released is None else
+                        PromptBuilder(tokenizer, self.config.prompt, chat_renderer=released.render_chat,
+                                      audio_token=released.audio_token))
         llm_dim = llm.get_input_embeddings().embedding_dim
         if projector is None and encoder is not None:
             projector = Projector(encoder.output_dim, llm_dim, self.config.projector)
@@ -204,12 +207,15 @@ class SpeechLLM(nn.Module):
             log.warning("model.pretrained %s keeps its own audio window; ignoring %s", config.pretrained,
                         ", ".join(f"{key}={value}" for key, value in unused.items()))
             config.encoder_window_seconds = config.encoder_window_step_seconds = None
-        parts = load_released(config.pretrained, dtype=dtype, attn_implementation=attn)
-        speechllm = cls(parts.llm, parts.tokenizer, parts.encoder, config, projector=parts.projector,
-                        released=parts.family)
-        speechllm.prompts = PromptBuilder(parts.tokenizer, config.prompt, chat_renderer=parts.render_chat,
-                                          audio_token=parts.audio_token)
-        return speechllm
+        return cls.from_released_parts(load_released(config.pretrained, dtype=dtype, attn_implementation=attn), config)
+
+    @classmethod
+    def from_released_parts(cls, parts: ReleasedParts, config: SpeechLLMConfig | None = None) -> SpeechLLM:
+        """A SpeechLLM on the parts of a released model (:func:`~lightning_speechllm.model.released.load_released`,
+        or :func:`~lightning_speechllm.model.released.parts_from_model` for one built in memory)."""
+        config = config or SpeechLLMConfig(pretrained=parts.origin.source)
+        return cls(parts.llm, parts.tokenizer, parts.encoder, config, projector=parts.projector,
+                   released=parts.origin)
 
     def _apply_trainability(self) -> None:
         self.llm.requires_grad_(False)

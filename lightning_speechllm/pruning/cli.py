@@ -329,7 +329,7 @@ def _export_released(plan: PruningPlan, directory: str, out_dir: str | Path, dty
     before = parameter_count(speechllm.llm)
     apply_plan(speechllm, plan, model_id=directory if check_model_id else None)
     after = parameter_count(speechllm.llm)
-    out = save_released(speechllm, directory, out_dir)
+    out = save_released(speechllm, out_dir)
     plan.to_json(out / PLAN_IN_EXPORT)
     return out, before, after
 

@@ -9,7 +9,16 @@ from .families import (
     is_released_dir,
     read_model_type,
 )
-from .parts import ReleasedAudioEncoder, ReleasedParts, ReleasedProjector, decoder_view, load_released
+from .parts import (
+    ReleasedAudioEncoder,
+    ReleasedOrigin,
+    ReleasedParts,
+    ReleasedProjector,
+    decoder_view,
+    load_released,
+    parts_from_model,
+)
 
 __all__ = ["FAMILIES", "NOT_YET", "REFUSED", "ReleasedAudioEncoder", "ReleasedFamily", "ReleasedModelError",
-           "ReleasedParts", "ReleasedProjector", "decoder_view", "detect_family", "is_released_dir", "load_released", "read_model_type"]
+           "ReleasedOrigin", "ReleasedParts", "ReleasedProjector", "decoder_view", "detect_family", "is_released_dir",
+           "load_released", "parts_from_model", "read_model_type"]

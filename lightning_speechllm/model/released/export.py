@@ -4,8 +4,8 @@ The decoder's active layers come from :func:`~lightning_speechllm.model.export.s
 renumbered ``0..k-1``, dropped sublayers zeroed, replacements as stock layers), renamed to where the released class
 keeps its decoder; the audio tower and projector are the live ones (healing may have trained the projector). The
 config is the source's with the cut text config (``num_hidden_layers``, ``layer_types``), so stock transformers
-reloads it with a KV cache of the kept layers only. The processor files (tokenizer, feature extractor, chat
-template) and the generation config are copied from the source directory.
+reloads it with a KV cache of the kept layers only. The processor (tokenizer, feature extractor, chat template) and
+the generation config are the source's, kept by :class:`~.parts.ReleasedOrigin`.
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
 from lightning_speechllm.io_utils import replace_dir
 
 from ..export import PRUNING_FILE, pruning_info, stock_state_dict
 from ..layer_mask import unwrap_peft
 from .families import ReleasedFamily, ReleasedModelError
+from .parts import ReleasedOrigin
 
 __all__ = ["released_state_dict", "save_released"]
 
@@ -44,17 +44,17 @@ def released_state_dict(family: ReleasedFamily, llm: torch.nn.Module, tower: tor
     return {key: value.detach().contiguous() for key, value in state.items()}
 
 
-def save_released(speechllm, source_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write `speechllm` (a SpeechLLM loaded from the released model in `source_dir`) as a stock directory of its
-    class into `out_dir` (assembled in a temporary sibling, then renamed into place); returns `out_dir`."""
-    family: ReleasedFamily | None = speechllm.released
-    if family is None:
+def save_released(speechllm, out_dir: str | Path) -> Path:
+    """Write `speechllm` (a SpeechLLM on a released model's parts) as a stock directory of its class into `out_dir`
+    (assembled in a temporary sibling, then renamed into place); returns `out_dir`."""
+    origin: ReleasedOrigin | None = speechllm.released
+    if origin is None:
         raise ReleasedModelError("this SpeechLLM was not loaded from a released model (model.pretrained)")
-    source, out = Path(source_dir).expanduser(), Path(out_dir).expanduser().resolve()
+    family, out = origin.family, Path(out_dir).expanduser().resolve()
     state = released_state_dict(family, speechllm.llm, speechllm.encoder.tower, speechllm.projector.net)
-    config = AutoConfig.from_pretrained(source)
+    config = copy.deepcopy(origin.config)
     config.text_config = copy.deepcopy(unwrap_peft(speechllm.llm).config)  # the cut layer count and per-layer lists
-    expected = {k for k in _meta_model(family, config).state_dict()}
+    expected = set(_meta_model(family, config).state_dict())
     missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or extra:
         raise ReleasedModelError(f"the pruned weights do not fit {family.class_name}: missing {missing[:3]}, "
@@ -63,10 +63,9 @@ def save_released(speechllm, source_dir: str | Path, out_dir: str | Path) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _meta_model(family, config).save_pretrained(tmp, state_dict=state)
-        AutoProcessor.from_pretrained(source).save_pretrained(tmp)
-        if (source / "generation_config.json").is_file():
-            GenerationConfig.from_pretrained(source).save_pretrained(tmp)
-        info = {**pruning_info(speechllm.llm), "family": family.model_type, "source": str(source.resolve())}
+        origin.processor.save_pretrained(tmp)
+        origin.generation_config.save_pretrained(tmp)
+        info = {**pruning_info(speechllm.llm), "family": family.model_type, "source": origin.source}
         (tmp / PRUNING_FILE).write_text(json.dumps(info, indent=2) + "\n")
         replace_dir(tmp, out)
     except BaseException:

@@ -6,10 +6,12 @@
 - a causal-LM view of its decoder (``*ForCausalLM`` whose ``model`` and ``lm_head`` are the released modules), so
   layer masks, LoRA, the redundancy maps and generation run on it as on any text LLM.
 
-:func:`load_released` reads a local directory into those parts; the stock model object is kept for the export.
+:func:`load_released` reads a local directory into those parts (:func:`parts_from_model` splits a model already in
+memory); :class:`ReleasedOrigin` keeps what the export in the stock class needs (config, processor).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
@@ -18,15 +20,16 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from lightning_speechllm.data.batch import SAMPLE_RATE
 from lightning_speechllm.model.encoders import EncoderError, SpeechEncoder
 
-from .families import ReleasedFamily, ReleasedModelError, detect_family
+from .families import FAMILIES, ReleasedFamily, ReleasedModelError, detect_family
 
-__all__ = ["ReleasedAudioEncoder", "ReleasedParts", "ReleasedProjector", "decoder_view", "load_released"]
+__all__ = ["ReleasedAudioEncoder", "ReleasedOrigin", "ReleasedParts", "ReleasedProjector", "decoder_view",
+           "load_released", "parts_from_model"]
 
 
 class ReleasedAudioEncoder(SpeechEncoder):
@@ -113,16 +116,17 @@ def decoder_view(model: PreTrainedModel, family: ReleasedFamily) -> PreTrainedMo
 
 
 @dataclass
-class ReleasedParts:
-    """A released SpeechLLM as the framework's parts, plus the stock model they share weights with."""
+class ReleasedOrigin:
+    """Where a SpeechLLM's parts came from: what writing it back in its own class needs."""
 
     family: ReleasedFamily
-    model: PreTrainedModel
-    llm: PreTrainedModel
-    tokenizer: object
+    config: PretrainedConfig
+    """The released model's top-level config (the export replaces its text config by the cut one)."""
     processor: object
-    encoder: ReleasedAudioEncoder
-    projector: ReleasedProjector
+    """Its processor: tokenizer, feature extractor, chat template (saved with the export)."""
+    generation_config: GenerationConfig
+    source: str | None = None
+    """The directory it was loaded from (None: built in memory)."""
 
     def render_chat(self, messages: list[dict]) -> str:
         """The processor's own chat template on `messages` (generation prompt added, not tokenized)."""
@@ -134,26 +138,43 @@ class ReleasedParts:
         return self.processor.audio_token
 
 
+@dataclass
+class ReleasedParts:
+    """A released SpeechLLM as the framework's parts (sharing the stock model's weights) and their origin."""
+
+    origin: ReleasedOrigin
+    llm: PreTrainedModel
+    tokenizer: object
+    encoder: ReleasedAudioEncoder
+    projector: ReleasedProjector
+
+
+def parts_from_model(model: PreTrainedModel, processor, source: str | None = None) -> ReleasedParts:
+    """Split a loaded (or in-memory) released model into the framework's parts; `processor` is its own."""
+    family = FAMILIES.get(model.config.model_type) or detect_family(source or "<memory>")
+    if not getattr(processor, "chat_template", None):
+        raise ReleasedModelError(f"{source or family.class_name}: the processor has no chat template "
+                                 "(chat_template.jinja / .json), so the prompt around the audio is unknown")
+    audio_token = getattr(processor, "audio_token", None)
+    if not audio_token or audio_token not in processor.tokenizer.get_vocab():
+        raise ReleasedModelError(f"{source or family.class_name}: the processor's audio token {audio_token!r} is "
+                                 "not in its tokenizer")
+    tower = attrgetter(family.audio_tower)(model)
+    stack = tower.config.intermediate_size // tower.config.hidden_size if family.stacked_frames else 1
+    origin = ReleasedOrigin(family, copy.deepcopy(model.config), processor, copy.deepcopy(model.generation_config),
+                            source)
+    return ReleasedParts(origin, decoder_view(model, family), processor.tokenizer,
+                         ReleasedAudioEncoder(tower, processor.feature_extractor, family),
+                         ReleasedProjector(attrgetter(family.projector)(model), stack))
+
+
 def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
                   attn_implementation: str | None = None) -> ReleasedParts:
     """Load the released SpeechLLM in ``directory`` (weights, processor: tokenizer, feature extractor, chat template)
     into its parts."""
     directory = Path(directory).expanduser()
-    family = detect_family(directory)
-    model_class = getattr(transformers, family.class_name)
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    family = detect_family(directory)  # refusals first, before any weight is read
     processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
-    if not getattr(processor, "chat_template", None):
-        raise ReleasedModelError(f"{directory}: the processor has no chat template (chat_template.jinja / .json), "
-                                 "so the prompt around the audio is unknown")
-    audio_token = getattr(processor, "audio_token", None)
-    if not audio_token or audio_token not in processor.tokenizer.get_vocab():
-        raise ReleasedModelError(f"{directory}: the processor's audio token {audio_token!r} is not in its tokenizer")
-    model = model_class.from_pretrained(directory, config=config, dtype=dtype, attn_implementation=attn_implementation,
-                                        trust_remote_code=False).eval()
-    tower = attrgetter(family.audio_tower)(model)
-    stack = tower.config.intermediate_size // tower.config.hidden_size if family.stacked_frames else 1
-    encoder = ReleasedAudioEncoder(tower, processor.feature_extractor, family)
-    projector = ReleasedProjector(attrgetter(family.projector)(model), stack)
-    return ReleasedParts(family, model, decoder_view(model, family), processor.tokenizer, processor, encoder,
-                         projector)
+    model = getattr(transformers, family.class_name).from_pretrained(
+        directory, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False).eval()
+    return parts_from_model(model, processor, str(directory))
