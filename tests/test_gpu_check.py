@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-PHASES = ["environment", "assets", "fit", "validate", "checkpoint", "heal", "heal_memory", "fsdp"]
+PHASES = ["environment", "assets", "fit", "validate", "checkpoint", "heal", "heal_memory", "fsdp", "released"]
 
 
 def load_script():

@@ -29,6 +29,11 @@ refuses the reset):
                batches) student-only (TaskCrossEntropy: no teacher) vs shared teacher (+ KL) vs a teacher copy
   fsdp         ``fit`` under ``lightning_speechllm.model.sharding.FSDP2Strategy`` at world size 1 (nccl on the GPU,
                gloo on the CPU), then its single-file checkpoint read back
+  released     a released SpeechLLM (issue 21) at full size, built in memory: Qwen2-Audio-7B's shapes (a Whisper
+               large-v3-shaped tower, a Qwen2-7B decoder of 32 layers), random bfloat16 weights, through
+               ``model.released.parts_from_model``: the speech-input map over two batches, one healing step
+               (LoRA on the receiving layer + projector, CE) with its peak memory, and the pruned, merged model
+               written in its own class by ``save_released`` (seconds, GiB; then deleted)
 
 Throughput is measured between successive step starts (data loading, forward, backward, optimizer; the first
 ``warmup`` steps left out). tokens = the LLM's input tokens without padding (speech + prompt + target). MFU is

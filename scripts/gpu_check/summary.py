@@ -56,4 +56,8 @@ def _numbers(name: str, r: dict[str, Any]) -> str:
         shared, copy = r.get("shared_over_student"), r.get("copy_over_student")
         ratio = "-" if shared is None else f"{shared:.3f}"
         return f"{peaks}; shared/student {ratio}, copy/student {'-' if copy is None else f'{copy:.3f}'}"
+    if name == "released":
+        return (f"{r['parameters_b']:.2f} B, map {r['map']['seconds']:.1f} s, heal step "
+                f"{gib(r['heal_step']['peak_memory_bytes'])} peak, export {r['export']['gib']:.2f} GiB in "
+                f"{r['export']['seconds']:.1f} s, remove {r['map']['removed_layers']}")
     return ""

@@ -12,10 +12,11 @@ from .fit import phase_fit
 from .fsdp import phase_fsdp
 from .heal import phase_heal
 from .heal_memory import phase_heal_memory
+from .released import phase_released
 from .validate import phase_validate
 
 __all__ = ["PHASES", "phase_assets", "phase_checkpoint", "phase_environment", "phase_fit", "phase_fsdp", "phase_heal",
-           "phase_heal_memory", "phase_validate"]
+           "phase_heal_memory", "phase_released", "phase_validate"]
 
 
 PHASES: dict[str, tuple[Callable[[Context], dict[str, Any]], tuple[str, ...]]] = {
@@ -27,5 +28,6 @@ PHASES: dict[str, tuple[Callable[[Context], dict[str, Any]], tuple[str, ...]]] =
     "heal": (phase_heal, ("assets",)),
     "heal_memory": (phase_heal_memory, ("assets",)),
     "fsdp": (phase_fsdp, ("assets",)),
+    "released": (phase_released, ("assets",)),
 }
 """name -> (function, phases it needs to have succeeded), in running order."""
