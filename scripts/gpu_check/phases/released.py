@@ -26,8 +26,13 @@ AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 def _build(ctx: Context) -> Any:
     """The SpeechLLM on an in-memory random Qwen2-Audio (the check's tokenizer plus the audio tokens)."""
     import torch
-    from transformers import (AutoTokenizer, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
-                              Qwen2AudioProcessor, WhisperFeatureExtractor)
+    from transformers import (
+        AutoTokenizer,
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
 
     from lightning_speechllm.model.released import parts_from_model
     from lightning_speechllm.model.speechllm import SpeechLLM
