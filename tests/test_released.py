@@ -284,3 +284,26 @@ def test_validate_efficiency_and_sweep_run_on_it(qwen2_assets, tmp_path, capsys)
                 "--sweep.output_dir", str(tmp_path / "sweep")]) == 0
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| baseline |" in table and "| last |" in table and "dev/wer_after" in table
+
+
+def test_greedy_and_attention_plans_export_in_its_own_class(qwen2_assets, tmp_path):
+    model_dir, manifest = str(qwen2_assets["model"]), str(qwen2_assets["manifest"])
+    data = ["--data.val_sets", f"{{dev: {manifest}}}", "--data.max_audio_seconds", "4.0"]
+    assert cli(["prune", "--method", "greedy", "--n", "2", "--model.pretrained", model_dir, *data,
+                "--calibration_batches", "2", "--out", str(tmp_path / "greedy.json"),
+                "--export", str(tmp_path / "greedy")]) == 0
+    plan = PruningPlan.from_json(tmp_path / "greedy.json")
+    assert plan.model_id == model_dir and len(plan.removed_layers) == 2
+    assert json.loads((tmp_path / "greedy" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+
+    assert cli(["measure", "--model.pretrained", model_dir, *data, "--sublayers", "true", "--modalities", "[speech]",
+                "--n_boot", "10", "--precision", "32-true", "--output_dir", str(tmp_path / "maps"),
+                "--root_dir", str(tmp_path / "runs")]) == 0
+    assert cli(["prune", "--method", "attention", "--n", "1", "--map",
+                str(tmp_path / "maps" / "sublayers" / "dev" / "speech.json"), "--llm_path", model_dir,
+                "--out", str(tmp_path / "attention.json"), "--export", str(tmp_path / "attention")]) == 0
+    dropped = PruningPlan.from_json(tmp_path / "attention.json").removed_attention
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=model_dir, attn_implementation="eager")).eval()
+    speechllm.sublayer_mask.drop(dropped, [])
+    # the dropped attention is exported as a zeroed output projection: the stock model's logits are the framework's
+    _assert_stock_equals_framework(tmp_path / "attention", speechllm, atol=1e-5)

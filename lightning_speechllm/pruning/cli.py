@@ -270,7 +270,7 @@ def build_greedy_plan(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> Pr
     llm_layers = llm_num_layers(_llm_dir(args.llm_path)) if args.llm_path is not None else None
     num_layers = _agreed_num_layers({"the model": speechllm.layer_mask.num_layers,
                                      "--llm_path config.json": llm_layers, "--num_layers": args.num_layers})
-    model_id = speechllm.config.llm_path
+    model_id = speechllm.config.model_id
     if not args.ignore_model_id and args.llm_path is not None and not same_model_id(model_id, args.llm_path):
         raise PlanError(f"model mismatch: the measured model is {model_id!r} but --llm_path is {args.llm_path!r}")
     text_only = _calibration_modality(args, speechllm) == "text"
