@@ -1,10 +1,13 @@
 """Tiny random released SpeechLLMs saved with `save_pretrained` (no hub): the model, its processor and tokenizer.
 
 Each family keeps what makes it differ: Qwen2-Audio's tower mask over conv frames and its audio markers, Audio
-Flamingo 3's mel-frame mask argument, GLM-ASR's rotary tower and 4 frames stacked per position (a Llama decoder).
+Flamingo 3's mel-frame mask argument, GLM-ASR's rotary tower and 4 frames stacked per position (a Llama decoder),
+Voxtral's 30 s window of 375 positions and its mistral-common tokenizer (a `tekken.json` cut from the one that
+mistral-common ships, with Voxtral's audio section and [AUDIO] at id 24, where `VoxtralProcessor` expects it).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,7 +18,7 @@ from tests.tiny_speechllm import tiny_tokenizer
 
 WINDOW_SECONDS = 4
 """The tiny towers' audio window (the real ones have 30 s): 4 s keeps the tests fast."""
-FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr")
+FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr", "voxtral")
 
 # A ChatML template of the processors' kind: content is a string or a list of audio / text items.
 _CHAT_TEMPLATE = (
@@ -47,22 +50,19 @@ _SPECS = {
 
 
 def save_tiny_released(family: str, directory: Path, seed: int = 0) -> Path:
-    """A 4-layer decoder with a 2-layer audio tower and a 4 s window, as a stock directory of `family`'s class."""
+    """A 4-layer decoder with a 2-layer audio tower and a 4 s window (Voxtral: 30 s), as a stock directory of
+    `family`'s class."""
+    if family == "voxtral":
+        return _save_tiny_voxtral(directory, seed)
     config_class, processor_class, decoder_type, tower, special, audio_token, audio_text = _SPECS[family]
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": special})
     config = getattr(transformers, config_class)(
         audio_config=tower, text_config={"model_type": decoder_type, "vocab_size": len(tokenizer), **_TEXT},
         audio_token_id=tokenizer.convert_tokens_to_ids(audio_token))
-    torch.manual_seed(seed)
-    model = getattr(transformers, config_class.replace("Config", "ForConditionalGeneration"))(config).eval()
-    with torch.no_grad():  # larger random weights than HF's init, so that every layer moves the residual stream
-        for name, param in model.named_parameters():
-            if name.endswith("weight") and param.dim() == 2 and "language_model" in name:
-                param.normal_(0.0, 0.2)
+    model = _random_model(config_class.replace("Config", "ForConditionalGeneration"), config, seed)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
+    _save_model(model, tokenizer, directory)
     features = WhisperFeatureExtractor(feature_size=80, chunk_length=WINDOW_SECONDS)
     processor = getattr(transformers, processor_class)
     if audio_text is None:  # Qwen2-Audio's processor brings its own default template and markers
@@ -70,4 +70,58 @@ def save_tiny_released(family: str, directory: Path, seed: int = 0) -> Path:
     else:
         processor(feature_extractor=features, tokenizer=tokenizer, audio_token=audio_token,
                   chat_template=_CHAT_TEMPLATE.replace("AUDIO_TEXT", audio_text)).save_pretrained(directory)
+    return directory
+
+
+def _random_model(class_name: str, config, seed: int):
+    torch.manual_seed(seed)
+    model = getattr(transformers, class_name)(config).eval()
+    with torch.no_grad():  # larger random weights than HF's init, so that every layer moves the residual stream
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and param.dim() == 2 and "language_model" in name:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def _save_model(model, tokenizer, directory: Path) -> None:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+
+
+def _tiny_tekken(directory: Path, vocab: int = 900, specials: int = 100) -> Path:
+    """A mistral-common tokenizer file: the first `vocab` tokens of the tekken file mistral-common ships, its
+    special tokens with [AUDIO] at rank 24 and [BEGIN_AUDIO] at 25, and Voxtral's audio section (16 kHz, 12.5
+    audio tokens per second, 30 s chunks)."""
+    import mistral_common
+    from mistral_common.tokens.tokenizers.base import SpecialTokens
+
+    shipped = json.loads((Path(mistral_common.__file__).parent / "data" / "tekken_240911.json").read_text())
+    names = [token.value for token in SpecialTokens if token.value not in ("[AUDIO]", "[BEGIN_AUDIO]")]
+    names = names[:22] + ["<SPECIAL_22>", "<SPECIAL_23>", "[AUDIO]", "[BEGIN_AUDIO]"] + names[22:]
+    names += [f"<SPECIAL_{rank}>" for rank in range(len(names), specials)]
+    tekken = {"config": {**shipped["config"], "version": "v7", "default_vocab_size": specials + vocab,
+                         "default_num_special_tokens": specials, "num_vocab_tokens": vocab},
+              "vocab": shipped["vocab"][:vocab],
+              "special_tokens": [{"rank": rank, "token_str": name, "is_control": True} for rank, name in enumerate(names)],
+              "audio": {"sampling_rate": 16000, "frame_rate": 12.5, "chunk_length_s": 30.0,
+                        "audio_encoding_config": {"num_mel_bins": 80, "hop_length": 160, "window_size": 400}}}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tekken.json").write_text(json.dumps(tekken))
+    return directory
+
+
+def _save_tiny_voxtral(directory: Path, seed: int) -> Path:
+    from transformers.tokenization_mistral_common import MistralCommonBackend
+
+    tokenizer = MistralCommonBackend.from_pretrained(_tiny_tekken(directory))
+    config = transformers.VoxtralConfig(
+        audio_config={"model_type": "voxtral_encoder", **_TOWER, "max_source_positions": 1500},
+        text_config={"model_type": "llama", "vocab_size": len(tokenizer), **_TEXT},
+        audio_token_id=tokenizer.convert_tokens_to_ids("[AUDIO]"))
+    model = _random_model("VoxtralForConditionalGeneration", config, seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    _save_model(model, tokenizer, directory)
+    processor = transformers.VoxtralProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
+                                              tokenizer=tokenizer)
+    processor.save_pretrained(directory)
     return directory

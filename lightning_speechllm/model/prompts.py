@@ -104,6 +104,8 @@ class PromptBuilder:
         if not self.uses_chat_template:
             return self.eos_token_id
         marker = "@@speechllm-target@@"
+        if self.chat_renderer is not None and isinstance(self.render("asr", None), list):
+            return self.eos_token_id  # a tokenizer that renders ids itself (mistral-common): turns end with EOS
         try:
             if self.chat_renderer is not None:  # a processor template: content as lists of items
                 text = self.chat_renderer([{"role": "user", "content": [{"type": "text", "text": "x"}]},
@@ -127,8 +129,9 @@ class PromptBuilder:
             return self.config.ast_instruction.format(tgt_lang=LANGUAGE_NAMES.get(tgt_lang, tgt_lang))
         raise PromptError(f"unknown task {task!r}; expected one of {TASKS}")
 
-    def render(self, task: str, tgt_lang: str | None) -> str:
-        """The prompt text with SPEECH_PLACEHOLDER where the speech goes (generation prompt included)."""
+    def render(self, task: str, tgt_lang: str | None) -> str | list[int]:
+        """The prompt text with SPEECH_PLACEHOLDER where the speech goes (generation prompt included); token ids
+        for a released model whose tokenizer renders them itself (Voxtral)."""
         instruction = self.instruction(task, tgt_lang)
         if self.chat_renderer is not None:
             return self._render_with_audio_content(instruction)
@@ -140,7 +143,7 @@ class PromptBuilder:
         messages.append({"role": "user", "content": content})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _render_with_audio_content(self, instruction: str) -> str:
+    def _render_with_audio_content(self, instruction: str) -> str | list[int]:
         """A released model's prompt: its processor's template on an audio item and the instruction, with the one
         audio placeholder it writes (and its own markers around it) turned into SPEECH_PLACEHOLDER."""
         audio, text = {"type": "audio"}, {"type": "text", "text": instruction}
@@ -148,6 +151,8 @@ class PromptBuilder:
                     if self.config.system_prompt else None,
                     {"role": "user", "content": [text, audio] if self.config.instruction_first else [audio, text]}]
         rendered = self.chat_renderer([m for m in messages if m is not None])
+        if isinstance(rendered, list):  # token ids, the audio tokens already written: _pieces splits around them
+            return rendered
         if rendered.count(self.audio_token) != 1:
             raise PromptError(f"the processor's chat template must write its audio token {self.audio_token!r} once "
                               f"for one audio item: {rendered!r}")
@@ -155,6 +160,8 @@ class PromptBuilder:
 
     def _pieces(self, task: str, tgt_lang: str | None) -> PromptPieces:
         text = self.render(task, tgt_lang)
+        if isinstance(text, list):
+            return self._pieces_around_audio_ids(text)
         if text.count(SPEECH_PLACEHOLDER) != 1:
             raise PromptError(f"the rendered prompt must hold the speech placeholder exactly once: {text!r}")
         before, after = text.split(SPEECH_PLACEHOLDER)
@@ -162,6 +169,14 @@ class PromptBuilder:
         if not self.uses_chat_template and self._adds_bos():
             prefix = [self.tokenizer.bos_token_id, *prefix]
         return PromptPieces(tuple(prefix), tuple(self.tokenize(after)))
+
+    def _pieces_around_audio_ids(self, ids: list[int]) -> PromptPieces:
+        """Prefix and suffix of a prompt rendered to ids: everything before and after its one run of audio tokens."""
+        audio = self.tokenizer.convert_tokens_to_ids(self.audio_token)
+        where = [i for i, token in enumerate(ids) if token == audio]
+        if not where or where[-1] - where[0] + 1 != len(where):
+            raise PromptError(f"the rendered prompt must hold one run of the audio token {self.audio_token!r}: {ids}")
+        return PromptPieces(tuple(ids[:where[0]]), tuple(ids[where[-1] + 1:]))
 
     def _adds_bos(self) -> bool:
         bos = self.tokenizer.bos_token_id

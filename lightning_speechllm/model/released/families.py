@@ -41,6 +41,9 @@ class ReleasedFamily:
     ``intermediate_size`` / ``hidden_size`` (Voxtral, GLM-ASR); False: one frame per position."""
     feature_mask_argument: str | None = None
     """The stock forward's keyword for the mel-frame mask (None: it takes none)."""
+    prompt_ids: bool = False
+    """The prompt is rendered to token ids by the tokenizer itself (mistral-common's, for Voxtral), which writes the
+    audio tokens from an actual audio; False: the processor's Jinja chat template, rendered as text."""
 
 
 FAMILIES: dict[str, ReleasedFamily] = {
@@ -53,12 +56,13 @@ FAMILIES: dict[str, ReleasedFamily] = {
                        tower_mask="features", frame_lengths="pooled", feature_mask_argument="input_features_mask"),
         ReleasedFamily(model_type="glmasr", class_name="GlmAsrForConditionalGeneration", tower_mask="none",
                        frame_lengths="conv", stacked_frames=True, feature_mask_argument="input_features_mask"),
+        ReleasedFamily(model_type="voxtral", class_name="VoxtralForConditionalGeneration", tower_mask="none",
+                       frame_lengths="window", stacked_frames=True, prompt_ids=True),
     )
 }
 """The families every command supports, by ``model_type``."""
 
 NOT_YET: dict[str, str] = {
-    "voxtral": "Voxtral (its prompt comes from mistral-common's tokenizer, not a transformers chat template)",
     "granite_speech": "Granite Speech without an adapter (Conformer + windowed Q-Former)",
     "qwen2_5_omni": "the Qwen2.5-Omni thinker",
     "phi4_multimodal": "Phi-4-multimodal",

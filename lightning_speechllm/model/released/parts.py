@@ -128,9 +128,16 @@ class ReleasedOrigin:
     source: str | None = None
     """The directory it was loaded from (None: built in memory)."""
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The processor's own chat template on `messages` (generation prompt added, not tokenized)."""
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def render_chat(self, messages: list[dict]) -> str | list[int]:
+        """The model's own chat template on `messages`: text from the processor's Jinja template (generation prompt
+        added), or token ids from a tokenizer that renders them itself (Voxtral's mistral-common), one audio item
+        read as a second of silence (the audio tokens then fill the model's whole window, as for any utterance)."""
+        if not self.family.prompt_ids:
+            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        silence = {"type": "audio", "base64": _silent_wav_base64()}
+        messages = [{**m, "content": [silence if item.get("type") == "audio" else item for item in m["content"]]}
+                    if isinstance(m["content"], list) else m for m in messages]
+        return list(self.processor.tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"])
 
     @property
     def audio_token(self) -> str:
@@ -152,11 +159,11 @@ class ReleasedParts:
 def parts_from_model(model: PreTrainedModel, processor, source: str | None = None) -> ReleasedParts:
     """Split a loaded (or in-memory) released model into the framework's parts; `processor` is its own."""
     family = FAMILIES.get(model.config.model_type) or detect_family(source or "<memory>")
-    if not getattr(processor, "chat_template", None):
+    if not family.prompt_ids and not getattr(processor, "chat_template", None):
         raise ReleasedModelError(f"{source or family.class_name}: the processor has no chat template "
                                  "(chat_template.jinja / .json), so the prompt around the audio is unknown")
     audio_token = getattr(processor, "audio_token", None)
-    if not audio_token or audio_token not in processor.tokenizer.get_vocab():
+    if not audio_token or processor.tokenizer.convert_tokens_to_ids(audio_token) in (None, processor.tokenizer.unk_token_id):
         raise ReleasedModelError(f"{source or family.class_name}: the processor's audio token {audio_token!r} is "
                                  "not in its tokenizer")
     tower = attrgetter(family.audio_tower)(model)
@@ -178,3 +185,15 @@ def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
     model = getattr(transformers, family.class_name).from_pretrained(
         directory, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False).eval()
     return parts_from_model(model, processor, str(directory))
+
+
+def _silent_wav_base64(seconds: float = 1.0) -> str:
+    """A silent 16 kHz WAV, base64-encoded (what mistral-common's chat template reads as an audio item)."""
+    import base64
+    import io
+
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(int(SAMPLE_RATE * seconds), dtype=np.float32), SAMPLE_RATE, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
