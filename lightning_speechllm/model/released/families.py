@@ -64,8 +64,10 @@ FAMILIES: dict[str, ReleasedFamily] = {
 
 NOT_YET: dict[str, str] = {
     "granite_speech": "Granite Speech without an adapter (Conformer + windowed Q-Former)",
-    "qwen2_5_omni": "the Qwen2.5-Omni thinker",
-    "phi4_multimodal": "Phi-4-multimodal",
+    "qwen2_5_omni": "the Qwen2.5-Omni thinker (its processor needs torchvision for the video processor; its audio tower "
+                    "holds its projection; its text model has no causal-LM class)",
+    "qwen2_5_omni_thinker": "the Qwen2.5-Omni thinker (as qwen2_5_omni)",
+    "phi4_multimodal": "Phi-4-multimodal (its speech LoRA is a separate adapter the user switches on for audio)",
     "qwen3_asr": "Qwen3-ASR",
     "kyutai_speech_to_text": "Kyutai speech-to-text",
 }
