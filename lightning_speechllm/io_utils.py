@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,23 @@ def replace_dir(src: Path, dst: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(out: str | Path, error: type[Exception] = ValueError) -> Iterator[Path]:
+    """A temporary sibling of `out` to fill; on a clean exit it replaces `out` (:func:`replace_dir`), on an error it
+    is deleted and `out` is left as it was. An `out` that exists and is not a directory is refused with `error`."""
+    target = Path(out).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise error(f"export target {target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:

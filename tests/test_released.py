@@ -80,19 +80,51 @@ def _stock(directory: Path, speechllm: SpeechLLM):
         directory, attn_implementation="eager").eval()
 
 
-def _assert_stock_equals_framework(directory: Path, speechllm: SpeechLLM, atol: float = 0.0) -> None:
-    stock = _stock(directory, speechllm)
+def _on_the_16_bit_grid(audio: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """Waveforms as a 16-bit WAV holds them (written and read back by soundfile)."""
+    sf.write(tmp_path / "grid.wav", audio.T.numpy(), 16000, subtype="PCM_16")
+    return torch.from_numpy(sf.read(tmp_path / "grid.wav", dtype="float32", always_2d=True)[0].T.copy())
+
+
+def _processor_logits(directory: Path, speechllm: SpeechLLM, batch, tmp_path: Path) -> list[torch.Tensor]:
+    """The stock model's logits over each utterance's prompt, its inputs made by the stock processor alone (its
+    chat template, its audio-token count, its features): nothing of the framework's prompt code is used."""
+    processor, stock = transformers.AutoProcessor.from_pretrained(directory), _stock(directory, speechllm)
+    instruction, rows = speechllm.prompts.instruction("asr", None), []
+    for i, n in enumerate(batch.audio_lens.tolist()):
+        wave = batch.audio[i, :n].numpy()
+        if speechllm.released.family.prompt_ids:  # mistral-common reads the audio itself
+            sf.write(tmp_path / f"row{i}.wav", wave, 16000, subtype="PCM_16")
+            audio = {"type": "audio", "path": str(tmp_path / f"row{i}.wav")}
+            inputs = processor.apply_chat_template([{"role": "user", "content": [
+                audio, {"type": "text", "text": instruction}]}], tokenize=True, return_dict=True, return_tensors="pt")
+        else:
+            text = processor.apply_chat_template([{"role": "user", "content": [
+                {"type": "audio"}, {"type": "text", "text": instruction}]}], tokenize=False, add_generation_prompt=True)
+            inputs = processor(text=[text], audio=[wave], sampling_rate=16000, return_tensors="pt")
+        with torch.no_grad():
+            rows.append(stock(**inputs).logits[0])
+    return rows
+
+
+def _assert_stock_equals_framework(directory: Path, speechllm: SpeechLLM, tmp_path: Path, atol: float = 5e-5) -> None:
+    """The stock class reloaded from `directory`, fed by its own processor, gives the framework's logits on the
+    same utterances. The framework runs them batched and left-padded, the stock model one by one: float32 rounding
+    apart (~1e-5 on logits of |x| ~ 5), where a wrong position, feature or layer moves them by O(1)."""
     batch = make_batch(seconds=(1.0, 0.6, 1.4))
+    batch.audio = _on_the_16_bit_grid(batch.audio, tmp_path)  # mistral-common hands Voxtral 16-bit audio
+    theirs = _processor_logits(directory, speechllm, batch, tmp_path)
     with torch.no_grad():
-        stock_inputs, inputs = _stock_inputs(speechllm, stock, batch)
-        theirs = stock(**stock_inputs).logits
+        inputs = speechllm.build_inputs(batch, with_targets=False)
         ours = speechllm.run_decoder(inputs).logits
-    real = inputs.attention_mask.bool()
-    assert ours[real].abs().max() > 1.0  # logits that carry the weights, not a near-zero random init
-    torch.testing.assert_close(theirs[real], ours[real], atol=atol, rtol=0)
+    for row, stock_row in enumerate(theirs):
+        ours_row = ours[row][inputs.attention_mask[row].bool()]
+        assert ours_row.shape == stock_row.shape  # the same prompt length: the processor's audio-token count
+        assert ours_row.abs().max() > 1.0  # logits that carry the weights, not a near-zero random init
+        torch.testing.assert_close(stock_row, ours_row, atol=atol, rtol=0)
 
 
-def test_the_parts_give_the_stock_models_logits(assets):
+def test_the_parts_give_the_stock_models_logits(assets, tmp_path):
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
     assert speechllm.released.family.model_type == assets["family"] and speechllm.layer_mask.num_layers == 4
     pieces = speechllm.prompts.pieces("asr", None)
@@ -105,7 +137,7 @@ def test_the_parts_give_the_stock_models_logits(assets):
                   "glmasr": "<|begin_of_audio|><|speech|><|end_of_audio|>\n"}[assets["family"]]
         assert speechllm.prompts.render("asr", None).count(around) == 1
         assert speechllm.prompts.end_token_id == speechllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    _assert_stock_equals_framework(assets["model"], speechllm.eval())
+    _assert_stock_equals_framework(assets["model"], speechllm.eval(), tmp_path)
 
 
 def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
@@ -129,7 +161,7 @@ def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
     assert len(plan.removed_layers) == 2 and "pruned decoder written to" in capsys.readouterr().out
     masked = SpeechLLM.from_config(SpeechLLMConfig(pretrained=model_dir, attn_implementation="eager")).eval()
     masked.layer_mask.remove_layers(plan.removed_layers)
-    _assert_stock_equals_framework(pruned, masked)
+    _assert_stock_equals_framework(pruned, masked, tmp_path)
     assert json.loads((pruned / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
 
     # heal 3 steps (LoRA on the receiving layer + projector, CE + KL from the shared-weight teacher), then export
@@ -143,7 +175,7 @@ def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
     assert lora_b and max(float(v.abs().max()) for v in lora_b) > 1e-3  # the merge matters
     assert not (out / "decoder").exists() and (out / "model" / "processor_config.json").is_file()
     # merged vs unmerged LoRA: float32 rounding only
-    _assert_stock_equals_framework(out / "model", healed.speechllm.eval(), atol=1e-4)
+    _assert_stock_equals_framework(out / "model", healed.speechllm.eval(), tmp_path, atol=1e-4)
     info = json.loads((out / "model" / "pruning.json").read_text())
     assert info["removed_layers"] == plan.removed_layers and info["family"] == assets["family"]
 
@@ -174,7 +206,7 @@ def test_replacement_healing_exports_as_a_stock_model(assets, tmp_path):
     healed = load_module(tmp_path / "ck" / "last.ckpt").speechllm.eval()
     exported = json.loads((tmp_path / "export" / "model" / "config.json").read_text())
     assert exported["text_config"]["num_hidden_layers"] == 3  # layers 0, 3 and the replacement
-    _assert_stock_equals_framework(tmp_path / "export" / "model", healed, atol=1e-5)
+    _assert_stock_equals_framework(tmp_path / "export" / "model", healed, tmp_path)
 
 
 def test_cached_generation_equals_uncached_after_pruning(assets, tmp_path):
@@ -312,4 +344,53 @@ def test_greedy_and_attention_plans_export_in_its_own_class(qwen2_assets, tmp_pa
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=model_dir, attn_implementation="eager")).eval()
     speechllm.sublayer_mask.drop(dropped, [])
     # the dropped attention is exported as a zeroed output projection: the stock model's logits are the framework's
-    _assert_stock_equals_framework(tmp_path / "attention", speechllm, atol=1e-5)
+    _assert_stock_equals_framework(tmp_path / "attention", speechllm, tmp_path)
+
+
+def test_framework_generation_equals_the_stock_models_after_pruning(assets, tmp_path):
+    """SpeechLLM.generate (inputs_embeds, its KV cache) and the exported stock model's generate give the same tokens."""
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
+    speechllm.layer_mask.remove_layers([1, 2])
+    from lightning_speechllm.model.released.export import save_released
+
+    stock = _stock(save_released(speechllm.eval(), tmp_path / "pruned"), speechllm)
+    batch = make_batch(seconds=(1.0, 0.6))
+    with torch.no_grad():
+        ours = speechllm.generate_with_details(batch, max_new_tokens=6, min_new_tokens=6)
+        inputs, _ = _stock_inputs(speechllm, stock, batch)
+        prompt = {k: v for k, v in inputs.items() if k != "position_ids"}
+        prompt["input_ids"], prompt["attention_mask"] = _without_targets(speechllm, batch, inputs)
+        theirs = stock.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert ours.num_tokens == [6, 6]
+    expected = speechllm.tokenizer.batch_decode(theirs[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert ours.texts == [text.strip() for text in expected]
+
+
+def _without_targets(speechllm: SpeechLLM, batch, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stock ids and mask of `batch`'s generation prompts (its audio token at the speech positions)."""
+    plain = speechllm.build_inputs(batch, with_targets=False)
+    rows = []
+    for row, text in enumerate(batch.texts):
+        target = len(speechllm.prompts.tokenize(text.strip())) + 1
+        rows.append(inputs["input_ids"][row, :inputs["input_ids"].shape[1] - target])
+    width = plain.segment_ids.shape[1]
+    ids = torch.stack([torch.cat([torch.full((width - len(r),), speechllm.tokenizer.pad_token_id), r[-width:]])
+                       if len(r) < width else r[-width:] for r in rows])
+    return ids, plain.attention_mask
+
+
+@pytest.mark.parametrize("family", ["audioflamingo3", "glmasr"])
+def test_a_bfloat16_model_and_cached_frames_run(family, tmp_path):
+    """A half-precision tower reads float32 features (AF3's and GLM-ASR's do not cast them), and cached frames,
+    trimmed to each utterance, need not fill the last group of stacked frames."""
+    assets = _make_assets(tmp_path, family)
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), llm_dtype="bfloat16")).eval()
+    assert next(speechllm.encoder.tower.parameters()).dtype == torch.bfloat16
+    batch = make_batch(seconds=(1.0, 0.62))
+    with torch.no_grad():
+        frames, lens = speechllm.encode_frames(batch.audio, batch.audio_lens)
+        whole, whole_lens = speechllm.projector(frames, lens)
+        trimmed, trimmed_lens = speechllm.projector(frames[:, : int(lens.max())], lens)
+    assert torch.equal(whole_lens, trimmed_lens)
+    for row, n in enumerate(whole_lens.tolist()):
+        torch.testing.assert_close(trimmed[row, :n], whole[row, :n], atol=0, rtol=0)

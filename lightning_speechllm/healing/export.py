@@ -19,9 +19,7 @@ The module is rebuilt by :func:`lightning_speechllm.checkpoints.load_module` (th
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 from safetensors.torch import save_file
 
 from lightning_speechllm.checkpoints import load_module
-from lightning_speechllm.io_utils import replace_dir
+from lightning_speechllm.io_utils import atomic_directory
 from lightning_speechllm.model.checkpoint import CheckpointError
 from lightning_speechllm.model.export import save_pruned_decoder
 from lightning_speechllm.model.layer_mask import LayerMaskError
@@ -80,16 +78,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Export a checkpoint to `out_dir` atomically (temporary sibling directory, then rename); returns `out_dir`."""
     module = load_module(ckpt_path)
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"export target {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, CheckpointError) as tmp:
         write_export(module, tmp, source=str(Path(ckpt_path).resolve()))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -429,8 +429,9 @@ class HealingModule(SpeechLLMModule):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def base_model_ids(self) -> dict[str, str | None]:
-        ids = {"llm_path": self.model_config.llm_path, "encoder_path": self.model_config.encoder_path}
-        return {"pretrained": self.model_config.pretrained, **ids} if self.model_config.pretrained else ids
+        if self.model_config.pretrained:  # a released model: its llm_path / encoder_path are unused
+            return {"pretrained": self.model_config.pretrained}
+        return {"llm_path": self.model_config.llm_path, "encoder_path": self.model_config.encoder_path}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_speechllm.io_utils import replace_dir
+from lightning_speechllm.io_utils import atomic_directory
 
 from .layer_mask import (
     LayerMaskError,
@@ -213,17 +211,9 @@ def save_pruned_decoder(
     hf_model = unwrap_peft(model)
     if not hasattr(hf_model, "save_pretrained") or not hasattr(hf_model, "config"):
         raise ExportError(f"{type(model).__name__} is not a transformers PreTrainedModel (no save_pretrained)")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"export target {out} exists and is not a directory")
     info = pruning_info(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, ExportError) as tmp:
         _write_pruned(hf_model, tmp, tokenizer, info)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -73,7 +73,8 @@ class PromptBuilder:
     """Tokenizes prompts and targets for ASR and speech translation."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PromptConfig | None = None,
-                 chat_renderer: Callable[[list[dict]], str] | None = None, audio_token: str | None = None) -> None:
+                 chat_renderer: Callable[[list[dict]], str | list[int]] | None = None,
+                 audio_token: str | None = None) -> None:
         """`chat_renderer` (with the `audio_token` it writes): a released model's processor template, rendered on
         messages whose user content is an audio item and the instruction; None: the tokenizer's template."""
         self.tokenizer = tokenizer
@@ -81,6 +82,9 @@ class PromptBuilder:
         self.chat_renderer, self.audio_token = chat_renderer, audio_token
         if chat_renderer is not None and not audio_token:
             raise PromptError("a chat_renderer needs the audio_token its template writes")
+        if chat_renderer is not None and self.config.use_chat_template is False:
+            raise PromptError("model.prompt.use_chat_template is false, but a released model (model.pretrained) is "
+                              "always prompted through its own processor's chat template: leave it null")
         if "{speech}" not in self.config.plain_template or "{instruction}" not in self.config.plain_template:
             raise PromptError("PromptConfig.plain_template must contain {speech} and {instruction}")
         use_chat = self.config.use_chat_template

@@ -65,8 +65,9 @@ class SpeechLLMConfig:
     """Local HF causal-LM directory, or a registered offline asset name."""
     pretrained: str | None = None
     """Local HF directory of a released SpeechLLM (Qwen2-Audio, ...: :mod:`lightning_speechllm.model.released`),
-    loaded whole in its own class through its own feature extractor and chat template; `llm_path`, `encoder_path`,
-    the encoder window and `projector` are then unused. None (the default) assembles encoder + projector + LLM."""
+    loaded whole in its own class, in `llm_dtype`, through its own feature extractor and chat template; `llm_path`,
+    `encoder_path`, `encoder_dtype`, the encoder window and `projector` are then unused. None (the default)
+    assembles encoder + projector + LLM."""
     encoder_path: str | None = "whisper-tiny.en"
     """Local HF speech-encoder directory, or a registered offline asset name; None for a text-only model."""
     encoder_window_seconds: float | None = None
@@ -136,7 +137,8 @@ class SpeechLLM(nn.Module):
         super().__init__()
         self.config = config or SpeechLLMConfig()
         self.released = released
-        self.encoder = _cast_encoder(encoder, self.config.encoder_dtype)
+        # A released tower keeps the dtypes it was loaded in (llm_dtype, with its class's float32-kept modules)
+        self.encoder = encoder if released is not None else _cast_encoder(encoder, self.config.encoder_dtype)
         self.llm = llm
         self.tokenizer = tokenizer
         self.prompts = (PromptBuilder(tokenizer, self.config.prompt) if released is None else
@@ -213,7 +215,7 @@ class SpeechLLM(nn.Module):
     def from_released_parts(cls, parts: ReleasedParts, config: SpeechLLMConfig | None = None) -> SpeechLLM:
         """A SpeechLLM on the parts of a released model (:func:`~lightning_speechllm.model.released.load_released`,
         or :func:`~lightning_speechllm.model.released.parts_from_model` for one built in memory)."""
-        config = config or SpeechLLMConfig(pretrained=parts.origin.source)
+        config = config or SpeechLLMConfig(pretrained=parts.origin.source, llm_path=f"<memory>/{parts.origin.family.class_name}")
         return cls(parts.llm, parts.tokenizer, parts.encoder, config, projector=parts.projector,
                    released=parts.origin)
 
@@ -303,6 +305,9 @@ class SpeechLLM(nn.Module):
         """What the encoder cache key stands for (without the weights digest)."""
         encoder = self.encoder
         config = getattr(encoder, "config", None) or getattr(getattr(encoder, "model", None), "config", None)
+        if self.released is not None:  # its tower and its own feature extractor (window, mel settings)
+            return {"encoder_class": type(encoder).__name__, "pretrained": self.config.pretrained,
+                    "encoder_config": config.to_dict(), "feature_extractor": encoder.feature_extractor.to_dict()}
         return {"encoder_class": type(encoder).__name__, "encoder_path": self.config.encoder_path,
                 "encoder_config": config.to_dict() if config is not None else None,
                 "window_samples": getattr(encoder, "window_samples", None),

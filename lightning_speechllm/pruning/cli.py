@@ -245,7 +245,7 @@ def _calibration_modality(args: PruneArgs, speechllm: SpeechLLM) -> str:
     if args.calibration_modality == "speech" and speechllm.encoder is None:
         print("prune: the model has no speech encoder, calibrating on text", file=sys.stderr)
         return "text"
-    if args.calibration_modality == "speech" and args.ckpt_path is None:
+    if args.calibration_modality == "speech" and args.ckpt_path is None and speechllm.released is None:
         warnings.warn("greedy calibration on speech without --ckpt_path: the projector is untrained", stacklevel=2)
     return args.calibration_modality
 
@@ -310,7 +310,8 @@ def export_pruned(plan: PruningPlan, llm_path: str, out_dir: str | Path, dtype: 
 
     llm_dir = _llm_dir(llm_path)
     if is_released_dir(llm_dir):
-        return _export_released(plan, llm_path, out_dir, dtype, check_model_id)
+        return _export_released(plan, str(llm_dir), out_dir, dtype, check_model_id=check_model_id,
+                                model_id=llm_path)
     model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=getattr(torch, dtype)).eval()
     before = parameter_count(model)
     apply_plan(model, plan, model_id=llm_path if check_model_id else None)
@@ -320,14 +321,14 @@ def export_pruned(plan: PruningPlan, llm_path: str, out_dir: str | Path, dtype: 
     return out, before, after
 
 
-def _export_released(plan: PruningPlan, directory: str, out_dir: str | Path, dtype: str,
-                     check_model_id: bool) -> tuple[Path, int, int]:
+def _export_released(plan: PruningPlan, directory: str, out_dir: str | Path, dtype: str, check_model_id: bool,
+                     model_id: str) -> tuple[Path, int, int]:
     """:func:`export_pruned` for a released SpeechLLM: the whole model, pruned, in its own class."""
     from lightning_speechllm.model.released.export import save_released
 
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=directory, llm_dtype=dtype))
     before = parameter_count(speechllm.llm)
-    apply_plan(speechllm, plan, model_id=directory if check_model_id else None)
+    apply_plan(speechllm, plan, model_id=model_id if check_model_id else None)
     after = parameter_count(speechllm.llm)
     out = save_released(speechllm, out_dir)
     plan.to_json(out / PLAN_IN_EXPORT)

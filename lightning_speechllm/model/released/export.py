@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 
-from lightning_speechllm.io_utils import replace_dir
+from lightning_speechllm.io_utils import atomic_directory
 
 from ..export import PRUNING_FILE, pruning_info, stock_state_dict
 from ..layer_mask import unwrap_peft
 from .families import ReleasedFamily, ReleasedModelError
 from .parts import ReleasedOrigin
+
+if TYPE_CHECKING:  # the SpeechLLM imports this package
+    from lightning_speechllm.model.speechllm import SpeechLLM
 
 __all__ = ["released_state_dict", "save_released"]
 
@@ -44,7 +46,7 @@ def released_state_dict(family: ReleasedFamily, llm: torch.nn.Module, tower: tor
     return {key: value.detach().contiguous() for key, value in state.items()}
 
 
-def save_released(speechllm, out_dir: str | Path) -> Path:
+def save_released(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
     """Write `speechllm` (a SpeechLLM on a released model's parts) as a stock directory of its class into `out_dir`
     (assembled in a temporary sibling, then renamed into place); returns `out_dir`."""
     origin: ReleasedOrigin | None = speechllm.released
@@ -59,18 +61,12 @@ def save_released(speechllm, out_dir: str | Path) -> Path:
     if missing or extra:
         raise ReleasedModelError(f"the pruned weights do not fit {family.class_name}: missing {missing[:3]}, "
                                  f"unexpected {extra[:3]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, ReleasedModelError) as tmp:
         _meta_model(family, config).save_pretrained(tmp, state_dict=state)
         origin.processor.save_pretrained(tmp)
         origin.generation_config.save_pretrained(tmp)
         info = {**pruning_info(speechllm.llm), "family": family.model_type, "source": origin.source}
         (tmp / PRUNING_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    FeatureExtractionMixin,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 from transformers.masking_utils import create_bidirectional_mask
 
 from lightning_speechllm.data.batch import SAMPLE_RATE
@@ -36,7 +44,7 @@ class ReleasedAudioEncoder(SpeechEncoder):
     """Waveforms -> the released audio tower's frames, through the model's own feature extractor (padded to its
     window, as its processor does). Utterances longer than the window are refused, not cut."""
 
-    def __init__(self, tower: nn.Module, feature_extractor, family: ReleasedFamily) -> None:
+    def __init__(self, tower: nn.Module, feature_extractor: FeatureExtractionMixin, family: ReleasedFamily) -> None:
         super().__init__()
         self.tower = tower
         self.config = tower.config
@@ -61,8 +69,9 @@ class ReleasedAudioEncoder(SpeechEncoder):
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(audio, audio_lens)
-        device = next(self.tower.parameters()).device
-        mel, mel_mask = features["input_features"].to(device), features["attention_mask"].to(device)
+        weight = next(self.tower.parameters())
+        # AF3's and GLM-ASR's towers do not cast their input (Qwen2-Audio's and Voxtral's do): a half tower needs it
+        mel, mel_mask = features["input_features"].to(weight.device, weight.dtype), features["attention_mask"].to(weight.device)
         conv_lens = (mel_mask.sum(-1) - 1) // 2 + 1  # the towers' stride-2 second conv (the stock formula)
         if self.family.tower_mask == "attention":
             frames = self.tower(mel, attention_mask=self._conv_frame_mask(mel, conv_lens)).last_hidden_state
@@ -94,8 +103,9 @@ class ReleasedProjector(nn.Module):
     def forward(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.frames_per_position
         batch, time, dim = frames.shape
-        if time % k:
-            raise ValueError(f"the projector stacks {k} frames per position, but the tower gave {time} frames")
+        # Frames past the last whole group never reach a position (GLM-ASR's formula); cached frames come trimmed
+        # to each utterance's length, which need not be a multiple of k.
+        frames = frames[:, : time - time % k]
         stacked = frames.reshape(batch, time // k, dim * k).to(next(self.net.parameters()).dtype)
         return self.net(stacked).clone(), torch.div(lens, k, rounding_mode="floor")
 
@@ -122,7 +132,7 @@ class ReleasedOrigin:
     family: ReleasedFamily
     config: PretrainedConfig
     """The released model's top-level config (the export replaces its text config by the cut one)."""
-    processor: object
+    processor: ProcessorMixin
     """Its processor: tokenizer, feature extractor, chat template (saved with the export)."""
     generation_config: GenerationConfig
     source: str | None = None
@@ -156,9 +166,13 @@ class ReleasedParts:
     projector: ReleasedProjector
 
 
-def parts_from_model(model: PreTrainedModel, processor, source: str | None = None) -> ReleasedParts:
+def parts_from_model(model: PreTrainedModel, processor: ProcessorMixin, source: str | None = None) -> ReleasedParts:
     """Split a loaded (or in-memory) released model into the framework's parts; `processor` is its own."""
-    family = FAMILIES.get(model.config.model_type) or detect_family(source or "<memory>")
+    model_type = model.config.model_type
+    family = detect_family(source) if source is not None else FAMILIES.get(model_type)
+    if family is None:
+        raise ReleasedModelError(f"{type(model).__name__} (model_type {model_type!r}) is not a supported released "
+                                 f"family: {sorted(FAMILIES)}")
     if not family.prompt_ids and not getattr(processor, "chat_template", None):
         raise ReleasedModelError(f"{source or family.class_name}: the processor has no chat template "
                                  "(chat_template.jinja / .json), so the prompt around the audio is unknown")
@@ -181,6 +195,9 @@ def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
     into its parts."""
     directory = Path(directory).expanduser()
     family = detect_family(directory)  # refusals first, before any weight is read
+    if not any((directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        raise ReleasedModelError(f"{directory} has no processor files (processor_config.json or "
+                                 "preprocessor_config.json): the feature extractor and prompt are unknown")
     processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
     model = getattr(transformers, family.class_name).from_pretrained(
         directory, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False).eval()
