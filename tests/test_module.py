@@ -115,6 +115,20 @@ def test_lr_schedule_warmup_then_linear_decay():
         lr_lambda(5, 0, 10, "step", 0.0)
 
 
+def test_lora_gets_its_own_peak_lr_on_the_same_schedule(tmp_path):
+    lit = module(lora=True, lr=1e-2, lora_lr=1e-3, warmup_steps=0, schedule="linear")
+    fit = trainer(tmp_path, max_steps=4)
+    fit.fit(lit, train_dataloaders=DataLoader([make_batch()] * 4, batch_size=None))
+    groups = fit.optimizers[0].param_groups
+    lora = {id(p) for name, p in lit.named_parameters() if "lora_" in name}
+    assert [g["initial_lr"] for g in groups] == [1e-2, 1e-3]
+    assert all(id(p) not in lora for p in groups[0]["params"]) and {id(p) for p in groups[1]["params"]} == lora
+    assert groups[1]["lr"] / groups[1]["initial_lr"] == pytest.approx(groups[0]["lr"] / groups[0]["initial_lr"])
+    with pytest.raises(ValueError, match="optim.lora_lr must be > 0"):
+        trainer(tmp_path, max_steps=1).fit(module(lora=True, lora_lr=0.0),
+                                           train_dataloaders=DataLoader([make_batch()], batch_size=None))
+
+
 def test_a_batch_emptied_by_the_skip_policy_trains_nothing_and_is_counted(tmp_path):
     model = module(lora=True)
     empty = make_batch().subset([])
