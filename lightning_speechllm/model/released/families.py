@@ -67,7 +67,8 @@ NOT_YET: dict[str, str] = {
     "qwen2_5_omni": "the Qwen2.5-Omni thinker (its processor needs torchvision for the video processor; its audio tower "
                     "holds its projection; its text model has no causal-LM class)",
     "qwen2_5_omni_thinker": "the Qwen2.5-Omni thinker (as qwen2_5_omni)",
-    "phi4_multimodal": "Phi-4-multimodal (its speech LoRA is a separate adapter the user switches on for audio)",
+    "phi4_multimodal": "Phi-4-multimodal (its processor needs torchvision; its speech LoRA is a separate adapter the "
+                       "user switches on for audio)",
     "qwen3_asr": "Qwen3-ASR",
     "kyutai_speech_to_text": "Kyutai speech-to-text",
 }
