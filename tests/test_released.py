@@ -54,11 +54,12 @@ def qwen2_assets(tmp_path_factory) -> dict[str, Path]:
     return _make_assets(tmp_path_factory.mktemp("qwen2_audio_only"), "qwen2_audio")
 
 
-def _stock_inputs(speechllm: SpeechLLM, stock, batch) -> tuple[dict, object]:
+def _stock_inputs(speechllm: SpeechLLM, stock, batch, with_targets: bool = True) -> tuple[dict, object]:
     """What the stock class reads for `batch` (its audio token at the speech positions, its own features) and the
-    framework's inputs for the same batch."""
-    inputs = speechllm.build_inputs(batch, with_targets=True)
-    samples = [speechllm.prompts.encode(task, None, text) for task, text in zip(batch.tasks, batch.texts)]
+    framework's inputs for the same batch; without targets, the generation prompts."""
+    inputs = speechllm.build_inputs(batch, with_targets=with_targets)
+    samples = [speechllm.prompts.encode(task, None, text if with_targets else None)
+               for task, text in zip(batch.tasks, batch.texts)]
     width = inputs.segment_ids.shape[1]
     ids = torch.full((len(samples), width), speechllm.tokenizer.pad_token_id)
     for row, sample in enumerate(samples):
@@ -357,26 +358,12 @@ def test_framework_generation_equals_the_stock_models_after_pruning(assets, tmp_
     batch = make_batch(seconds=(1.0, 0.6))
     with torch.no_grad():
         ours = speechllm.generate_with_details(batch, max_new_tokens=6, min_new_tokens=6)
-        inputs, _ = _stock_inputs(speechllm, stock, batch)
+        inputs, _ = _stock_inputs(speechllm, stock, batch, with_targets=False)
         prompt = {k: v for k, v in inputs.items() if k != "position_ids"}
-        prompt["input_ids"], prompt["attention_mask"] = _without_targets(speechllm, batch, inputs)
         theirs = stock.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert ours.num_tokens == [6, 6]
     expected = speechllm.tokenizer.batch_decode(theirs[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert ours.texts == [text.strip() for text in expected]
-
-
-def _without_targets(speechllm: SpeechLLM, batch, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stock ids and mask of `batch`'s generation prompts (its audio token at the speech positions)."""
-    plain = speechllm.build_inputs(batch, with_targets=False)
-    rows = []
-    for row, text in enumerate(batch.texts):
-        target = len(speechllm.prompts.tokenize(text.strip())) + 1
-        rows.append(inputs["input_ids"][row, :inputs["input_ids"].shape[1] - target])
-    width = plain.segment_ids.shape[1]
-    ids = torch.stack([torch.cat([torch.full((width - len(r),), speechllm.tokenizer.pad_token_id), r[-width:]])
-                       if len(r) < width else r[-width:] for r in rows])
-    return ids, plain.attention_mask
 
 
 @pytest.mark.parametrize("family", ["audioflamingo3", "glmasr"])

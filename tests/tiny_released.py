@@ -102,7 +102,8 @@ def _tiny_tekken(directory: Path, vocab: int = 900, specials: int = 100) -> Path
     tekken = {"config": {**shipped["config"], "version": "v7", "default_vocab_size": specials + vocab,
                          "default_num_special_tokens": specials, "num_vocab_tokens": vocab},
               "vocab": shipped["vocab"][:vocab],
-              "special_tokens": [{"rank": rank, "token_str": name, "is_control": True} for rank, name in enumerate(names)],
+              "special_tokens": [{"rank": rank, "token_str": name, "is_control": True}
+                                 for rank, name in enumerate(names)],
               "audio": {"sampling_rate": 16000, "frame_rate": 12.5, "chunk_length_s": 30.0,
                         "audio_encoding_config": {"num_mel_bins": 80, "hop_length": 160, "window_size": 400}}}
     directory.mkdir(parents=True, exist_ok=True)

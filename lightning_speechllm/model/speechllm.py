@@ -209,13 +209,15 @@ class SpeechLLM(nn.Module):
             log.warning("model.pretrained %s keeps its own audio window; ignoring %s", config.pretrained,
                         ", ".join(f"{key}={value}" for key, value in unused.items()))
             config.encoder_window_seconds = config.encoder_window_step_seconds = None
-        return cls.from_released_parts(load_released(config.pretrained, dtype=dtype, attn_implementation=attn), config)
+        parts = load_released(config.pretrained, dtype=dtype, attn_implementation=attn)
+        return cls.from_released_parts(parts, config)
 
     @classmethod
     def from_released_parts(cls, parts: ReleasedParts, config: SpeechLLMConfig | None = None) -> SpeechLLM:
         """A SpeechLLM on the parts of a released model (:func:`~lightning_speechllm.model.released.load_released`,
         or :func:`~lightning_speechllm.model.released.parts_from_model` for one built in memory)."""
-        config = config or SpeechLLMConfig(pretrained=parts.origin.source, llm_path=f"<memory>/{parts.origin.family.class_name}")
+        origin = parts.origin
+        config = config or SpeechLLMConfig(pretrained=origin.source, llm_path=f"<memory>/{origin.family.class_name}")
         return cls(parts.llm, parts.tokenizer, parts.encoder, config, projector=parts.projector,
                    released=parts.origin)
 

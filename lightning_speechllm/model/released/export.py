@@ -56,13 +56,14 @@ def save_released(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
     state = released_state_dict(family, speechllm.llm, speechllm.encoder.tower, speechllm.projector.net)
     config = copy.deepcopy(origin.config)
     config.text_config = copy.deepcopy(unwrap_peft(speechllm.llm).config)  # the cut layer count and per-layer lists
-    expected = set(_meta_model(family, config).state_dict())
+    stock = _meta_model(family, config)
+    expected = set(stock.state_dict())
     missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or extra:
         raise ReleasedModelError(f"the pruned weights do not fit {family.class_name}: missing {missing[:3]}, "
                                  f"unexpected {extra[:3]}")
     with atomic_directory(out, ReleasedModelError) as tmp:
-        _meta_model(family, config).save_pretrained(tmp, state_dict=state)
+        stock.save_pretrained(tmp, state_dict=state)
         origin.processor.save_pretrained(tmp)
         origin.generation_config.save_pretrained(tmp)
         info = {**pruning_info(speechllm.llm), "family": family.model_type, "source": origin.source}

@@ -64,8 +64,8 @@ FAMILIES: dict[str, ReleasedFamily] = {
 
 NOT_YET: dict[str, str] = {
     "granite_speech": "Granite Speech without an adapter (Conformer + windowed Q-Former)",
-    "qwen2_5_omni": "the Qwen2.5-Omni thinker (its processor needs torchvision for the video processor; its audio tower "
-                    "holds its projection; its text model has no causal-LM class)",
+    "qwen2_5_omni": "the Qwen2.5-Omni thinker (its processor needs torchvision for the video processor; its audio "
+                    "tower holds its projection; its text model has no causal-LM class)",
     "qwen2_5_omni_thinker": "the Qwen2.5-Omni thinker (as qwen2_5_omni)",
     "phi4_multimodal": "Phi-4-multimodal (its processor needs torchvision; its speech LoRA is a separate adapter the "
                        "user switches on for audio)",
@@ -109,8 +109,8 @@ def _refusal(config: dict) -> str | None:
     if config["model_type"] in REFUSED:
         return REFUSED[config["model_type"]]
     if config.get("has_lora_adapter"):  # Granite Speech: its generate turns the adapter on only with audio
-        return ("it ships a LoRA adapter that its class enables on audio inputs only (has_lora_adapter): the text-input "
-                "map, healing LoRA and the export cannot honour that switch")
+        return ("it ships a LoRA adapter that its class enables on audio inputs only (has_lora_adapter): the "
+                "text-input map, healing LoRA and the export cannot honour that switch")
     return None
 
 

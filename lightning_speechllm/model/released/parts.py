@@ -71,7 +71,8 @@ class ReleasedAudioEncoder(SpeechEncoder):
         features = self.features(audio, audio_lens)
         weight = next(self.tower.parameters())
         # AF3's and GLM-ASR's towers do not cast their input (Qwen2-Audio's and Voxtral's do): a half tower needs it
-        mel, mel_mask = features["input_features"].to(weight.device, weight.dtype), features["attention_mask"].to(weight.device)
+        mel = features["input_features"].to(weight.device, weight.dtype)
+        mel_mask = features["attention_mask"].to(weight.device)
         conv_lens = (mel_mask.sum(-1) - 1) // 2 + 1  # the towers' stride-2 second conv (the stock formula)
         if self.family.tower_mask == "attention":
             frames = self.tower(mel, attention_mask=self._conv_frame_mask(mel, conv_lens)).last_hidden_state
@@ -161,9 +162,13 @@ class ReleasedParts:
 
     origin: ReleasedOrigin
     llm: PreTrainedModel
-    tokenizer: object
     encoder: ReleasedAudioEncoder
     projector: ReleasedProjector
+
+    @property
+    def tokenizer(self) -> object:
+        """The processor's tokenizer."""
+        return self.origin.processor.tokenizer
 
 
 def parts_from_model(model: PreTrainedModel, processor: ProcessorMixin, source: str | None = None) -> ReleasedParts:
@@ -177,14 +182,15 @@ def parts_from_model(model: PreTrainedModel, processor: ProcessorMixin, source: 
         raise ReleasedModelError(f"{source or family.class_name}: the processor has no chat template "
                                  "(chat_template.jinja / .json), so the prompt around the audio is unknown")
     audio_token = getattr(processor, "audio_token", None)
-    if not audio_token or processor.tokenizer.convert_tokens_to_ids(audio_token) in (None, processor.tokenizer.unk_token_id):
+    tokenizer = processor.tokenizer
+    if not audio_token or tokenizer.convert_tokens_to_ids(audio_token) in (None, tokenizer.unk_token_id):
         raise ReleasedModelError(f"{source or family.class_name}: the processor's audio token {audio_token!r} is "
                                  "not in its tokenizer")
     tower = attrgetter(family.audio_tower)(model)
     stack = tower.config.intermediate_size // tower.config.hidden_size if family.stacked_frames else 1
     origin = ReleasedOrigin(family, copy.deepcopy(model.config), processor, copy.deepcopy(model.generation_config),
                             source)
-    return ReleasedParts(origin, decoder_view(model, family), processor.tokenizer,
+    return ReleasedParts(origin, decoder_view(model, family),
                          ReleasedAudioEncoder(tower, processor.feature_extractor, family),
                          ReleasedProjector(attrgetter(family.projector)(model), stack))
 
