@@ -135,7 +135,8 @@ def test_the_parts_give_the_stock_models_logits(assets, tmp_path):
         assert speechllm.prompts.end_token_id == speechllm.tokenizer.eos_token_id
     else:
         around = {"qwen2_audio": "Audio 1: <|audio_bos|><|speech|><|audio_eos|>\n", "audioflamingo3": "<|speech|>\n",
-                  "glmasr": "<|begin_of_audio|><|speech|><|end_of_audio|>\n"}[assets["family"]]
+                  "glmasr": "<|begin_of_audio|><|speech|><|end_of_audio|>\n",
+                  "qwen2_5_omni": "<|audio_bos|><|speech|><|audio_eos|>"}[assets["family"]]
         assert speechllm.prompts.render("asr", None).count(around) == 1
         assert speechllm.prompts.end_token_id == speechllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     _assert_stock_equals_framework(assets["model"], speechllm.eval(), tmp_path)
@@ -277,7 +278,7 @@ def _config_dir(root: Path, model_type: str, **extra) -> Path:
 @pytest.mark.parametrize("model_type, extra, words", [
     ("gemma3n", {}, "num_kv_shared_layers"), ("qwen3_omni_moe", {}, "mixture-of-experts"),
     ("granite_speech", {"has_lora_adapter": True}, "on audio inputs only"),
-    ("granite_speech", {"has_lora_adapter": False}, "not supported yet"), ("qwen2_5_omni", {}, "not supported yet"),
+    ("granite_speech", {"has_lora_adapter": False}, "not supported yet"), ("phi4_multimodal", {}, "not supported yet"),
     ("bert", {}, "not a released SpeechLLM family")])
 def test_unsupported_families_are_refused_with_the_reason(tmp_path, model_type, extra, words):
     directory = _config_dir(tmp_path / model_type, model_type, **extra)

@@ -3,7 +3,9 @@
 Each family keeps what makes it differ: Qwen2-Audio's tower mask over conv frames and its audio markers, Audio
 Flamingo 3's mel-frame mask argument, GLM-ASR's rotary tower and 4 frames stacked per position (a Llama decoder),
 Voxtral's 30 s window of 375 positions and its mistral-common tokenizer (a `tekken.json` cut from the one that
-mistral-common ships, with Voxtral's audio section and [AUDIO] at id 24, where `VoxtralProcessor` expects it).
+mistral-common ships, with Voxtral's audio section and [AUDIO] at id 24, where `VoxtralProcessor` expects it),
+Qwen2.5-Omni's whole-model directory (the thinker nested in `thinker_config`, a vision tower the export carries,
+its packed, chunked audio tower with its own projection, 3-D rotary positions).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tests.tiny_speechllm import tiny_tokenizer
 
 WINDOW_SECONDS = 4
 """The tiny towers' audio window (the real ones have 30 s): 4 s keeps the tests fast."""
-FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr", "voxtral")
+FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr", "voxtral", "qwen2_5_omni")
 
 # A ChatML template of the processors' kind: content is a string or a list of audio / text items.
 _CHAT_TEMPLATE = (
@@ -54,6 +56,8 @@ def save_tiny_released(family: str, directory: Path, seed: int = 0) -> Path:
     `family`'s class."""
     if family == "voxtral":
         return _save_tiny_voxtral(directory, seed)
+    if family == "qwen2_5_omni":
+        return _save_tiny_qwen2_5_omni(directory, seed)
     config_class, processor_class, decoder_type, tower, special, audio_token, audio_text = _SPECS[family]
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": special})
@@ -125,4 +129,44 @@ def _save_tiny_voxtral(directory: Path, seed: int) -> Path:
     processor = transformers.VoxtralProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
                                               tokenizer=tokenizer)
     processor.save_pretrained(directory)
+    return directory
+
+
+_OMNI_TOKENS = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+                "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
+                "vision_eos_token": "<|vision_eos|>"}
+
+
+def _save_tiny_qwen2_5_omni(directory: Path, seed: int) -> Path:
+    """A Qwen2.5-Omni directory as the hub has it (model_type qwen2_5_omni, the thinker's config nested), without
+    the talker (enable_audio_output false): the framework loads and exports the thinker."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tiny_tokenizer().save_pretrained(directory)  # reloaded with the processor's named special tokens
+    tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens=_OMNI_TOKENS)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _OMNI_TOKENS.items()}
+    head = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    thinker = {
+        "text_config": {**_TEXT, "vocab_size": len(tokenizer), "tie_word_embeddings": False,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                            "mrope_section": [head // 6, head // 6, head // 2 - 2 * (head // 6)]}},
+        "audio_config": {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                         "num_mel_bins": 80, "output_dim": _TEXT["hidden_size"], "n_window": 25,
+                         "max_source_positions": WINDOW_SECONDS * 50},
+        "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                          "out_hidden_size": _TEXT["hidden_size"], "fullatt_block_indexes": [0]},
+        "audio_token_id": ids["audio_token"], "image_token_id": ids["image_token"],
+        "video_token_id": ids["video_token"], "audio_start_token_id": ids["audio_bos_token"],
+        "audio_end_token_id": ids["audio_eos_token"], "vision_start_token_id": ids["vision_bos_token"],
+        "vision_end_token_id": ids["vision_eos_token"], "initializer_range": 0.2}
+    config = transformers.Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)
+    model = _random_model("Qwen2_5OmniForConditionalGeneration", config, seed)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    _save_model(model, tokenizer, directory)
+    transformers.Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
+        feature_extractor=WhisperFeatureExtractor(feature_size=80, chunk_length=WINDOW_SECONDS), tokenizer=tokenizer,
+        chat_template=_CHAT_TEMPLATE.replace("AUDIO_TEXT", "<|audio_bos|><|AUDIO|><|audio_eos|>")
+    ).save_pretrained(directory)
     return directory

@@ -31,9 +31,11 @@ __all__ = ["released_state_dict", "save_released"]
 
 
 def released_state_dict(family: ReleasedFamily, llm: torch.nn.Module, tower: torch.nn.Module,
-                        projector: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The stock class's state dict (its in-memory key names) of the pruned decoder view, tower and projector."""
-    state: dict[str, torch.Tensor] = {}
+                        projector: torch.nn.Module, other: dict[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """The stock class's state dict (its in-memory key names) of the pruned decoder view, tower and projector, and
+    of `other` weights kept as they were (:attr:`~.parts.ReleasedOrigin.other_weights`)."""
+    state: dict[str, torch.Tensor] = dict(other or {})
     for key, value in stock_state_dict(unwrap_peft(llm)).items():
         if key.startswith("model."):
             state[f"{family.decoder}.{key[len('model.'):]}"] = value
@@ -42,7 +44,8 @@ def released_state_dict(family: ReleasedFamily, llm: torch.nn.Module, tower: tor
         else:
             raise ReleasedModelError(f"decoder weight {key!r} has no place in {family.class_name}")
     state.update({f"{family.audio_tower}.{k}": v for k, v in tower.state_dict().items()})
-    state.update({f"{family.projector}.{k}": v for k, v in projector.state_dict().items()})
+    if family.projector:  # None: the tower projects itself
+        state.update({f"{family.projector}.{k}": v for k, v in projector.state_dict().items()})
     return {key: value.detach().contiguous() for key, value in state.items()}
 
 
@@ -53,7 +56,8 @@ def save_released(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
     if origin is None:
         raise ReleasedModelError("this SpeechLLM was not loaded from a released model (model.pretrained)")
     family, out = origin.family, Path(out_dir).expanduser().resolve()
-    state = released_state_dict(family, speechllm.llm, speechllm.encoder.tower, speechllm.projector.net)
+    state = released_state_dict(family, speechllm.llm, speechllm.encoder.tower, speechllm.projector.net,
+                                origin.other_weights)
     config = copy.deepcopy(origin.config)
     config.text_config = copy.deepcopy(unwrap_peft(speechllm.llm).config)  # the cut layer count and per-layer lists
     stock = _meta_model(family, config)

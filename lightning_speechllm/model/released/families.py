@@ -29,10 +29,13 @@ class ReleasedFamily:
     """The decoder (a ``*Model`` with ``.layers``, ``.embed_tokens``, ``.norm``)."""
     lm_head: str = "lm_head"
     audio_tower: str = "model.audio_tower"
-    projector: str = "model.multi_modal_projector"
+    projector: str | None = "model.multi_modal_projector"
+    """None: the tower ends in its own projection to the decoder's width (Qwen2.5-Omni)."""
     tower_mask: str = "none"
     """How the tower is told which mel frames are real: 'attention' (a bidirectional mask over its conv frames, as
-    Qwen2-Audio's model builds it), 'features' (an ``input_features_mask`` argument, Audio Flamingo 3) or 'none'."""
+    Qwen2-Audio's model builds it), 'features' (an ``input_features_mask`` argument, Audio Flamingo 3), 'packed'
+    (the batch's real mel frames packed along time with their lengths, and its output packed the same way:
+    Qwen2.5-Omni) or 'none'."""
     frame_lengths: str = "pooled"
     """Real tower frames per utterance: 'pooled' (stride-2 conv, then 2x average pooling), 'conv' (stride-2 conv
     only) or 'window' (every frame of the padded window is a speech position)."""
@@ -41,6 +44,10 @@ class ReleasedFamily:
     ``intermediate_size`` / ``hidden_size`` (Voxtral, GLM-ASR); False: one frame per position."""
     feature_mask_argument: str | None = None
     """The stock forward's keyword for the mel-frame mask (None: it takes none)."""
+    causal_lm_class: str | None = None
+    """The transformers ``*ForCausalLM`` class that runs the decoder; None: the one ``AutoModelForCausalLM`` maps
+    its text config to. Qwen2.5-Omni's text model has none: its 3-D rotary positions are equal along the three axes
+    for audio and text (one position per token), which is Qwen2's RoPE, so Qwen2's causal-LM head runs it."""
     prompt_ids: bool = False
     """The prompt is rendered to token ids by the tokenizer itself (mistral-common's, for Voxtral), which writes the
     audio tokens from an actual audio; False: the processor's Jinja chat template, rendered as text."""
@@ -56,6 +63,10 @@ FAMILIES: dict[str, ReleasedFamily] = {
                        tower_mask="features", frame_lengths="pooled", feature_mask_argument="input_features_mask"),
         ReleasedFamily(model_type="glmasr", class_name="GlmAsrForConditionalGeneration", tower_mask="none",
                        frame_lengths="conv", stacked_frames=True, feature_mask_argument="input_features_mask"),
+        *(ReleasedFamily(model_type=model_type, class_name="Qwen2_5OmniThinkerForConditionalGeneration",
+                         projector=None, tower_mask="packed", frame_lengths="pooled",
+                         feature_mask_argument="feature_attention_mask", causal_lm_class="Qwen2ForCausalLM")
+          for model_type in ("qwen2_5_omni", "qwen2_5_omni_thinker")),
         ReleasedFamily(model_type="voxtral", class_name="VoxtralForConditionalGeneration", tower_mask="none",
                        frame_lengths="window", stacked_frames=True, prompt_ids=True),
     )
@@ -64,9 +75,6 @@ FAMILIES: dict[str, ReleasedFamily] = {
 
 NOT_YET: dict[str, str] = {
     "granite_speech": "Granite Speech without an adapter (Conformer + windowed Q-Former)",
-    "qwen2_5_omni": "the Qwen2.5-Omni thinker (its processor needs torchvision for the video processor; its audio "
-                    "tower holds its projection; its text model has no causal-LM class)",
-    "qwen2_5_omni_thinker": "the Qwen2.5-Omni thinker (as qwen2_5_omni)",
     "phi4_multimodal": "Phi-4-multimodal (its processor needs torchvision; its speech LoRA is a separate adapter the "
                        "user switches on for audio)",
     "qwen3_asr": "Qwen3-ASR",

@@ -12,7 +12,7 @@ memory); :class:`ReleasedOrigin` keeps what the export in the stock class needs 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 
@@ -50,7 +50,8 @@ class ReleasedAudioEncoder(SpeechEncoder):
         self.config = tower.config
         self.feature_extractor = feature_extractor
         self.family = family
-        self.output_dim = tower.config.hidden_size
+        # A tower that projects itself (no separate projector) hands the decoder its output_dim
+        self.output_dim = tower.config.hidden_size if family.projector else tower.config.output_dim
         self.window_samples = int(feature_extractor.n_samples)
 
     def features(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,11 +79,23 @@ class ReleasedAudioEncoder(SpeechEncoder):
             frames = self.tower(mel, attention_mask=self._conv_frame_mask(mel, conv_lens)).last_hidden_state
         elif self.family.tower_mask == "features":
             frames = self.tower(mel, input_features_mask=mel_mask).last_hidden_state
+        elif self.family.tower_mask == "packed":
+            return self._packed_frames(mel, mel_mask, (conv_lens - 2) // 2 + 1)
         else:
             frames = self.tower(mel).last_hidden_state
         lengths = {"pooled": (conv_lens - 2) // 2 + 1, "conv": conv_lens,
                    "window": torch.full_like(conv_lens, frames.shape[1])}[self.family.frame_lengths]
         return frames, lengths
+
+    def _packed_frames(self, mel: torch.Tensor, mel_mask: torch.Tensor,
+                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen2.5-Omni's tower: the real mel frames of the batch end to end [mels, sum], as its model packs them;
+        its packed output is split per utterance and right-padded to [B, max, D]."""
+        packed = mel.transpose(1, 2)[mel_mask.bool()].transpose(0, 1)
+        out = self.tower(packed, feature_lens=mel_mask.sum(-1)).last_hidden_state
+        if out.shape[0] != int(lengths.sum()):
+            raise EncoderError(f"{self.family.class_name}'s tower gave {out.shape[0]} frames for {lengths.tolist()}")
+        return nn.utils.rnn.pad_sequence(list(out.split(lengths.tolist())), batch_first=True), lengths
 
     def _conv_frame_mask(self, mel: torch.Tensor, conv_lens: torch.Tensor) -> torch.Tensor:
         """Qwen2-Audio's tower mask: attention over the real conv frames only (built as its model builds it)."""
@@ -96,9 +109,9 @@ class ReleasedAudioEncoder(SpeechEncoder):
 class ReleasedProjector(nn.Module):
     """The released projector: ``frames_per_position`` frames stacked along the features, then its own module."""
 
-    def __init__(self, projector: nn.Module, frames_per_position: int) -> None:
+    def __init__(self, projector: nn.Module | None, frames_per_position: int) -> None:
         super().__init__()
-        self.net = projector
+        self.net = projector if projector is not None else nn.Identity()  # None: the tower projects itself
         self.frames_per_position = frames_per_position
 
     def forward(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +120,8 @@ class ReleasedProjector(nn.Module):
         # Frames past the last whole group never reach a position (GLM-ASR's formula); cached frames come trimmed
         # to each utterance's length, which need not be a multiple of k.
         frames = frames[:, : time - time % k]
-        stacked = frames.reshape(batch, time // k, dim * k).to(next(self.net.parameters()).dtype)
+        weight = next(self.net.parameters(), frames)
+        stacked = frames.reshape(batch, time // k, dim * k).to(weight.dtype)
         return self.net(stacked).clone(), torch.div(lens, k, rounding_mode="floor")
 
 
@@ -116,7 +130,8 @@ def decoder_view(model: PreTrainedModel, family: ReleasedFamily) -> PreTrainedMo
     released model's own (built on the meta device, then given the real modules)."""
     decoder, head = attrgetter(family.decoder)(model), attrgetter(family.lm_head)(model)
     with torch.device("meta"):
-        view = AutoModelForCausalLM.from_config(decoder.config)
+        view = (getattr(transformers, family.causal_lm_class)(decoder.config) if family.causal_lm_class else
+                AutoModelForCausalLM.from_config(decoder.config))
     view.model, view.lm_head, view.config = decoder, head, decoder.config
     view.generation_config = model.generation_config
     leftover = [name for name, p in view.named_parameters() if p.device.type == "meta"]
@@ -138,6 +153,9 @@ class ReleasedOrigin:
     generation_config: GenerationConfig
     source: str | None = None
     """The directory it was loaded from (None: built in memory)."""
+    other_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The stock model's weights outside the decoder, lm_head, tower and projector (Qwen2.5-Omni's vision tower),
+    by their key, shared with nothing the framework trains: written back unchanged by the export."""
 
     def render_chat(self, messages: list[dict]) -> str | list[int]:
         """The model's own chat template on `messages`: text from the processor's Jinja template (generation prompt
@@ -188,11 +206,14 @@ def parts_from_model(model: PreTrainedModel, processor: ProcessorMixin, source: 
                                  "not in its tokenizer")
     tower = attrgetter(family.audio_tower)(model)
     stack = tower.config.intermediate_size // tower.config.hidden_size if family.stacked_frames else 1
+    parts = [path for path in (family.decoder, family.lm_head, family.audio_tower, family.projector) if path]
+    other = {key: value for key, value in model.state_dict().items()
+             if not any(key.startswith(f"{path}.") for path in parts)}
     origin = ReleasedOrigin(family, copy.deepcopy(model.config), processor, copy.deepcopy(model.generation_config),
-                            source)
+                            source, other)
     return ReleasedParts(origin, decoder_view(model, family),
                          ReleasedAudioEncoder(tower, processor.feature_extractor, family),
-                         ReleasedProjector(attrgetter(family.projector)(model), stack))
+                         ReleasedProjector(attrgetter(family.projector)(model) if family.projector else None, stack))
 
 
 def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
