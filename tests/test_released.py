@@ -67,12 +67,18 @@ def _stock_inputs(speechllm: SpeechLLM, stock, batch, with_targets: bool = True)
         tokens = sample.prefix + [stock.config.audio_token_id] * speech + sample.suffix + sample.target
         ids[row, width - len(tokens):] = torch.tensor(tokens)
     waves = [batch.audio[i, :n].numpy() for i, n in enumerate(batch.audio_lens.tolist())]
-    features = speechllm.encoder.feature_extractor(waves, sampling_rate=16000, padding="max_length",
-                                                   return_attention_mask=True, return_tensors="pt")
+    family = speechllm.released.family
+    if family.features == "utterance":  # Granite Speech: its extractor pads the batch and masks the positions
+        features = speechllm.encoder.feature_extractor([torch.from_numpy(w) for w in waves])
+        mask = features.input_features_mask
+    else:
+        features = speechllm.encoder.feature_extractor(waves, sampling_rate=16000, padding="max_length",
+                                                       return_attention_mask=True, return_tensors="pt")
+        mask = features.attention_mask
     stock_inputs = {"input_ids": ids, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids,
                     "input_features": features.input_features}
-    if speechllm.released.family.feature_mask_argument:
-        stock_inputs[speechllm.released.family.feature_mask_argument] = features.attention_mask
+    if family.feature_mask_argument:
+        stock_inputs[family.feature_mask_argument] = mask
     return stock_inputs, inputs
 
 
@@ -99,6 +105,10 @@ def _processor_logits(directory: Path, speechllm: SpeechLLM, batch, tmp_path: Pa
             audio = {"type": "audio", "path": str(tmp_path / f"row{i}.wav")}
             inputs = processor.apply_chat_template([{"role": "user", "content": [
                 audio, {"type": "text", "text": instruction}]}], tokenize=True, return_dict=True, return_tensors="pt")
+        elif speechllm.released.family.audio_in_text:  # Granite Speech's model card: the audio token in the text
+            text = processor.apply_chat_template([{"role": "user", "content": f"{processor.audio_token}{instruction}"}],
+                                                 tokenize=False, add_generation_prompt=True)
+            inputs = processor(text=[text], audio=[torch.from_numpy(wave)], return_tensors="pt")
         else:
             text = processor.apply_chat_template([{"role": "user", "content": [
                 {"type": "audio"}, {"type": "text", "text": instruction}]}], tokenize=False, add_generation_prompt=True)
@@ -136,7 +146,8 @@ def test_the_parts_give_the_stock_models_logits(assets, tmp_path):
     else:
         around = {"qwen2_audio": "Audio 1: <|audio_bos|><|speech|><|audio_eos|>\n", "audioflamingo3": "<|speech|>\n",
                   "glmasr": "<|begin_of_audio|><|speech|><|end_of_audio|>\n",
-                  "qwen2_5_omni": "<|audio_bos|><|speech|><|audio_eos|>"}[assets["family"]]
+                  "qwen2_5_omni": "<|audio_bos|><|speech|><|audio_eos|>",
+                  "granite_speech": "<|speech|>Transcribe"}[assets["family"]]
         assert speechllm.prompts.render("asr", None).count(around) == 1
         assert speechllm.prompts.end_token_id == speechllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     _assert_stock_equals_framework(assets["model"], speechllm.eval(), tmp_path)
@@ -277,8 +288,7 @@ def _config_dir(root: Path, model_type: str, **extra) -> Path:
 
 @pytest.mark.parametrize("model_type, extra, words", [
     ("gemma3n", {}, "num_kv_shared_layers"), ("qwen3_omni_moe", {}, "mixture-of-experts"),
-    ("granite_speech", {"has_lora_adapter": True}, "on audio inputs only"),
-    ("granite_speech", {"has_lora_adapter": False}, "not supported yet"), ("phi4_multimodal", {}, "not supported yet"),
+    ("qwen3_asr", {}, "not supported yet"), ("phi4_multimodal", {}, "not supported yet"),
     ("bert", {}, "not a released SpeechLLM family")])
 def test_unsupported_families_are_refused_with_the_reason(tmp_path, model_type, extra, words):
     directory = _config_dir(tmp_path / model_type, model_type, **extra)
@@ -356,7 +366,8 @@ def test_framework_generation_equals_the_stock_models_after_pruning(assets, tmp_
     from lightning_speechllm.model.released.export import save_released
 
     stock = _stock(save_released(speechllm.eval(), tmp_path / "pruned"), speechllm)
-    batch = make_batch(seconds=(1.0, 0.6))
+    # Granite Speech's Conformer has no padding mask: its stock batch sees the padding, so both rows have one length
+    batch = make_batch(seconds=(1.0, 1.0) if assets["family"] == "granite_speech" else (1.0, 0.6))
     with torch.no_grad():
         ours = speechllm.generate_with_details(batch, max_new_tokens=6, min_new_tokens=6)
         inputs, _ = _stock_inputs(speechllm, stock, batch, with_targets=False)
@@ -382,3 +393,41 @@ def test_a_bfloat16_model_and_cached_frames_run(family, tmp_path):
     assert torch.equal(whole_lens, trimmed_lens)
     for row, n in enumerate(whole_lens.tolist()):
         torch.testing.assert_close(trimmed[row, :n], whole[row, :n], atol=0, rtol=0)
+
+
+def test_granite_speech_audio_adapter_is_merged_and_not_shipped_again(tmp_path):
+    """Granite Speech's shipped LoRA (its class switches it on for audio) is merged at load: the framework equals the
+    stock model with its adapter on, not the base weights, and the export carries merged weights and no adapter."""
+    assets = _make_assets(tmp_path, "granite_speech")
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
+    base = transformers.GraniteSpeechForConditionalGeneration.from_pretrained(
+        assets["model"], adapter_kwargs={"subfolder": "no-adapter-here"}).eval()
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    merged = attrgetter("model.layers.0.self_attn.q_proj.weight")(speechllm.llm)
+    assert float((merged - base.state_dict()[name]).abs().max()) > 1e-2
+    speechllm.layer_mask.remove_layers([2])
+    from lightning_speechllm.model.released.export import save_released
+
+    out = save_released(speechllm.eval(), tmp_path / "pruned")
+    assert not (out / "adapter_config.json").exists()
+    assert json.loads((out / "config.json").read_text())["has_lora_adapter"] is False
+    _assert_stock_equals_framework(out, speechllm, tmp_path)
+
+
+def test_qwen2_5_omni_exports_its_thinker_with_the_vision_tower(tmp_path):
+    """A whole Qwen2.5-Omni directory loads as its thinker; the export is a stock thinker directory that keeps the
+    vision tower's weights as they were."""
+    assets = _make_assets(tmp_path, "qwen2_5_omni")
+    speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
+    visual = {k: v for k, v in speechllm.released.other_weights.items()}
+    assert visual and all(key.startswith("model.visual.") for key in visual)
+    speechllm.layer_mask.remove_layers([0, 3])
+    from lightning_speechllm.model.released.export import save_released
+
+    out = save_released(speechllm.eval(), tmp_path / "pruned")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_omni_thinker" and config["text_config"]["num_hidden_layers"] == 2
+    stock = transformers.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(out).eval()
+    state = stock.state_dict()
+    for key, value in visual.items():
+        torch.testing.assert_close(state[key], value, atol=0, rtol=0)

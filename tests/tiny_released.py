@@ -5,7 +5,8 @@ Flamingo 3's mel-frame mask argument, GLM-ASR's rotary tower and 4 frames stacke
 Voxtral's 30 s window of 375 positions and its mistral-common tokenizer (a `tekken.json` cut from the one that
 mistral-common ships, with Voxtral's audio section and [AUDIO] at id 24, where `VoxtralProcessor` expects it),
 Qwen2.5-Omni's whole-model directory (the thinker nested in `thinker_config`, a vision tower the export carries,
-its packed, chunked audio tower with its own projection, 3-D rotary positions).
+its packed, chunked audio tower with its own projection, 3-D rotary positions), Granite Speech's unmasked
+Conformer, windowed Q-Former, Granite multipliers and shipped audio LoRA adapter.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.tiny_speechllm import tiny_tokenizer
 
 WINDOW_SECONDS = 4
 """The tiny towers' audio window (the real ones have 30 s): 4 s keeps the tests fast."""
-FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr", "voxtral", "qwen2_5_omni")
+FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr", "voxtral", "qwen2_5_omni", "granite_speech")
 
 # A ChatML template of the processors' kind: content is a string or a list of audio / text items.
 _CHAT_TEMPLATE = (
@@ -58,6 +59,8 @@ def save_tiny_released(family: str, directory: Path, seed: int = 0) -> Path:
         return _save_tiny_voxtral(directory, seed)
     if family == "qwen2_5_omni":
         return _save_tiny_qwen2_5_omni(directory, seed)
+    if family == "granite_speech":
+        return _save_tiny_granite_speech(directory, seed)
     config_class, processor_class, decoder_type, tower, special, audio_token, audio_text = _SPECS[family]
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": special})
@@ -169,4 +172,39 @@ def _save_tiny_qwen2_5_omni(directory: Path, seed: int) -> Path:
         feature_extractor=WhisperFeatureExtractor(feature_size=80, chunk_length=WINDOW_SECONDS), tokenizer=tokenizer,
         chat_template=_CHAT_TEMPLATE.replace("AUDIO_TEXT", "<|audio_bos|><|AUDIO|><|audio_eos|>")
     ).save_pretrained(directory)
+    return directory
+
+
+def _save_tiny_granite_speech(directory: Path, seed: int, adapter: bool = True) -> Path:
+    """Granite Speech: a 2-block Conformer (20-frame attention blocks), a windowed Q-Former (15 frames -> 3
+    positions), a Granite decoder whose multipliers and logits scaling are not 1, and (`adapter`) the LoRA adapter
+    its directory ships and its class switches on for audio inputs (random, so that merging it matters)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GraniteSpeechFeatureExtractor
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio|>"]})
+    text = {**_TEXT, "model_type": "granite", "vocab_size": len(tokenizer), "embedding_multiplier": 2.0,
+            "residual_multiplier": 0.5, "attention_multiplier": 0.25, "logits_scaling": 4.0}
+    config = transformers.GraniteSpeechConfig(
+        text_config=text,
+        encoder_config={"input_dim": 160, "num_layers": 2, "hidden_dim": 32, "feedforward_mult": 2, "num_heads": 2,
+                        "dim_head": 16, "output_dim": 8, "context_size": 20, "max_pos_emb": 20, "dropout": 0.0},
+        projector_config={"model_type": "blip_2_qformer", "hidden_size": 32, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "intermediate_size": 64, "encoder_hidden_size": 32,
+                          "cross_attention_frequency": 1},
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"), has_lora_adapter=adapter,
+        tie_word_embeddings=False, initializer_range=0.2)
+    model = _random_model("GraniteSpeechForConditionalGeneration", config, seed)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    _save_model(model, tokenizer, directory)
+    if adapter:  # saved beside the base weights, as the hub's directories hold it
+        lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, param in lora.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.2)
+        lora.save_pretrained(directory)
+    transformers.GraniteSpeechProcessor(audio_processor=GraniteSpeechFeatureExtractor(), tokenizer=tokenizer,
+                                        chat_template=tokenizer.chat_template).save_pretrained(directory)
     return directory

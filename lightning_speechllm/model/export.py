@@ -169,7 +169,9 @@ def stock_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor]:
             template = {key[len(f"{prefix}.{kept[0]}."):]: value for key, value in state.items()
                         if key.startswith(f"{prefix}.{kept[0]}.")}
             state = {key: value for key, value in state.items() if not key.startswith(head)}
-            state.update({head + key: value for key, value in stock_layer_state(layer, template).items()})
+            scale = float(getattr(hf_model.config, "residual_multiplier", 1.0) or 1.0)
+            state.update({head + key: value
+                          for key, value in stock_layer_state(layer, template, residual_multiplier=scale).items()})
             continue
         kinds = ([("attention", [f"{n}.o_proj." for n in ATTENTION_NAMES])] if not has_attention(layer) else []) + (
             [("MLP", [f"{n}.down_proj." for n in MLP_NAMES])] if mlp_dropped(layer) else [])

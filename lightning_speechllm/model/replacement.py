@@ -113,10 +113,13 @@ def _build(template_layer: nn.Module, kind: ReplacementKind, width: int | None) 
 
 
 def stock_layer_state(replacement: ReplacementLayer, template: dict[str, torch.Tensor],
-                      norm_key: str = "post_attention_layernorm") -> dict[str, torch.Tensor]:
+                      norm_key: str = "post_attention_layernorm",
+                      residual_multiplier: float = 1.0) -> dict[str, torch.Tensor]:
     """The state dict (keys relative to a decoder layer) of a stock decoder layer that computes exactly what
     ``replacement`` computes: ``template`` (a kept layer's state, for keys and shapes) with the attention output
     projection zeroed, ``norm_key`` set to the replacement's norm and the MLP zero-padded to the template's width.
+    A decoder that scales each sublayer's output before the residual add (Granite's ``residual_multiplier``) gets
+    its down projection divided by that scale, so that the layer still adds exactly ``MLP(norm(x))``.
 
     Cost at inference: the exported layer still runs its attention (output discarded) and keeps its KV cache, and
     its MLP runs at full width."""
@@ -135,6 +138,7 @@ def stock_layer_state(replacement: ReplacementLayer, template: dict[str, torch.T
     for name, value in replacement.mlp.state_dict().items():
         target = state[f"mlp.{name}"]
         padded = torch.zeros_like(target)
-        padded[tuple(slice(0, size) for size in value.shape)] = value.detach().to(target.dtype)
+        scale = 1.0 / residual_multiplier if name.startswith("down_proj.") else 1.0
+        padded[tuple(slice(0, size) for size in value.shape)] = (value.detach().double() * scale).to(target.dtype)
         state[f"mlp.{name}"] = padded
     return state

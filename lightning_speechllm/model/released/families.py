@@ -39,6 +39,13 @@ class ReleasedFamily:
     frame_lengths: str = "pooled"
     """Real tower frames per utterance: 'pooled' (stride-2 conv, then 2x average pooling), 'conv' (stride-2 conv
     only) or 'window' (every frame of the padded window is a speech position)."""
+    features: str = "window"
+    """How its feature extractor is called: 'window' (Whisper-style: log-mels padded to the tower's window, with a
+    mel-frame mask) or 'utterance' (Granite Speech: each utterance alone, unpadded, two mel frames stacked; its
+    Conformer has no padding mask, so a batch is run one utterance at a time, as its processor sees one)."""
+    windowed_projector: bool = False
+    """The projector reads fixed windows of tower frames (Granite Speech's Q-Former: ``window_size`` frames to
+    ``window_size // downsample_rate`` positions, the last window zero-padded); False: a per-position projector."""
     stacked_frames: bool = False
     """The projector reads the tower's frames stacked along the features, as many as the audio config's
     ``intermediate_size`` / ``hidden_size`` (Voxtral, GLM-ASR); False: one frame per position."""
@@ -47,7 +54,12 @@ class ReleasedFamily:
     causal_lm_class: str | None = None
     """The transformers ``*ForCausalLM`` class that runs the decoder; None: the one ``AutoModelForCausalLM`` maps
     its text config to. Qwen2.5-Omni's text model has none: its 3-D rotary positions are equal along the three axes
-    for audio and text (one position per token), which is Qwen2's RoPE, so Qwen2's causal-LM head runs it."""
+    for audio and text (one position per token), which is Qwen2's RoPE, so Qwen2's causal-LM head runs it. Granite
+    Speech's class applies its head without Granite's ``logits_scaling``, as Llama's causal-LM head does."""
+    audio_in_text: bool = False
+    """Its chat template reads message content as plain strings, the audio token written in the user's text (Granite
+    Speech's model card: ``"<|audio|>can you transcribe the speech into a written format?"``); False: content as a
+    list of audio and text items."""
     prompt_ids: bool = False
     """The prompt is rendered to token ids by the tokenizer itself (mistral-common's, for Voxtral), which writes the
     audio tokens from an actual audio; False: the processor's Jinja chat template, rendered as text."""
@@ -67,6 +79,10 @@ FAMILIES: dict[str, ReleasedFamily] = {
                          projector=None, tower_mask="packed", frame_lengths="pooled",
                          feature_mask_argument="feature_attention_mask", causal_lm_class="Qwen2ForCausalLM")
           for model_type in ("qwen2_5_omni", "qwen2_5_omni_thinker")),
+        ReleasedFamily(model_type="granite_speech", class_name="GraniteSpeechForConditionalGeneration",
+                       audio_tower="model.encoder", projector="model.projector", features="utterance",
+                       frame_lengths="conv", windowed_projector=True, feature_mask_argument="input_features_mask",
+                       causal_lm_class="LlamaForCausalLM", audio_in_text=True),
         ReleasedFamily(model_type="voxtral", class_name="VoxtralForConditionalGeneration", tower_mask="none",
                        frame_lengths="window", stacked_frames=True, prompt_ids=True),
     )
@@ -74,7 +90,6 @@ FAMILIES: dict[str, ReleasedFamily] = {
 """The families every command supports, by ``model_type``."""
 
 NOT_YET: dict[str, str] = {
-    "granite_speech": "Granite Speech without an adapter (Conformer + windowed Q-Former)",
     "phi4_multimodal": "Phi-4-multimodal (its processor needs torchvision; its speech LoRA is a separate adapter the "
                        "user switches on for audio)",
     "qwen3_asr": "Qwen3-ASR",
@@ -116,9 +131,6 @@ def _refusal(config: dict) -> str | None:
     """Why the model in `config` must not be pruned here, or None."""
     if config["model_type"] in REFUSED:
         return REFUSED[config["model_type"]]
-    if config.get("has_lora_adapter"):  # Granite Speech: its generate turns the adapter on only with audio
-        return ("it ships a LoRA adapter that its class enables on audio inputs only (has_lora_adapter): the "
-                "text-input map, healing LoRA and the export cannot honour that switch")
     return None
 
 

@@ -12,6 +12,7 @@ memory); :class:`ReleasedOrigin` keeps what the export in the stock class needs 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -36,8 +37,12 @@ from lightning_speechllm.model.encoders import EncoderError, SpeechEncoder
 
 from .families import FAMILIES, ReleasedFamily, ReleasedModelError, detect_family
 
+log = logging.getLogger(__name__)
+ADAPTER_CONFIG = "adapter_config.json"
+"""A PEFT adapter shipped inside a released model's directory (Granite Speech's audio LoRA)."""
+
 __all__ = ["ReleasedAudioEncoder", "ReleasedOrigin", "ReleasedParts", "ReleasedProjector", "decoder_view",
-           "load_released", "parts_from_model"]
+           "load_released", "merge_audio_adapter", "parts_from_model"]
 
 
 class ReleasedAudioEncoder(SpeechEncoder):
@@ -52,7 +57,7 @@ class ReleasedAudioEncoder(SpeechEncoder):
         self.family = family
         # A tower that projects itself (no separate projector) hands the decoder its output_dim
         self.output_dim = tower.config.hidden_size if family.projector else tower.config.output_dim
-        self.window_samples = int(feature_extractor.n_samples)
+        self.window_samples = int(feature_extractor.n_samples) if family.features == "window" else None
 
     def features(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[str, torch.Tensor]:
         """The feature extractor's ``input_features`` [B, mels, frames] and mel-frame ``attention_mask`` [B, frames]
@@ -69,6 +74,8 @@ class ReleasedAudioEncoder(SpeechEncoder):
                                           return_attention_mask=True, return_tensors="pt")
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.family.features == "utterance":
+            return self._frames_one_by_one(audio, audio_lens)
         features = self.features(audio, audio_lens)
         weight = next(self.tower.parameters())
         # AF3's and GLM-ASR's towers do not cast their input (Qwen2-Audio's and Voxtral's do): a half tower needs it
@@ -86,6 +93,18 @@ class ReleasedAudioEncoder(SpeechEncoder):
         lengths = {"pooled": (conv_lens - 2) // 2 + 1, "conv": conv_lens,
                    "window": torch.full_like(conv_lens, frames.shape[1])}[self.family.frame_lengths]
         return frames, lengths
+
+    def _frames_one_by_one(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Granite Speech: each utterance through its own feature extractor and the tower alone (its Conformer's
+        attention blocks and convolutions have no padding mask), right-padded with zeros to [B, max, D]."""
+        weight = next(self.tower.parameters())
+        frames = []
+        for row, n in enumerate(audio_lens.tolist()):
+            with torch.autocast(device_type=audio.device.type, enabled=False):
+                mel = self.feature_extractor([audio[row, :n].detach().float().cpu()], device=None)["input_features"]
+            frames.append(self.tower(mel.to(weight.device, weight.dtype)).last_hidden_state[0])
+        lengths = torch.tensor([len(f) for f in frames], device=audio.device)
+        return nn.utils.rnn.pad_sequence(frames, batch_first=True), lengths
 
     def _packed_frames(self, mel: torch.Tensor, mel_mask: torch.Tensor,
                        lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,14 +126,18 @@ class ReleasedAudioEncoder(SpeechEncoder):
 
 
 class ReleasedProjector(nn.Module):
-    """The released projector: ``frames_per_position`` frames stacked along the features, then its own module."""
+    """The released projector: ``frames_per_position`` frames stacked along the features, then its own module; or
+    its own windowed module (Granite Speech's Q-Former) on the frames, zeroed past each utterance's length."""
 
-    def __init__(self, projector: nn.Module | None, frames_per_position: int) -> None:
+    def __init__(self, projector: nn.Module | None, frames_per_position: int, windowed: bool = False) -> None:
         super().__init__()
         self.net = projector if projector is not None else nn.Identity()  # None: the tower projects itself
         self.frames_per_position = frames_per_position
+        self.windowed = windowed
 
     def forward(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.windowed:
+            return self._windows(frames, lens)
         k = self.frames_per_position
         batch, time, dim = frames.shape
         # Frames past the last whole group never reach a position (GLM-ASR's formula); cached frames come trimmed
@@ -123,6 +146,15 @@ class ReleasedProjector(nn.Module):
         weight = next(self.net.parameters(), frames)
         stacked = frames.reshape(batch, time // k, dim * k).to(weight.dtype)
         return self.net(stacked).clone(), torch.div(lens, k, rounding_mode="floor")
+
+    def _windows(self, frames: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each utterance's last window is zero-padded as the stock model pads a lone utterance, so frames past its
+        length are zeroed; ``ceil(len / window) * queries`` positions are its own."""
+        window, queries = self.net.window_size, self.net.num_queries
+        real = torch.arange(frames.shape[1], device=frames.device)[None, :] < lens[:, None]
+        weight = next(self.net.parameters())
+        out = self.net((frames * real[..., None]).to(weight.dtype))
+        return out, torch.div(lens + window - 1, window, rounding_mode="floor") * queries
 
 
 def decoder_view(model: PreTrainedModel, family: ReleasedFamily) -> PreTrainedModel:
@@ -161,6 +193,10 @@ class ReleasedOrigin:
         """The model's own chat template on `messages`: text from the processor's Jinja template (generation prompt
         added), or token ids from a tokenizer that renders them itself (Voxtral's mistral-common), one audio item
         read as a second of silence (the audio tokens then fill the model's whole window, as for any utterance)."""
+        if self.family.audio_in_text:
+            messages = [{**m, "content": "".join(self.audio_token if item.get("type") == "audio" else item["text"]
+                                                 for item in m["content"])}
+                        if isinstance(m["content"], list) else m for m in messages]
         if not self.family.prompt_ids:
             return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         silence = {"type": "audio", "base64": _silent_wav_base64()}
@@ -212,8 +248,9 @@ def parts_from_model(model: PreTrainedModel, processor: ProcessorMixin, source: 
     origin = ReleasedOrigin(family, copy.deepcopy(model.config), processor, copy.deepcopy(model.generation_config),
                             source, other)
     return ReleasedParts(origin, decoder_view(model, family),
-                         ReleasedAudioEncoder(tower, processor.feature_extractor, family),
-                         ReleasedProjector(attrgetter(family.projector)(model) if family.projector else None, stack))
+                         ReleasedAudioEncoder(tower, _feature_extractor(processor), family),
+                         ReleasedProjector(attrgetter(family.projector)(model) if family.projector else None, stack,
+                                           windowed=family.windowed_projector))
 
 
 def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
@@ -226,9 +263,39 @@ def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
         raise ReleasedModelError(f"{directory} has no processor files (processor_config.json or "
                                  "preprocessor_config.json): the feature extractor and prompt are unknown")
     processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
+    adapter = (directory / ADAPTER_CONFIG).is_file()
+    # transformers would inject a shipped adapter itself (unmerged, switched by the class); PEFT loads and merges it
+    # below instead, so transformers' search for one is pointed at a folder that does not exist.
     model = getattr(transformers, family.class_name).from_pretrained(
-        directory, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False).eval()
+        directory, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False,
+        **({"adapter_kwargs": {"subfolder": "no-adapter-here"}} if adapter else {})).eval()
+    if adapter:
+        model = merge_audio_adapter(model, directory)
     return parts_from_model(model, processor, str(directory))
+
+
+def merge_audio_adapter(model: PreTrainedModel, directory: str | Path) -> PreTrainedModel:
+    """`model` with the LoRA adapter shipped in `directory` (``adapter_config.json``, ``adapter_model.safetensors``)
+    merged into its weights, its config marked as carrying none (``has_lora_adapter`` false).
+
+    Granite Speech ships one and its class switches it on for audio inputs only: every speech input then sees the
+    stock model's weights for audio exactly; the text-input map and text-only prompts run through the merged weights
+    too, where the stock class would switch the adapter off."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(model, str(directory), is_trainable=False).merge_and_unload()
+    if hasattr(merged.config, "has_lora_adapter"):
+        merged.config.has_lora_adapter = False
+    log.info("%s: merged its audio LoRA adapter (%s) into the decoder", directory, ADAPTER_CONFIG)
+    return merged
+
+
+def _feature_extractor(processor: ProcessorMixin) -> FeatureExtractionMixin:
+    """The processor's feature extractor (Granite Speech's calls it ``audio_processor``)."""
+    extractor = getattr(processor, "feature_extractor", None) or getattr(processor, "audio_processor", None)
+    if extractor is None:
+        raise ReleasedModelError(f"{type(processor).__name__} has no feature extractor")
+    return extractor
 
 
 def _silent_wav_base64(seconds: float = 1.0) -> str:
