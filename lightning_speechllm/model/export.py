@@ -26,7 +26,8 @@ from .layer_mask import (
     unwrap_peft,
 )
 
-__all__ = ["ExportError", "PRUNING_FILE", "merged_state_dict", "pruning_info", "save_pruned_decoder", "stock_state_dict"]
+__all__ = ["ExportError", "PRUNING_FILE", "merged_state_dict", "pruning_info", "save_pruned_decoder",
+           "stock_state_dict"]
 
 PRUNING_FILE = "pruning.json"
 _PEFT_KEY_MARKERS = ("lora_", "base_layer", "modules_to_save", "original_module", "lora_magnitude_vector")

@@ -125,7 +125,8 @@ def stock_layer_state(replacement: ReplacementLayer, template: dict[str, torch.T
     its MLP runs at full width."""
     if replacement.kind != "ffn":
         raise LayerMaskError(f"a {replacement.kind!r} replacement has no stock decoder-layer form (only 'ffn' does)")
-    sandwich = sorted({key.split(".")[0] for key in template if key.startswith(("pre_feedforward", "post_feedforward"))})
+    sandwich = sorted({key.split(".")[0] for key in template
+                       if key.startswith(("pre_feedforward", "post_feedforward"))})
     if sandwich:
         raise LayerMaskError(f"the decoder layers norm their MLP output ({', '.join(sandwich)}): no stock layer "
                              "computes x + MLP(norm(x)) exactly, so the replacement cannot be exported")
