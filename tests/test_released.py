@@ -61,13 +61,18 @@ def _stock_inputs(speechllm: SpeechLLM, stock, batch, with_targets: bool = True)
     samples = [speechllm.prompts.encode(task, None, text if with_targets else None)
                for task, text in zip(batch.tasks, batch.texts)]
     width = inputs.segment_ids.shape[1]
+    audio_id = speechllm.tokenizer.convert_tokens_to_ids(speechllm.released.audio_token)
     ids = torch.full((len(samples), width), speechllm.tokenizer.pad_token_id)
     for row, sample in enumerate(samples):
         speech = int((inputs.segment_ids[row] == Segment.SPEECH).sum())
-        tokens = sample.prefix + [stock.config.audio_token_id] * speech + sample.suffix + sample.target
+        tokens = sample.prefix + [audio_id] * speech + sample.suffix + sample.target
         ids[row, width - len(tokens):] = torch.tensor(tokens)
     waves = [batch.audio[i, :n].numpy() for i, n in enumerate(batch.audio_lens.tolist())]
     family = speechllm.released.family
+    common = {"input_ids": ids, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids}
+    if family.decoder_embedding:  # Phi-4-multimodal: its own feature names and speech-position counts
+        features = speechllm.encoder.feature_extractor(waves, sampling_rate=16000, return_tensors="pt")
+        return {**common, **features}, inputs
     if family.features == "utterance":  # Granite Speech: its extractor pads the batch and masks the positions
         features = speechllm.encoder.feature_extractor([torch.from_numpy(w) for w in waves])
         mask = features.input_features_mask
@@ -75,16 +80,21 @@ def _stock_inputs(speechllm: SpeechLLM, stock, batch, with_targets: bool = True)
         features = speechllm.encoder.feature_extractor(waves, sampling_rate=16000, padding="max_length",
                                                        return_attention_mask=True, return_tensors="pt")
         mask = features.attention_mask
-    stock_inputs = {"input_ids": ids, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids,
-                    "input_features": features.input_features}
+    stock_inputs = {**common, "input_features": features.input_features}
     if family.feature_mask_argument:
         stock_inputs[family.feature_mask_argument] = mask
     return stock_inputs, inputs
 
 
 def _stock(directory: Path, speechllm: SpeechLLM):
-    return getattr(transformers, speechllm.released.family.class_name).from_pretrained(
+    stock = getattr(transformers, speechllm.released.family.class_name).from_pretrained(
         directory, attn_implementation="eager").eval()
+    family = speechllm.released.family
+    if family.adapter_subfolder and (Path(directory) / family.adapter_subfolder).is_dir():
+        from peft import PeftModel  # Phi-4's model card switches its speech LoRA on for audio
+
+        stock = PeftModel.from_pretrained(stock, Path(directory) / family.adapter_subfolder).merge_and_unload()
+    return stock
 
 
 def _on_the_16_bit_grid(audio: torch.Tensor, tmp_path: Path) -> torch.Tensor:
@@ -105,10 +115,13 @@ def _processor_logits(directory: Path, speechllm: SpeechLLM, batch, tmp_path: Pa
             audio = {"type": "audio", "path": str(tmp_path / f"row{i}.wav")}
             inputs = processor.apply_chat_template([{"role": "user", "content": [
                 audio, {"type": "text", "text": instruction}]}], tokenize=True, return_dict=True, return_tensors="pt")
-        elif speechllm.released.family.audio_in_text:  # Granite Speech's model card: the audio token in the text
-            text = processor.apply_chat_template([{"role": "user", "content": f"{processor.audio_token}{instruction}"}],
-                                                 tokenize=False, add_generation_prompt=True)
-            inputs = processor(text=[text], audio=[torch.from_numpy(wave)], return_tensors="pt")
+        elif speechllm.released.family.audio_in_text or not processor.chat_template:
+            # the model cards' way (Granite Speech, Phi-4): the audio token in the text, a template over strings
+            owner = processor if processor.chat_template else processor.tokenizer
+            text = owner.apply_chat_template([{"role": "user", "content": f"{processor.audio_token}{instruction}"}],
+                                             tokenize=False, add_generation_prompt=True)
+            audio = torch.from_numpy(wave) if speechllm.released.family.audio_in_text else wave
+            inputs = processor(text=[text], audio=[audio], return_tensors="pt")
         else:
             text = processor.apply_chat_template([{"role": "user", "content": [
                 {"type": "audio"}, {"type": "text", "text": instruction}]}], tokenize=False, add_generation_prompt=True)
@@ -147,7 +160,7 @@ def test_the_parts_give_the_stock_models_logits(assets, tmp_path):
         around = {"qwen2_audio": "Audio 1: <|audio_bos|><|speech|><|audio_eos|>\n", "audioflamingo3": "<|speech|>\n",
                   "glmasr": "<|begin_of_audio|><|speech|><|end_of_audio|>\n",
                   "qwen2_5_omni": "<|audio_bos|><|speech|><|audio_eos|>",
-                  "granite_speech": "<|speech|>Transcribe"}[assets["family"]]
+                  "granite_speech": "<|speech|>Transcribe", "phi4_multimodal": "<|speech|>Transcribe"}[assets["family"]]
         assert speechllm.prompts.render("asr", None).count(around) == 1
         assert speechllm.prompts.end_token_id == speechllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     _assert_stock_equals_framework(assets["model"], speechllm.eval(), tmp_path)
@@ -175,7 +188,7 @@ def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
     masked = SpeechLLM.from_config(SpeechLLMConfig(pretrained=model_dir, attn_implementation="eager")).eval()
     masked.layer_mask.remove_layers(plan.removed_layers)
     _assert_stock_equals_framework(pruned, masked, tmp_path)
-    assert json.loads((pruned / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+    assert _decoder_layers(pruned) == 2
 
     # heal 3 steps (LoRA on the receiving layer + projector, CE + KL from the shared-weight teacher), then export
     heal_yaml = _heal_yaml(assets, tmp_path, {"plan_path": str(plan_path), "lora": LORA, "losses": [
@@ -191,6 +204,12 @@ def test_measure_prune_heal_export_through_the_cli(assets, tmp_path, capsys):
     _assert_stock_equals_framework(out / "model", healed.speechllm.eval(), tmp_path, atol=1e-4)
     info = json.loads((out / "model" / "pruning.json").read_text())
     assert info["removed_layers"] == plan.removed_layers and info["family"] == assets["family"]
+
+
+def _decoder_layers(directory: Path) -> int:
+    """The exported config's decoder layer count (Phi-4-multimodal's decoder config is the top one)."""
+    config = json.loads((directory / "config.json").read_text())
+    return config.get("text_config", config)["num_hidden_layers"]
 
 
 def _heal_yaml(assets: dict[str, Path], tmp_path: Path, healing: dict, steps: int = 3) -> Path:
@@ -217,8 +236,7 @@ def test_replacement_healing_exports_as_a_stock_model(assets, tmp_path):
     assert cli(["heal", "--config", str(config)]) == 0
     assert cli(["export", "--ckpt", str(tmp_path / "ck" / "last.ckpt"), "--out", str(tmp_path / "export")]) == 0
     healed = load_module(tmp_path / "ck" / "last.ckpt").speechllm.eval()
-    exported = json.loads((tmp_path / "export" / "model" / "config.json").read_text())
-    assert exported["text_config"]["num_hidden_layers"] == 3  # layers 0, 3 and the replacement
+    assert _decoder_layers(tmp_path / "export" / "model") == 3  # layers 0, 3 and the replacement
     _assert_stock_equals_framework(tmp_path / "export" / "model", healed, tmp_path)
 
 
@@ -288,7 +306,7 @@ def _config_dir(root: Path, model_type: str, **extra) -> Path:
 
 @pytest.mark.parametrize("model_type, extra, words", [
     ("gemma3n", {}, "num_kv_shared_layers"), ("qwen3_omni_moe", {}, "mixture-of-experts"),
-    ("qwen3_asr", {}, "not supported yet"), ("phi4_multimodal", {}, "not supported yet"),
+    ("qwen3_asr", {}, "not supported yet"), ("kyutai_speech_to_text", {}, "not supported yet"),
     ("bert", {}, "not a released SpeechLLM family")])
 def test_unsupported_families_are_refused_with_the_reason(tmp_path, model_type, extra, words):
     directory = _config_dir(tmp_path / model_type, model_type, **extra)
@@ -366,8 +384,9 @@ def test_framework_generation_equals_the_stock_models_after_pruning(assets, tmp_
     from lightning_speechllm.model.released.export import save_released
 
     stock = _stock(save_released(speechllm.eval(), tmp_path / "pruned"), speechllm)
-    # Granite Speech's Conformer has no padding mask: its stock batch sees the padding, so both rows have one length
-    batch = make_batch(seconds=(1.0, 1.0) if assets["family"] == "granite_speech" else (1.0, 0.6))
+    # Granite's and Phi-4's Conformers mask no padding in their convolutions: the stock batch sees the padding, so
+    # both rows have one length there
+    batch = make_batch(seconds=(1.0, 1.0) if assets["family"] in ("granite_speech", "phi4_multimodal") else (1.0, 0.6))
     with torch.no_grad():
         ours = speechllm.generate_with_details(batch, max_new_tokens=6, min_new_tokens=6)
         inputs, _ = _stock_inputs(speechllm, stock, batch, with_targets=False)

@@ -6,7 +6,8 @@ Voxtral's 30 s window of 375 positions and its mistral-common tokenizer (a `tekk
 mistral-common ships, with Voxtral's audio section and [AUDIO] at id 24, where `VoxtralProcessor` expects it),
 Qwen2.5-Omni's whole-model directory (the thinker nested in `thinker_config`, a vision tower the export carries,
 its packed, chunked audio tower with its own projection, 3-D rotary positions), Granite Speech's unmasked
-Conformer, windowed Q-Former, Granite multipliers and shipped audio LoRA adapter.
+Conformer, windowed Q-Former, Granite multipliers and shipped audio LoRA adapter, Phi-4-multimodal's towers inside
+its decoder's embedding, fused projections and `speech-lora/` adapter.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from tests.tiny_speechllm import tiny_tokenizer
 
 WINDOW_SECONDS = 4
 """The tiny towers' audio window (the real ones have 30 s): 4 s keeps the tests fast."""
-FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr", "voxtral", "qwen2_5_omni", "granite_speech")
+FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr", "voxtral", "qwen2_5_omni", "granite_speech",
+            "phi4_multimodal")
 
 # A ChatML template of the processors' kind: content is a string or a list of audio / text items.
 _CHAT_TEMPLATE = (
@@ -61,6 +63,8 @@ def save_tiny_released(family: str, directory: Path, seed: int = 0) -> Path:
         return _save_tiny_qwen2_5_omni(directory, seed)
     if family == "granite_speech":
         return _save_tiny_granite_speech(directory, seed)
+    if family == "phi4_multimodal":
+        return _save_tiny_phi4_multimodal(directory, seed)
     config_class, processor_class, decoder_type, tower, special, audio_token, audio_text = _SPECS[family]
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": special})
@@ -207,4 +211,45 @@ def _save_tiny_granite_speech(directory: Path, seed: int, adapter: bool = True) 
         lora.save_pretrained(directory)
     transformers.GraniteSpeechProcessor(audio_processor=GraniteSpeechFeatureExtractor(), tokenizer=tokenizer,
                                         chat_template=tokenizer.chat_template).save_pretrained(directory)
+    return directory
+
+
+_PHI4_TOKENS = {"audio_token": "<|audio|>", "image_token": "<|image|>"}
+
+
+def _save_tiny_phi4_multimodal(directory: Path, seed: int) -> Path:
+    """Phi-4-multimodal: the audio tower and speech projection inside the decoder's multimodal embedding, a tiny
+    vision tower beside them, fused qkv / gate-up projections, and the speech LoRA in `speech-lora/` (random)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor
+
+    tiny_tokenizer().save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens=_PHI4_TOKENS)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _PHI4_TOKENS.items()}
+    text = {key: value for key, value in _TEXT.items() if key != "initializer_range"}
+    config = transformers.Phi4MultimodalConfig(
+        **text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), initializer_range=0.2,
+        audio_config={"hidden_size": 32, "intermediate_size": 64, "num_blocks": 2, "num_attention_heads": 2,
+                      "ext_pw_out_channel": 32, "depthwise_separable_out_channel": 32, "nemo_conv_channels": 32,
+                      "bias_max_distance": 50, "audio_token_id": ids["audio_token"]},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 28, "crop_size": 28, "image_token_id": ids["image_token"]})
+    model = _random_model("Phi4MultimodalForCausalLM", config, seed)
+    with torch.no_grad():  # its decoder sits at `model`, not `language_model`
+        for name, param in model.model.layers.named_parameters():
+            if name.endswith("weight") and param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    model.generation_config.eos_token_id = config.eos_token_id
+    _save_model(model, tokenizer, directory)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"],
+                                            layers_to_transform=list(range(4)), layers_pattern="layers"))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    lora.save_pretrained(directory / "speech-lora")
+    transformers.Phi4MultimodalProcessor(
+        image_processor=Phi4MultimodalImageProcessor(), audio_processor=Phi4MultimodalFeatureExtractor(),
+        tokenizer=tokenizer).save_pretrained(directory)  # its chat template is the tokenizer's, as the hub's is
     return directory

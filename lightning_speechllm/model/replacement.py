@@ -26,6 +26,7 @@ __all__ = ["REPLACEMENT_KINDS", "ReplacementKind", "ReplacementLayer", "build_re
 ReplacementKind = Literal["ffn", "linear"]
 REPLACEMENT_KINDS = ("ffn", "linear")
 _GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+_FUSED_GATE_UP = "gate_up_proj"
 
 
 class ReplacementLayer(nn.Module):
@@ -62,6 +63,26 @@ def _plain_linear(module: nn.Module) -> nn.Linear:
     return base
 
 
+def _slice_rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """A linear view holding outputs ``start:stop`` of ``linear`` (no copy; :func:`_cut` copies)."""
+    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None, device="meta")
+    part.weight = nn.Parameter(linear.weight.detach()[start:stop], requires_grad=False)
+    part.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach()[start:stop], requires_grad=False)
+    return part
+
+
+def _stack_rows(first: nn.Linear, second: nn.Linear) -> nn.Linear:
+    """One linear whose outputs are `first`'s, then `second`'s."""
+    weight = torch.cat([first.weight.detach(), second.weight.detach()])
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=first.bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if first.bias is not None:
+            new.bias.copy_(torch.cat([first.bias.detach(), second.bias.detach()]))
+    return new
+
+
 def _cut(linear: nn.Linear, rows: int | None = None, cols: int | None = None, zero: bool = False) -> nn.Linear:
     """A new linear holding the first ``rows`` outputs / ``cols`` inputs of ``linear`` (or zeros)."""
     weight = linear.weight.detach()[:rows, :cols]
@@ -94,17 +115,23 @@ def _build(template_layer: nn.Module, kind: ReplacementKind, width: int | None) 
         nn.init.zeros_(linear.weight)
         return ReplacementLayer("linear", linear=linear)
     mlp = mlp_module(template_layer)
-    missing = [name for name in _GATED_MLP if not hasattr(mlp, name)]
+    fused = hasattr(mlp, _FUSED_GATE_UP)
+    missing = [name for name in ((_FUSED_GATE_UP, "down_proj") if fused else _GATED_MLP) if not hasattr(mlp, name)]
     if missing:
-        raise LayerMaskError(f"{type(mlp).__name__} has no {missing}: only gated MLPs (gate/up/down projections) can "
-                             "seed an ffn replacement; use kind 'linear'")
+        raise LayerMaskError(f"{type(mlp).__name__} has no {missing}: only gated MLPs (gate/up/down projections, or "
+                             "a fused gate_up_proj) can seed an ffn replacement; use kind 'linear'")
     full = _plain_linear(mlp.down_proj).in_features
     width = full if width is None else int(width)
     if not 1 <= width <= full:
         raise LayerMaskError(f"replacement width must be in 1..{full} (the MLP's hidden size), got {width}")
     new_mlp = copy.deepcopy(mlp)  # keeps act_fn and config; the projections are replaced below
-    new_mlp.gate_proj = _cut(_plain_linear(mlp.gate_proj), rows=width)
-    new_mlp.up_proj = _cut(_plain_linear(mlp.up_proj), rows=width)
+    if fused:  # Phi-3 / Phi-4: gate rows then up rows in one projection, split in half by the forward
+        gate_up = _plain_linear(mlp.gate_up_proj)
+        new_mlp.gate_up_proj = _stack_rows(_cut(_slice_rows(gate_up, 0, full), rows=width),
+                                           _cut(_slice_rows(gate_up, full, 2 * full), rows=width))
+    else:
+        new_mlp.gate_proj = _cut(_plain_linear(mlp.gate_proj), rows=width)
+        new_mlp.up_proj = _cut(_plain_linear(mlp.up_proj), rows=width)
     new_mlp.down_proj = _cut(_plain_linear(mlp.down_proj), cols=width, zero=True)
     if hasattr(new_mlp, "intermediate_size"):
         new_mlp.intermediate_size = width
@@ -139,7 +166,12 @@ def stock_layer_state(replacement: ReplacementLayer, template: dict[str, torch.T
     for name, value in replacement.mlp.state_dict().items():
         target = state[f"mlp.{name}"]
         padded = torch.zeros_like(target)
-        scale = 1.0 / residual_multiplier if name.startswith("down_proj.") else 1.0
-        padded[tuple(slice(0, size) for size in value.shape)] = (value.detach().double() * scale).to(target.dtype)
+        value = value.detach().double() * (1.0 / residual_multiplier if name.startswith("down_proj.") else 1.0)
+        if name.startswith(f"{_FUSED_GATE_UP}."):  # gate rows to the first half, up rows to the second
+            half, width = target.shape[0] // 2, value.shape[0] // 2
+            padded[:width] = value[:width].to(target.dtype)
+            padded[half:half + width] = value[width:].to(target.dtype)
+        else:
+            padded[tuple(slice(0, size) for size in value.shape)] = value.to(target.dtype)
         state[f"mlp.{name}"] = padded
     return state

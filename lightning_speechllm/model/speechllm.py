@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -236,6 +236,7 @@ class SpeechLLM(nn.Module):
         bad = [i for i in lora.layers or [] if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"LoRA layers {bad} out of range for a decoder with {num_layers} layers")
+        lora = replace(lora, target_modules=fused_lora_targets(self.llm, lora.target_modules))
         with self.layer_mask.active(range(num_layers)):
             self.llm = get_peft_model(self.llm, peft_lora_config(lora))
         if self.config.gradient_checkpointing:
@@ -572,6 +573,25 @@ class SpeechLLM(nn.Module):
 
     def write_description(self, path: Path) -> None:
         path.write_text(json.dumps(self.describe(), indent=2))
+
+
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""Decoders that fuse projections (Phi-3, Phi-4-multimodal) name them so: a LoRA target of any of the separate
+names adapts the fused module."""
+
+
+def fused_lora_targets(llm: nn.Module, targets: list[str]) -> list[str]:
+    """`targets` with each separate projection the decoder does not have but fuses (``q_proj`` -> ``qkv_proj``)
+    replaced by its fused module's name (duplicates dropped, order kept)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in llm.named_modules()}
+    resolved: list[str] = []
+    for target in targets:
+        if target not in names:
+            target = next((fused for fused, parts in FUSED_PROJECTIONS.items() if target in parts and fused in names),
+                          target)
+        if target not in resolved:
+            resolved.append(target)
+    return resolved
 
 
 def peft_lora_config(lora: LoraConfig):

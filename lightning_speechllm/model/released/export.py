@@ -58,8 +58,12 @@ def save_released(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
     family, out = origin.family, Path(out_dir).expanduser().resolve()
     state = released_state_dict(family, speechllm.llm, speechllm.encoder.tower, speechllm.projector.net,
                                 origin.other_weights)
-    config = copy.deepcopy(origin.config)
-    config.text_config = copy.deepcopy(unwrap_peft(speechllm.llm).config)  # the cut layer count and per-layer lists
+    cut = copy.deepcopy(unwrap_peft(speechllm.llm).config)  # the cut layer count and per-layer lists
+    if type(cut) is type(origin.config):  # a class whose top config is its decoder's (Phi-4-multimodal)
+        config = cut
+    else:
+        config = copy.deepcopy(origin.config)
+        config.text_config = cut
     stock = _meta_model(family, config)
     expected = set(stock.state_dict())
     missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)

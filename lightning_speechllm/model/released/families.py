@@ -31,6 +31,16 @@ class ReleasedFamily:
     audio_tower: str = "model.audio_tower"
     projector: str | None = "model.multi_modal_projector"
     """None: the tower ends in its own projection to the decoder's width (Qwen2.5-Omni)."""
+    projector_layers: tuple[str, str] | None = None
+    """The projector is two linears of the module at `projector` with GELU between (Phi-4-multimodal's speech
+    projection: ``up_proj_for_speech``, ``down_proj_for_speech``); None: that module is the projector."""
+    decoder_embedding: str | None = None
+    """The decoder's own multimodal embedding module (Phi-4-multimodal's ``embed_tokens_extend``, which holds the
+    audio tower and projector): the decoder view gets a pass-through in its place, since the framework hands the
+    decoder its speech positions as embeddings."""
+    adapter_subfolder: str = ""
+    """Where in the directory a shipped audio LoRA adapter sits (Phi-4-multimodal: ``speech-lora``); it is merged at
+    load (:func:`~.parts.merge_audio_adapter`)."""
     tower_mask: str = "none"
     """How the tower is told which mel frames are real: 'attention' (a bidirectional mask over its conv frames, as
     Qwen2-Audio's model builds it), 'features' (an ``input_features_mask`` argument, Audio Flamingo 3), 'packed'
@@ -83,6 +93,11 @@ FAMILIES: dict[str, ReleasedFamily] = {
                        audio_tower="model.encoder", projector="model.projector", features="utterance",
                        frame_lengths="conv", windowed_projector=True, feature_mask_argument="input_features_mask",
                        causal_lm_class="LlamaForCausalLM", audio_in_text=True),
+        ReleasedFamily(model_type="phi4_multimodal", class_name="Phi4MultimodalForCausalLM", decoder="model",
+                       audio_tower="model.embed_tokens_extend.audio_embed.encoder",
+                       projector="model.embed_tokens_extend.audio_embed",
+                       projector_layers=("up_proj_for_speech", "down_proj_for_speech"),
+                       decoder_embedding="embed_tokens_extend", features="utterance", adapter_subfolder="speech-lora"),
         ReleasedFamily(model_type="voxtral", class_name="VoxtralForConditionalGeneration", tower_mask="none",
                        frame_lengths="window", stacked_frames=True, prompt_ids=True),
     )
@@ -90,8 +105,6 @@ FAMILIES: dict[str, ReleasedFamily] = {
 """The families every command supports, by ``model_type``."""
 
 NOT_YET: dict[str, str] = {
-    "phi4_multimodal": "Phi-4-multimodal (its processor needs torchvision; its speech LoRA is a separate adapter the "
-                       "user switches on for audio)",
     "qwen3_asr": "Qwen3-ASR",
     "kyutai_speech_to_text": "Kyutai speech-to-text",
 }

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 """A PEFT adapter shipped inside a released model's directory (Granite Speech's audio LoRA)."""
 
-__all__ = ["ReleasedAudioEncoder", "ReleasedOrigin", "ReleasedParts", "ReleasedProjector", "decoder_view",
-           "load_released", "merge_audio_adapter", "parts_from_model"]
+__all__ = ["PassThroughEmbedding", "ReleasedAudioEncoder", "ReleasedOrigin", "ReleasedParts", "ReleasedProjector",
+           "TwoLayerProjector", "decoder_view", "load_released", "merge_audio_adapter", "parts_from_model"]
 
 
 class ReleasedAudioEncoder(SpeechEncoder):
@@ -95,16 +95,26 @@ class ReleasedAudioEncoder(SpeechEncoder):
         return frames, lengths
 
     def _frames_one_by_one(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Granite Speech: each utterance through its own feature extractor and the tower alone (its Conformer's
-        attention blocks and convolutions have no padding mask), right-padded with zeros to [B, max, D]."""
-        weight = next(self.tower.parameters())
-        frames = []
-        for row, n in enumerate(audio_lens.tolist()):
-            with torch.autocast(device_type=audio.device.type, enabled=False):
-                mel = self.feature_extractor([audio[row, :n].detach().float().cpu()], device=None)["input_features"]
-            frames.append(self.tower(mel.to(weight.device, weight.dtype)).last_hidden_state[0])
+        """Granite Speech, Phi-4-multimodal: each utterance through its own feature extractor and the tower alone
+        (their Conformers' convolutions see no padding mask), right-padded with zeros to [B, max, D]."""
+        frames = [self._one_utterance(audio[row, :n]) for row, n in enumerate(audio_lens.tolist())]
         lengths = torch.tensor([len(f) for f in frames], device=audio.device)
         return nn.utils.rnn.pad_sequence(frames, batch_first=True), lengths
+
+    def _one_utterance(self, wave: torch.Tensor) -> torch.Tensor:
+        """[T, D] tower frames of one utterance. Phi-4's extractor names its features ``audio_input_features`` and
+        counts the speech positions (``audio_embed_sizes``), and its tower returns a tensor; Granite's frames are
+        all speech positions."""
+        weight = next(self.tower.parameters())
+        wave = wave.detach().float().cpu()
+        if self.family.decoder_embedding:  # Phi-4-multimodal
+            with torch.autocast(device_type=weight.device.type, enabled=False):
+                features = self.feature_extractor([wave.numpy()], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+            keep = int(features["audio_embed_sizes"][0])
+            return self.tower(features["audio_input_features"].to(weight.device, weight.dtype), None)[0, :keep]
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            mel = self.feature_extractor([wave], device=None)["input_features"]
+        return self.tower(mel.to(weight.device, weight.dtype)).last_hidden_state[0]
 
     def _packed_frames(self, mel: torch.Tensor, mel_mask: torch.Tensor,
                        lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,10 +167,36 @@ class ReleasedProjector(nn.Module):
         return out, torch.div(lens + window - 1, window, rounding_mode="floor") * queries
 
 
+class TwoLayerProjector(nn.Module):
+    """Two linears of a released module with GELU between (Phi-4-multimodal's speech projection), under their own
+    attribute names, so that the state dict keys are the stock module's."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, str]) -> None:
+        super().__init__()
+        self.names = names
+        for name in names:
+            self.add_module(name, getattr(module, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, down = (getattr(self, name) for name in self.names)
+        return down(nn.functional.gelu(up(x)))
+
+
+class PassThroughEmbedding(nn.Module):
+    """In place of a decoder's multimodal embedding (Phi-4's ``embed_tokens_extend``): the token embeddings as given
+    (the framework brings speech positions in as embeddings; decoding steps are text tokens)."""
+
+    def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, **_: object) -> torch.Tensor:
+        return inputs_embeds
+
+
 def decoder_view(model: PreTrainedModel, family: ReleasedFamily) -> PreTrainedModel:
     """A ``*ForCausalLM`` of the released decoder's architecture whose ``model``, ``lm_head`` and config are the
-    released model's own (built on the meta device, then given the real modules)."""
+    released model's own (built on the meta device, then given the real modules). A decoder that embeds audio
+    itself (``family.decoder_embedding``) has that module replaced by a pass-through, in `model` too."""
     decoder, head = attrgetter(family.decoder)(model), attrgetter(family.lm_head)(model)
+    if family.decoder_embedding:
+        setattr(decoder, family.decoder_embedding, PassThroughEmbedding())
     with torch.device("meta"):
         view = (getattr(transformers, family.causal_lm_class)(decoder.config) if family.causal_lm_class else
                 AutoModelForCausalLM.from_config(decoder.config))
@@ -193,12 +229,16 @@ class ReleasedOrigin:
         """The model's own chat template on `messages`: text from the processor's Jinja template (generation prompt
         added), or token ids from a tokenizer that renders them itself (Voxtral's mistral-common), one audio item
         read as a second of silence (the audio tokens then fill the model's whole window, as for any utterance)."""
-        if self.family.audio_in_text:
-            messages = [{**m, "content": "".join(self.audio_token if item.get("type") == "audio" else item["text"]
-                                                 for item in m["content"])}
-                        if isinstance(m["content"], list) else m for m in messages]
         if not self.family.prompt_ids:
-            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if self.processor.chat_template and not self.family.audio_in_text:
+                return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # A template over plain strings (Granite Speech's; a tokenizer's, as Phi-4-multimodal keeps it): the
+            # audio token written in the text, as their model cards prompt them
+            flat = [{**m, "content": "".join(self.audio_token if item.get("type") == "audio" else item["text"]
+                                             for item in m["content"])}
+                    if isinstance(m["content"], list) else m for m in messages]
+            owner = self.processor if self.processor.chat_template else self.processor.tokenizer
+            return owner.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
         silence = {"type": "audio", "base64": _silent_wav_base64()}
         messages = [{**m, "content": [silence if item.get("type") == "audio" else item for item in m["content"]]}
                     if isinstance(m["content"], list) else m for m in messages]
@@ -232,9 +272,9 @@ def parts_from_model(model: PreTrainedModel, processor: ProcessorMixin, source: 
     if family is None:
         raise ReleasedModelError(f"{type(model).__name__} (model_type {model_type!r}) is not a supported released "
                                  f"family: {sorted(FAMILIES)}")
-    if not family.prompt_ids and not getattr(processor, "chat_template", None):
-        raise ReleasedModelError(f"{source or family.class_name}: the processor has no chat template "
-                                 "(chat_template.jinja / .json), so the prompt around the audio is unknown")
+    if not (family.prompt_ids or getattr(processor, "chat_template", None) or processor.tokenizer.chat_template):
+        raise ReleasedModelError(f"{source or family.class_name}: neither the processor nor its tokenizer has a chat "
+                                 "template (chat_template.jinja / .json), so the prompt around the audio is unknown")
     audio_token = getattr(processor, "audio_token", None)
     tokenizer = processor.tokenizer
     if not audio_token or tokenizer.convert_tokens_to_ids(audio_token) in (None, tokenizer.unk_token_id):
@@ -242,15 +282,29 @@ def parts_from_model(model: PreTrainedModel, processor: ProcessorMixin, source: 
                                  "not in its tokenizer")
     tower = attrgetter(family.audio_tower)(model)
     stack = tower.config.intermediate_size // tower.config.hidden_size if family.stacked_frames else 1
-    parts = [path for path in (family.decoder, family.lm_head, family.audio_tower, family.projector) if path]
-    other = {key: value for key, value in model.state_dict().items()
-             if not any(key.startswith(f"{path}.") for path in parts)}
+    projector = attrgetter(family.projector)(model) if family.projector else None
+    if projector is not None and family.projector_layers:
+        projector = TwoLayerProjector(projector, family.projector_layers)
+    other = _other_weights(model, family, tower, projector)
     origin = ReleasedOrigin(family, copy.deepcopy(model.config), processor, copy.deepcopy(model.generation_config),
                             source, other)
     return ReleasedParts(origin, decoder_view(model, family),
                          ReleasedAudioEncoder(tower, _feature_extractor(processor), family),
-                         ReleasedProjector(attrgetter(family.projector)(model) if family.projector else None, stack,
-                                           windowed=family.windowed_projector))
+                         ReleasedProjector(projector, stack, windowed=family.windowed_projector))
+
+
+def _other_weights(model: PreTrainedModel, family: ReleasedFamily, tower: nn.Module,
+                   projector: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The stock model's weights that none of the parts holds (Qwen2.5-Omni's vision tower, Phi-4's image
+    embedding), by key."""
+    decoder = attrgetter(family.decoder)(model)
+    skip = f"{family.decoder_embedding}." if family.decoder_embedding else None
+    covered = {f"{family.decoder}.{key}" for key in decoder.state_dict() if not (skip and key.startswith(skip))}
+    covered |= {f"{family.lm_head}.{key}" for key in attrgetter(family.lm_head)(model).state_dict()}
+    covered |= {f"{family.audio_tower}.{key}" for key in tower.state_dict()}
+    if projector is not None:
+        covered |= {f"{family.projector}.{key}" for key in projector.state_dict()}
+    return {key: value for key, value in model.state_dict().items() if key not in covered}
 
 
 def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
@@ -263,14 +317,14 @@ def load_released(directory: str | Path, dtype: torch.dtype = torch.float32,
         raise ReleasedModelError(f"{directory} has no processor files (processor_config.json or "
                                  "preprocessor_config.json): the feature extractor and prompt are unknown")
     processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
-    adapter = (directory / ADAPTER_CONFIG).is_file()
+    adapter = (directory / family.adapter_subfolder / ADAPTER_CONFIG).is_file()
     # transformers would inject a shipped adapter itself (unmerged, switched by the class); PEFT loads and merges it
     # below instead, so transformers' search for one is pointed at a folder that does not exist.
     model = getattr(transformers, family.class_name).from_pretrained(
         directory, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False,
         **({"adapter_kwargs": {"subfolder": "no-adapter-here"}} if adapter else {})).eval()
     if adapter:
-        model = merge_audio_adapter(model, directory)
+        model = merge_audio_adapter(model, directory / family.adapter_subfolder)
     return parts_from_model(model, processor, str(directory))
 
 
@@ -278,9 +332,10 @@ def merge_audio_adapter(model: PreTrainedModel, directory: str | Path) -> PreTra
     """`model` with the LoRA adapter shipped in `directory` (``adapter_config.json``, ``adapter_model.safetensors``)
     merged into its weights, its config marked as carrying none (``has_lora_adapter`` false).
 
-    Granite Speech ships one and its class switches it on for audio inputs only: every speech input then sees the
-    stock model's weights for audio exactly; the text-input map and text-only prompts run through the merged weights
-    too, where the stock class would switch the adapter off."""
+    Granite Speech ships one and its class switches it on for audio inputs only; Phi-4-multimodal ships its speech
+    LoRA in ``speech-lora/`` for the user to switch on for audio. Every speech input then sees the weights the stock
+    model uses for audio exactly; the text-input map and text-only prompts run through the merged weights too, where
+    the stock model would leave the adapter off."""
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(model, str(directory), is_trainable=False).merge_and_unload()
