@@ -160,7 +160,8 @@ def test_the_parts_give_the_stock_models_logits(assets, tmp_path):
         around = {"qwen2_audio": "Audio 1: <|audio_bos|><|speech|><|audio_eos|>\n", "audioflamingo3": "<|speech|>\n",
                   "glmasr": "<|begin_of_audio|><|speech|><|end_of_audio|>\n",
                   "qwen2_5_omni": "<|audio_bos|><|speech|><|audio_eos|>",
-                  "granite_speech": "<|speech|>Transcribe", "phi4_multimodal": "<|speech|>Transcribe"}[assets["family"]]
+                  "granite_speech": "<|speech|>Transcribe", "phi4_multimodal": "<|speech|>Transcribe",
+                  "qwen3_asr": "<|audio_start|><|speech|><|audio_end|>"}[assets["family"]]
         assert speechllm.prompts.render("asr", None).count(around) == 1
         assert speechllm.prompts.end_token_id == speechllm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     _assert_stock_equals_framework(assets["model"], speechllm.eval(), tmp_path)
@@ -306,7 +307,7 @@ def _config_dir(root: Path, model_type: str, **extra) -> Path:
 
 @pytest.mark.parametrize("model_type, extra, words", [
     ("gemma3n", {}, "num_kv_shared_layers"), ("qwen3_omni_moe", {}, "mixture-of-experts"),
-    ("qwen3_asr", {}, "not supported yet"), ("kyutai_speech_to_text", {}, "not supported yet"),
+    ("kyutai_speech_to_text", {}, "not supported yet"),
     ("bert", {}, "not a released SpeechLLM family")])
 def test_unsupported_families_are_refused_with_the_reason(tmp_path, model_type, extra, words):
     directory = _config_dir(tmp_path / model_type, model_type, **extra)

@@ -7,7 +7,8 @@ mistral-common ships, with Voxtral's audio section and [AUDIO] at id 24, where `
 Qwen2.5-Omni's whole-model directory (the thinker nested in `thinker_config`, a vision tower the export carries,
 its packed, chunked audio tower with its own projection, 3-D rotary positions), Granite Speech's unmasked
 Conformer, windowed Q-Former, Granite multipliers and shipped audio LoRA adapter, Phi-4-multimodal's towers inside
-its decoder's embedding, fused projections and `speech-lora/` adapter.
+its decoder's embedding, fused projections and `speech-lora/` adapter, Qwen3-ASR's chunked 2-D convolutions and
+windowed attention over a batch padded to its longest.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tests.tiny_speechllm import tiny_tokenizer
 WINDOW_SECONDS = 4
 """The tiny towers' audio window (the real ones have 30 s): 4 s keeps the tests fast."""
 FAMILIES = ("qwen2_audio", "audioflamingo3", "glmasr", "voxtral", "qwen2_5_omni", "granite_speech",
-            "phi4_multimodal")
+            "phi4_multimodal", "qwen3_asr")
 
 # A ChatML template of the processors' kind: content is a string or a list of audio / text items.
 _CHAT_TEMPLATE = (
@@ -65,6 +66,8 @@ def save_tiny_released(family: str, directory: Path, seed: int = 0) -> Path:
         return _save_tiny_granite_speech(directory, seed)
     if family == "phi4_multimodal":
         return _save_tiny_phi4_multimodal(directory, seed)
+    if family == "qwen3_asr":
+        return _save_tiny_qwen3_asr(directory, seed)
     config_class, processor_class, decoder_type, tower, special, audio_token, audio_text = _SPECS[family]
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": special})
@@ -252,4 +255,30 @@ def _save_tiny_phi4_multimodal(directory: Path, seed: int) -> Path:
     transformers.Phi4MultimodalProcessor(
         image_processor=Phi4MultimodalImageProcessor(), audio_processor=Phi4MultimodalFeatureExtractor(),
         tokenizer=tokenizer).save_pretrained(directory)  # its chat template is the tokenizer's, as the hub's is
+    return directory
+
+
+def _save_tiny_qwen3_asr(directory: Path, seed: int) -> Path:
+    """Qwen3-ASR: mels padded to whole 1 s chunks, three stride-2 2-D convolutions per chunk, attention within
+    2-chunk windows, its output packed; a separate projector and a Qwen3 decoder."""
+    from transformers import AutoTokenizer, Qwen3ASRFeatureExtractor
+
+    tiny_tokenizer().save_pretrained(directory)
+    tokens = {"audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>",
+              "audio_eos_token": "<|audio_end|>"}
+    tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens=tokens)
+    config = transformers.Qwen3ASRConfig(
+        audio_config={"num_mel_bins": 80, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                      "d_model": 32, "output_dim": _TEXT["hidden_size"], "n_window": 50, "n_window_infer": 200,
+                      "downsample_hidden_size": 8},
+        text_config={**_TEXT, "model_type": "qwen3", "vocab_size": len(tokenizer), "head_dim": 12},
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=False, initializer_range=0.2)
+    model = _random_model("Qwen3ASRForConditionalGeneration", config, seed)
+    model.generation_config.eos_token_id = config.eos_token_id
+    _save_model(model, tokenizer, directory)
+    transformers.Qwen3ASRProcessor(
+        feature_extractor=Qwen3ASRFeatureExtractor(feature_size=80), tokenizer=tokenizer,
+        chat_template=_CHAT_TEMPLATE.replace("AUDIO_TEXT", "<|audio_start|><|audio_pad|><|audio_end|>")
+    ).save_pretrained(directory)
     return directory

@@ -45,14 +45,16 @@ class ReleasedFamily:
     """How the tower is told which mel frames are real: 'attention' (a bidirectional mask over its conv frames, as
     Qwen2-Audio's model builds it), 'features' (an ``input_features_mask`` argument, Audio Flamingo 3), 'packed'
     (the batch's real mel frames packed along time with their lengths, and its output packed the same way:
-    Qwen2.5-Omni) or 'none'."""
+    Qwen2.5-Omni), 'packed_output' (padded mels and their mask in, its output packed: Qwen3-ASR) or 'none'."""
     frame_lengths: str = "pooled"
     """Real tower frames per utterance: 'pooled' (stride-2 conv, then 2x average pooling), 'conv' (stride-2 conv
     only) or 'window' (every frame of the padded window is a speech position)."""
     features: str = "window"
     """How its feature extractor is called: 'window' (Whisper-style: log-mels padded to the tower's window, with a
-    mel-frame mask) or 'utterance' (Granite Speech: each utterance alone, unpadded, two mel frames stacked; its
-    Conformer has no padding mask, so a batch is run one utterance at a time, as its processor sees one)."""
+    mel-frame mask), 'longest' (padded to the batch's longest, as its processor does: Qwen3-ASR, whose tower reads
+    any length in 1 s chunks) or 'utterance' (Granite Speech, Phi-4: each utterance alone, unpadded; their
+    Conformers mask no padding in their convolutions, so a batch is run one utterance at a time, as their
+    processors see one)."""
     windowed_projector: bool = False
     """The projector reads fixed windows of tower frames (Granite Speech's Q-Former: ``window_size`` frames to
     ``window_size // downsample_rate`` positions, the last window zero-padded); False: a per-position projector."""
@@ -98,6 +100,8 @@ FAMILIES: dict[str, ReleasedFamily] = {
                        projector="model.embed_tokens_extend.audio_embed",
                        projector_layers=("up_proj_for_speech", "down_proj_for_speech"),
                        decoder_embedding="embed_tokens_extend", features="utterance", adapter_subfolder="speech-lora"),
+        ReleasedFamily(model_type="qwen3_asr", class_name="Qwen3ASRForConditionalGeneration",
+                       tower_mask="packed_output", features="longest", feature_mask_argument="input_features_mask"),
         ReleasedFamily(model_type="voxtral", class_name="VoxtralForConditionalGeneration", tower_mask="none",
                        frame_lengths="window", stacked_frames=True, prompt_ids=True),
     )
@@ -105,7 +109,6 @@ FAMILIES: dict[str, ReleasedFamily] = {
 """The families every command supports, by ``model_type``."""
 
 NOT_YET: dict[str, str] = {
-    "qwen3_asr": "Qwen3-ASR",
     "kyutai_speech_to_text": "Kyutai speech-to-text",
 }
 """Native transformers SpeechLLMs whose adapter is not written yet."""

@@ -58,10 +58,16 @@ class ReleasedAudioEncoder(SpeechEncoder):
         # A tower that projects itself (no separate projector) hands the decoder its output_dim
         self.output_dim = tower.config.hidden_size if family.projector else tower.config.output_dim
         self.window_samples = int(feature_extractor.n_samples) if family.features == "window" else None
+        """None: no window (utterances of any length)."""
 
     def features(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[str, torch.Tensor]:
         """The feature extractor's ``input_features`` [B, mels, frames] and mel-frame ``attention_mask`` [B, frames]
         of each utterance, padded to the window (what the processor gives the stock model)."""
+        if self.window_samples is None:  # no window: padded to the batch's longest, as its processor pads
+            waves = [audio[i, :n].detach().float().cpu().numpy() for i, n in enumerate(audio_lens.tolist())]
+            with torch.autocast(device_type=audio.device.type, enabled=False):
+                return self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding=True,
+                                              return_attention_mask=True, return_tensors="pt")
         too_long = audio_lens > self.window_samples
         if bool(too_long.any()):
             seconds = float(audio_lens[too_long].max()) / SAMPLE_RATE
@@ -88,6 +94,9 @@ class ReleasedAudioEncoder(SpeechEncoder):
             frames = self.tower(mel, input_features_mask=mel_mask).last_hidden_state
         elif self.family.tower_mask == "packed":
             return self._packed_frames(mel, mel_mask, (conv_lens - 2) // 2 + 1)
+        elif self.family.tower_mask == "packed_output":
+            packed = self.tower(mel, input_features_mask=mel_mask).last_hidden_state
+            return self._unpack(packed, self._chunked_conv_lengths(mel_mask.sum(-1)))
         else:
             frames = self.tower(mel).last_hidden_state
         lengths = {"pooled": (conv_lens - 2) // 2 + 1, "conv": conv_lens,
@@ -121,10 +130,25 @@ class ReleasedAudioEncoder(SpeechEncoder):
         """Qwen2.5-Omni's tower: the real mel frames of the batch end to end [mels, sum], as its model packs them;
         its packed output is split per utterance and right-padded to [B, max, D]."""
         packed = mel.transpose(1, 2)[mel_mask.bool()].transpose(0, 1)
-        out = self.tower(packed, feature_lens=mel_mask.sum(-1)).last_hidden_state
+        return self._unpack(self.tower(packed, feature_lens=mel_mask.sum(-1)).last_hidden_state, lengths)
+
+    def _unpack(self, out: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tower's output packed along time [sum, D], split per utterance and right-padded to [B, max, D]."""
         if out.shape[0] != int(lengths.sum()):
             raise EncoderError(f"{self.family.class_name}'s tower gave {out.shape[0]} frames for {lengths.tolist()}")
         return nn.utils.rnn.pad_sequence(list(out.split(lengths.tolist())), batch_first=True), lengths
+
+    def _chunked_conv_lengths(self, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Qwen3-ASR's frames per utterance: its mels cut into chunks of ``2 * n_window`` frames, each through three
+        stride-2 convolutions (13 frames from a whole 100-frame chunk)."""
+        def after_convs(frames: torch.Tensor) -> torch.Tensor:
+            for _ in range(3):
+                frames = torch.where(frames > 0, (frames - 1) // 2 + 1, torch.zeros_like(frames))
+            return frames
+
+        chunk = 2 * self.tower.config.n_window
+        whole = torch.div(mel_lengths, chunk, rounding_mode="floor")
+        return whole * after_convs(torch.full_like(mel_lengths, chunk)) + after_convs(mel_lengths % chunk)
 
     def _conv_frame_mask(self, mel: torch.Tensor, conv_lens: torch.Tensor) -> torch.Tensor:
         """Qwen2-Audio's tower mask: attention over the real conv frames only (built as its model builds it)."""
