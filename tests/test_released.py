@@ -451,3 +451,14 @@ def test_qwen2_5_omni_exports_its_thinker_with_the_vision_tower(tmp_path):
     state = stock.state_dict()
     for key, value in visual.items():
         torch.testing.assert_close(state[key], value, atol=0, rtol=0)
+
+
+def test_fit_on_a_tower_that_projects_itself_says_what_to_train(tmp_path):
+    """Qwen2.5-Omni's tower ends in its own projection: projector training alone has nothing to train, and the error
+    says what to train instead."""
+    assets = _make_assets(tmp_path, "qwen2_5_omni")
+    from lightning_speechllm.model.module import SpeechLLMModule
+
+    module = SpeechLLMModule(model=SpeechLLMConfig(pretrained=str(assets["model"])))
+    with pytest.raises(ValueError, match="tower projects to the decoder itself"):
+        module.configure_optimizers()

@@ -392,7 +392,11 @@ class SpeechLLMModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         if not named:
-            raise ValueError("nothing to train: the projector, encoder and LoRA are all frozen")
+            projector = self.speechllm.projector
+            why = (" (this model's projector has no weights: its audio tower projects to the decoder itself, so train "
+                   "model.train_encoder or LoRA)"
+                   if projector is not None and next(projector.parameters(), None) is None else "")
+            raise ValueError(f"nothing to train: the projector, encoder and LoRA are all frozen{why}")
         cfg = self.optim_config
         if cfg.lora_lr is not None and cfg.lora_lr <= 0:
             raise ValueError(f"optim.lora_lr must be > 0 (or null for optim.lr), got {cfg.lora_lr}")
