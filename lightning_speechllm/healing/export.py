@@ -8,6 +8,10 @@ The output directory holds:
 - ``speechllm.json``: ``SpeechLLM.describe()`` plus the resolved encoder directory and the source checkpoint;
 - ``plan.json``: the pruning plan (a ``PruningPlan`` file; a plain record when nothing was removed).
 
+``--format voxtral`` writes ``voxtral/`` in place of the first two: the model as a stock
+``VoxtralForConditionalGeneration`` directory (:mod:`lightning_speechllm.model.voxtral_layout`), or an error naming
+every reason it has no Voxtral form.
+
 A released model (``model.pretrained``: Qwen2-Audio, ...) is written whole instead, as ``model/``: a stock directory
 of its own class (pruned decoder with LoRA merged, audio tower, projector, processor files), which
 ``Qwen2AudioForConditionalGeneration.from_pretrained`` (etc.) reloads with the framework's logits.
@@ -34,8 +38,9 @@ from lightning_speechllm.model.export import save_pruned_decoder
 from lightning_speechllm.model.layer_mask import LayerMaskError
 from lightning_speechllm.model.module import SpeechLLMModule
 from lightning_speechllm.model.released.export import save_released
+from lightning_speechllm.model.voxtral_layout import VoxtralExportError, save_voxtral
 
-__all__ = ["export_checkpoint", "main", "write_export"]
+__all__ = ["EXPORT_FORMATS", "export_checkpoint", "main", "write_export"]
 
 
 def _plan_json(module: SpeechLLMModule) -> dict[str, Any]:
@@ -51,15 +56,25 @@ def _plan_json(module: SpeechLLMModule) -> dict[str, Any]:
     return plan.to_dict()
 
 
-def write_export(module: SpeechLLMModule, directory: Path, source: str | None = None) -> None:
+EXPORT_FORMATS = ("hf", "voxtral")
+
+
+def write_export(module: SpeechLLMModule, directory: Path, source: str | None = None,
+                 export_format: str = "hf") -> None:
     """Write decoder/, projector.safetensors, speechllm.json and plan.json of `module` into `directory`; for a
-    released model (``model.pretrained``), model/ (the whole model in its own class) instead of the first two."""
+    released model (``model.pretrained``), model/ (the whole model in its own class) instead of the first two; with
+    `export_format` 'voxtral', voxtral/ (a stock Voxtral directory) instead of them."""
     from lightning_speechllm.assets import resolve
 
     sl = module.speechllm
     config = sl.config
     description = sl.describe()
-    if sl.released is not None:  # the whole model in its own class: stock transformers reloads it
+    if export_format not in EXPORT_FORMATS:
+        raise CheckpointError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    if export_format == "voxtral":
+        save_voxtral(sl, directory / "voxtral")
+        description["encoder_dir"] = str(resolve(config.encoder_path)) if config.encoder_path else None
+    elif sl.released is not None:  # the whole model in its own class: stock transformers reloads it
         save_released(sl, directory / "model")
         description["encoder_dir"] = None
     else:
@@ -74,12 +89,12 @@ def write_export(module: SpeechLLMModule, directory: Path, source: str | None = 
     (directory / "plan.json").write_text(json.dumps(_plan_json(module), indent=2) + "\n")
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, export_format: str = "hf") -> Path:
     """Export a checkpoint to `out_dir` atomically (temporary sibling directory, then rename); returns `out_dir`."""
     module = load_module(ckpt_path)
     out = Path(out_dir).expanduser().resolve()
     with atomic_directory(out, CheckpointError) as tmp:
-        write_export(module, tmp, source=str(Path(ckpt_path).resolve()))
+        write_export(module, tmp, source=str(Path(ckpt_path).resolve()), export_format=export_format)
     return out
 
 
@@ -91,6 +106,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ckpt", type=str, required=True,
                         help="Lightning checkpoint (.ckpt) of a SpeechLLMModule or HealingModule")
     parser.add_argument("--out", type=str, required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--format", type=str, default="hf", choices=EXPORT_FORMATS,
+                        help="hf: decoder/ + projector (model/ in its own class for a released model); voxtral: "
+                             "voxtral/, a stock VoxtralForConditionalGeneration directory (Whisper + 4-frame "
+                             "bias-free projector + Llama, trained on the whole 30 s window), which llama.cpp's "
+                             "converter reads")
     return parser
 
 
@@ -103,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        out = export_checkpoint(args.ckpt, args.out)
-    except (CheckpointError, LayerMaskError) as error:  # LayerMaskError: no stock form (e.g. a linear replacement)
+        out = export_checkpoint(args.ckpt, args.out, args.format)
+    # LayerMaskError: no stock form (e.g. a linear replacement); VoxtralExportError: no Voxtral form
+    except (CheckpointError, LayerMaskError, VoxtralExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.ckpt} -> {out}")

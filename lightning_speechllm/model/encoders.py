@@ -80,6 +80,8 @@ class WhisperSpeechEncoder(SpeechEncoder):
         self.full_window_samples = config.max_source_positions * 2 * 160
         self.window_samples = self.full_window_samples
         self.window_step_samples: int | None = None
+        self.whole_window = False
+        """Every frame of the window is a speech position (Voxtral's and llama.cpp's way), not only the utterance's."""
 
     def set_window(self, seconds: float | None) -> None:
         """Pin the window to `seconds` instead of Whisper's 30 s (None restores 30 s). Much faster on short utterances,
@@ -148,6 +150,8 @@ class WhisperSpeechEncoder(SpeechEncoder):
                 "long utterances in the data layer (max_audio_seconds)"
             )
         lens = self.frame_lengths(audio_lens)
+        if self.whole_window:
+            lens = torch.full_like(lens, self.window_samples // 320)
         windows = self.windows(audio_lens)
         groups = sorted(set(windows.tolist()))
         if len(groups) == 1:  # one window for the whole batch (always so for a pinned window): no gather/scatter

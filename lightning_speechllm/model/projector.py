@@ -17,6 +17,9 @@ class ProjectorConfig:
     """Frames merged into one LLM position (k)."""
     hidden_dim: int = 2048
     """Width of the hidden layer."""
+    bias: bool = True
+    """Biases on the projector's linears (and conv). Voxtral's projector has none: ``export --format voxtral``
+    needs False, with `kind` mlp, `downsample` 4 and `hidden_dim` the LLM's width."""
     time_masks: int = 0
     """Training only: SpecAugment-style masks over time on the encoder frames (torchaudio's TimeMasking, drawn per
     utterance), so the projector cannot lean on any one stretch of frames. 0 = off (the paper)."""
@@ -40,10 +43,12 @@ class Projector(nn.Module):
             raise ValueError(f"projector downsample must be >= 1, got {k}")
         if self.config.kind == "mlp":
             self.down = None
-            self.net = nn.Sequential(nn.Linear(input_dim * k, hidden), nn.GELU(), nn.Linear(hidden, output_dim))
+            bias = self.config.bias
+            self.net = nn.Sequential(nn.Linear(input_dim * k, hidden, bias=bias), nn.GELU(),
+                                     nn.Linear(hidden, output_dim, bias=bias))
         elif self.config.kind == "conv1d":
-            self.down = nn.Conv1d(input_dim, hidden, kernel_size=k, stride=k)
-            self.net = nn.Sequential(nn.GELU(), nn.Linear(hidden, output_dim))
+            self.down = nn.Conv1d(input_dim, hidden, kernel_size=k, stride=k, bias=self.config.bias)
+            self.net = nn.Sequential(nn.GELU(), nn.Linear(hidden, output_dim, bias=self.config.bias))
         else:
             raise ValueError(f"unknown projector kind {self.config.kind!r}; expected 'mlp' or 'conv1d'")
         for name in ("time_masks", "time_mask_frames", "feature_masks", "feature_mask_width"):

@@ -77,6 +77,10 @@ class SpeechLLMConfig:
     encoder_window_step_seconds: float | None = None
     """Whisper only: choose the window per utterance, the smallest multiple of this many seconds that holds it (up to
     30 s). Utterances up to one step long are encoded as with a window pinned to it; longer ones still fit."""
+    encoder_whole_window: bool = False
+    """Whisper only: every encoder frame of the 30 s window is a speech position, the silence after the utterance
+    included (1500 frames; 375 positions after a 4-frame projector), as Voxtral and llama.cpp's Whisper-based audio
+    path feed them. False: only the frames that cover the utterance (the paper; far fewer positions)."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     """Projector shape."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -169,6 +173,11 @@ class SpeechLLM(nn.Module):
 
     def _configure_encoder_window(self, encoder: SpeechEncoder | None) -> None:
         pinned, step = self.config.encoder_window_seconds, self.config.encoder_window_step_seconds
+        if self.config.encoder_whole_window:
+            if not hasattr(encoder, "set_window") or pinned is not None or step is not None:
+                raise ValueError("encoder_whole_window needs a Whisper encoder on its 30 s window (no "
+                                 "encoder_window_seconds / encoder_window_step_seconds)")
+            encoder.whole_window = True
         if pinned is None and step is None:
             return
         if pinned is not None and step is not None:
@@ -315,6 +324,8 @@ class SpeechLLM(nn.Module):
                 "encoder_config": config.to_dict() if config is not None else None,
                 "window_samples": getattr(encoder, "window_samples", None),
                 "window_step_samples": getattr(encoder, "window_step_samples", None),
+                # only when set, so that existing caches keep their keys
+                **({"whole_window": True} if getattr(encoder, "whole_window", False) else {}),
                 # WavLM/HuBERT/wav2vec2 normalise the waveform per utterance (or not, per preprocessor_config.json):
                 # other frames from the same weights, so another cache
                 "waveform_normalize": getattr(encoder, "normalize", None)}
@@ -368,7 +379,8 @@ class SpeechLLM(nn.Module):
         embeds = self._embed_tokens(token_ids)
         if speech is not None:
             speech_slots = segment_ids == Segment.SPEECH
-            valid = torch.arange(speech.shape[1], device=device)[None, :] < torch.tensor(speech_lens, device=device)[:, None]
+            lens = torch.tensor(speech_lens, device=device)
+            valid = torch.arange(speech.shape[1], device=device)[None, :] < lens[:, None]
             embeds = embeds.masked_scatter(speech_slots[..., None], speech[valid].to(embeds.dtype))
         attention_mask = (segment_ids != Segment.PAD).long()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -557,7 +569,8 @@ class SpeechLLM(nn.Module):
             expected = {name for name, p in self.named_parameters() if p.requires_grad}
             missing, unknown = sorted(expected - state.keys()), sorted(state.keys() - expected)
             if missing or unknown:
-                raise KeyError(f"checkpoint does not fit this SpeechLLM: missing {missing[:5]}, unexpected {unknown[:5]}")
+                raise KeyError(f"checkpoint does not fit this SpeechLLM: missing {missing[:5]}, "
+                               f"unexpected {unknown[:5]}")
             if not self.sharded:
                 self.load_state_dict(state, strict=False)
                 return
