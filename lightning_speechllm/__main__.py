@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("lightning_speechllm.evaluation.sweep.cli:main", "prune -> evaluate -> heal -> evaluate over fractions; the paper's rule"),
     "efficiency": ("lightning_speechllm.evaluation.efficiency:main", "full vs pruned: parameters, latency, RTF, memory"),
     "export": ("lightning_speechllm.healing.export:main", "write a (healed, pruned) checkpoint as an HF decoder + projector"),
+    "gguf": ("lightning_speechllm.edge.cli:main", "GGUF (text model + mmproj) of an `export --format voxtral` folder"),
     "assets": ("lightning_speechllm.assets:main", "list or pull the offline pretrained weights"),
     "data": ("lightning_speechllm.data.prepare:main", "synthesize the espeak corpus or prepare real corpora"),
     "demo": ("lightning_speechllm.demo:main", "pull the default model, measure its text redundancy, run one utterance"),

@@ -126,10 +126,13 @@ def save_voxtral(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
                       "max_source_positions": whisper.max_source_positions,
                       "scale_embedding": whisper.scale_embedding,
                       "activation_function": whisper.activation_function, "vocab_size": whisper.vocab_size},
-        text_config=copy.deepcopy(llm.config).to_dict(),  # the cut layer count and per-layer lists
+        text_config={**copy.deepcopy(llm.config).to_dict(), "tie_word_embeddings": False},  # the cut layer count
         audio_token_id=tokenizer.convert_tokens_to_ids(placeholder), projector_hidden_act="gelu")
     state = released_state_dict(FAMILIES["voxtral"], speechllm.llm, speechllm.encoder.encoder,
                                 _VoxtralProjector(speechllm.projector.net))
+    embeddings = state["model.language_model.embed_tokens.weight"]
+    if state["lm_head.weight"].data_ptr() == embeddings.data_ptr():  # Voxtral's class ties no weights: untied copy
+        state["lm_head.weight"] = embeddings.clone()
     with torch.device("meta"):
         stock = transformers.VoxtralForConditionalGeneration(config)
     expected = set(stock.state_dict())

@@ -1,0 +1,49 @@
+"""``python -m lightning_speechllm gguf --voxtral DIR --out DIR``: GGUF files by llama.cpp's own converter.
+
+``DIR`` is the ``voxtral/`` folder that ``export --format voxtral`` writes. The output holds ``model-<type>.gguf``
+for each ``--types`` entry (the text model) and ``mmproj-f16.gguf`` (audio encoder + projector), with their block
+counts, projector type and sizes printed.
+"""
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import ArgumentError, ArgumentParser
+
+from .gguf import DEFAULT_TOOLS_DIR, GGUF_OUTTYPES, GGUFExportError, convert_voxtral, gguf_summary
+
+__all__ = ["build_parser", "main"]
+
+_SHOWN = ("general.architecture", "llama.block_count", "clip.projector_type", "clip.audio.block_count",
+          "clip.audio.projector.stack_factor")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="lightning_speechllm gguf", exit_on_error=False,
+                            description="Convert a Voxtral-layout export to GGUF with llama.cpp's own converter.")
+    parser.add_argument("--voxtral", type=str, required=True, help="the voxtral/ folder of `export --format voxtral`")
+    parser.add_argument("--out", type=str, required=True, help="output folder for the .gguf files")
+    parser.add_argument("--types", type=list[str], default=["f16", "q8_0"],
+                        help=f"text-model types, among {list(GGUF_OUTTYPES)} (the mmproj is f16)")
+    parser.add_argument("--tools_dir", type=str, default=str(DEFAULT_TOOLS_DIR),
+                        help="where llama.cpp's converter is extracted from the pinned llama-cpp-python sdist")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; 0 on success, 2 on bad arguments or a directory the converter refuses."""
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except ArgumentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        files = convert_voxtral(args.voxtral, args.out, tuple(args.types), args.tools_dir)
+    except GGUFExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for name, path in files.items():
+        metadata = gguf_summary(path)["metadata"]
+        shown = ", ".join(f"{key}={metadata[key]}" for key in _SHOWN if key in metadata)
+        print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB; {shown})")
+    return 0
