@@ -22,7 +22,8 @@ from lightning_speechllm.data.real_speakers import Sdist, fetch_sdist
 
 __all__ = ["GGUF_OUTTYPES", "LLAMA_CPP_SDIST", "GGUFExportError", "convert_voxtral", "converter_dir", "gguf_summary"]
 
-LLAMA_CPP_SDIST = Sdist("llama_cpp_python", "0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+LLAMA_CPP_SDIST = Sdist("llama_cpp_python", "0.3.36",
+                        "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 """The llama-cpp-python release whose vendored llama.cpp converts (and, built, runs) the exports."""
 DEFAULT_TOOLS_DIR = Path("data_cache/llama.cpp")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
