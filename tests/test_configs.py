@@ -35,7 +35,7 @@ LIGHTNING_COMMANDS = {
     "heal": ("lightning_speechllm.healing.cli", "HealingCLI", "main"),
 }
 # configs/<folder>/ -> the command that reads its files (configs/default.yaml belongs to the integrator)
-FOLDER_COMMAND = {"asr": "fit", "ast": "fit", "heal": "heal", "measure": "measure", "prune": "prune",
+FOLDER_COMMAND = {"asr": "fit", "ast": "fit", "edge": "fit", "heal": "heal", "measure": "measure", "prune": "prune",
                   "sweep": "sweep", "trainer": "fit"}
 FIT_CONFIGS = sorted((CONFIGS / "asr").glob("*.yaml")) + sorted((CONFIGS / "ast").glob("*.yaml"))
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
@@ -204,7 +204,7 @@ def test_shipped_configs_never_read_a_test_set_before_the_final_report(path):
     keys = _select_keys(path)
     offending = [(key, value) for key, value in keys if NAMES_A_TEST_SET.search(value)]
     assert not offending, f"{path.relative_to(ROOT)} reads test data before the final report: {offending}"
-    if path.parent.name != "trainer" and path.name != "kd.yaml":  # presets and overlays hold no data of their own
+    if path.parent.name not in ("trainer", "edge") and path.name != "kd.yaml":  # presets and overlays: no data
         assert keys, f"{path.relative_to(ROOT)}: found nothing to check (did its parser change?)"
 
 
@@ -484,3 +484,14 @@ def test_sbatch_script_runs_the_command_through_srun(name, env, expected, tmp_pa
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["python", "-m", "lightning_speechllm", *expected, "--seed_everything", "1"]
+
+
+def test_the_voxtral_overlay_gives_a_model_with_a_voxtral_form(fit_cli):
+    """configs/edge/voxtral.yaml on the default: the shape `export --format voxtral` needs (checked against the
+    export's own rules on the real Whisper tiny.en and SmolLM2 shapes, without loading weights)."""
+    cfg = parse_lightning(fit_cli, [CONFIGS / "default.yaml", CONFIGS / "edge" / "voxtral.yaml"])
+    model = _model_config(cfg)
+    assert model.encoder_whole_window and model.encoder_window_step_seconds is None
+    assert (model.projector.kind, model.projector.downsample, model.projector.hidden_dim, model.projector.bias) == (
+        "mlp", 4, 576, False)  # Whisper tiny.en: 1536 // 384 = 4 frames; SmolLM2-135M: 576 wide
+    assert model.llm_path == "smollm2-135m" and model.encoder_path == "whisper-tiny.en"
