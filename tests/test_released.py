@@ -398,13 +398,15 @@ def test_framework_generation_equals_the_stock_models_after_pruning(assets, tmp_
     assert ours.texts == [text.strip() for text in expected]
 
 
-@pytest.mark.parametrize("family", ["audioflamingo3", "glmasr"])
+@pytest.mark.parametrize("family", ["audioflamingo3", "glmasr", "qwen2_5_omni", "granite_speech", "phi4_multimodal",
+                                    "qwen3_asr"])
 def test_a_bfloat16_model_and_cached_frames_run(family, tmp_path):
     """A half-precision tower reads float32 features (AF3's and GLM-ASR's do not cast them), and cached frames,
-    trimmed to each utterance, need not fill the last group of stacked frames."""
+    trimmed to each utterance, need not fill the last group of stacked frames (or Granite's last window)."""
     assets = _make_assets(tmp_path, family)
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), llm_dtype="bfloat16")).eval()
     assert next(speechllm.encoder.tower.parameters()).dtype == torch.bfloat16
+    assert len(speechllm.encoder_cache_key()) == 16  # every buffer hashes (Granite's tower holds a 0-d one)
     batch = make_batch(seconds=(1.0, 0.62))
     with torch.no_grad():
         frames, lens = speechllm.encode_frames(batch.audio, batch.audio_lens)

@@ -308,7 +308,7 @@ class SpeechLLM(nn.Module):
             digest = hashlib.sha256()
             for name, tensor in sorted(self.encoder.state_dict().items()):
                 digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             self._encoder_weights_digest = digest.hexdigest()
         description = json.dumps(self.encoder_description(), sort_keys=True)
         return hashlib.sha256(f"{description}\n{self._encoder_weights_digest}".encode()).hexdigest()[:16]

@@ -290,7 +290,8 @@ class ReleasedParts:
 
 
 def parts_from_model(model: PreTrainedModel, processor: ProcessorMixin, source: str | None = None) -> ReleasedParts:
-    """Split a loaded (or in-memory) released model into the framework's parts; `processor` is its own."""
+    """Split a loaded (or in-memory) released model into the framework's parts; `processor` is its own. The parts
+    share `model`'s modules; a decoder that embeds audio itself (Phi-4-multimodal) gets a pass-through there."""
     model_type = model.config.model_type
     family = detect_family(source) if source is not None else FAMILIES.get(model_type)
     if family is None:
