@@ -32,6 +32,7 @@ from lightning_speechllm.io_utils import atomic_directory
 
 from .export import PRUNING_FILE, pruning_info
 from .layer_mask import unwrap_peft
+from .prompts import SPEECH_PLACEHOLDER
 from .released.export import released_state_dict
 from .released.families import FAMILIES
 
@@ -149,6 +150,7 @@ def save_voxtral(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
                                              chunk_length=window_seconds).save_pretrained(tmp)
         llm.generation_config.save_pretrained(tmp)
         info = {**pruning_info(speechllm.llm), "format": "voxtral", "audio_token": placeholder,
-                "audio_token_id": config.audio_token_id, "prompt": speechllm.prompts.render("asr", None)}
+                "audio_token_id": config.audio_token_id, "prompt": speechllm.prompts.render("asr", None),
+                "speech_placeholder": SPEECH_PLACEHOLDER}
         (tmp / PRUNING_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out
