@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from .gguf import DEFAULT_TOOLS_DIR, GGUF_OUTTYPES, GGUFExportError, convert_voxtral, gguf_summary
 
@@ -21,6 +21,7 @@ _SHOWN = ("general.architecture", "llama.block_count", "clip.projector_type", "c
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lightning_speechllm gguf", exit_on_error=False,
                             description="Convert a Voxtral-layout export to GGUF with llama.cpp's own converter.")
+    parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--voxtral", type=str, required=True, help="the voxtral/ folder of `export --format voxtral`")
     parser.add_argument("--out", type=str, required=True, help="output folder for the .gguf files")
     parser.add_argument("--types", type=list[str], default=["f16", "q8_0"],
