@@ -441,7 +441,7 @@ def test_qwen2_5_omni_exports_its_thinker_with_the_vision_tower(tmp_path):
     vision tower's weights as they were."""
     assets = _make_assets(tmp_path, "qwen2_5_omni")
     speechllm = SpeechLLM.from_config(SpeechLLMConfig(pretrained=str(assets["model"]), attn_implementation="eager"))
-    visual = {k: v for k, v in speechllm.released.other_weights.items()}
+    visual = dict(speechllm.released.other_weights)
     assert visual and all(key.startswith("model.visual.") for key in visual)
     speechllm.layer_mask.remove_layers([0, 3])
     from lightning_speechllm.model.released.export import save_released

@@ -142,6 +142,16 @@ def _save_tiny_voxtral(directory: Path, seed: int) -> Path:
     return directory
 
 
+def _tokenizer_with(directory: Path, named: dict[str, str]):
+    """The tiny tokenizer saved in `directory` and reloaded with the processor's named special tokens (its
+    ``audio_token`` attribute and the like, as the hub's tokenizer configs declare them), and their ids by name."""
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer().save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens=named)
+    return tokenizer, {name: tokenizer.convert_tokens_to_ids(token) for name, token in named.items()}
+
+
 _OMNI_TOKENS = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
                 "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
                 "vision_eos_token": "<|vision_eos|>"}
@@ -150,12 +160,10 @@ _OMNI_TOKENS = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", 
 def _save_tiny_qwen2_5_omni(directory: Path, seed: int) -> Path:
     """A Qwen2.5-Omni directory as the hub has it (model_type qwen2_5_omni, the thinker's config nested), without
     the talker (enable_audio_output false): the framework loads and exports the thinker."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+    from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    tiny_tokenizer().save_pretrained(directory)  # reloaded with the processor's named special tokens
-    tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens=_OMNI_TOKENS)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _OMNI_TOKENS.items()}
+    tokenizer, ids = _tokenizer_with(directory, _OMNI_TOKENS)
     head = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
     thinker = {
         "text_config": {**_TEXT, "vocab_size": len(tokenizer), "tie_word_embeddings": False,
@@ -224,11 +232,9 @@ def _save_tiny_phi4_multimodal(directory: Path, seed: int) -> Path:
     """Phi-4-multimodal: the audio tower and speech projection inside the decoder's multimodal embedding, a tiny
     vision tower beside them, fused qkv / gate-up projections, and the speech LoRA in `speech-lora/` (random)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor
+    from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor
 
-    tiny_tokenizer().save_pretrained(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens=_PHI4_TOKENS)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _PHI4_TOKENS.items()}
+    tokenizer, ids = _tokenizer_with(directory, _PHI4_TOKENS)
     text = {key: value for key, value in _TEXT.items() if key != "initializer_range"}
     config = transformers.Phi4MultimodalConfig(
         **text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
@@ -261,12 +267,10 @@ def _save_tiny_phi4_multimodal(directory: Path, seed: int) -> Path:
 def _save_tiny_qwen3_asr(directory: Path, seed: int) -> Path:
     """Qwen3-ASR: mels padded to whole 1 s chunks, three stride-2 2-D convolutions per chunk, attention within
     2-chunk windows, its output packed; a separate projector and a Qwen3 decoder."""
-    from transformers import AutoTokenizer, Qwen3ASRFeatureExtractor
+    from transformers import Qwen3ASRFeatureExtractor
 
-    tiny_tokenizer().save_pretrained(directory)
-    tokens = {"audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>",
-              "audio_eos_token": "<|audio_end|>"}
-    tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens=tokens)
+    tokenizer, _ = _tokenizer_with(directory, {"audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>",
+                                               "audio_eos_token": "<|audio_end|>"})
     config = transformers.Qwen3ASRConfig(
         audio_config={"num_mel_bins": 80, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
                       "d_model": 32, "output_dim": _TEXT["hidden_size"], "n_window": 50, "n_window_infer": 200,

@@ -69,8 +69,7 @@ def _convert(converter: Path, source: Path, outfile: Path, outtype: str, *extra:
     if done.returncode != 0 or not part.is_file():
         part.unlink(missing_ok=True)
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
-        raise GGUFExportError(f"llama.cpp's converter failed on {source} ({outtype}{' '.join(('',) + extra)}):\n"
-                              f"{tail}")
+        raise GGUFExportError(f"llama.cpp's converter failed on {source} ({' '.join((outtype, *extra))}):\n{tail}")
     part.replace(outfile)
     return outfile
 

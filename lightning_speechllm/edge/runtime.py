@@ -16,6 +16,7 @@ Needs llama-cpp-python (``pip install -e '.[edge]'``: it builds llama.cpp from s
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class LlamaCppSpeechModel:
         self.llama, self.mtmd_api = _llama()
         llama = self.llama
         llama.llama_backend_init()
-        llama.llama_log_set(_SILENT, ctypes.c_void_p(0))
+        llama.llama_log_set(_silent_log_callback(), ctypes.c_void_p(0))
         self.model = llama.llama_model_load_from_file(str(model_gguf).encode(), llama.llama_model_default_params())
         if not self.model:
             raise RuntimeUnavailable(f"llama.cpp could not load {model_gguf}")
@@ -230,13 +231,8 @@ class LlamaCppSpeechModel:
         self.llama.llama_model_free(self.model)
 
 
-def _silent_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    return None
-
-
-try:  # the log callback type exists only with llama-cpp-python installed
-    import llama_cpp as _llama_cpp
-
-    _SILENT = _llama_cpp.llama_log_callback(_silent_log)
-except ImportError:  # pragma: no cover
-    _SILENT = None
+@functools.cache
+def _silent_log_callback():
+    """One llama.cpp log callback that drops every line, kept alive for the process (llama.cpp holds its pointer)."""
+    llama, _ = _llama()
+    return llama.llama_log_callback(lambda level, text, user_data: None)

@@ -73,16 +73,15 @@ def write_export(module: SpeechLLMModule, directory: Path, source: str | None = 
         raise CheckpointError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
     if export_format == "voxtral":
         save_voxtral(sl, directory / "voxtral")
-        description["encoder_dir"] = str(resolve(config.encoder_path)) if config.encoder_path else None
     elif sl.released is not None:  # the whole model in its own class: stock transformers reloads it
         save_released(sl, directory / "model")
-        description["encoder_dir"] = None
     else:
         save_pruned_decoder(sl.llm, directory / "decoder", sl.tokenizer)
         if sl.projector is not None:
             state = {k: v.detach().contiguous().cpu() for k, v in sl.projector.state_dict().items()}
             save_file(state, str(directory / "projector.safetensors"))
-        description["encoder_dir"] = str(resolve(config.encoder_path)) if config.encoder_path else None
+    assembled = sl.released is None and config.encoder_path  # a released model's tower is in model/
+    description["encoder_dir"] = str(resolve(config.encoder_path)) if assembled else None
     description["projector_config"] = asdict(config.projector)
     description["source_checkpoint"] = source
     (directory / "speechllm.json").write_text(json.dumps(description, indent=2) + "\n")

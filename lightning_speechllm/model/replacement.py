@@ -63,30 +63,13 @@ def _plain_linear(module: nn.Module) -> nn.Linear:
     return base
 
 
-def _slice_rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
-    """A linear view holding outputs ``start:stop`` of ``linear`` (no copy; :func:`_cut` copies)."""
-    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None, device="meta")
-    part.weight = nn.Parameter(linear.weight.detach()[start:stop], requires_grad=False)
-    part.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach()[start:stop], requires_grad=False)
-    return part
-
-
-def _stack_rows(first: nn.Linear, second: nn.Linear) -> nn.Linear:
-    """One linear whose outputs are `first`'s, then `second`'s."""
-    weight = torch.cat([first.weight.detach(), second.weight.detach()])
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=first.bias is not None, device=weight.device,
-                    dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if first.bias is not None:
-            new.bias.copy_(torch.cat([first.bias.detach(), second.bias.detach()]))
-    return new
-
-
-def _cut(linear: nn.Linear, rows: int | None = None, cols: int | None = None, zero: bool = False) -> nn.Linear:
-    """A new linear holding the first ``rows`` outputs / ``cols`` inputs of ``linear`` (or zeros)."""
-    weight = linear.weight.detach()[:rows, :cols]
-    bias = linear.bias.detach()[:rows] if linear.bias is not None else None
+def _cut(linear: nn.Linear, rows: int | torch.Tensor | None = None, cols: int | None = None,
+         zero: bool = False) -> nn.Linear:
+    """A new linear holding the first ``rows`` outputs (or those a tensor of indices picks) and the first ``cols``
+    inputs of ``linear`` (or zeros)."""
+    picked = rows if isinstance(rows, torch.Tensor) else slice(None, rows)
+    weight = linear.weight.detach()[picked][:, :cols]
+    bias = linear.bias.detach()[picked] if linear.bias is not None else None
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(torch.zeros_like(weight) if zero else weight)
@@ -127,8 +110,8 @@ def _build(template_layer: nn.Module, kind: ReplacementKind, width: int | None) 
     new_mlp = copy.deepcopy(mlp)  # keeps act_fn and config; the projections are replaced below
     if fused:  # Phi-3 / Phi-4: gate rows then up rows in one projection, split in half by the forward
         gate_up = _plain_linear(mlp.gate_up_proj)
-        new_mlp.gate_up_proj = _stack_rows(_cut(_slice_rows(gate_up, 0, full), rows=width),
-                                           _cut(_slice_rows(gate_up, full, 2 * full), rows=width))
+        units = torch.arange(width, device=gate_up.weight.device)
+        new_mlp.gate_up_proj = _cut(gate_up, rows=torch.cat([units, full + units]))
     else:
         new_mlp.gate_proj = _cut(_plain_linear(mlp.gate_proj), rows=width)
         new_mlp.up_proj = _cut(_plain_linear(mlp.up_proj), rows=width)

@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import transformers
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -33,7 +32,7 @@ from lightning_speechllm.io_utils import atomic_directory
 from .export import PRUNING_FILE, pruning_info
 from .layer_mask import unwrap_peft
 from .prompts import SPEECH_PLACEHOLDER
-from .released.export import released_state_dict
+from .released.export import checked_meta_model, released_state_dict
 from .released.families import FAMILIES
 
 if TYPE_CHECKING:  # the SpeechLLM imports this package's neighbours
@@ -127,20 +126,14 @@ def save_voxtral(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
                       "max_source_positions": whisper.max_source_positions,
                       "scale_embedding": whisper.scale_embedding,
                       "activation_function": whisper.activation_function, "vocab_size": whisper.vocab_size},
-        text_config={**copy.deepcopy(llm.config).to_dict(), "tie_word_embeddings": False},  # the cut layer count
+        text_config={**llm.config.to_dict(), "tie_word_embeddings": False},  # the cut layer count
         audio_token_id=tokenizer.convert_tokens_to_ids(placeholder), projector_hidden_act="gelu")
     state = released_state_dict(FAMILIES["voxtral"], speechllm.llm, speechllm.encoder.encoder,
                                 _VoxtralProjector(speechllm.projector.net))
     embeddings = state["model.language_model.embed_tokens.weight"]
     if state["lm_head.weight"].data_ptr() == embeddings.data_ptr():  # Voxtral's class ties no weights: untied copy
         state["lm_head.weight"] = embeddings.clone()
-    with torch.device("meta"):
-        stock = transformers.VoxtralForConditionalGeneration(config)
-    expected = set(stock.state_dict())
-    missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or extra:
-        raise VoxtralExportError(f"the weights do not fit VoxtralForConditionalGeneration: missing {missing[:3]}, "
-                                 f"unexpected {extra[:3]}")
+    stock = checked_meta_model("VoxtralForConditionalGeneration", config, state, VoxtralExportError)
     out = Path(out_dir).expanduser().resolve()
     with atomic_directory(out, VoxtralExportError) as tmp:
         stock.save_pretrained(tmp, state_dict=state)

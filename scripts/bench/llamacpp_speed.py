@@ -114,9 +114,9 @@ def _prepare(work: Path, removed: list[int]) -> dict:
                 out, positions = model.projector(frames, lens)
                 np.save(embeddings / f"{seconds}.npy", out[0, : positions[0]].numpy())
         paths[name] = {"voxtral": voxtral, "gguf": work / name / "gguf", "embeddings": embeddings, "removed": cut}
-        if not cut:
-            config = model.llm.config
-    paths["ideal"] = ideal_speedup(config, 30 - len(removed), context_len=400)
+        if not cut:  # one decoding step at the prompt's length, full over pruned
+            layers = model.layer_mask.num_layers
+            paths["ideal"] = ideal_speedup(model.llm.config, layers - len(removed), context_len=400)
     return paths
 
 

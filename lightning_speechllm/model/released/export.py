@@ -27,7 +27,7 @@ from .parts import ReleasedOrigin
 if TYPE_CHECKING:  # the SpeechLLM imports this package
     from lightning_speechllm.model.speechllm import SpeechLLM
 
-__all__ = ["released_state_dict", "save_released"]
+__all__ = ["checked_meta_model", "released_state_dict", "save_released"]
 
 
 def released_state_dict(family: ReleasedFamily, llm: torch.nn.Module, tower: torch.nn.Module,
@@ -64,12 +64,7 @@ def save_released(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
     else:
         config = copy.deepcopy(origin.config)
         config.text_config = cut
-    stock = _meta_model(family, config)
-    expected = set(stock.state_dict())
-    missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or extra:
-        raise ReleasedModelError(f"the pruned weights do not fit {family.class_name}: missing {missing[:3]}, "
-                                 f"unexpected {extra[:3]}")
+    stock = checked_meta_model(family.class_name, config, state, ReleasedModelError)
     with atomic_directory(out, ReleasedModelError) as tmp:
         stock.save_pretrained(tmp, state_dict=state)
         origin.processor.save_pretrained(tmp)
@@ -79,7 +74,14 @@ def save_released(speechllm: SpeechLLM, out_dir: str | Path) -> Path:
     return out
 
 
-def _meta_model(family: ReleasedFamily, config) -> torch.nn.Module:
-    """The stock class on the meta device: its key names and save logic, no memory for weights."""
+def checked_meta_model(class_name: str, config, state: dict[str, torch.Tensor],
+                       error: type[Exception] = ReleasedModelError) -> torch.nn.Module:
+    """The transformers class `class_name` built from `config` on the meta device (its key names and save logic, no
+    memory for weights), once `state` is checked to hold exactly its weights (`error` names the misfits)."""
     with torch.device("meta"):
-        return getattr(transformers, family.class_name)(config)
+        stock = getattr(transformers, class_name)(config)
+    expected = set(stock.state_dict())
+    missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or extra:
+        raise error(f"the weights do not fit {class_name}: missing {missing[:3]}, unexpected {extra[:3]}")
+    return stock

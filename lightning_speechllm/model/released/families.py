@@ -48,7 +48,8 @@ class ReleasedFamily:
     Qwen2.5-Omni), 'packed_output' (padded mels and their mask in, its output packed: Qwen3-ASR) or 'none'."""
     frame_lengths: str = "pooled"
     """Real tower frames per utterance: 'pooled' (stride-2 conv, then 2x average pooling), 'conv' (stride-2 conv
-    only) or 'window' (every frame of the padded window is a speech position)."""
+    only) or 'window' (every frame of the padded window is a speech position). Unused where the tower's own output
+    says (the 'packed*' masks, 'utterance' features)."""
     features: str = "window"
     """How its feature extractor is called: 'window' (Whisper-style: log-mels padded to the tower's window, with a
     mel-frame mask), 'longest' (padded to the batch's longest, as its processor does: Qwen3-ASR, whose tower reads
@@ -93,7 +94,7 @@ FAMILIES: dict[str, ReleasedFamily] = {
           for model_type in ("qwen2_5_omni", "qwen2_5_omni_thinker")),
         ReleasedFamily(model_type="granite_speech", class_name="GraniteSpeechForConditionalGeneration",
                        audio_tower="model.encoder", projector="model.projector", features="utterance",
-                       frame_lengths="conv", windowed_projector=True, feature_mask_argument="input_features_mask",
+                       windowed_projector=True, feature_mask_argument="input_features_mask",
                        causal_lm_class="LlamaForCausalLM", audio_in_text=True),
         ReleasedFamily(model_type="phi4_multimodal", class_name="Phi4MultimodalForCausalLM", decoder="model",
                        audio_tower="model.embed_tokens_extend.audio_embed.encoder",
@@ -143,13 +144,6 @@ def read_model_type(directory: str | Path) -> str:
     return read_config(directory)["model_type"]
 
 
-def _refusal(config: dict) -> str | None:
-    """Why the model in `config` must not be pruned here, or None."""
-    if config["model_type"] in REFUSED:
-        return REFUSED[config["model_type"]]
-    return None
-
-
 def is_released_dir(directory: str | Path) -> bool:
     """Whether ``directory`` holds a released SpeechLLM family this module knows of (supported, not yet, or
     refused), rather than a plain causal LM."""
@@ -159,11 +153,10 @@ def is_released_dir(directory: str | Path) -> bool:
 
 def detect_family(directory: str | Path) -> ReleasedFamily:
     """The family of the released SpeechLLM in ``directory``, or an error that names the reason it is unsupported."""
-    config = read_config(directory)
-    model_type, refusal = config["model_type"], _refusal(config)
+    model_type = read_model_type(directory)
     where = Path(directory).expanduser() / "config.json"
-    if refusal:
-        raise ReleasedModelError(f"{where}: model_type {model_type!r} is refused: {refusal}")
+    if model_type in REFUSED:
+        raise ReleasedModelError(f"{where}: model_type {model_type!r} is refused: {REFUSED[model_type]}")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     if model_type in NOT_YET:

@@ -46,8 +46,9 @@ __all__ = ["PassThroughEmbedding", "ReleasedAudioEncoder", "ReleasedOrigin", "Re
 
 
 class ReleasedAudioEncoder(SpeechEncoder):
-    """Waveforms -> the released audio tower's frames, through the model's own feature extractor (padded to its
-    window, as its processor does). Utterances longer than the window are refused, not cut."""
+    """Waveforms -> the released audio tower's frames, through the model's own feature extractor, prepared as its
+    processor prepares them (padded to its window, to the batch's longest, or one utterance at a time). Utterances
+    longer than a window are refused, not cut."""
 
     def __init__(self, tower: nn.Module, feature_extractor: FeatureExtractionMixin, family: ReleasedFamily) -> None:
         super().__init__()
@@ -62,21 +63,15 @@ class ReleasedAudioEncoder(SpeechEncoder):
 
     def features(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> dict[str, torch.Tensor]:
         """The feature extractor's ``input_features`` [B, mels, frames] and mel-frame ``attention_mask`` [B, frames]
-        of each utterance, padded to the window (what the processor gives the stock model)."""
-        if self.window_samples is None:  # no window: padded to the batch's longest, as its processor pads
-            waves = [audio[i, :n].detach().float().cpu().numpy() for i, n in enumerate(audio_lens.tolist())]
-            with torch.autocast(device_type=audio.device.type, enabled=False):
-                return self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding=True,
-                                              return_attention_mask=True, return_tensors="pt")
-        too_long = audio_lens > self.window_samples
-        if bool(too_long.any()):
-            seconds = float(audio_lens[too_long].max()) / SAMPLE_RATE
+        of each utterance, padded to the window (no window: to the batch's longest), as the processor pads them."""
+        if self.window_samples is not None and bool((audio_lens > self.window_samples).any()):
+            seconds = float(audio_lens.max()) / SAMPLE_RATE
             raise EncoderError(f"an utterance of {seconds:.1f} s is longer than {self.family.class_name}'s "
                                f"{self.window_samples / SAMPLE_RATE:.0f} s audio window: cap data.max_audio_seconds")
-        waves = [audio[i, :n].detach().float().cpu().numpy().astype(np.float32)
-                 for i, n in enumerate(audio_lens.tolist())]
+        waves = [audio[i, :n].detach().float().cpu().numpy() for i, n in enumerate(audio_lens.tolist())]
+        padding = True if self.window_samples is None else "max_length"
         with torch.autocast(device_type=audio.device.type, enabled=False):  # features in float32, as stock
-            return self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding="max_length",
+            return self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding=padding,
                                           return_attention_mask=True, return_tensors="pt")
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
