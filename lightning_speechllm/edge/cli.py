@@ -1,8 +1,9 @@
-"""``python -m lightning_speechllm gguf --voxtral DIR --out DIR``: GGUF files by llama.cpp's own converter.
+"""``python -m lightning_speechllm gguf --source DIR --out DIR``: GGUF files by llama.cpp's own converter.
 
-``DIR`` is the ``voxtral/`` folder that ``export --format voxtral`` writes. The output holds ``model-<type>.gguf``
-for each ``--types`` entry (the text model) and ``mmproj-f16.gguf`` (audio encoder + projector), with their block
-counts, projector type and sizes printed.
+``--source`` is the ``llamacpp/`` folder that ``export --format llamacpp`` writes (or the ``voxtral/`` one of
+``--format voxtral``). The output holds ``model-<type>.gguf`` for each ``--types`` entry (the text model),
+``mmproj-f16.gguf`` (audio encoder + projector) and ``speech.json`` (prompt and speech positions), with their block
+counts, projector type and sizes printed. ``gguf-eval`` and ``transcribe --gguf`` read that folder.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from .gguf import DEFAULT_TOOLS_DIR, GGUF_OUTTYPES, GGUFExportError, convert_voxtral, gguf_summary
+from .gguf import DEFAULT_TOOLS_DIR, GGUF_OUTTYPES, GGUFExportError, convert_export, gguf_summary
 
 __all__ = ["build_parser", "main"]
 
@@ -20,9 +21,11 @@ _SHOWN = ("general.architecture", "llama.block_count", "clip.projector_type", "c
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lightning_speechllm gguf", exit_on_error=False,
-                            description="Convert a Voxtral-layout export to GGUF with llama.cpp's own converter.")
+                            description="Convert an export for llama.cpp (export --format llamacpp, or voxtral) to "
+                                        "GGUF with llama.cpp's own converter.")
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_argument("--voxtral", type=str, required=True, help="the voxtral/ folder of `export --format voxtral`")
+    parser.add_argument("--source", type=str, required=True,
+                        help="the llamacpp/ folder of `export --format llamacpp` (or voxtral/ of --format voxtral)")
     parser.add_argument("--out", type=str, required=True, help="output folder for the .gguf files")
     parser.add_argument("--types", type=list[str], default=["f16", "q8_0"],
                         help=f"text-model types, among {list(GGUF_OUTTYPES)} (the mmproj is f16)")
@@ -39,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        files = convert_voxtral(args.voxtral, args.out, tuple(args.types), args.tools_dir)
+        files = convert_export(args.source, args.out, tuple(args.types), args.tools_dir)
     except GGUFExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for name, path in files.items():
+        if path.suffix != ".gguf":
+            continue
         metadata = gguf_summary(path)["metadata"]
         shown = ", ".join(f"{key}={metadata[key]}" for key in _SHOWN if key in metadata)
         print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB; {shown})")

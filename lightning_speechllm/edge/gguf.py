@@ -1,4 +1,5 @@
-"""GGUF files of a Voxtral-layout export (``export --format voxtral``), written by llama.cpp's own converter.
+"""GGUF files of an export for llama.cpp (``export --format llamacpp`` or ``voxtral``), written by llama.cpp's own
+converter.
 
 The converter is ``convert_hf_to_gguf.py`` with its ``conversion/`` package and ``gguf-py``, as the pinned
 llama-cpp-python sdist vendors them (llama.cpp's Python tools are not on the package index on their own). They are
@@ -6,12 +7,16 @@ extracted once from that sdist, fetched through the package index pip uses and c
 (:func:`~lightning_speechllm.data.real_speakers.fetch_sdist`), into ``data_cache/llama.cpp/``. The converter runs
 in a subprocess of this Python, so its failure is reported with its own message and never leaves a partial file.
 
-A Voxtral directory becomes two kinds of file: the text model (the pruned decoder, layers renumbered ``blk.0..k-1``,
-``llama.block_count`` = k) in each requested type, and ``mmproj`` (the Whisper encoder and the projector, projector
-type ``voxtral``, 4 frames stacked), which llama.cpp's audio path (mtmd) reads beside it.
+An export becomes two kinds of file: the text model (the pruned decoder, layers renumbered ``blk.0..k-1``,
+``llama.block_count`` = k) in each requested type, and ``mmproj`` (the Whisper encoder and the projector), which
+llama.cpp's audio path (mtmd) reads beside it: projector type ``glma`` from a ``llamacpp/`` export (k frames
+stacked, the graph that runs ours), ``voxtral`` from a ``voxtral/`` one (which the pinned llama.cpp cannot run, see
+:mod:`lightning_speechllm.edge.runtime`). ``speech.json`` is written beside them: the prompt and how many speech
+positions the model reads (:data:`lightning_speechllm.model.llamacpp_layout.SPEECH_FILE`).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,8 +24,9 @@ import tarfile
 from pathlib import Path
 
 from lightning_speechllm.data.real_speakers import Sdist, fetch_sdist
+from lightning_speechllm.model.llamacpp_layout import SPEECH_FILE
 
-__all__ = ["GGUF_OUTTYPES", "LLAMA_CPP_SDIST", "GGUFExportError", "convert_voxtral", "converter_dir", "gguf_summary"]
+__all__ = ["GGUF_OUTTYPES", "LLAMA_CPP_SDIST", "GGUFExportError", "convert_export", "converter_dir", "gguf_summary"]
 
 LLAMA_CPP_SDIST = Sdist("llama_cpp_python", "0.3.36",
                         "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
@@ -74,22 +80,39 @@ def _convert(converter: Path, source: Path, outfile: Path, outtype: str, *extra:
     return outfile
 
 
-def convert_voxtral(voxtral_dir: str | Path, out_dir: str | Path, outtypes: tuple[str, ...] = ("f16", "q8_0"),
-                    tools_dir: str | Path = DEFAULT_TOOLS_DIR) -> dict[str, Path]:
-    """``model-<type>.gguf`` for each of `outtypes` and ``mmproj-f16.gguf`` from a stock Voxtral directory, by
-    llama.cpp's own converter; returns them by name (``model-f16``, ..., ``mmproj``)."""
-    source = Path(voxtral_dir).expanduser().resolve()
-    if not (source / "config.json").is_file():
-        raise GGUFExportError(f"{source} has no config.json: pass the voxtral/ folder that `export --format "
-                              "voxtral` writes")
+def _sources(source: Path) -> tuple[Path, Path, dict]:
+    """The text model's directory, the mmproj's directory and the speech.json content of an export folder."""
+    if (source / SPEECH_FILE).is_file() and (source / "decoder").is_dir() and (source / "audio").is_dir():
+        return source / "decoder", source / "audio", json.loads((source / SPEECH_FILE).read_text())
+    if (source / "config.json").is_file() and (source / "pruning.json").is_file():  # export --format voxtral
+        info = json.loads((source / "pruning.json").read_text())
+        if info.get("format") == "voxtral":
+            speech = {"format": "voxtral", "projector_type": "voxtral", "prompt": info["prompt"],
+                      "speech_placeholder": info["speech_placeholder"], "frames_per_position": 4,
+                      "speech_positions": "window", "boundary_rows": 0, "trained_window_seconds": 30}
+            return source, source, speech
+    raise GGUFExportError(f"{source} is neither the llamacpp/ folder of `export --format llamacpp` (decoder/, audio/, "
+                          f"{SPEECH_FILE}) nor the voxtral/ folder of `export --format voxtral`")
+
+
+def convert_export(source_dir: str | Path, out_dir: str | Path, outtypes: tuple[str, ...] = ("f16", "q8_0"),
+                   tools_dir: str | Path = DEFAULT_TOOLS_DIR) -> dict[str, Path]:
+    """``model-<type>.gguf`` for each of `outtypes`, ``mmproj-f16.gguf`` and ``speech.json`` from an export folder
+    (``llamacpp/`` or ``voxtral/``), by llama.cpp's own converter; returns them by name (``model-f16``, ...,
+    ``mmproj``, ``speech``)."""
+    source = Path(source_dir).expanduser().resolve()
+    text, audio, speech = _sources(source)
     bad = [t for t in outtypes if t not in GGUF_OUTTYPES]
     if bad or not outtypes:
         raise GGUFExportError(f"GGUF types must be among {GGUF_OUTTYPES}, got {list(outtypes)}")
     converter = converter_dir(tools_dir)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    files = {f"model-{t}": _convert(converter, source, out / f"model-{t}.gguf", t) for t in outtypes}
-    files["mmproj"] = _convert(converter, source, out / "mmproj-f16.gguf", "f16", "--mmproj")
+    files = {f"model-{t}": _convert(converter, text, out / f"model-{t}.gguf", t) for t in outtypes}
+    files["mmproj"] = _convert(converter, audio, out / "mmproj-f16.gguf", "f16", "--mmproj")
+    part = out / (SPEECH_FILE + ".part")
+    part.write_text(json.dumps(speech, indent=2) + "\n")
+    files["speech"] = part.replace(out / SPEECH_FILE)
     return files
 
 

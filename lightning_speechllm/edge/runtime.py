@@ -1,15 +1,22 @@
-"""Transcribe with llama.cpp: a Voxtral-layout GGUF pair (``gguf``) run through llama-cpp-python's low-level API.
+"""Transcribe with llama.cpp: the ``gguf`` folder (text GGUF, mmproj, ``speech.json``) run through llama-cpp-python's
+low-level API.
 
-The decoder runs in llama.cpp: the export's own prompt (``pruning.json``: the framework's prompt with its speech
-placeholder), tokenized by llama.cpp, with the speech embeddings spliced where the placeholder is, then greedy
-decoding with llama.cpp's KV cache (:meth:`LlamaCppSpeechModel.generate`).
+:meth:`LlamaCppSpeechModel.transcribe` is llama.cpp end to end: mtmd computes the log-mel, the Whisper encoder and
+the projector from ``mmproj-f16.gguf`` (projector type ``glma``, see
+:mod:`lightning_speechllm.model.llamacpp_layout`); the rows llama.cpp adds around the audio are dropped and, for a
+model that reads only its utterance's positions, the window's positions past the audio too (the framework feeds
+ceil(frames / k) of them); then the export's prompt (``speech.json``), tokenized by llama.cpp, with the speech
+embeddings spliced where its placeholder is, and greedy decoding with llama.cpp's KV cache
+(:meth:`LlamaCppSpeechModel.generate`, which also takes embeddings computed elsewhere).
 
-The speech embeddings come from the framework's encoder and projector. llama.cpp's own audio path (mtmd) would
-compute them from the ``mmproj`` file, but in the pinned llama.cpp (llama-cpp-python 0.3.36) its Voxtral graph
-average-pools the encoder frames by 2 before stacking 4 (Hugging Face's Voxtral does not pool: 375 positions per 30 s,
-llama.cpp 188), and then aborts the process on its own count check ("expected output 187 tokens, got 188"); so
-:meth:`LlamaCppSpeechModel.audio_embeddings` refuses a Voxtral mmproj instead of crashing. mtmd's tokenizer would
-also write Voxtral's ``[BEGIN_AUDIO]`` text before the audio, which our models never saw.
+Two differences from PyTorch remain, both measured by ``gguf-eval``: mtmd always encodes a 30 s window (a model
+trained on a shorter one hears another context), and the last position of an utterance whose frames are not a
+multiple of k stacks the window's next frames where the framework stacks zeros.
+
+A Voxtral mmproj (``export --format voxtral``) is refused: in the pinned llama.cpp (llama-cpp-python 0.3.36) its
+Voxtral graph average-pools the encoder frames by 2 before stacking 4 (Hugging Face's Voxtral does not pool: 375
+positions per 30 s, llama.cpp 188), then aborts the process on its own count check ("expected output 187 tokens,
+got 188").
 
 Needs llama-cpp-python (``pip install -e '.[edge]'``: it builds llama.cpp from source, 6 min 32 s on 2 AVX2 cores).
 """
@@ -23,12 +30,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["LlamaCppSpeechModel", "LlamaCppTranscript", "RuntimeUnavailable"]
+__all__ = ["LlamaCppSpeechModel", "LlamaCppTranscript", "RuntimeUnavailable", "SpeechSpec"]
+
+SAMPLE_RATE = 16000
+WINDOW_SAMPLES = 30 * SAMPLE_RATE
+"""mtmd's audio window: one window is one audio chunk."""
 
 
 class RuntimeUnavailable(RuntimeError):
-    """llama-cpp-python is not installed, or llama.cpp refused a file (the message names it)."""
+    """llama-cpp-python is not installed, or llama.cpp refused a file or an input (the message names it)."""
+
+
+@dataclass(frozen=True)
+class SpeechSpec:
+    """How the model reads speech: the ``speech.json`` that ``export --format llamacpp`` writes and ``gguf`` copies."""
+
+    prompt: str
+    speech_placeholder: str
+    frames_per_position: int
+    speech_positions: str = "utterance"
+    """'utterance': the positions that cover the audio; 'window': every position of the 30 s window."""
+    boundary_rows: int = 0
+    """Rows llama.cpp's graph adds before and after the positions (GLM-ASR's begin/end of audio), dropped."""
+    projector_type: str = "glma"
+
+    @classmethod
+    def read(cls, path: str | Path) -> SpeechSpec:
+        info = json.loads(Path(path).read_text())
+        try:
+            return cls(info["prompt"], info["speech_placeholder"], int(info["frames_per_position"]),
+                       info.get("speech_positions", "utterance"), int(info.get("boundary_rows", 0)),
+                       info.get("projector_type", "glma"))
+        except KeyError as error:
+            raise RuntimeUnavailable(f"{path}: no {error.args[0]!r} (write it with `gguf --source`)") from None
+
+    def positions(self, n_samples: int) -> int:
+        """Speech positions the framework feeds for `n_samples` of audio (one 30 s window)."""
+        from lightning_speechllm.model.encoders import WhisperSpeechEncoder
+
+        k = self.frames_per_position
+        if self.speech_positions == "window":
+            return WINDOW_SAMPLES // 320 // k
+        frames = int(WhisperSpeechEncoder.frame_lengths(torch.tensor([n_samples]))[0])
+        return -(-frames // k)
 
 
 @dataclass
@@ -59,14 +105,16 @@ def _llama():
 
 
 class LlamaCppSpeechModel:
-    """A text GGUF and its mmproj, loaded once; :meth:`transcribe` one 16 kHz waveform at a time."""
+    """A text GGUF and its mmproj, loaded once; :meth:`transcribe` one 16 kHz waveform (up to 30 s) at a time."""
 
-    def __init__(self, model_gguf: str | Path, mmproj_gguf: str | Path | None, prompt: str, placeholder: str,
+    def __init__(self, model_gguf: str | Path, mmproj_gguf: str | Path | None, speech: SpeechSpec,
                  n_threads: int = 2, n_ctx: int = 2048) -> None:
-        """`prompt`: the framework's prompt with `placeholder` where the speech goes (``pruning.json`` of the
-        export holds both); `mmproj_gguf`: llama.cpp's audio encoder + projector (None: embeddings are given)."""
+        """`speech`: the prompt with its placeholder and the speech positions (``speech.json``); `mmproj_gguf`:
+        llama.cpp's audio encoder + projector (None: embeddings are given to :meth:`generate`)."""
+        prompt, placeholder = speech.prompt, speech.speech_placeholder
         if prompt.count(placeholder) != 1:
             raise ValueError(f"the prompt must hold the speech placeholder {placeholder!r} once: {prompt!r}")
+        self.speech = speech
         self.llama, self.mtmd_api = _llama()
         llama = self.llama
         llama.llama_backend_init()
@@ -104,13 +152,16 @@ class LlamaCppSpeechModel:
             raise RuntimeUnavailable(f"llama.cpp could not load {mmproj} as an audio projector")
 
     @classmethod
-    def from_export(cls, gguf_dir: str | Path, voxtral_dir: str | Path, kind: str = "f16",
-                    n_threads: int = 2) -> LlamaCppSpeechModel:
-        """The ``gguf`` output's ``model-<kind>.gguf`` and ``mmproj-f16.gguf``, prompted as ``pruning.json`` of the
-        ``voxtral/`` export says."""
-        info = json.loads((Path(voxtral_dir) / "pruning.json").read_text())
-        gguf = Path(gguf_dir)
-        return cls(gguf / f"model-{kind}.gguf", gguf / "mmproj-f16.gguf", info["prompt"], info["speech_placeholder"],
+    def from_dir(cls, gguf_dir: str | Path, kind: str = "f16", n_threads: int = 2) -> LlamaCppSpeechModel:
+        """The ``gguf`` output folder: ``model-<kind>.gguf``, ``mmproj-f16.gguf`` and ``speech.json``."""
+        from lightning_speechllm.model.llamacpp_layout import SPEECH_FILE
+
+        gguf = Path(gguf_dir).expanduser()
+        missing = [name for name in (f"model-{kind}.gguf", "mmproj-f16.gguf", SPEECH_FILE) if not (gguf / name).is_file()]
+        if missing:
+            raise RuntimeUnavailable(f"{gguf} has no {', '.join(missing)}: write it with `python -m lightning_speechllm "
+                                     "gguf --source EXPORT/llamacpp --out DIR`")
+        return cls(gguf / f"model-{kind}.gguf", gguf / "mmproj-f16.gguf", SpeechSpec.read(gguf / SPEECH_FILE),
                    n_threads=n_threads)
 
     def tokenize(self, text: str) -> list[int]:
@@ -123,9 +174,20 @@ class LlamaCppSpeechModel:
         return list(buffer[:n])
 
     def audio_embeddings(self, wave: np.ndarray) -> np.ndarray:
-        """[positions, n_embd] projector outputs of a 16 kHz float waveform, by llama.cpp's audio path (mtmd)."""
+        """[positions, n_embd] projector outputs of a 16 kHz float waveform (up to 30 s) by llama.cpp's audio path
+        (mtmd), the positions the model reads (see the module docstring)."""
         if self.mtmd is None:
             raise RuntimeUnavailable(self.mmproj_refusal or "no mmproj was loaded: pass the speech embeddings")
+        if not 0 < len(wave) <= WINDOW_SAMPLES:
+            raise RuntimeUnavailable(f"audio of {len(wave) / SAMPLE_RATE:.2f} s: the model reads one 30 s window, "
+                                     "cut longer audio first")
+        window = self._window_embeddings(wave)
+        rows = self.speech.boundary_rows
+        window = window[rows: len(window) - rows]
+        return window[: self.speech.positions(len(wave))]
+
+    def _window_embeddings(self, wave: np.ndarray) -> np.ndarray:
+        """All rows mtmd writes for the audio's one chunk."""
         api = self.mtmd_api
         samples = np.ascontiguousarray(wave, dtype=np.float32)
         bitmap = api.mtmd_bitmap_init_from_audio(len(samples), samples.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))

@@ -10,7 +10,9 @@ The output directory holds:
 
 ``--format voxtral`` writes ``voxtral/`` in place of the first two: the model as a stock
 ``VoxtralForConditionalGeneration`` directory (:mod:`lightning_speechllm.model.voxtral_layout`), or an error naming
-every reason it has no Voxtral form.
+every reason it has no Voxtral form. ``--format llamacpp`` writes ``llamacpp/`` instead: the pruned decoder, the
+Whisper encoder + projector in the layout llama.cpp's converter maps to its GLM-ASR audio graph, and ``speech.json``
+(:mod:`lightning_speechllm.model.llamacpp_layout`); ``python -m lightning_speechllm gguf`` converts either.
 
 A released model (``model.pretrained``: Qwen2-Audio, ...) is written whole instead, as ``model/``: a stock directory
 of its own class (pruned decoder with LoRA merged, audio tower, projector, processor files), which
@@ -36,6 +38,7 @@ from lightning_speechllm.io_utils import atomic_directory
 from lightning_speechllm.model.checkpoint import CheckpointError
 from lightning_speechllm.model.export import save_pruned_decoder
 from lightning_speechllm.model.layer_mask import LayerMaskError
+from lightning_speechllm.model.llamacpp_layout import SPEECH_FILE, LlamaCppExportError, save_llamacpp
 from lightning_speechllm.model.module import SpeechLLMModule
 from lightning_speechllm.model.released.export import save_released
 from lightning_speechllm.model.voxtral_layout import VoxtralExportError, save_voxtral
@@ -56,14 +59,15 @@ def _plan_json(module: SpeechLLMModule) -> dict[str, Any]:
     return plan.to_dict()
 
 
-EXPORT_FORMATS = ("hf", "voxtral")
+EXPORT_FORMATS = ("hf", "voxtral", "llamacpp")
 
 
 def write_export(module: SpeechLLMModule, directory: Path, source: str | None = None,
                  export_format: str = "hf") -> None:
     """Write decoder/, projector.safetensors, speechllm.json and plan.json of `module` into `directory`; for a
     released model (``model.pretrained``), model/ (the whole model in its own class) instead of the first two; with
-    `export_format` 'voxtral', voxtral/ (a stock Voxtral directory) instead of them."""
+    `export_format` 'voxtral', voxtral/ (a stock Voxtral directory) instead of them; with 'llamacpp', llamacpp/
+    (what llama.cpp's converter reads)."""
     from lightning_speechllm.assets import resolve
 
     sl = module.speechllm
@@ -73,6 +77,8 @@ def write_export(module: SpeechLLMModule, directory: Path, source: str | None = 
         raise CheckpointError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
     if export_format == "voxtral":
         save_voxtral(sl, directory / "voxtral")
+    elif export_format == "llamacpp":
+        save_llamacpp(sl, directory / "llamacpp")
     elif sl.released is not None:  # the whole model in its own class: stock transformers reloads it
         save_released(sl, directory / "model")
     else:
@@ -109,7 +115,8 @@ def build_parser() -> ArgumentParser:
                         help="hf: decoder/ + projector (model/ in its own class for a released model); voxtral: "
                              "voxtral/, a stock VoxtralForConditionalGeneration directory (Whisper + 4-frame "
                              "bias-free projector + Llama, trained on the whole 30 s window), which llama.cpp's "
-                             "converter reads")
+                             "converter reads; llamacpp: llamacpp/, a Whisper + stacking-MLP model in the layout "
+                             "llama.cpp's converter maps to its GLM-ASR audio graph (then `gguf --source`)")
     return parser
 
 
@@ -123,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = export_checkpoint(args.ckpt, args.out, args.format)
-    # LayerMaskError: no stock form (e.g. a linear replacement); VoxtralExportError: no Voxtral form
-    except (CheckpointError, LayerMaskError, VoxtralExportError) as error:
+    # LayerMaskError: no stock form (e.g. a linear replacement); Voxtral/LlamaCppExportError: no such form
+    except (CheckpointError, LayerMaskError, VoxtralExportError, LlamaCppExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.ckpt} -> {out}")
+    if args.format == "llamacpp":
+        note = json.loads((out / "llamacpp" / SPEECH_FILE).read_text()).get("note")
+        if note:
+            print(f"note: {note}")
     return 0

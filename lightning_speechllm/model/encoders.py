@@ -137,7 +137,9 @@ class WhisperSpeechEncoder(SpeechEncoder):
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return encoder.layer_norm(hidden)
 
-    def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def frame_lengths(audio_lens: torch.Tensor) -> torch.Tensor:
+        """Encoder frames that cover each utterance (2 mel frames each, 160 samples per mel frame)."""
         mel_frames = torch.div(audio_lens + 159, 160, rounding_mode="floor")
         return torch.div(mel_frames + 1, 2, rounding_mode="floor").clamp(min=1)
 
