@@ -17,7 +17,7 @@ import torch
 
 from lightning_speechllm.__main__ import main as cli
 from lightning_speechllm.assets import resolve
-from lightning_speechllm.edge import GGUFExportError, convert_voxtral, gguf_summary
+from lightning_speechllm.edge import GGUFExportError, convert_export, gguf_summary
 from lightning_speechllm.model.projector import ProjectorConfig
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 from lightning_speechllm.model.voxtral_layout import save_voxtral
@@ -49,7 +49,7 @@ def test_the_pruned_default_converts_to_gguf_with_renumbered_blocks(tmp_path, ca
     every_layer = list(speechllm.llm.model.layers)  # the original numbering
     speechllm.layer_mask.remove_layers(REMOVED)
     voxtral = save_voxtral(speechllm, tmp_path / "voxtral")
-    assert cli(["gguf", "--voxtral", str(voxtral), "--out", str(tmp_path / "gguf"), "--types", "[f16, q8_0]"]) == 0
+    assert cli(["gguf", "--source", str(voxtral), "--out", str(tmp_path / "gguf"), "--types", "[f16, q8_0]"]) == 0
     printed = capsys.readouterr().out
     assert "llama.block_count=22" in printed and "clip.projector_type=voxtral" in printed
 
@@ -84,7 +84,7 @@ def _llama_cpp_decodes_like_pytorch(speechllm: SpeechLLM, voxtral, gguf_dir) -> 
         frames, lens = speechllm.encode_frames(batch.audio, batch.audio_lens)
         embeddings, positions = speechllm.projector(frames, lens)
         ours = speechllm.generate_with_details(batch, max_new_tokens=16, min_new_tokens=16).texts[0]
-    runtime = LlamaCppSpeechModel.from_export(gguf_dir, voxtral, "f16")
+    runtime = LlamaCppSpeechModel.from_dir(gguf_dir, "f16")
     try:
         theirs = runtime.generate(embeddings[0, : positions[0]].numpy(), max_new_tokens=16, min_new_tokens=16)
         assert theirs.audio_positions == 375 and len(theirs.tokens) == 16
@@ -100,9 +100,9 @@ def test_the_converters_refusal_is_reported_and_leaves_no_file(tmp_path, capsys)
     speechllm = _voxtral_shaped()
     voxtral = save_voxtral(speechllm.eval(), tmp_path / "voxtral")
     with pytest.raises(GGUFExportError, match="pre-tokenizer was not recognized"):
-        convert_voxtral(voxtral, tmp_path / "gguf", ("f16",))
+        convert_export(voxtral, tmp_path / "gguf", ("f16",))
     assert not list((tmp_path / "gguf").glob("*.gguf*"))
-    assert cli(["gguf", "--voxtral", str(tmp_path), "--out", str(tmp_path / "gguf")]) == 2
-    assert "has no config.json" in capsys.readouterr().err
+    assert cli(["gguf", "--source", str(tmp_path), "--out", str(tmp_path / "gguf")]) == 2
+    assert "is neither the llamacpp/ folder" in capsys.readouterr().err
     with pytest.raises(GGUFExportError, match="GGUF types must be among"):
-        convert_voxtral(voxtral, tmp_path / "gguf", ("q4_0",))
+        convert_export(voxtral, tmp_path / "gguf", ("q4_0",))

@@ -92,6 +92,46 @@ def test_llamacpps_audio_path_reproduces_the_framework_and_decodes_its_tokens(tm
         runtime.close()
 
 
+def test_gguf_eval_and_transcribe_score_llamacpps_transcripts(tmp_path, capsys):
+    import soundfile as sf
+
+    from lightning_speechllm.edge.runtime import LlamaCppSpeechModel
+    from lightning_speechllm.evaluation.anchor import word_error_scores
+
+    speechllm = _speechllm()
+    export = save_llamacpp(speechllm, tmp_path / "llamacpp")
+    assert cli(["gguf", "--source", str(export), "--out", str(tmp_path / "gguf"), "--types", "[f16]"]) == 0
+    batch = make_batch(seconds=(1.0, 1.6))
+    rows = []
+    for row, n in enumerate(batch.audio_lens.tolist()):
+        sf.write(tmp_path / f"u{row}.wav", batch.audio[row, :n].numpy(), 16000)
+        rows.append({"id": f"u{row}", "audio": f"u{row}.wav", "text": "one two three"})
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runtime = LlamaCppSpeechModel.from_dir(tmp_path / "gguf", "f16")
+    try:
+        expected = [runtime.transcribe(batch.audio[r, :n].numpy(), max_new_tokens=6).text
+                    for r, n in enumerate(batch.audio_lens.tolist())]
+    finally:
+        runtime.close()
+
+    capsys.readouterr()
+    assert cli(["gguf-transcribe", "--gguf", str(tmp_path / "gguf"), "--audio", f"[{tmp_path / 'u1.wav'}]",
+                "--max_new_tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'u1.wav'}\t{expected[1]}\n"
+    out = tmp_path / "eval.json"
+    assert cli(["gguf-eval", "--gguf", f"{{tiny: {tmp_path / 'gguf'}}}", "--types", "[f16]", "--sets",
+                f"{{mine: {tmp_path / 'set.jsonl'}, gone: {tmp_path / 'missing.jsonl'}}}", "--max_new_tokens", "6",
+                "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "set 'gone' skipped" in captured.err and "tiny llama.cpp f16" in captured.out
+    scores = json.loads(out.read_text())["tiny llama.cpp f16"]["mine"]
+    assert list(scores["hypotheses"].values()) == expected
+    assert scores["wer"] == word_error_scores(expected, ["one two three"] * 2)["wer"]
+    assert scores["utterances"] == 2 and scores["rtf"] > 0
+    assert cli(["gguf-transcribe", "--gguf", str(tmp_path), "--audio", "[x.wav]"]) == 2
+    assert "has no model-f16.gguf, mmproj-f16.gguf, speech.json" in capsys.readouterr().err
+
+
 def test_models_llamacpp_cannot_reproduce_are_refused_with_every_reason(tmp_path, capsys):
     speechllm = _speechllm(downsample=8)
     speechllm.config.projector.kind = "conv1d"

@@ -69,7 +69,7 @@ def _worker(args: argparse.Namespace) -> dict:
     else:
         from lightning_speechllm.edge.runtime import LlamaCppSpeechModel
 
-        runtime = LlamaCppSpeechModel.from_export(args.gguf, args.voxtral, args.runtime, n_threads=args.threads)
+        runtime = LlamaCppSpeechModel.from_dir(args.gguf, args.runtime, n_threads=args.threads)
         embeddings = [np.load(Path(args.embeddings) / f"{s}.npy") for s in SECONDS]
         runs = []
         for repeat in range(args.repeats + 1):
@@ -94,7 +94,7 @@ def _peak_rss_mb() -> float:
 
 
 def _prepare(work: Path, removed: list[int]) -> dict:
-    from lightning_speechllm.edge import convert_voxtral
+    from lightning_speechllm.edge import convert_export
     from lightning_speechllm.evaluation.efficiency import ideal_speedup
     from lightning_speechllm.model.voxtral_layout import save_voxtral
 
@@ -103,7 +103,7 @@ def _prepare(work: Path, removed: list[int]) -> dict:
         model = _speechllm(cut)
         voxtral = save_voxtral(model, work / name / "voxtral")
         started = time.perf_counter()
-        convert_voxtral(voxtral, work / name / "gguf", ("f16", "q8_0"))
+        convert_export(voxtral, work / name / "gguf", ("f16", "q8_0"))
         print(f"{name}: exported and converted in {time.perf_counter() - started:.1f} s", flush=True)
         embeddings = work / name / "embeddings"
         embeddings.mkdir()
