@@ -13,6 +13,7 @@ as ``test`` prints it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -112,7 +113,7 @@ def _pytorch_runs(name: str, ckpt: str, speech: dict, max_new_tokens: int) -> li
     speechllm = load_module(ckpt).speechllm.eval()
     runs = [(f"{name} pytorch", pytorch_transcriber(speechllm, max_new_tokens))]
     if speech.get("trained_window_seconds", 30) < 30:
-        window_30 = load_module(ckpt).speechllm.eval()
+        window_30 = copy.deepcopy(speechllm)
         window_30.encoder.set_window(None)  # llama.cpp's 30 s window
         runs.append((f"{name} pytorch (30 s window)", pytorch_transcriber(window_30, max_new_tokens)))
     return runs

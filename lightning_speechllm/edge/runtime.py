@@ -145,6 +145,7 @@ class LlamaCppSpeechModel:
                                    "positions per 30 s), and aborts on its own token count (187 expected, 188 made): "
                                    "pass the framework's speech embeddings to generate() instead")
             return
+        self.mtmd_api.mtmd_log_set(_silent_log_callback(), ctypes.c_void_p(0))  # a line per audio chunk otherwise
         params = self.mtmd_api.mtmd_context_params_default()
         params.use_gpu, params.n_threads, params.print_timings = False, n_threads, False
         self.mtmd = self.mtmd_api.mtmd_init_from_file(str(mmproj).encode(), self.model, params)
