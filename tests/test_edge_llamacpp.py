@@ -128,6 +128,14 @@ def test_gguf_eval_and_transcribe_score_llamacpps_transcripts(tmp_path, capsys):
     assert list(scores["hypotheses"].values()) == expected
     assert scores["wer"] == word_error_scores(expected, ["one two three"] * 2)["wer"]
     assert scores["utterances"] == 2 and scores["rtf"] > 0
+    gguf = tmp_path / "gguf"
+    assert cli(["efficiency", "--runtime", "llama.cpp", "--gguf", f"{{full: {gguf}, pruned: {gguf}}}", "--types",
+                "[f16]", "--sentences", "1", "--repeats", "1", "--max_new_tokens", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "| llama.cpp f16 | full |" in table and "| llama.cpp f16 | pruned |" in table
+    assert "llama.cpp f16: pruned decodes" in table  # the same folder twice: about 1x, not asserted
+    assert cli(["efficiency", "--runtime", "llama.cpp"]) == 2
+    assert "needs --gguf" in capsys.readouterr().err
     assert cli(["gguf-transcribe", "--gguf", str(tmp_path), "--audio", "[x.wav]"]) == 2
     assert "has no model-f16.gguf, mmproj-f16.gguf, speech.json" in capsys.readouterr().err
 

@@ -246,12 +246,12 @@ class LlamaCppSpeechModel:
         """A copy of the logits after the last decoded token."""
         return np.ctypeslib.as_array(self.llama.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)).copy()
 
-    def transcribe(self, wave: np.ndarray, max_new_tokens: int = 40) -> LlamaCppTranscript:
+    def transcribe(self, wave: np.ndarray, max_new_tokens: int = 40, min_new_tokens: int = 0) -> LlamaCppTranscript:
         """Greedy decoding of the prompt around `wave`'s audio embeddings (mtmd's), up to an end-of-generation
-        token."""
+        token after `min_new_tokens`."""
         start = time.perf_counter()
         embeddings = self.audio_embeddings(wave)
-        return self.generate(embeddings, max_new_tokens, encode_seconds=time.perf_counter() - start)
+        return self.generate(embeddings, max_new_tokens, min_new_tokens, encode_seconds=time.perf_counter() - start)
 
     def generate(self, embeddings: np.ndarray, max_new_tokens: int = 40, min_new_tokens: int = 0,
                  encode_seconds: float = 0.0) -> LlamaCppTranscript:

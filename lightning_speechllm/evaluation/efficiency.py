@@ -445,6 +445,17 @@ class BenchArgs:
     """auto (cuda when available), cpu or cuda."""
     json_out: str | None = None
     """Also write both reports and the comparison to this JSON file."""
+    runtime: str = "pytorch"
+    """pytorch: the model masked in place (``--model.*``); llama.cpp: the ``--gguf`` folders in llama.cpp, each type
+    of ``--types``, beside their ``--ckpt`` in PyTorch eager, each in a process of its own
+    (:mod:`lightning_speechllm.edge.speed`)."""
+    gguf: dict[str, str] = field(default_factory=dict)
+    """llama.cpp only: model name -> folder written by ``gguf`` (``{full: G1, pruned: G2}``: the last is compared
+    with the first)."""
+    ckpt: dict[str, str] = field(default_factory=dict)
+    """llama.cpp only: model name -> the checkpoint its folder was exported from, measured in PyTorch beside it."""
+    types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
+    """llama.cpp only: the text-model GGUF types to run."""
 
 
 def _bench_plan(args: BenchArgs, model: SpeechLLM) -> Any:
@@ -619,6 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"efficiency: error: {error}", file=sys.stderr)
         return 2
+    if args.runtime == "llama.cpp":
+        return _llamacpp_main(args)
+    if args.runtime != "pytorch":
+        print(f"efficiency: error: --runtime must be pytorch or llama.cpp, got {args.runtime!r}", file=sys.stderr)
+        return 2
     try:
         full, pruned, comparison = run_benchmark(args, model_config)
     except (FileNotFoundError, KeyError, ValueError) as error:
@@ -630,5 +646,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"full": full.to_dict(), "pruned": pruned.to_dict(),
                                                    "comparison": comparison}, indent=2))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def _llamacpp_main(args: BenchArgs) -> int:
+    """``--runtime llama.cpp``: the gguf folders and their checkpoints on the same synthetic utterances."""
+    import json
+    from pathlib import Path
+
+    from lightning_speechllm.edge.speed import compare_runtimes, format_runtimes
+
+    if not args.gguf:
+        print("efficiency: error: --runtime llama.cpp needs --gguf '{full: DIR, pruned: DIR}' (folders written by "
+              "`gguf`)", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.ckpt) - set(args.gguf))
+    if unknown:
+        print(f"efficiency: error: --ckpt names {unknown} have no --gguf folder of the same name", file=sys.stderr)
+        return 2
+    waves = [batch.audio[row, : batch.audio_lens[row]].numpy() for batch in synthetic_batches(args)
+             for row in range(len(batch.audio_lens))]
+    try:
+        rows = compare_runtimes(args.gguf, args.ckpt, args.types, waves, args.max_new_tokens, args.repeats,
+                                args.threads)
+    except RuntimeError as error:
+        print(f"efficiency: error: {error}", file=sys.stderr)
+        return 2
+    names = list(args.gguf)
+    print()
+    print(format_runtimes(rows, names[0], names[-1]))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json_out}")
     return 0
