@@ -3,7 +3,8 @@
 ``--source`` is the ``llamacpp/`` folder that ``export --format llamacpp`` writes (or the ``voxtral/`` one of
 ``--format voxtral``). The output holds ``model-<type>.gguf`` for each ``--types`` entry (the text model),
 ``mmproj-f16.gguf`` (audio encoder + projector) and ``speech.json`` (prompt and speech positions), with their block
-counts, projector type and sizes printed. ``gguf-eval`` and ``transcribe --gguf`` read that folder.
+counts, projector type and sizes printed. ``gguf-eval``, ``gguf-transcribe`` and ``efficiency --runtime llama.cpp``
+read that folder.
 """
 from __future__ import annotations
 
