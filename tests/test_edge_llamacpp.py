@@ -80,8 +80,8 @@ def test_llamacpps_audio_path_reproduces_the_framework_and_decodes_its_tokens(tm
             logits = runtime.last_logits()  # after the last decoded token: compare the prefill's instead
             runtime.generate(theirs, max_new_tokens=1)
             prefill = runtime.last_logits()
-            with torch.no_grad(), patch.object(speechllm, "encode_speech",
-                                               lambda *_: (torch.from_numpy(theirs)[None], positions[row: row + 1])):
+            speech = (torch.from_numpy(theirs)[None], positions[row: row + 1])
+            with torch.no_grad(), patch.object(speechllm, "encode_speech", lambda *_, speech=speech: speech):
                 inputs = speechllm.build_inputs(batch.subset([row]), with_targets=False)
                 pytorch = speechllm.llm(inputs_embeds=inputs.inputs_embeds,
                                         attention_mask=inputs.attention_mask).logits[0, -1].numpy()

@@ -66,8 +66,9 @@ def llamacpp_blockers(speechllm: SpeechLLM) -> list[str]:
         return [f"it is a released {speechllm.released.family.class_name}: export it in its own class"]
     encoder, projector = speechllm.encoder, speechllm.config.projector
     if not isinstance(encoder, WhisperSpeechEncoder):
-        return [f"its encoder is {type(encoder).__name__ if encoder is not None else 'absent'}: llama.cpp's audio "
-                "graphs read a Whisper encoder (WavLM, HuBERT and wav2vec2 have none there)"]
+        name = type(encoder).__name__ if encoder is not None else "absent"
+        return [(f"its encoder is {name}: llama.cpp's audio graphs read a Whisper encoder (WavLM, HuBERT and wav2vec2 "
+                 "have none there)")]
     reasons = []
     if encoder.config.encoder_layers < 3:
         reasons.append(f"its Whisper has {encoder.config.encoder_layers} layers: llama.cpp's converter numbers the "
