@@ -128,7 +128,7 @@ def main() -> int:
     parser.add_argument("--remove", type=str, default=json.dumps(list(range(14, 26))))
     parser.add_argument("--work_dir", type=str, default=None, help="keep the exports here (default: a temp dir)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("runtime", "removed", "voxtral", "gguf", "embeddings"):
+    for name in ("runtime", "removed", "gguf", "embeddings"):
         parser.add_argument(f"--{name}", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -143,7 +143,7 @@ def main() -> int:
             for name in ("full", "pruned"):
                 spec = paths[name]
                 command = [sys.executable, __file__, "--worker", "--runtime", runtime, "--removed",
-                           json.dumps(spec["removed"]), "--voxtral", str(spec["voxtral"]), "--gguf", str(spec["gguf"]),
+                           json.dumps(spec["removed"]), "--gguf", str(spec["gguf"]),
                            "--embeddings", str(spec["embeddings"]), "--threads", str(args.threads),
                            "--repeats", str(args.repeats), "--new_tokens", str(args.new_tokens)]
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
