@@ -10,14 +10,29 @@ from __future__ import annotations
 
 import sys
 
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
 from .gguf import DEFAULT_TOOLS_DIR, GGUF_OUTTYPES, GGUFExportError, convert_export, gguf_summary
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parsed_or_none", "unmatched_checkpoints"]
 
 _SHOWN = ("general.architecture", "llama.block_count", "clip.projector_type", "clip.audio.block_count",
           "clip.audio.projector.stack_factor")
+
+
+def parsed_or_none(parser: ArgumentParser, argv: list[str] | None) -> Namespace | None:
+    """`argv` (default: the process's) parsed by `parser`; None, with the error printed, when it is refused."""
+    try:
+        return parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except ArgumentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+
+
+def unmatched_checkpoints(gguf: dict[str, str], ckpt: dict[str, str]) -> str | None:
+    """The error when a ``--ckpt`` name has no ``--gguf`` folder of the same name (the two are run side by side)."""
+    unknown = sorted(set(ckpt) - set(gguf))
+    return f"--ckpt names {unknown} have no --gguf folder of the same name" if unknown else None
 
 
 def build_parser() -> ArgumentParser:
@@ -37,10 +52,8 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; 0 on success, 2 on bad arguments or a directory the converter refuses."""
-    try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except ArgumentError as error:
-        print(f"error: {error}", file=sys.stderr)
+    args = parsed_or_none(build_parser(), argv)
+    if args is None:
         return 2
     try:
         files = convert_export(args.source, args.out, tuple(args.types), args.tools_dir)

@@ -21,14 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lightning_speechllm.evaluation.anchor import read_jsonl_manifest, word_error_scores
+from lightning_speechllm.evaluation.anchor import read_jsonl_manifest, read_wave, word_error_scores
 from lightning_speechllm.io_utils import atomic_write_text
+from lightning_speechllm.model.llamacpp_layout import SPEECH_FILE
 
-from .runtime import SAMPLE_RATE, LlamaCppSpeechModel, RuntimeUnavailable
+from .cli import parsed_or_none, unmatched_checkpoints
+from .runtime import SAMPLE_RATE, WINDOW_SAMPLES, LlamaCppSpeechModel, RuntimeUnavailable, SpeechSpec
 
-__all__ = ["evaluate", "main", "read_wave", "transcribe_main"]
+__all__ = ["evaluate", "main", "transcribe_main", "wave_batch"]
 
 DEFAULT_SETS = {"test": "data_cache/synth/test.jsonl", "real": "data_cache/asterisk/heldout.jsonl",
                 "speakers": "data_cache/real_speakers/test.jsonl"}
@@ -36,16 +38,6 @@ DEFAULT_SETS = {"test": "data_cache/synth/test.jsonl", "real": "data_cache/aster
 
 Transcriber = Callable[[np.ndarray], tuple[str, dict[str, float]]]
 """16 kHz waveform -> transcript and its seconds (encode, prefill, decode) and generated token count."""
-
-
-def read_wave(path: str | Path) -> np.ndarray:
-    """An audio file as a 16 kHz mono float32 waveform."""
-    import soundfile as sf
-
-    from lightning_speechllm.data.synth import resample
-
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    return resample(audio.mean(axis=1), rate, SAMPLE_RATE).astype(np.float32)
 
 
 def llamacpp_transcriber(runtime: LlamaCppSpeechModel, max_new_tokens: int) -> Transcriber:
@@ -57,15 +49,22 @@ def llamacpp_transcriber(runtime: LlamaCppSpeechModel, max_new_tokens: int) -> T
     return transcribe
 
 
-def pytorch_transcriber(speechllm, max_new_tokens: int) -> Transcriber:
-    """The framework's greedy decoding, one utterance per call (its whole time is counted as ``decode``)."""
+def wave_batch(wave: np.ndarray):
+    """A one-utterance ASR SpeechBatch of a 16 kHz waveform, for the framework's generation."""
     import torch
 
     from lightning_speechllm.data.batch import SpeechBatch
 
+    return SpeechBatch(ids=["utt"], audio=torch.from_numpy(wave)[None], audio_lens=torch.tensor([len(wave)]),
+                       texts=[""], tasks=["asr"], transcripts=[""], tgt_langs=[None])
+
+
+def pytorch_transcriber(speechllm, max_new_tokens: int) -> Transcriber:
+    """The framework's greedy decoding, one utterance per call (its whole time is counted as ``decode``)."""
+    import torch
+
     def transcribe(wave: np.ndarray) -> tuple[str, dict[str, float]]:
-        batch = SpeechBatch(ids=["utt"], audio=torch.from_numpy(wave)[None], audio_lens=torch.tensor([len(wave)]),
-                            texts=[""], tasks=["asr"], transcripts=[""], tgt_langs=[None])
+        batch = wave_batch(wave)
         start = time.perf_counter()
         with torch.no_grad():
             out = speechllm.generate_with_details(batch, max_new_tokens=max_new_tokens)
@@ -107,12 +106,12 @@ def _read_sets(sets: dict[str, str], limit: int | None) -> dict[str, tuple[list[
     return loaded
 
 
-def _pytorch_runs(name: str, ckpt: str, speech: dict, max_new_tokens: int) -> list[tuple[str, Transcriber]]:
+def _pytorch_runs(name: str, ckpt: str, speech: SpeechSpec, max_new_tokens: int) -> list[tuple[str, Transcriber]]:
     from lightning_speechllm.checkpoints import load_module
 
     speechllm = load_module(ckpt).speechllm.eval()
     runs = [(f"{name} pytorch", pytorch_transcriber(speechllm, max_new_tokens))]
-    if speech.get("trained_window_seconds", 30) < 30:
+    if speech.trained_window_seconds < WINDOW_SAMPLES / SAMPLE_RATE:
         window_30 = copy.deepcopy(speechllm)
         window_30.encoder.set_window(None)  # llama.cpp's 30 s window
         runs.append((f"{name} pytorch (30 s window)", pytorch_transcriber(window_30, max_new_tokens)))
@@ -136,7 +135,7 @@ def evaluate(gguf_dirs: dict[str, str], types: list[str], sets: dict[str, str], 
 
     print(_header(), flush=True)
     for name, directory in gguf_dirs.items():
-        speech = json.loads((Path(directory) / "speech.json").read_text())
+        speech = SpeechSpec.read(Path(directory) / SPEECH_FILE)
         for kind in types:
             runtime = LlamaCppSpeechModel.from_dir(directory, kind, n_threads=threads)
             try:
@@ -180,14 +179,12 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; 0 on success, 2 on bad arguments, a missing file or a runtime refusal."""
-    try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except ArgumentError as error:
-        print(f"error: {error}", file=sys.stderr)
+    args = parsed_or_none(build_parser(), argv)
+    if args is None:
         return 2
-    unknown = sorted(set(args.ckpt) - set(args.gguf))
-    if unknown:
-        print(f"error: --ckpt names {unknown} have no --gguf folder of the same name", file=sys.stderr)
+    unmatched = unmatched_checkpoints(args.gguf, args.ckpt)
+    if unmatched:
+        print(f"error: {unmatched}", file=sys.stderr)
         return 2
     try:
         results = evaluate(args.gguf, args.types, args.sets, args.ckpt, args.limit, args.threads,
@@ -215,10 +212,8 @@ def build_transcribe_parser() -> ArgumentParser:
 
 def transcribe_main(argv: list[str] | None = None) -> int:
     """CLI entry of ``gguf-transcribe``; 0 on success, 2 on bad arguments, a missing file or a runtime refusal."""
-    try:
-        args = build_transcribe_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except ArgumentError as error:
-        print(f"error: {error}", file=sys.stderr)
+    args = parsed_or_none(build_transcribe_parser(), argv)
+    if args is None:
         return 2
     try:
         runtime = LlamaCppSpeechModel.from_dir(args.gguf, args.type, n_threads=args.threads)

@@ -54,7 +54,8 @@ class SpeechSpec:
     """'utterance': the positions that cover the audio; 'window': every position of the 30 s window."""
     boundary_rows: int = 0
     """Rows llama.cpp's graph adds before and after the positions (GLM-ASR's begin/end of audio), dropped."""
-    projector_type: str = "glma"
+    trained_window_seconds: float = 30.0
+    """The encoder window the model was trained on (llama.cpp's is 30 s)."""
 
     @classmethod
     def read(cls, path: str | Path) -> SpeechSpec:
@@ -62,19 +63,18 @@ class SpeechSpec:
         try:
             return cls(info["prompt"], info["speech_placeholder"], int(info["frames_per_position"]),
                        info.get("speech_positions", "utterance"), int(info.get("boundary_rows", 0)),
-                       info.get("projector_type", "glma"))
+                       float(info.get("trained_window_seconds", 30.0)))
         except KeyError as error:
             raise RuntimeUnavailable(f"{path}: no {error.args[0]!r} (write it with `gguf --source`)") from None
 
     def positions(self, n_samples: int) -> int:
-        """Speech positions the framework feeds for `n_samples` of audio (one 30 s window)."""
+        """Speech positions the framework feeds for `n_samples` of audio (one 30 s window): ceil(frames / k) of the
+        frames covering the audio, or of the whole window."""
         from lightning_speechllm.model.encoders import WhisperSpeechEncoder
 
-        k = self.frames_per_position
-        if self.speech_positions == "window":
-            return WINDOW_SAMPLES // 320 // k
-        frames = int(WhisperSpeechEncoder.frame_lengths(torch.tensor([n_samples]))[0])
-        return -(-frames // k)
+        covered = WINDOW_SAMPLES if self.speech_positions == "window" else n_samples
+        frames = int(WhisperSpeechEncoder.frame_lengths(torch.tensor([covered]))[0])
+        return -(-frames // self.frames_per_position)
 
 
 @dataclass

@@ -62,15 +62,14 @@ def measure_checkpoint(ckpt: str, waves: list[np.ndarray], new_tokens: int, repe
     import torch
 
     from lightning_speechllm.checkpoints import load_module
-    from lightning_speechllm.data.batch import SpeechBatch
     from lightning_speechllm.evaluation.efficiency import measure_latency
-
-    torch.set_num_threads(threads)
     from lightning_speechllm.model.layer_mask import unwrap_peft
 
+    from .evaluate import wave_batch
+
+    torch.set_num_threads(threads)
     speechllm = load_module(ckpt).speechllm.eval()
-    batches = [SpeechBatch(ids=["utt"], audio=torch.from_numpy(w)[None], audio_lens=torch.tensor([len(w)]),
-                           texts=[""], tasks=["asr"], transcripts=[""], tgt_langs=[None]) for w in waves]
+    batches = [wave_batch(wave) for wave in waves]
     report = measure_latency(speechllm, batches, max_new_tokens=new_tokens, repeats=repeats, warmup=1)
     speech = report.speech_ms or 0.0
     return {"encode_ms": speech, "prefill_ms": report.prefill_ms - speech,

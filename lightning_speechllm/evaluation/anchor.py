@@ -47,6 +47,16 @@ def read_jsonl_manifest(path: Path | str) -> list[dict]:
     return rows
 
 
+def read_wave(path: str | Path) -> np.ndarray:
+    """An audio file as a 16 kHz mono float32 waveform."""
+    import soundfile as sf
+
+    from lightning_speechllm.data.synth import resample
+
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return resample(audio.mean(axis=1), rate, 16000)
+
+
 def manifest_key(path: Path | str, model: str) -> str:
     """sha256 over the model name, the manifest bytes and each audio file's bytes (first 16 hex digits)."""
     digest = hashlib.sha256(f"{model}\0{CACHE_FORMAT}\0".encode() + Path(path).read_bytes())
@@ -109,20 +119,13 @@ def anchor_wer(manifest: Path | str, decoder: Decoder | None = None, *, model: s
                cache_dir: Path | str | None = DEFAULT_CACHE_DIR) -> dict:
     """Whisper's own WER on ``manifest``: ``{"model", "manifest", "key", "utterances", "wer", "substitutions", ...,
     "hypotheses": {id: text}}``, read from the cache when the same model decoded the same manifest and audio."""
-    import soundfile as sf
-
-    from lightning_speechllm.data.synth import resample
-
     manifest = Path(manifest)
     key = manifest_key(manifest, model)
     cached = Path(cache_dir) / f"{model}-{key}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         return json.loads(cached.read_text(encoding="utf-8"))
     rows = read_jsonl_manifest(manifest)
-    waves = []
-    for row in rows:
-        audio, rate = sf.read(row["audio"], dtype="float32", always_2d=True)
-        waves.append(resample(audio.mean(axis=1), rate, 16000))
+    waves = [read_wave(row["audio"]) for row in rows]
     hypotheses = (decoder or whisper_decoder(model))(waves)
     if len(hypotheses) != len(rows):
         raise ValueError(f"the decoder returned {len(hypotheses)} transcripts for {len(rows)} utterances")

@@ -655,15 +655,16 @@ def _llamacpp_main(args: BenchArgs) -> int:
     import json
     from pathlib import Path
 
+    from lightning_speechllm.edge.cli import unmatched_checkpoints
     from lightning_speechllm.edge.speed import compare_runtimes, format_runtimes
 
     if not args.gguf:
         print("efficiency: error: --runtime llama.cpp needs --gguf '{full: DIR, pruned: DIR}' (folders written by "
               "`gguf`)", file=sys.stderr)
         return 2
-    unknown = sorted(set(args.ckpt) - set(args.gguf))
-    if unknown:
-        print(f"efficiency: error: --ckpt names {unknown} have no --gguf folder of the same name", file=sys.stderr)
+    unmatched = unmatched_checkpoints(args.gguf, args.ckpt)
+    if unmatched:
+        print(f"efficiency: error: {unmatched}", file=sys.stderr)
         return 2
     waves = [batch.audio[row, : batch.audio_lens[row]].numpy() for batch in synthetic_batches(args)
              for row in range(len(batch.audio_lens))]

@@ -55,6 +55,8 @@ def _batch(seconds: float):
 
 
 def _worker(args: argparse.Namespace) -> dict:
+    from lightning_speechllm.edge.speed import peak_rss_mb
+
     torch.set_num_threads(args.threads)
     removed = json.loads(args.removed)
     if args.runtime == "pytorch":
@@ -83,14 +85,8 @@ def _worker(args: argparse.Namespace) -> dict:
         runtime.close()
     audio = float(np.mean(SECONDS))
     rtf = (prefill / 1000 + decode_s * (args.new_tokens - 1)) / audio
-    return {"prefill_ms": prefill, "decode_tok_s": 1 / decode_s, "rtf": rtf, "peak_rss_mb": _peak_rss_mb(),
+    return {"prefill_ms": prefill, "decode_tok_s": 1 / decode_s, "rtf": rtf, "peak_rss_mb": peak_rss_mb(),
             "size_mb": size / 2**20}
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss, it starts anew at exec, not at the parent's)."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 
 
 def _prepare(work: Path, removed: list[int]) -> dict:
