@@ -4,9 +4,9 @@ measured decode speed-up and measured KV cache, failure modes, and the paper's r
 Methods: ``angular`` (the paper's contiguous block), ``block_influence`` (ShortGPT), ``last`` (deepest layers),
 ``greedy`` (SLEB-style, re-measured after each removal on calibration batches of the first validation set) and
 ``attention`` (attention sublayers only, LLM-Drop, from a sublayer map measured on the same batches). Healing
-variants are those of :data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` does not
-apply to ``attention``, which removes no whole layer). For each removed fraction and method the plan is scored unpruned
--> pruned -> healed per variant, with the model restored exactly between runs (see
+variants are those of :data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` and
+``linear_patch`` do not apply to ``attention``, which removes no whole layer). For each removed fraction and method
+the plan is scored unpruned -> pruned -> healed per variant, with the model restored exactly between runs (see
 :func:`~lightning_speechllm.evaluation.sweep.run.healed`). Every row is written at once to ``rows/<name>.json`` and a
 rerun with the same settings reuses it. Outputs: ``comparison.{csv,md,json,png}`` in ``output_dir``.
 """
@@ -188,8 +188,8 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
         rows.append(cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan(), method, fraction,
                                                                              run_eval, speed_batch, speed_new_tokens)))
         for variant in config.compare_healing:
-            if variant == "replacement" and method == "attention":
-                continue  # no whole layer removed: nothing to replace
+            if variant in ("replacement", "linear_patch") and method == "attention":
+                continue  # no whole layer removed: nothing to replace or patch
             rows.append(cached(f"{method}_{fraction:g}_{variant}", lambda: _healed_row(
                 speechllm, plan(), method, fraction, variant, config, datamodule, trainer_kwargs, run_eval,
                 speed_batch, speed_new_tokens)))
@@ -230,7 +230,8 @@ def resume_signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.Li
     to the list reuses the rows already there): the settings, the map's content, and the model, decoding, precision
     and data (healing data included) of :func:`~lightning_speechllm.evaluation.resume_key.run_key`."""
     keys = ("map_path", "stage", "sets", "heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
-            "heal_lora_alpha", "replacement_width", "kd_temperature", "max_batches", "calibration_batches",
+            "heal_lora_alpha", "replacement_width", "kd_temperature", "linear_patch_batches", "linear_patch_ridge",
+            "max_batches", "calibration_batches",
             "speed_new_tokens")
     return {**{key: getattr(config, key) for key in keys}, "map_sha256": file_sha256(config.map_path),
             **run_key(speechllm, datamodule, decoding, trainer_kwargs, config.stage, heal=bool(config.compare_healing))}

@@ -22,6 +22,7 @@ base model or another fit LoRA.
 from __future__ import annotations
 
 import copy
+import itertools
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -39,6 +40,12 @@ from lightning_speechllm.healing.losses import (
     build_losses,
     layer_map_for,
     prediction_mask,
+)
+from lightning_speechllm.healing.linear_patch import (
+    LinearPatchConfig,
+    PatchFit,
+    fit_linear_patch,
+    fold_linear_patch,
 )
 from lightning_speechllm.model.checkpoint import load_checkpoint_file
 from lightning_speechllm.model.layer_mask import find_decoder_layers, get_layer_mask_state
@@ -108,6 +115,11 @@ class HealingConfig:
     fit model) and saved in the healing checkpoints, which thus reload without this file."""
     init_projector_from_teacher: bool = True
     """With `teacher_checkpoint`: start the student's projector from the teacher's."""
+    linear_patch: LinearPatchConfig | None = None
+    """Before the first step, fit a closed-form linear patch for each removed block on the first training batches and
+    fold it into the layer before the block (ReplaceMe; `lightning_speechllm.healing.linear_patch`): training-free
+    healing, which LoRA/CE then continue from. Not with a teacher-based loss (the teacher shares the patched weights)
+    nor with `replacement`."""
     replacement: ReplacementConfig | None = None
     """Put a trainable replacement module where each removed block was (train it with `ReplacementMSE`, the MSE to
     the teacher's state after the block, optionally plus CE/KL); None: the paper's healing (no replacement). Set
@@ -162,6 +174,9 @@ class HealingModule(SpeechLLMModule):
         self.teacher_projector: torch.nn.Module | None = None
         self.merged_lora: dict[str, Any] | None = None  # the fit LoRA merged into the base: {source, config, state}
         self.projector_snapshot = False  # teacher_projector is our own snapshot (saved in checkpoints for resume)
+        self.linear_patch: dict[int, Tensor] | None = None  # {first removed layer: T}, folded into the layer before
+        self.patch_fits: list[PatchFit] = []
+        self._check_linear_patch()
         if self.healing.teacher_checkpoint:
             self._load_teacher(self.healing.teacher_checkpoint)
         if self.teacher_projector is None and self.loss_fn.needs_teacher and self.speechllm.projector is not None:
@@ -256,6 +271,40 @@ class HealingModule(SpeechLLMModule):
         super().on_before_optimizer_step(optimizer)
         for param in self.masked_trainables():
             param.grad = None
+
+    # ------------------------------------------------------------------------------------------------ linear patch
+    def _check_linear_patch(self) -> None:
+        if self.healing.linear_patch is None:
+            return
+        self.healing.linear_patch = from_dict(LinearPatchConfig, self.healing.linear_patch)
+        if self.healing.replacement is not None:
+            raise PlanMismatchError("healing.linear_patch and healing.replacement both stand in for the removed "
+                                    "blocks: choose one")
+        if self.loss_fn.needs_teacher:
+            raise PlanMismatchError("healing.linear_patch changes the weights of the layer before each removed block, "
+                                    "which the teacher shares: use it with task losses only (e.g. TaskCrossEntropy)")
+        if not self.plan["removed_layers"]:
+            raise PlanMismatchError("healing.linear_patch needs removed layers: the plan removes none")
+
+    def on_train_start(self) -> None:
+        """Fit and fold the linear patch before the first step (not on a resumed run: its checkpoint folded it)."""
+        super().on_train_start()
+        if self.healing.linear_patch is None or self.linear_patch is not None:
+            return
+        config = self.healing.linear_patch
+        loader = (self.trainer.datamodule.train_dataloader() if self.trainer.datamodule is not None
+                  else self.trainer.train_dataloader)
+        batches = list(itertools.islice(iter(loader), config.batches))
+        mask, removed = self.speechllm.layer_mask, self.plan["removed_layers"]
+        mask.set_active_layers(sorted({*mask.active_layers, *removed}))  # the patch fits on the unpruned states
+        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self.trainer.world_size > 1 else None
+        fitted = fit_linear_patch(self.speechllm, removed, batches, config, reduce=reduce,
+                                  progress=self.trainer.is_global_zero)
+        self.linear_patch, self.patch_fits = fitted.patches, fitted.fits
+        for fit in fitted.fits:
+            self.print(f"linear patch for layers {fit.start}-{fit.end - 1} (folded into layer {fit.start - 1}): "
+                       f"stream error {fit.removal_error:.4f} removed -> {fit.patched_error:.4f} patched, "
+                       f"{fit.tokens} tokens, {fit.seconds:.1f} s")
 
     # ------------------------------------------------------------------------------------------ teacher checkpoint
     def _load_teacher(self, path: str) -> None:
@@ -439,6 +488,9 @@ class HealingModule(SpeechLLMModule):
                                  "replacement": _replacement_record(self.healing.replacement)}
         if self.merged_lora is not None:
             checkpoint["healing"]["merged_lora"] = self.merged_lora
+        if self.linear_patch is not None:
+            checkpoint["healing"]["linear_patch"] = {"patches": {str(k): v for k, v in self.linear_patch.items()},
+                                                     "fits": [fit.as_dict() for fit in self.patch_fits]}
         if self.projector_snapshot:  # a resumed run must distil from the projector of the first start, not a new one
             checkpoint["healing"]["teacher_projector"] = {k: v.detach().cpu().clone()
                                                           for k, v in self.teacher_projector.state_dict().items()}
@@ -470,8 +522,26 @@ class HealingModule(SpeechLLMModule):
         if their_id and our_id and their_id != our_id:
             raise PlanMismatchError(f"checkpoint plan model_id {their_id!r} differs from this plan's {our_id!r}")
         self._load_merged_lora(saved.get("merged_lora"))
+        self._load_linear_patch(saved.get("linear_patch"))
         if self.projector_snapshot and "teacher_projector" in saved:
             self.teacher_projector.load_state_dict(saved["teacher_projector"])
+
+    def _load_linear_patch(self, saved: dict[str, Any] | None) -> None:
+        """Fold the checkpoint's linear patch into the freshly loaded base weights (once)."""
+        if (saved is None) != (self.healing.linear_patch is None):
+            raise PlanMismatchError(f"the checkpoint was healed {'without' if saved is None else 'with'} a linear "
+                                    f"patch, this module {'with' if saved is None else 'without'} one (set "
+                                    "healing.linear_patch the same way)")
+        if saved is None or self.linear_patch is not None:
+            return
+        patches = {int(k): v for k, v in saved["patches"].items()}
+        starts = sorted(patches)
+        expected = [i for i in self.plan["removed_layers"] if i - 1 not in self.plan["removed_layers"]]
+        if starts != expected:
+            raise PlanMismatchError(f"the checkpoint's linear patch is for blocks starting at {starts}, this plan's "
+                                    f"blocks start at {expected}")
+        fold_linear_patch(self.speechllm, patches)
+        self.linear_patch, self.patch_fits = patches, [PatchFit(**fit) for fit in saved.get("fits", [])]
 
     def _load_merged_lora(self, theirs: dict[str, Any] | None) -> None:
         """Merge the checkpoint's fit LoRA (a module rebuilt without the teacher file, as ``load_module`` does), or

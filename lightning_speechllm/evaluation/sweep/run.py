@@ -30,6 +30,7 @@ takes the *largest passing* fraction even when a smaller one fails (see :func:`c
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,6 +69,13 @@ from lightning_speechllm.evaluation.sweep.table import (
     relative_change,
     scores_from_json,
     scores_to_json,
+)
+from lightning_speechllm.healing.linear_patch import (
+    FittedPatch,
+    LinearPatchConfig,
+    LinearPatchError,
+    fit_linear_patch,
+    restore_weights,
 )
 from lightning_speechllm.io_utils import read_json, write_json
 from lightning_speechllm.model.module import (
@@ -117,7 +125,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SweepMethod = Literal["angular", "block_influence", "last"]
-HEALING_VARIANTS = ("lora", "kd", "replacement")
+HEALING_VARIANTS = ("lora", "kd", "replacement", "linear_patch")
+"""'linear_patch' is training-free: no heal steps (lightning_speechllm.healing.linear_patch)."""
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -160,12 +169,18 @@ class SweepConfig:
     """LoRA alpha of healing."""
     heal_variant: str = "lora"
     """How a point heals: 'lora' (the paper: LoRA on the receiving layer + projector, task CE), 'kd' (the same plus
-    logit distillation from the unpruned model) or 'replacement' (an identity-initialised FFN in each removed block's
-    place + projector, trained on the MSE to the unpruned model's state after the block + task CE; no LoRA)."""
+    logit distillation from the unpruned model), 'replacement' (an identity-initialised FFN in each removed block's
+    place + projector, trained on the MSE to the unpruned model's state after the block + task CE; no LoRA) or
+    'linear_patch' (training-free: a least-squares linear map per block, fitted on `linear_patch_batches` training
+    batches and folded into the layer before the block; no step is taken)."""
     replacement_width: int | None = None
     """Hidden units of the replacement FFN (None: the MLP's full width, which exports to a stock decoder layer)."""
     kd_temperature: float = 1.0
     """Temperature of the 'kd' variant's logit distillation."""
+    linear_patch_batches: int = 16
+    """Training batches the 'linear_patch' variant fits on."""
+    linear_patch_ridge: float = 1e-4
+    """Ridge of the 'linear_patch' least squares, relative to the mean eigenvalue of MᵀM."""
     max_rel_wer_increase: float = 0.25
     """Stopping rule: largest relative WER increase on every ASR set."""
     max_rel_bleu_drop: float = 0.10
@@ -174,7 +189,7 @@ class SweepConfig:
     """Compare pruning methods on one table instead of sweeping `method`: any of angular, block_influence, last,
     greedy, attention, each at every `fractions` point, unhealed and healed with each `compare_healing` variant
     (see `lightning_speechllm.evaluation.method_comparison`)."""
-    compare_healing: list[str] = field(default_factory=lambda: ["lora", "replacement", "kd"])
+    compare_healing: list[str] = field(default_factory=lambda: ["lora", "replacement", "kd", "linear_patch"])
     """Healing variants of a method comparison (each also sets `heal_variant` for its runs)."""
     calibration_batches: int = 4
     """Method comparison: batches of the first validation set that greedy plans and the sublayer map measure on."""
@@ -298,7 +313,12 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
                          "adapters into its weights first): the healing LoRA would be taken for them")
     require_unpruned(speechllm, "healing in a sweep")
     snapshot = _Snapshot.take(speechllm)
+    patched: FittedPatch | None = None
     try:
+        if config.heal_variant == "linear_patch":
+            patched = _linear_patched(speechllm, plan, datamodule, config)
+            yield speechllm
+            return
         module = HealingModule(healing=healing_config(plan, config),
                                optim=OptimConfig(lr=config.heal_lr, warmup_steps=config.heal_warmup_steps,
                                                  schedule="linear"),
@@ -309,7 +329,28 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
         del module, trainer  # the optimizer state goes with them
         yield speechllm
     finally:
+        if patched is not None:
+            restore_weights(speechllm, patched.originals)
         snapshot.restore(speechllm)
+
+
+def _linear_patched(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataModule,
+                    config: SweepConfig) -> FittedPatch:
+    """``plan`` applied with a linear patch per removed block, fitted on the first training batches (no step)."""
+    if plan.removed_attention or plan.removed_mlp:
+        raise SweepError(f"the {plan.method} plan drops sublayers: the linear patch stands in for whole layers only")
+    datamodule.setup("fit")
+    batches = list(itertools.islice(iter(datamodule.train_dataloader()), config.linear_patch_batches))
+    try:
+        fitted = fit_linear_patch(speechllm, plan.removed_layers, batches,
+                                  LinearPatchConfig(batches=config.linear_patch_batches,
+                                                    ridge=config.linear_patch_ridge), progress=False)
+    except LinearPatchError as error:
+        raise SweepError(f"linear patch of the {plan.method} plan: {error}") from error
+    for fit in fitted.fits:
+        log.info("linear patch %d-%d: stream error %.4f removed -> %.4f patched (%d tokens, %.1f s)", fit.start,
+                 fit.end - 1, fit.removal_error, fit.patched_error, fit.tokens, fit.seconds)
+    return fitted
 
 
 def healing_config(plan: PruningPlan, config: SweepConfig) -> "HealingConfig":
@@ -401,6 +442,8 @@ def resume_signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.Li
     if config.heal and config.heal_variant != "lora":  # absent for 'lora', so earlier sweeps' points stay reusable
         healing.update(heal_variant=config.heal_variant, replacement_width=config.replacement_width,
                        kd_temperature=config.kd_temperature)
+    if config.heal and config.heal_variant == "linear_patch":
+        healing.update(linear_patch_batches=config.linear_patch_batches, linear_patch_ridge=config.linear_patch_ridge)
     return {"method": config.method, "map_path": config.map_path, "map_sha256": file_sha256(config.map_path),
             "stage": config.stage, "sets": config.sets, "heal": config.heal, **healing,
             "num_layers": speechllm.layer_mask.num_layers, "max_batches": config.max_batches,
