@@ -176,3 +176,30 @@ def test_mid_epoch_resume_equals_an_uninterrupted_run(assets, tmp_path):
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_heal_with_a_linear_patch_checkpoints_it_resumes_without_refitting_and_load_module_folds_it(assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_speechllm.checkpoints import load_module
+    from lightning_speechllm.model.layer_mask import get_layer_mask_state
+
+    config = heal_yaml(assets, tmp_path, callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                                     "init_args": {"dirpath": str(tmp_path / "ck"),
+                                                                   "save_last": True}}])
+    patch = ["--model.healing.linear_patch", "{batches: 2}", "--model.healing.losses",
+             '[{"class_path": "TaskCrossEntropy"}]']
+    assert main(["--config", str(config), *patch]) == 0
+    first = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["healing"]["linear_patch"]
+    assert list(first["patches"]) == ["1"] and first["patches"]["1"].shape == (48, 48)
+    assert first["fits"][0]["patched_error"] < first["fits"][0]["removal_error"]
+    assert main(["--config", str(config), *patch, "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
+    resumed = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 3
+    assert torch.equal(resumed["healing"]["linear_patch"]["patches"]["1"], first["patches"]["1"])  # not refitted
+    module = load_module(tmp_path / "ck" / "last.ckpt")
+    base = AutoModelForCausalLM.from_pretrained(assets["llm"]).model.layers[0].mlp.down_proj.weight.double()
+    folded = get_layer_mask_state(module.speechllm.layer_mask.model).layer_list[0].mlp.down_proj
+    folded = getattr(folded, "base_layer", folded).weight.double()
+    torch.testing.assert_close(folded, first["patches"]["1"].double().T @ base, rtol=0, atol=1e-5)
+    assert module.speechllm.layer_mask.removed_layers == (1, 2)

@@ -18,6 +18,7 @@ import functools
 import io
 import itertools
 import json
+import logging
 import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +49,8 @@ from lightning_speechllm.redundancy.analysis import RedundancyResult
 
 __all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison",
            "summary_markdown", "write_comparison"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,6 +193,10 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
         for variant in config.compare_healing:
             if variant in ("replacement", "linear_patch") and method == "attention":
                 continue  # no whole layer removed: nothing to replace or patch
+            if variant == "linear_patch" and 0 in plan().removed_layers:
+                log.info("%s %g: no linear patch, the block starts at layer 0 (no layer before it to fold into)",
+                         method, fraction)
+                continue
             rows.append(cached(f"{method}_{fraction:g}_{variant}", lambda: _healed_row(
                 speechllm, plan(), method, fraction, variant, config, datamodule, trainer_kwargs, run_eval,
                 speed_batch, speed_new_tokens)))
