@@ -216,3 +216,75 @@ def test_kl_is_finite_when_the_teacher_rules_tokens_out():
     inputs.student_logits, inputs.teacher_logits = student.float(), teacher.float()
     loss32, _ = KLDivergence(direction="forward")(inputs)
     assert loss32.item() == pytest.approx(sum(terms) / 2, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ text-teacher distillation
+def _text_teacher_module(response: str, extra=()):
+    from lightning_speechllm.healing.module import HealingConfig, HealingModule
+    from lightning_speechllm.model.module import DecodingConfig, OptimConfig
+    from tests.tiny_speechllm import tiny_speechllm
+
+    losses = [LossSpec("TextTeacherKL", {"response": response, "max_response_tokens": 6}), *extra]
+    return HealingModule(healing=HealingConfig(removed_layers=[1, 2], lora=None, losses=losses),
+                         speechllm=tiny_speechllm(seed=0),
+                         optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+                         decoding=DecodingConfig(max_new_tokens=4, generate_in_validation=False))
+
+
+def test_text_teacher_reads_the_transcript_as_text_at_the_students_response_positions():
+    from dataclasses import replace as swap
+
+    from tests.test_speechllm import make_batch
+    from tests.tiny_speechllm import tiny_speechllm
+
+    module = _text_teacher_module("target").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        inputs = module.healing_inputs(batch)
+        unpruned = tiny_speechllm(seed=0).eval()
+        text = unpruned.build_inputs(batch.as_text_only())
+        reference = unpruned.llm(inputs_embeds=text.inputs_embeds, attention_mask=text.attention_mask,
+                                 position_ids=text.position_ids).logits[:, -inputs.window:]
+    torch.testing.assert_close(inputs.teacher_logits, reference, rtol=0, atol=1e-5)
+    assert inputs.student_logits.shape == inputs.teacher_logits.shape
+    # The response tokens are the batch's targets; another target moves the loss.
+    loss = module.loss_fn(inputs)[0]
+    with torch.no_grad():
+        other = module.loss_fn(module.healing_inputs(swap(batch, texts=["hello world"] * len(batch))))[0]
+    assert torch.isfinite(loss) and float(loss) != pytest.approx(float(other))
+
+
+def test_label_free_text_teacher_ignores_the_targets_and_heals(tmp_path):
+    from dataclasses import replace as swap
+
+    from torch.utils.data import DataLoader
+
+    from tests.test_module import trainer
+    from tests.test_speechllm import make_batch
+    from tests.tiny_speechllm import tiny_speechllm
+
+    module = _text_teacher_module("teacher")
+    batch = make_batch(seed=0)
+    module.eval()
+    with torch.no_grad():
+        before = module.loss_fn(module.healing_inputs(batch))[0]
+        garbage = module.loss_fn(module.healing_inputs(swap(batch, texts=["zz qq"] * len(batch))))[0]
+        answers = tiny_speechllm(seed=0).eval().generate(batch.as_text_only(), max_new_tokens=6)
+        labels = module.healing_inputs(batch).labels
+    assert float(garbage) == float(before)  # the ground-truth response is never read
+    expected = module.speechllm.build_inputs(swap(batch, texts=answers)).labels
+    assert torch.equal(labels, expected[:, -labels.shape[1]:])  # teacher-forced on the teacher's own answers
+    module.train()
+    trainer(tmp_path, max_steps=15, limit_val_batches=0).fit(
+        module, train_dataloaders=DataLoader([batch] * 15, batch_size=None))
+    module.eval()
+    with torch.no_grad():
+        after = module.loss_fn(module.healing_inputs(batch))[0]
+    assert float(after) < 0.8 * float(before), (before, after)  # 1.58 -> 0.99 when written
+
+
+def test_a_text_teacher_does_not_mix_with_a_speech_teacher():
+    with pytest.raises(ValueError, match="hears the transcript as text"):
+        build_losses([LossSpec("TextTeacherKL"), LossSpec("KLDivergence")])
+    with pytest.raises(ValueError, match="response must be one of"):
+        build_losses([LossSpec("TextTeacherKL", {"response": "gold"})])

@@ -44,6 +44,7 @@ __all__ = [
     "LossSpec",
     "ReplacementMSE",
     "TaskCrossEntropy",
+    "TextTeacherKL",
     "WeightedHealingLoss",
     "build_losses",
     "layer_map_for",
@@ -127,6 +128,10 @@ class HealingLoss(nn.Module):
     needs_hidden_states: bool = False
     needs_full_logits: bool = False
     """True: the logits cover every position (``W == T``), not just the target window; costly at a large vocabulary."""
+    teacher_reads_text: bool = False
+    """True: the teacher reads each utterance's transcript as text, through the same prompt, instead of its speech."""
+    teacher_response: bool = False
+    """True: the response both models are teacher-forced on is the teacher's own greedy answer, not the target."""
 
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs)")
@@ -209,6 +214,33 @@ class KLDivergence(HealingLoss):
         alpha = self.skew_alpha
         log_mix = torch.logaddexp(log_p + math.log(alpha), log_q + math.log(1 - alpha))
         return _kl(log_p, log_mix)
+
+
+RESPONSES = ("teacher", "target")
+
+
+class TextTeacherKL(KLDivergence):
+    """Distillation from a text teacher (DiVA, Ultravox): the unpruned LLM reads the utterance's *transcript as text*
+    through the same prompt, the pruned speech model hears it, and the loss is the KL between their distributions over
+    the response tokens (``direction`` / ``temperature`` / ``skew_alpha`` as :class:`KLDivergence`).
+
+    ``response='teacher'`` (label-free): both are teacher-forced on the teacher's own greedy answer to the text
+    (at most ``max_response_tokens``), so no ground-truth response is read; the transcript is only the teacher's
+    input. ``response='target'``: on the batch's target text. Alone, it needs no `TaskCrossEntropy`; hidden-state
+    losses and the speech-input `KLDivergence` cannot join it (their teacher hears the speech).
+    """
+
+    teacher_reads_text = True
+
+    def __init__(self, direction: str = "forward", temperature: float = 1.0, skew_alpha: float = 0.1,
+                 response: str = "teacher", max_response_tokens: int = 64) -> None:
+        super().__init__(direction, temperature, skew_alpha)
+        if response not in RESPONSES:
+            raise ValueError(f"TextTeacherKL response must be one of {RESPONSES}, got {response!r}")
+        if max_response_tokens < 1:
+            raise ValueError(f"TextTeacherKL max_response_tokens must be >= 1, got {max_response_tokens}")
+        self.response, self.max_response_tokens = response, max_response_tokens
+        self.teacher_response = response == "teacher"
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -367,6 +399,26 @@ class WeightedHealingLoss(nn.Module):
     def needs_full_logits(self) -> bool:
         return any(loss.needs_full_logits for loss in self.parts.values())
 
+    @property
+    def teacher_reads_text(self) -> bool:
+        return any(loss.teacher_reads_text for loss in self.parts.values())
+
+    @property
+    def teacher_response_tokens(self) -> int | None:
+        """The longest answer a loss asks the teacher to generate as the response (None: the batch's targets)."""
+        lengths = [getattr(loss, "max_response_tokens", 64) for loss in self.parts.values() if loss.teacher_response]
+        return max(lengths) if lengths else None
+
+    def check_teachers(self) -> None:
+        """Refuse losses whose teachers would read different inputs (one teacher pass serves them all)."""
+        text = {name for name, loss in self.parts.items() if loss.teacher_reads_text}
+        speech = {name for name, loss in self.parts.items() if loss.needs_teacher and not loss.teacher_reads_text}
+        hidden = {name for name, loss in self.parts.items() if loss.needs_hidden_states}
+        if text and (speech or hidden):
+            raise ValueError(f"healing losses {sorted(text)} read a teacher that hears the transcript as text, and "
+                             f"{sorted(speech | hidden)} one that hears the speech (or compare hidden states position "
+                             "by position, which a text input does not line up with): use one kind")
+
     def forward(self, inputs: HealingInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total, parts)``: parts holds each loss (graph kept, unweighted) and its extras as ``name/key``."""
         parts: dict[str, Tensor] = {}
@@ -396,4 +448,6 @@ def build_losses(specs: Sequence[LossSpec | dict[str, Any]]) -> WeightedHealingL
             name, suffix = f"{base}_{suffix}", suffix + 1
         losses[name] = load_loss(spec.class_path, spec.init_args)
         weights[name] = float(spec.weight)
-    return WeightedHealingLoss(losses, weights)
+    combined = WeightedHealingLoss(losses, weights)
+    combined.check_teachers()
+    return combined

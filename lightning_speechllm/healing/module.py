@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -353,7 +354,10 @@ class HealingModule(SpeechLLMModule):
                             "state": {k: v.detach().cpu().clone() for k, v in record["state"].items()}}
 
     def teacher_inputs(self, batch: SpeechBatch, student_inputs: LLMInputs) -> LLMInputs:
-        """The student's inputs, or (with a teacher projector) the same batch embedded by the teacher's projector."""
+        """The student's inputs, or (with a teacher projector) the same batch embedded by the teacher's projector, or
+        (a text teacher, `TextTeacherKL`) the batch's transcripts read as text through the same prompt."""
+        if self.loss_fn.teacher_reads_text:
+            return self.text_teacher_inputs(batch, student_inputs)
         if self.teacher_projector is None or batch.text_only:
             return student_inputs
         sl = self.speechllm
@@ -369,11 +373,29 @@ class HealingModule(SpeechLLMModule):
                                     "(another downsampling?); logits cannot be compared token by token")
         return inputs
 
+    def text_teacher_inputs(self, batch: SpeechBatch, student_inputs: LLMInputs) -> LLMInputs:
+        """The batch's transcripts as text through the same prompt, with the same response tokens as the student's,
+        right-aligned: the target windows of the two line up position by position."""
+        inputs = self.speechllm.build_inputs(batch.as_text_only(), with_targets=True)
+        window = target_window(student_inputs.labels)
+        if inputs.labels is None or not torch.equal(inputs.labels[:, -window:], student_inputs.labels[:, -window:]):
+            raise PlanMismatchError(f"batch {batch.ids[:3]}...: the text teacher's response tokens differ from the "
+                                    "student's (the prompt tokenizes the response differently after text input)")
+        return inputs
+
+    def with_teacher_responses(self, batch: SpeechBatch) -> SpeechBatch:
+        """The batch with each target replaced by the teacher's greedy answer to the transcript as text (the
+        label-free response of `TextTeacherKL(response='teacher')`)."""
+        with self.as_teacher():
+            answers = self.speechllm.generate(batch.as_text_only(),
+                                              max_new_tokens=self.loss_fn.teacher_response_tokens)
+        return replace(batch, texts=answers)
+
     # ------------------------------------------------------------------------------------------------- passes
-    def teacher_pass(self, inputs: LLMInputs, hidden: bool = False,
-                     logits_to_keep: int = 0) -> tuple[Tensor, list[Tensor]]:
-        """Logits of the last `logits_to_keep` positions (0 = all) and, when `hidden`, residual states x^0..x^L (all
-        positions) of the unpruned model without the healing adapters (a teacher checkpoint's LoRA is merged)."""
+    @contextmanager
+    def as_teacher(self) -> Iterator[None]:
+        """The unpruned model inside the context: every layer and sublayer active, the healing adapters off (a
+        teacher checkpoint's LoRA is merged), eval mode, no gradients."""
         sl = self.speechllm
         mask = sl.layer_mask
         with ExitStack() as stack:
@@ -383,6 +405,16 @@ class HealingModule(SpeechLLMModule):
             if sl.has_lora:
                 stack.enter_context(sl.llm.disable_adapter())
             stack.enter_context(eval_mode(sl.llm))
+            yield
+
+    def teacher_pass(self, inputs: LLMInputs, hidden: bool = False,
+                     logits_to_keep: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """Logits of the last `logits_to_keep` positions (0 = all) and, when `hidden`, residual states x^0..x^L (all
+        positions) of the unpruned model without the healing adapters (a teacher checkpoint's LoRA is merged)."""
+        sl = self.speechllm
+        mask = sl.layer_mask
+        with ExitStack() as stack:
+            stack.enter_context(self.as_teacher())
             stream = stack.enter_context(mask.record_residual_stream()) if hidden else None
             output = sl.llm(inputs_embeds=inputs.inputs_embeds.detach(), attention_mask=inputs.attention_mask,
                             position_ids=inputs.position_ids, use_cache=False, logits_to_keep=logits_to_keep)
@@ -400,6 +432,8 @@ class HealingModule(SpeechLLMModule):
     def healing_inputs(self, batch: SpeechBatch) -> HealingInputs:
         """Student pass, plus the teacher pass when a loss needs it. Logits, labels and target mask cover the
         target window only (see `HealingInputs`), the same positions for student and teacher."""
+        if self.loss_fn.teacher_response_tokens is not None:
+            batch = self.with_teacher_responses(batch)
         inputs = self.speechllm.build_inputs(batch, with_targets=True)
         if inputs.labels is None:
             raise ValueError(f"batch {batch.ids[:3]}... has no target tokens: cannot heal on it")
