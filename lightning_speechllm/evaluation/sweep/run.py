@@ -125,8 +125,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SweepMethod = Literal["angular", "block_influence", "last"]
-HEALING_VARIANTS = ("lora", "kd", "replacement", "linear_patch")
-"""'linear_patch' is training-free: no heal steps (lightning_speechllm.healing.linear_patch)."""
+HEALING_VARIANTS = ("lora", "kd", "replacement", "linear_patch", "text_kd")
+"""'linear_patch' is training-free: no heal steps (lightning_speechllm.healing.linear_patch); 'text_kd' reads no
+ground-truth response (TextTeacherKL)."""
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -172,7 +173,9 @@ class SweepConfig:
     logit distillation from the unpruned model), 'replacement' (an identity-initialised FFN in each removed block's
     place + projector, trained on the MSE to the unpruned model's state after the block + task CE; no LoRA) or
     'linear_patch' (training-free: a least-squares linear map per block, fitted on `linear_patch_batches` training
-    batches and folded into the layer before the block; no step is taken)."""
+    batches and folded into the layer before the block; no step is taken) or 'text_kd' (LoRA + projector trained on
+    `TextTeacherKL` alone: the unpruned LLM reading the transcript as text is the teacher, and both are
+    teacher-forced on its own answer, so no ground-truth response is read)."""
     replacement_width: int | None = None
     """Hidden units of the replacement FFN (None: the MLP's full width, which exports to a stock decoder layer)."""
     kd_temperature: float = 1.0
@@ -189,7 +192,8 @@ class SweepConfig:
     """Compare pruning methods on one table instead of sweeping `method`: any of angular, block_influence, last,
     greedy, attention, each at every `fractions` point, unhealed and healed with each `compare_healing` variant
     (see `lightning_speechllm.evaluation.method_comparison`)."""
-    compare_healing: list[str] = field(default_factory=lambda: ["lora", "replacement", "kd", "linear_patch"])
+    compare_healing: list[str] = field(default_factory=lambda: ["lora", "replacement", "kd", "linear_patch",
+                                                                "text_kd"])
     """Healing variants of a method comparison (each also sets `heal_variant` for its runs)."""
     calibration_batches: int = 4
     """Method comparison: batches of the first validation set that greedy plans and the sublayer map measure on."""
@@ -363,6 +367,9 @@ def healing_config(plan: PruningPlan, config: SweepConfig) -> "HealingConfig":
     if config.heal_variant == "kd":
         healing.losses = [{"class_path": "TaskCrossEntropy"},
                           {"class_path": "KLDivergence", "init_args": {"temperature": config.kd_temperature}}]
+    elif config.heal_variant == "text_kd":
+        healing.losses = [{"class_path": "TextTeacherKL",
+                           "init_args": {"temperature": config.kd_temperature, "response": "teacher"}}]
     elif config.heal_variant == "replacement":
         if not plan.removed_layers:
             raise SweepError(f"the {plan.method} plan removes no whole layer: nothing to replace")
