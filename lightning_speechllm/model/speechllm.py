@@ -29,6 +29,7 @@ from lightning_speechllm.model.prompts import EncodedSample, PromptBuilder, Prom
 from lightning_speechllm.model.released import ReleasedOrigin, ReleasedParts, load_released
 from lightning_speechllm.model.segments import Segment
 from lightning_speechllm.model.sharding import full_tensor, load_into, shard_speechllm
+from lightning_speechllm.model.speech_skip import SpeechSkip
 from lightning_speechllm.model.sublayer_mask import SublayerMask, kv_cache_for
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class SpeechLLMConfig:
     cache is kept for them)."""
     removed_mlp: list[int] = field(default_factory=list)
     """Decoder layers whose MLP sublayer is dropped at load time (the residual path and the attention stay)."""
+    speech_skip_layers: list[int] = field(default_factory=list)
+    """Decoder layers in which the speech positions skip the layer (their state passes through; prompt and target
+    positions run it and still attend to them: `lightning_speechllm.model.speech_skip`, after ShortV)."""
 
     @property
     def model_id(self) -> str:
@@ -157,6 +161,7 @@ class SpeechLLM(nn.Module):
         self.sharded = False  # set by shard(): FSDP2 units, DTensor parameters
         self.layer_mask = DecoderLayerMask(self.llm)
         self.sublayer_mask = SublayerMask(self.llm)
+        self.speech_skip = SpeechSkip(self.llm)
         self.replacements = nn.ModuleDict()  # healing's modules in place of removed blocks, keyed by first layer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -170,6 +175,8 @@ class SpeechLLM(nn.Module):
             self.layer_mask.remove_layers(self.config.removed_layers)
         if self.config.removed_attention or self.config.removed_mlp:
             self.sublayer_mask.drop(self.config.removed_attention, self.config.removed_mlp)
+        if self.config.speech_skip_layers:
+            self.speech_skip.set_layers(self.config.speech_skip_layers)
 
     def _configure_encoder_window(self, encoder: SpeechEncoder | None) -> None:
         pinned, step = self.config.encoder_window_seconds, self.config.encoder_window_step_seconds
@@ -458,6 +465,8 @@ class SpeechLLM(nn.Module):
         when all rows have one (task, language) prompt."""
         if not torch.is_grad_enabled() or self.sharded or self.config.gradient_checkpointing or self.llm.training:
             return 0
+        if self.speech_skip.layers:
+            return 0  # the skip places speech positions by the whole rows' layout
         if len(set(zip(batch.tasks, _or_nones(batch.tgt_langs, len(batch))))) != 1:
             return 0
         if any(p.requires_grad for p in self.llm.parameters()) or any(
@@ -498,7 +507,7 @@ class SpeechLLM(nn.Module):
         """One teacher-forced decoder call on `inputs` (no KV cache); logits for the last `logits_to_keep` positions
         only (0 = every position). With `gradient_checkpointing`, the layers are checkpointed whenever gradients
         are on, even under a frozen (eval-mode) decoder."""
-        with self._checkpointed_layers():
+        with self._checkpointed_layers(), self.speech_skip.positions(inputs.segment_ids):
             return self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                             position_ids=inputs.position_ids, use_cache=False, logits_to_keep=logits_to_keep,
                             **llm_kwargs)
@@ -537,11 +546,12 @@ class SpeechLLM(nn.Module):
         if self.sharded and torch.distributed.is_initialized():  # every rank runs the decoder until all are done
             generate_kwargs.setdefault("synced_gpus", True)
         stop_ids = self._stop_token_ids()
-        output_ids = self.llm.generate(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
-            eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
-        )
+        with self.speech_skip.positions(inputs.segment_ids):
+            output_ids = self.llm.generate(
+                inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
+                eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
+            )
         output_ids = getattr(output_ids, "sequences", output_ids)  # a ModelOutput with return_dict_in_generate
         texts = [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
         num_tokens, stopped = generated_lengths(output_ids, stop_ids)
