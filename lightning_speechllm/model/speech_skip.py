@@ -102,15 +102,26 @@ def _check_supported(layer: nn.Module, index: int) -> None:
         raise SpeechSkipError(f"layer {index} ({type(layer).__name__}) has no {missing}: the speech-token skip runs "
                               "Llama-shaped layers (norm, q/k/v/o attention, norm, MLP)")
     extra = [name for name in _UNSUPPORTED_PARTS if hasattr(layer, name)]
-    window = getattr(attention, "sliding_window", None) or getattr(getattr(attention, "config", None),
-                                                                    "sliding_window", None)
-    layer_type = getattr(layer, "attention_type", "full_attention")
-    if extra or (window and layer_type != "full_attention"):
+    window = _sliding_window(layer, attention)
+    if extra or window:
         why = f"extra norms {extra}" if extra else f"a sliding window of {window}"
         raise SpeechSkipError(f"layer {index} ({type(layer).__name__}) has {why}: the speech-token skip runs "
                               "Llama-shaped full-attention layers only")
     if _rotary(attention) is None:
         raise SpeechSkipError(f"layer {index}: {type(attention).__module__} has no apply_rotary_pos_emb")
+
+
+def _sliding_window(layer: nn.Module, attention: nn.Module) -> int | None:
+    """The layer's sliding window, None for full attention (Qwen2/3 set it per layer, Mistral in its config)."""
+    kinds = {getattr(attention, "layer_type", None), getattr(layer, "attention_type", None)}
+    if "sliding_attention" in kinds:
+        return getattr(attention, "sliding_window", None) or getattr(attention.config, "sliding_window", None) or -1
+    if "sliding_window" in vars(attention):
+        return vars(attention)["sliding_window"]
+    config = getattr(attention, "config", None)
+    if getattr(config, "use_sliding_window", True) and kinds <= {None}:
+        return getattr(config, "sliding_window", None)
+    return None
 
 
 def _rotary(attention: nn.Module):
