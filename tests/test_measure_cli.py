@@ -84,6 +84,23 @@ def test_measure_writes_sublayer_maps_that_attention_plans_read(tiny_dirs, tmp_p
     assert not (tmp_path / "maps" / "sublayers" / "dev2").exists()
 
 
+def test_measure_writes_segment_maps_whose_speech_row_is_the_speech_token_map(tiny_dirs, tmp_path):
+    from lightning_speechllm.redundancy.segments import SegmentMap
+
+    config = _config(tiny_dirs, tmp_path)
+    argv = ["--config", str(config), "--sets", "[dev]", "--segments", "true", "--n_boot", "0",
+            "--token_selection", "speech", "--modalities", "[speech]"]
+    assert main(argv) == 0
+    segments = SegmentMap.from_json(tmp_path / "maps" / "segments" / "dev.json")
+    layer_map = RedundancyResult.from_json(tmp_path / "maps" / "dev" / "speech" / "epoch=0.json")
+    assert segments.layers == list(range(LAYERS)) and segments.num_samples == len(TEXTS)
+    # d(l, 1) over the speech tokens, as the layer map measured with token_selection speech
+    assert segments.speech == pytest.approx([float(layer_map.table[0, i]) for i in range(LAYERS)], rel=1e-5)
+    assert segments.prompt != segments.speech and all(0.0 < d < 1.0 for d in segments.target)
+    assert segments.lowest_speech(1) == [min(range(LAYERS), key=lambda i: segments.speech[i])]
+    assert (tmp_path / "maps" / "segments" / "dev.png").is_file()
+
+
 def test_measure_text_only_with_max_batches_and_tensorboard(tiny_dirs, tmp_path, capsys):
     config = _config(tiny_dirs, tmp_path)
     argv = ["--config", str(config), "--modalities", "[text]", "--max_batches", "1", "--logger", "tensorboard",

@@ -78,6 +78,10 @@ class MeasureArgs:
     sublayers: bool = False
     """Also write sublayer maps, the angular distance across each attention and each MLP sublayer (one more forward
     per batch): <output_dir>/sublayers/<set>/<modality>.json and .png, what attention-only plans are built from."""
+    segments: bool = False
+    """Also write per-segment maps of the speech input, how much each layer changes the speech, prompt and target
+    positions (one more forward per batch): <output_dir>/segments/<set>.json and .png, what speech-token layer skipping
+    (`model.speech_skip_layers`) is chosen from."""
     root_dir: str = "checkpoints/measure"
     """Trainer default_root_dir; the logger writes under it."""
     logger: Literal["csv", "tensorboard"] = "csv"
@@ -188,6 +192,9 @@ def run(args: MeasureArgs, model: SpeechLLMConfig, data: dict) -> RedundancyCall
     if args.sublayers:
         speechllm = module.speechllm.to(trainer.strategy.root_device)  # Lightning left it on the CPU
         write_sublayer_maps(speechllm, datamodule, modalities, args, Path(callback.output_dir) / "sublayers")
+    if args.segments and "speech" in modalities:
+        speechllm = module.speechllm.to(trainer.strategy.root_device)
+        write_segment_maps(speechllm, datamodule, args, Path(callback.output_dir) / "segments")
     return callback
 
 
@@ -209,6 +216,24 @@ def write_sublayer_maps(speechllm, datamodule: SpeechDataModule, modalities: lis
             json_path = result.to_json(out / set_name / f"{modality}.json")
             plot_sublayer_map(result, json_path.with_suffix(".png"))
             written.append(json_path)
+    return written
+
+
+def write_segment_maps(speechllm, datamodule: SpeechDataModule, args: MeasureArgs, out: Path) -> list[Path]:
+    """The :class:`~lightning_speechllm.redundancy.segments.SegmentMap` of every set's speech input, JSON + plot."""
+    import itertools
+
+    from lightning_speechllm.redundancy.segments import measure_segments, plot_segment_map
+
+    written = []
+    for set_name, loader in zip(datamodule.val_set_names, datamodule.val_dataloader()):
+        if args.sets is not None and set_name not in args.sets:
+            continue
+        batches = itertools.islice(loader, args.max_batches) if args.max_batches else loader
+        result = measure_segments(speechllm, batches)
+        json_path = result.to_json(out / f"{set_name}.json")
+        plot_segment_map(result, json_path.with_suffix(".png"))
+        written.append(json_path)
     return written
 
 
