@@ -162,7 +162,8 @@ def _select_keys(path: Path) -> list[tuple[str, str]]:
             keys.extend([(prefix, str(name)), (f"{prefix}.{name}", str(manifest))])
 
     if command in LIGHTNING_COMMANDS:
-        configs = [CONFIGS / "heal" / "lora.yaml", path] if path.name == "kd.yaml" else [path]
+        base = {"kd.yaml": "lora.yaml", "linear_patch.yaml": "default.yaml"}.get(path.name)  # overlays
+        configs = [CONFIGS / "heal" / base, path] if base and path.parent.name == "heal" else [path]
         cfg = parse_lightning(cached_cli(command), configs)
         add_sets("data.val_sets", cfg.data.val_sets)
         for callback in cfg.trainer.callbacks or []:

@@ -203,3 +203,16 @@ def test_heal_with_a_linear_patch_checkpoints_it_resumes_without_refitting_and_l
     folded = getattr(folded, "base_layer", folded).weight.double()
     torch.testing.assert_close(folded, first["patches"]["1"].double().T @ base, rtol=0, atol=1e-5)
     assert module.speechllm.layer_mask.removed_layers == (1, 2)
+
+
+def test_training_free_heal_saves_the_patched_model_without_a_step(assets, tmp_path):
+    from lightning_speechllm.checkpoints import load_module
+
+    config = heal_yaml(assets, tmp_path)
+    argv = ["--config", str(config), "--config", "configs/heal/linear_patch.yaml", "--trainer.default_root_dir",
+            str(tmp_path / "free")]
+    assert main(argv) == 0
+    saved = torch.load(tmp_path / "free" / "linear_patch.ckpt", weights_only=True)
+    assert saved["global_step"] == 0 and list(saved["healing"]["linear_patch"]["patches"]) == ["1"]
+    module = load_module(tmp_path / "free" / "linear_patch.ckpt")
+    assert module.linear_patch is not None and module.speechllm.layer_mask.removed_layers == (1, 2)

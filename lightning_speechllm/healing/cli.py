@@ -5,6 +5,7 @@ Examples::
     python -m lightning_speechllm heal --config configs/heal_kd.yaml
     python -m lightning_speechllm heal --config configs/heal_kd.yaml --ckpt_path last      # resume (newest)
     python -m lightning_speechllm heal --print_config > heal.yaml                          # every option is a key
+    python -m lightning_speechllm heal --config configs/heal/linear_patch.yaml ...        # training-free (no step)
     python -m lightning_speechllm heal --model.llm_path smollm2-135m --healing.plan_path plan.json \\
         --data.train data_cache/synth/train.jsonl --trainer.max_steps 5000
 
@@ -14,6 +15,7 @@ Iterative prune-heal rounds: add ``lightning_speechllm.healing.iterative.Iterati
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -25,9 +27,10 @@ from lightning_speechllm.model.speechllm import SpeechLLMConfig
 from lightning_speechllm.preemption import ResumeLast, with_preemption_checkpoint
 from lightning_speechllm.progress import hide_lightning_product_tips, progress_defaults
 
-__all__ = ["HealingCLI", "main"]
+__all__ = ["HealingCLI", "main", "save_training_free"]
 
 HEAL_TRAINER_DEFAULTS = {**TRAINER_DEFAULTS, "default_root_dir": "checkpoints/heal"}
+LINEAR_PATCH_CHECKPOINT = "linear_patch.ckpt"
 
 
 class HealingCLI(SafeResume, ResumeLast, HardwarePrecision, LightningCLI):
@@ -47,11 +50,23 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     hide_lightning_product_tips()
     try:
-        HealingCLI(
+        cli = HealingCLI(
             HealingModule, SpeechDataModule, args=["fit", *args],
             trainer_defaults=with_preemption_checkpoint({**HEAL_TRAINER_DEFAULTS, **progress_defaults()}),
             save_config_kwargs={"overwrite": True}, seed_everything_default=0, auto_configure_optimizers=False,
         )
     except SystemExit as stop:  # --help / --print_config / argument errors exit through jsonargparse
         return int(stop.code or 0) if isinstance(stop.code, int) or stop.code is None else 2
+    save_training_free(cli.trainer, cli.model)
     return 0
+
+
+def save_training_free(trainer, module: HealingModule) -> None:
+    """`--trainer.max_steps 0` with `healing.linear_patch`: no step ran, so no checkpoint callback fired; the patched
+    model is saved as <default_root_dir>/linear_patch.ckpt (`export --ckpt`, `test --ckpt_path` read it)."""
+    if trainer.global_step != 0 or module.linear_patch is None:
+        return
+    path = Path(trainer.default_root_dir) / LINEAR_PATCH_CHECKPOINT
+    trainer.save_checkpoint(path)
+    if trainer.is_global_zero:
+        print(f"training-free healing (linear patch, no step): {path}")

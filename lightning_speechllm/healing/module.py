@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -287,20 +287,31 @@ class HealingModule(SpeechLLMModule):
         if not self.plan["removed_layers"]:
             raise PlanMismatchError("healing.linear_patch needs removed layers: the plan removes none")
 
+    def on_fit_start(self) -> None:
+        """Fit and fold the linear patch before the first step, also when `trainer.max_steps` is 0 (training-free
+        healing); not on a resumed run, whose checkpoint folded it already."""
+        super().on_fit_start()
+        if self.healing.linear_patch is not None and self.linear_patch is None and self.trainer.datamodule is not None:
+            self.fit_linear_patch(self.trainer.datamodule.train_dataloader())
+
     def on_train_start(self) -> None:
-        """Fit and fold the linear patch before the first step (not on a resumed run: its checkpoint folded it)."""
+        """(Dataloaders given to `fit` directly, without a datamodule: they exist from here on.)"""
         super().on_train_start()
-        if self.healing.linear_patch is None or self.linear_patch is not None:
-            return
+        if self.healing.linear_patch is not None and self.linear_patch is None:
+            self.fit_linear_patch(self.trainer.train_dataloader)
+
+    def fit_linear_patch(self, loader: Iterable[SpeechBatch]) -> None:
+        """Fit the patch of each removed block on the first `healing.linear_patch.batches` batches of `loader` (the
+        unpruned model's states; statistics summed over ranks) and fold it into the layer before the block."""
         config = self.healing.linear_patch
-        loader = (self.trainer.datamodule.train_dataloader() if self.trainer.datamodule is not None
-                  else self.trainer.train_dataloader)
-        batches = list(itertools.islice(iter(loader), config.batches))
+        batches = [batch.to(self.device) for batch in itertools.islice(iter(loader), config.batches)]
         mask, removed = self.speechllm.layer_mask, self.plan["removed_layers"]
         mask.set_active_layers(sorted({*mask.active_layers, *removed}))  # the patch fits on the unpruned states
-        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self.trainer.world_size > 1 else None
+        trainer = self._trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if distributed else None
         fitted = fit_linear_patch(self.speechllm, removed, batches, config, reduce=reduce,
-                                  progress=self.trainer.is_global_zero)
+                                  progress=trainer is None or trainer.is_global_zero)
         self.linear_patch, self.patch_fits = fitted.patches, fitted.fits
         for fit in fitted.fits:
             self.print(f"linear patch for layers {fit.start}-{fit.end - 1} (folded into layer {fit.start - 1}): "
