@@ -2,10 +2,12 @@
 measured decode speed-up and measured KV cache, failure modes, and the paper's rule per method.
 
 Methods: ``angular`` (the paper's contiguous block), ``block_influence`` (ShortGPT), ``last`` (deepest layers),
-``greedy`` (SLEB-style, re-measured after each removal on calibration batches of the first validation set) and
-``attention`` (attention sublayers only, LLM-Drop, from a sublayer map measured on the same batches). Healing
-variants are those of :data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` and
-``linear_patch`` do not apply to ``attention``, which removes no whole layer). For each removed fraction and method
+``greedy`` (SLEB-style, re-measured after each removal on calibration batches of the first validation set),
+``attention`` (attention sublayers only, LLM-Drop, from a sublayer map measured on the same batches) and ``budget``
+(whole layers and attention sublayers mixed, re-measured each round, removing as many decoder parameters as the layer
+plans of the same fraction: :mod:`lightning_speechllm.pruning.budget`). Healing variants are those of
+:data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` and ``linear_patch`` do not apply
+to ``attention`` and ``budget``, whose plans drop sublayers). For each removed fraction and method
 the plan is scored unpruned -> pruned -> healed per variant, with the model restored exactly between runs (see
 :func:`~lightning_speechllm.evaluation.sweep.run.healed`). Every row is written at once to ``rows/<name>.json`` and a
 rerun with the same settings reuses it. Outputs: ``comparison.{csv,md,json,png}`` in ``output_dir``.
@@ -39,10 +41,11 @@ from lightning_speechllm.evaluation.sweep.run import (
     evaluate,
     healed,
 )
-from lightning_speechllm.evaluation.sweep.common import COMPARISON_METHODS, require_unpruned
+from lightning_speechllm.evaluation.sweep.common import COMPARISON_METHODS, SUBLAYER_METHODS, require_unpruned
 from lightning_speechllm.evaluation.sweep.table import METRICS, Scores, SweepPoint, Thresholds, passes
 from lightning_speechllm.io_utils import atomic_write_text, read_json, write_json
 from lightning_speechllm.model.module import DecodingConfig
+from lightning_speechllm.model.layer_mask import get_layer_mask_state
 from lightning_speechllm.model.speechllm import SpeechLLM
 from lightning_speechllm.pruning.plan import PruningPlan, apply_plan, plan_sublayers
 from lightning_speechllm.redundancy.analysis import RedundancyResult
@@ -97,6 +100,8 @@ class _Planner:
         self.token_selection = self.result.token_selection if self.result is not None else "last"
         self._greedy: PruningPlan | None = None
         self._sublayers = None
+        self._layer_params = [sum(p.numel() for p in layer.parameters())
+                              for layer in get_layer_mask_state(speechllm.layer_mask.model).layer_list]
 
     def plan(self, method: str, fraction: float) -> PruningPlan:
         self.speechllm.to(self.batches[0].audio.device)  # Lightning leaves the model on the CPU after each run
@@ -118,6 +123,16 @@ class _Planner:
                 plot_sublayer_map(self._sublayers, self._sublayers.to_json(self.out / "sublayers.json")
                                   .with_suffix(".png"))
             return plan_sublayers(self._sublayers, self.num_layers, fraction=fraction)
+        if method == "budget":  # the same share of the decoder layers' parameters as the layer plans remove
+            from lightning_speechllm.pruning.budget import plan_budget
+
+            layers = build_plan(dataclasses.replace(self.config, method="last"), "fraction", fraction,
+                                self.num_layers, None, self.model_id).removed_layers
+            budget = sum(self._layer_params[i] for i in layers)
+            plan = plan_budget(self.speechllm, self.batches, remove_params=budget, token_selection=self.token_selection)
+            plan.params["fraction"] = fraction
+            plan.to_json(self.out / f"budget_{fraction:g}.json")
+            return plan
         raise SweepError(f"unknown comparison method {method!r}; expected one of {COMPARISON_METHODS}")
 
 
@@ -191,8 +206,8 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
         rows.append(cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan(), method, fraction,
                                                                              run_eval, speed_batch, speed_new_tokens)))
         for variant in config.compare_healing:
-            if variant in ("replacement", "linear_patch") and method == "attention":
-                continue  # no whole layer removed: nothing to replace or patch
+            if variant in ("replacement", "linear_patch") and method in SUBLAYER_METHODS:
+                continue  # dropped sublayers: nothing a replacement or patch stands in for
             if variant == "linear_patch" and 0 in plan().removed_layers:
                 log.info("%s %g: no linear patch, the block starts at layer 0 (no layer before it to fold into)",
                          method, fraction)

@@ -8,6 +8,8 @@ Examples::
     python -m lightning_speechllm prune --method explicit --layers [3,4,5] --num_layers 30 --print_config
     python -m lightning_speechllm prune --method greedy --ckpt_path runs/last.ckpt --data.val_sets '{dev: dev.jsonl}' \\
         --n 8 --step 2 --calibration_batches 8 --out plan.json
+    python -m lightning_speechllm prune --method budget --budget 0.2 --ckpt_path runs/last.ckpt \\
+        --data.val_sets '{dev: dev.jsonl}' --out plan.json        # 20% of the decoder layers' parameters, mixed
 
 ``greedy`` re-measures the model after every removed block (:func:`~lightning_speechllm.pruning.greedy.plan_greedy`):
 it needs the model (``--ckpt_path`` of the unpruned model, else ``--model.*``) and calibration data (the first
@@ -36,6 +38,7 @@ from lightning_speechllm.config_utils import from_dict, parsed_values
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
+from lightning_speechllm.pruning.budget import plan_budget
 from lightning_speechllm.pruning.greedy import plan_greedy
 from lightning_speechllm.pruning.plan import (
     PlanError,
@@ -54,6 +57,7 @@ __all__ = ["PLAN_IN_EXPORT", "PruneArgs", "build_greedy_plan", "build_parser", "
            "export_pruned", "main", "parse_command"]
 
 PLAN_IN_EXPORT = "pruning_plan.json"
+MEASURED_METHODS = ("greedy", "budget")  # plans measured on the model and calibration data, not read from a map
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -61,11 +65,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 class PruneArgs:
     """Options of the ``prune`` command."""
 
-    method: Literal["angular", "block_influence", "last", "explicit", "greedy", "attention"] = "angular"
+    method: Literal["angular", "block_influence", "last", "explicit", "greedy", "attention", "budget"] = "angular"
     """How to choose the layers: pruning-path block, lowest Block Influence, deepest layers, --layers, greedy
-    (blocks of --step layers removed one at a time, re-measuring the model on calibration data after each), or
+    (blocks of --step layers removed one at a time, re-measuring the model on calibration data after each),
     attention (the attention sublayers, not whole layers, that change the residual stream least; from a sublayer
-    map, `measure --sublayers true`)."""
+    map, `measure --sublayers true`), or budget (whole layers and attention sublayers mixed, the one that changes the
+    stream least per parameter removed each round, re-measured, until --budget parameters are gone)."""
     map: str | None = None
     """Redundancy JSON (RedundancyResult) for angular / block_influence; a sublayer map JSON
     (<output_dir>/sublayers/<set>/<modality>.json) for attention."""
@@ -92,6 +97,8 @@ class PruneArgs:
     --model.*); without it the model is built from --model.*."""
     step: int = 1
     """greedy: layers removed per re-measured round (the last round may remove fewer)."""
+    budget: float | None = None
+    """budget: decoder-layer parameters to remove, as a count (>= 1) or a fraction of them (< 1)."""
     token_selection: TokenSelection = "last"
     """greedy: token positions averaged by d(l, n) (as measure's --token_selection)."""
     calibration_set: str | None = None
@@ -158,10 +165,13 @@ def _agreed_num_layers(sources: dict[str, int | None]) -> int | None:
 
 def build_plan(args: PruneArgs) -> PruningPlan:
     """The plan described by ``args`` (validated against every layer count and model id given)."""
-    if args.method == "greedy":
-        raise PlanError("--method greedy measures the model: build it with build_greedy_plan(args, model, data)")
+    if args.method in MEASURED_METHODS:
+        raise PlanError(f"--method {args.method} measures the model: build it with build_greedy_plan(args, model, "
+                        "data)")
     if args.ckpt_path is not None:
-        raise PlanError(f"--ckpt_path is only for --method greedy, not {args.method}")
+        raise PlanError(f"--ckpt_path is only for --method greedy / budget, not {args.method}")
+    if args.budget is not None:
+        raise PlanError(f"--budget is only for --method budget, not {args.method}")
     if args.method in ("angular", "block_influence", "attention") and args.map is None:
         kind = "a sublayer map JSON (measure --sublayers true)" if args.method == "attention" else "a redundancy JSON"
         raise PlanError(f"--method {args.method} needs --map ({kind})")
@@ -216,13 +226,16 @@ def _check_greedy_args(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> N
         raise PlanError("--map is not used by --method greedy (it measures the model itself): drop it")
     if args.layers is not None:
         raise PlanError("--layers is only for --method explicit, not greedy")
-    if args.n is None and args.fraction is None:
+    if args.method == "greedy" and args.n is None and args.fraction is None:
         raise PlanError("--method greedy needs --n or --fraction (the number of layers to remove)")
     if not data.get("val_sets"):
         raise PlanError("--method greedy needs calibration data: give --data.val_sets '{name: manifest}'")
     if args.calibration_set is not None and args.calibration_set not in data["val_sets"]:
         raise PlanError(f"--calibration_set {args.calibration_set!r} is not one of --data.val_sets "
                         f"{sorted(data['val_sets'])}")
+    if args.method == "budget" and (args.budget is None or args.budget <= 0 or args.n is not None
+                                    or args.fraction is not None):
+        raise PlanError("--method budget takes --budget (a parameter count, or a fraction < 1), not --n / --fraction")
     if args.calibration_batches < 1 or args.step < 1:
         raise PlanError(f"--calibration_batches and --step must be >= 1, got {args.calibration_batches}, {args.step}")
     for key in ("removed_layers", "removed_attention", "removed_mlp"):
@@ -275,8 +288,12 @@ def build_greedy_plan(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> Pr
         raise PlanError(f"model mismatch: the measured model is {model_id!r} but --llm_path is {args.llm_path!r}")
     text_only = _calibration_modality(args, speechllm) == "text"
     batches = calibration_batches(args, data, text_only)
-    plan = plan_greedy(speechllm, batches, n=args.n, fraction=args.fraction, step=args.step,
-                       token_selection=args.token_selection, model_id=model_id)
+    if args.method == "budget":
+        size = {"fraction": args.budget} if args.budget < 1 else {"remove_params": int(args.budget)}
+        plan = plan_budget(speechllm, batches, token_selection=args.token_selection, model_id=model_id, **size)
+    else:
+        plan = plan_greedy(speechllm, batches, n=args.n, fraction=args.fraction, step=args.step,
+                           token_selection=args.token_selection, model_id=model_id)
     plan.params["calibration_set"] = args.calibration_set or next(iter(data["val_sets"]))
     plan.params["calibration_modality"] = "text" if text_only else "speech"
     plan.validate_for(num_layers)
@@ -338,7 +355,7 @@ def _export_released(plan: PruningPlan, directory: str, out_dir: str | Path, dty
 def run(args: PruneArgs, model: SpeechLLMConfig | None = None, data: dict | None = None) -> PruningPlan:
     """Build the plan (greedy: on ``model`` and the calibration ``data``), write ``--out`` and ``--export``, and print
     a summary. A greedy plan exports the decoder it measured unless ``--llm_path`` is given."""
-    greedy = args.method == "greedy"
+    greedy = args.method in MEASURED_METHODS
     if args.out is None and args.export is None:
         raise PlanError("nothing to write: give --out PLAN.json and/or --export DIR")
     if args.export is not None and args.llm_path is None and not greedy:

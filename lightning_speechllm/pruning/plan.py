@@ -52,7 +52,7 @@ __all__ = [
 
 PLAN_FORMAT_VERSION = 1
 PLAN_KIND = "lightning_speechllm.pruning_plan"
-PlanMethod = Literal["angular", "block_influence", "last", "explicit", "greedy", "attention"]
+PlanMethod = Literal["angular", "block_influence", "last", "explicit", "greedy", "attention", "budget"]
 PLAN_METHODS: tuple[str, ...] = get_args(PlanMethod)
 
 

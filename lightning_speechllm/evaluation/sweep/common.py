@@ -6,10 +6,12 @@ from __future__ import annotations
 from lightning_speechllm.evaluation.sweep.table import SweepError
 from lightning_speechllm.model.speechllm import SpeechLLM
 
-__all__ = ["COMPARISON_METHODS", "require_unpruned"]
+__all__ = ["COMPARISON_METHODS", "SUBLAYER_METHODS", "require_unpruned"]
 
-COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention")
+COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention", "budget")
 """Pruning methods a method comparison (`sweep.compare_methods`) can put on one table."""
+SUBLAYER_METHODS = ("attention", "budget")
+"""Methods whose plans drop sublayers: no replacement module or linear patch stands in for those."""
 
 
 def require_unpruned(speechllm: SpeechLLM, what: str) -> None:
