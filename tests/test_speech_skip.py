@@ -134,3 +134,13 @@ def test_the_projection_and_mlp_flops_saved_are_the_formula_times_the_speech_pos
                                                       config.num_attention_heads,
                                                       config.hidden_size // config.num_attention_heads, context=0)
     assert matmul_flops([]) - matmul_flops([1]) == expected == 5 * 2 * (2 * 32 * 32 + 3 * 32 * 64)
+
+
+def test_export_refuses_a_model_that_skips_speech_positions(tmp_path):
+    from lightning_speechllm.healing.export import write_export
+    from lightning_speechllm.model.checkpoint import CheckpointError
+    from lightning_speechllm.model.module import SpeechLLMModule
+
+    module = SpeechLLMModule(speechllm=tiny_speechllm(seed=0, speech_skip_layers=[1, 2]))
+    with pytest.raises(CheckpointError, match=r"skips the speech positions in layers \[1, 2\]"):
+        write_export(module, tmp_path)

@@ -75,6 +75,10 @@ def write_export(module: SpeechLLMModule, directory: Path, source: str | None = 
     description = sl.describe()
     if export_format not in EXPORT_FORMATS:
         raise CheckpointError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    if sl.speech_skip.layers:
+        raise CheckpointError(f"the model skips the speech positions in layers {list(sl.speech_skip.layers)} "
+                              "(model.speech_skip_layers), which stock transformers and llama.cpp cannot do: the "
+                              "export would run them; build the module without it to export")
     if export_format == "voxtral":
         save_voxtral(sl, directory / "voxtral")
     elif export_format == "llamacpp":
