@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("checkpoints/speech_skip"))
+    parser.add_argument("--no_wer", action="store_true", help="time the prefill only (no dev decoding)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     speechllm = load_module(args.ckpt_path).speechllm.eval()
@@ -82,7 +83,8 @@ def main() -> None:
         layers = segment_map.lowest_speech(k)
         speechllm.speech_skip.set_layers(layers)
         seconds = prefill_seconds(speechllm, inputs, args.repeats)
-        wer = evaluate(speechllm, datamodule, trainer_kwargs={"accelerator": "cpu"})["dev"]["wer"]
+        wer = (float("nan") if args.no_wer
+               else evaluate(speechllm, datamodule, trainer_kwargs={"accelerator": "cpu"})["dev"]["wer"])
         rows.append((k, layers, wer, seconds, k * per_layer / baseline_flops))
         print(f"  k={k}: layers {layers}, dev WER {wer:.2f}, prefill {1000 * seconds:.1f} ms", flush=True)
     speechllm.speech_skip.set_layers([])
