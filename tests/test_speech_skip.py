@@ -144,3 +144,48 @@ def test_export_refuses_a_model_that_skips_speech_positions(tmp_path):
     module = SpeechLLMModule(speechllm=tiny_speechllm(seed=0, speech_skip_layers=[1, 2]))
     with pytest.raises(CheckpointError, match=r"skips the speech positions in layers \[1, 2\]"):
         write_export(module, tmp_path)
+
+
+def test_gradients_through_the_skipped_layers_equal_the_reference():
+    """A shorter row repeats one of its kept positions in the gathered batch; the repeats must not add gradient."""
+    segments = _layout()
+    speech = segments == Segment.SPEECH
+    embeds = torch.randn(*segments.shape, 32, generator=torch.Generator().manual_seed(0))
+    mask = (segments != Segment.PAD).long()
+    call = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                use_cache=False)
+
+    def gradient(llm) -> torch.Tensor:
+        llm.zero_grad()
+        llm(**call).logits[mask.bool()].pow(2).mean().backward()
+        return llm.model.layers[1].mlp.down_proj.weight.grad.clone()
+
+    reference = _llm("llama", "eager")
+    hooks = _frozen_rows_reference(reference, (1,), speech)
+    expected = gradient(reference)
+    for hook in hooks:
+        hook.remove()
+    ours = _llm("llama", "eager")
+    skip = SpeechSkip(ours)
+    skip.set_layers([1])
+    with skip.positions(segments):
+        torch.testing.assert_close(gradient(ours), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_beam_search_follows_each_rows_layout_and_a_dropped_sublayer_is_refused():
+    model = tiny_speechllm(seed=3, speech_skip_layers=[1, 2]).eval()
+    batch = make_batch(seconds=(1.2, 0.4, 0.8))
+    single = [model.generate(batch.subset([i]), max_new_tokens=6, num_beams=3)[0] for i in range(3)]
+    assert model.generate(batch, max_new_tokens=6, num_beams=3) == single
+    first = batch.subset([0])  # the reference: the prefill's 3 beam rows each with the utterance's speech rows put back
+    speech = model.build_inputs(first, with_targets=False).segment_ids == Segment.SPEECH
+    reference = tiny_speechllm(seed=3).eval()
+    hooks = _frozen_rows_reference(reference.llm, (1, 2), speech.repeat_interleave(3, dim=0))
+    try:
+        assert reference.generate(first, max_new_tokens=6, num_beams=3)[0] == single[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    model.sublayer_mask.drop([1])
+    with pytest.raises(SpeechSkipError, match="has a dropped sublayer"):
+        model.generate(batch, max_new_tokens=2)

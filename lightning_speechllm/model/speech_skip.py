@@ -8,10 +8,13 @@ key/value projections still are (text attends to them, and they fill the KV cach
 
 The skipped forward works on decoder layers shaped like Llama's (``input_layernorm`` → ``self_attn`` with
 ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and rotary embeddings → ``post_attention_layernorm`` → ``mlp``: Llama,
-Qwen2, Qwen3 with its q/k norms, Mistral without a sliding window), through transformers' own attention kernels, and
-anything else is refused with the reason. A call whose positions hold no speech (a cached decoding step, a text-only
+Qwen2, Qwen3 with its q/k norms, Mistral without a sliding window) with eager or sdpa attention (the model's own
+eager function, or transformers' sdpa one), and anything else is refused with the reason: flash kernels, sliding
+windows, gradient checkpointing (transformers checkpoints through the class's forward, which the skip replaces), a
+dropped attention or MLP in a skipped layer. A call whose positions hold no speech (a cached decoding step, a text-only
 prompt) runs the stock layer. Which positions are speech follows the call's place in the sequence (the KV cache's
-length before it), so cached and uncached generation compute the same thing.
+length before it), so cached and uncached generation compute the same thing; beam search's expanded rows follow
+their row's layout.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from lightning_speechllm.model.layer_mask import LayerMaskError, get_layer_mask_state
 from lightning_speechllm.model.segments import Segment
+from lightning_speechllm.model.sublayer_mask import is_dropped
 
 __all__ = ["SpeechSkip", "SpeechSkipError", "skipped_layer_flops"]
 
@@ -75,13 +79,23 @@ class SpeechSkip:
         finally:
             self._speech = previous
 
+    @property
+    def laid_out(self) -> bool:
+        """Whether the calls now run inside :meth:`positions`."""
+        return self._speech is not None
+
     def speech_in_call(self, hidden: Tensor, cache: Any, layer_idx: int) -> Tensor | None:
         """``[B, T]`` bool: which of this call's positions are speech (None: none are, or no layout was given)."""
-        if self._speech is None or hidden.shape[0] != self._speech.shape[0]:
+        if self._speech is None:
             return None
+        rows, laid_out = hidden.shape[0], self._speech.shape[0]
+        if rows % laid_out:
+            raise SpeechSkipError(f"a decoder call on {rows} rows, but the speech layout has {laid_out}: the skip "
+                                  "cannot tell which positions are speech")
+        speech = self._speech.repeat_interleave(rows // laid_out, dim=0)  # beam search expands each row in place
         start = int(cache.get_seq_length(layer_idx)) if cache is not None else 0
         width = hidden.shape[1]
-        speech = self._speech[:, start:start + width]
+        speech = speech[:, start:start + width]
         if speech.shape[1] < width:  # generated positions after the laid-out sequence: never speech
             speech = torch.cat([speech, speech.new_zeros(speech.shape[0], width - speech.shape[1])], dim=1)
         return speech if bool(speech.any()) else None
@@ -109,6 +123,13 @@ def _check_supported(layer: nn.Module, index: int) -> None:
                               "Llama-shaped full-attention layers only")
     if _rotary(attention) is None:
         raise SpeechSkipError(f"layer {index}: {type(attention).__module__} has no apply_rotary_pos_emb")
+    kernel = getattr(getattr(attention, "config", None), "_attn_implementation", None)
+    if kernel not in ("eager", "sdpa"):
+        raise SpeechSkipError(f"layer {index} runs {kernel!r} attention: the speech-token skip runs eager or sdpa "
+                              "(a flash kernel takes no 4-D mask of kept query rows)")
+    if getattr(layer, "gradient_checkpointing", False):
+        raise SpeechSkipError(f"layer {index} is gradient-checkpointed, which transformers does through the class's "
+                              "forward that the skip replaces: turn gradient_checkpointing off to skip speech")
 
 
 def _sliding_window(layer: nn.Module, attention: nn.Module) -> int | None:
@@ -134,16 +155,17 @@ def _gather(tensor: Tensor, index: Tensor) -> Tensor:
     return torch.gather(tensor, 1, expanded)
 
 
-def _kept_index(speech: Tensor) -> Tensor:
-    """``[B, K]`` positions of each row that are not speech (``K``: the most of any row; shorter rows repeat their
-    last kept position, which recomputes the same value and scatters it back to the same place)."""
+def _kept_index(speech: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, K]`` positions of each row that are not speech, to gather from (``K``: the most of any row, at least 1;
+    a shorter row repeats a position of its own), and the same positions to scatter to, where the repeats point at a
+    scratch column ``T`` (so that they write, and backpropagate, nothing)."""
     keep = ~speech
     counts = keep.sum(1)
-    width = int(counts.max())
+    width = max(int(counts.max()), 1)
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept positions first, in order
-    last = order.gather(1, (counts - 1).clamp_min(0)[:, None])
-    column = torch.arange(width, device=speech.device)[None]
-    return torch.where(column < counts[:, None], order, last)
+    valid = torch.arange(width, device=speech.device)[None] < counts[:, None]
+    gather = torch.where(valid, order, order[:, :1])
+    return gather, torch.where(valid, order, torch.full_like(order, speech.shape[1]))
 
 
 def _skipping_forward(skip: SpeechSkip):
@@ -152,6 +174,9 @@ def _skipping_forward(skip: SpeechSkip):
                 position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs: Any) -> Tensor:
         cache = kwargs.pop("past_key_values", cache)
         attention = layer.self_attn
+        if skip.laid_out and (is_dropped(attention) or is_dropped(layer.mlp)):
+            raise SpeechSkipError(f"layer {attention.layer_idx} skips the speech positions but has a dropped "
+                                  "sublayer: skip speech in layers whose attention and MLP both run")
         speech = skip.speech_in_call(hidden_states, cache, attention.layer_idx)
         if speech is None:
             return type(layer).forward(layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
@@ -169,7 +194,7 @@ def _frozen_speech_forward(layer: nn.Module, hidden: Tensor, speech: Tensor, att
 
     attention = layer.self_attn
     rows, width = hidden.shape[:2]
-    kept = _kept_index(speech)
+    kept, destination = _kept_index(speech)
     normed = layer.input_layernorm(hidden)
     head = attention.head_dim
     query = attention.q_proj(_gather(normed, kept)).view(rows, kept.shape[1], -1, head)
@@ -185,14 +210,17 @@ def _frozen_speech_forward(layer: nn.Module, hidden: Tensor, speech: Tensor, att
     if cache is not None:
         key, value = cache.update(key, value, attention.layer_idx)
     mask = _query_rows(attention_mask, kept, speech, key.shape[2], cache)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
-    if interface is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as interface
-    output, _ = interface(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
+    if attention.config._attn_implementation == "eager":
+        interface = sys.modules[type(attention).__module__].eager_attention_forward
+    else:
+        interface = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    dropout = attention.attention_dropout if attention.training else 0.0
+    output, _ = interface(attention, query, key, value, mask, dropout=dropout, scaling=attention.scaling)
     output = attention.o_proj(output.reshape(rows, kept.shape[1], -1))
     updated = _gather(hidden, kept) + output
     updated = updated + layer.mlp(layer.post_attention_layernorm(updated))
-    return hidden.scatter(1, kept[..., None].expand_as(updated), updated)
+    scratch = torch.cat([hidden, hidden.new_zeros(rows, 1, hidden.shape[2])], dim=1)
+    return scratch.scatter(1, destination[..., None].expand_as(updated), updated)[:, :width]
 
 
 def _query_rows(mask: Tensor | None, kept: Tensor, speech: Tensor, keys: int, cache: Any) -> Tensor:
