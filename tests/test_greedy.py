@@ -231,7 +231,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return save_tiny_assets(tmp_path_factory.mktemp("greedy"), TEXTS, samples, layers=4, manifest="dev.jsonl")
 
 
-def _cli_model(dirs: dict[str, Path]) -> list[str]:
+def cli_model(dirs: dict[str, Path]) -> list[str]:
     return ["--model.llm_path", str(dirs["llm"]), "--model.encoder_path", str(dirs["whisper"]),
             "--model.projector.hidden_dim", "32"]
 
@@ -242,7 +242,7 @@ def test_prune_greedy_command_end_to_end(tiny_dirs, tmp_path: Path, capsys) -> N
     argv = ["--method", "greedy", "--n", "2", "--step", "1", "--calibration_batches", "2",
             "--calibration_modality", "text", "--token_selection", "last_prompt", "--data.val_sets",
             json.dumps(data["val_sets"]), "--data.max_cuts", "2", "--data.max_audio_seconds", "4",
-            *_cli_model(tiny_dirs), "--out", str(out), "--export", str(export)]
+            *cli_model(tiny_dirs), "--out", str(out), "--export", str(export)]
     assert main(argv) == 0, capsys.readouterr().err
     assert "greedy plan: remove 2/4 layers" in capsys.readouterr().out
     plan = PruningPlan.from_json(out)
@@ -270,7 +270,7 @@ def test_prune_greedy_errors_name_the_missing_option(tiny_dirs, tmp_path: Path, 
     sets = json.dumps({"dev": str(tiny_dirs["manifest"])})
     other_llm = shutil.copytree(tiny_dirs["llm"], tmp_path / "other-llm")  # same layer count, another model
     base = ["--method", "greedy", "--out", str(tmp_path / "p.json"), "--calibration_modality", "text",
-            *_cli_model(tiny_dirs)]
+            *cli_model(tiny_dirs)]
     cases = [
         (["--n", "2"], "--method greedy needs calibration data: give --data.val_sets"),
         (["--data.val_sets", sets], "--method greedy needs --n or --fraction"),

@@ -147,3 +147,29 @@ def test_healing_refuses_a_patch_with_a_teacher_loss_or_a_replacement():
         _patch_module(losses=[LossSpec("TaskCrossEntropy"), LossSpec("KLDivergence")])
     with pytest.raises(PlanMismatchError, match="choose one"):
         _patch_module(replacement={"kind": "ffn"})
+
+
+class FailingSecondPass:
+    """Calibration batches whose second pass (the second block's) fails."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes == 2:
+            raise RuntimeError("calibration batch failed")
+        return iter(BATCHES)
+
+    def __len__(self) -> int:
+        return len(BATCHES)
+
+
+def test_a_failed_block_leaves_the_model_as_it_was():
+    speechllm = tiny_speechllm(seed=1, layers=8).eval()
+    layers = get_layer_mask_state(speechllm.layer_mask.model).layer_list
+    before = [layer.mlp.down_proj.weight.clone() for layer in layers]
+    with pytest.raises(RuntimeError, match="calibration batch failed"):
+        fit_linear_patch(speechllm, [2, 5, 6], FailingSecondPass(), progress=False)
+    assert speechllm.layer_mask.removed_layers == ()
+    assert all(torch.equal(layer.mlp.down_proj.weight, weight) for layer, weight in zip(layers, before))

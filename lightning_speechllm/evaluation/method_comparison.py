@@ -33,6 +33,12 @@ import torch
 
 from lightning_speechllm.evaluation.efficiency import decoder_parameter_count, measure_latency
 from lightning_speechllm.evaluation.resume_key import file_sha256, run_key
+from lightning_speechllm.evaluation.sweep.common import (
+    COMPARISON_METHODS,
+    SUBLAYER_METHODS,
+    require_unpruned,
+    trainer_device,
+)
 from lightning_speechllm.evaluation.sweep.run import (
     HEALING_VARIANTS,
     SweepConfig,
@@ -41,12 +47,11 @@ from lightning_speechllm.evaluation.sweep.run import (
     evaluate,
     healed,
 )
-from lightning_speechllm.evaluation.sweep.common import COMPARISON_METHODS, SUBLAYER_METHODS, require_unpruned
 from lightning_speechllm.evaluation.sweep.table import METRICS, Scores, SweepPoint, Thresholds, passes
 from lightning_speechllm.io_utils import atomic_write_text, read_json, write_json
 from lightning_speechllm.model.module import DecodingConfig
-from lightning_speechllm.model.layer_mask import get_layer_mask_state
 from lightning_speechllm.model.speechllm import SpeechLLM
+from lightning_speechllm.pruning.budget import decoder_layer_parameters, plan_budget
 from lightning_speechllm.pruning.plan import PruningPlan, apply_plan, plan_sublayers
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 
@@ -100,8 +105,7 @@ class _Planner:
         self.token_selection = self.result.token_selection if self.result is not None else "last"
         self._greedy: PruningPlan | None = None
         self._sublayers = None
-        self._layer_params = [sum(p.numel() for p in layer.parameters())
-                              for layer in get_layer_mask_state(speechllm.layer_mask.model).layer_list]
+        self._layer_params = decoder_layer_parameters(speechllm)[0]
 
     def plan(self, method: str, fraction: float) -> PruningPlan:
         self.speechllm.to(self.batches[0].audio.device)  # Lightning leaves the model on the CPU after each run
@@ -124,8 +128,6 @@ class _Planner:
                                   .with_suffix(".png"))
             return plan_sublayers(self._sublayers, self.num_layers, fraction=fraction)
         if method == "budget":  # the same share of the decoder layers' parameters as the layer plans remove
-            from lightning_speechllm.pruning.budget import plan_budget
-
             layers = build_plan(dataclasses.replace(self.config, method="last"), "fraction", fraction,
                                 self.num_layers, None, self.model_id).removed_layers
             budget = sum(self._layer_params[i] for i in layers)
@@ -175,7 +177,7 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     require_unpruned(speechllm, "a method comparison")
     score = evaluate_fn or evaluate
     out = Path(config.output_dir)
-    device = _device(trainer_kwargs)
+    device = trainer_device(trainer_kwargs)
     signature = resume_signature(config, speechllm, datamodule, decoding, trainer_kwargs)
     batches = _calibration_batches(datamodule, config.calibration_batches, device)
     speed_batch, speed_new_tokens = batches[0], config.speed_new_tokens
@@ -252,20 +254,12 @@ def resume_signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.Li
     to the list reuses the rows already there): the settings, the map's content, and the model, decoding, precision
     and data (healing data included) of :func:`~lightning_speechllm.evaluation.resume_key.run_key`."""
     keys = ("map_path", "stage", "sets", "heal_steps", "heal_lr", "heal_warmup_steps", "heal_lora_r",
-            "heal_lora_alpha", "replacement_width", "kd_temperature", "linear_patch_batches", "linear_patch_ridge",
-            "max_batches", "calibration_batches",
+            "heal_lora_alpha", "replacement_width", "kd_temperature", "max_batches", "calibration_batches",
             "speed_new_tokens")
+    if "linear_patch" in config.compare_healing:  # absent otherwise, so rows stored before the patch stay reusable
+        keys += ("linear_patch_batches", "linear_patch_ridge")
     return {**{key: getattr(config, key) for key in keys}, "map_sha256": file_sha256(config.map_path),
             **run_key(speechllm, datamodule, decoding, trainer_kwargs, config.stage, heal=bool(config.compare_healing))}
-
-
-def _device(trainer_kwargs: dict[str, Any] | None) -> torch.device:
-    """The device the comparison's own passes (plans, maps, timings) run on: the trainer's accelerator. Lightning
-    moves the model back to the CPU after each validate/fit, so the model is moved there before each pass."""
-    accelerator = (trainer_kwargs or {}).get("accelerator", "auto")
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------------ the rule

@@ -126,7 +126,7 @@ def _check_foldable(speechllm: SpeechLLM, runs: list[tuple[int, int]]) -> None:
 
 
 class _BlockStatistics:
-    """Float64 sums over tokens of MᵀM, Mᵀ(X_b − Y), ‖X_b − Y‖², ‖M − (X_b − Y)‖² terms and ‖X_b‖²."""
+    """Float64 sums over tokens of MᵀM, Mᵀ(X_b − Y), ‖X_b − Y‖² and ‖X_b‖², and the token count."""
 
     def __init__(self, width: int, device: torch.device) -> None:
         self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
@@ -234,8 +234,22 @@ def fit_linear_patch(speechllm: SpeechLLM, removed_layers: Sequence[int], batche
     if already:
         raise LinearPatchError(f"layers {already} are already masked: the patch is fitted on the states the "
                                "unpruned model gives there")
-    kept_before = list(mask.active_layers)
+    entry = list(mask.active_layers)
+    kept_before = list(entry)
     fitted = FittedPatch(patches={}, fits=[], originals={})
+    try:
+        _fit_blocks(speechllm, runs, batches, config, reduce, progress, kept_before, fitted)
+    except BaseException:  # a failed block (singular MᵀM, out of memory, ^C) leaves no half-patched model behind
+        restore_weights(speechllm, fitted.originals)
+        mask.set_active_layers(entry)
+        raise
+    return fitted
+
+
+def _fit_blocks(speechllm: SpeechLLM, runs: list[tuple[int, int]], batches: Sequence[SpeechBatch],
+                config: LinearPatchConfig, reduce: Reduce | None, progress: bool, kept_before: list[int],
+                fitted: FittedPatch) -> None:
+    mask = speechllm.layer_mask
     with eval_mode(speechllm):
         for start, end in runs:
             began = time.perf_counter()
@@ -252,7 +266,6 @@ def fit_linear_patch(speechllm: SpeechLLM, removed_layers: Sequence[int], batche
             fitted.originals.update(fold_linear_patch(speechllm, {start: fitted.patches[start]}))
             kept_before = [i for i in kept_before if not start <= i < end]
             mask.set_active_layers(kept_before)
-    return fitted
 
 
 @torch.no_grad()

@@ -226,8 +226,10 @@ class TextTeacherKL(KLDivergence):
 
     ``response='teacher'`` (label-free): both are teacher-forced on the teacher's own greedy answer to the text
     (at most ``max_response_tokens``), so no ground-truth response is read; the transcript is only the teacher's
-    input. ``response='target'``: on the batch's target text. Alone, it needs no `TaskCrossEntropy`; hidden-state
-    losses and the speech-input `KLDivergence` cannot join it (their teacher hears the speech).
+    input. ``response='target'``: on the batch's target text. Alone, it needs no `TaskCrossEntropy` (beside
+    ``response='teacher'``, a `TaskCrossEntropy` trains on the teacher's answers, cut at ``max_response_tokens``, as
+    pseudo-labels); hidden-state losses and the speech-input `KLDivergence` cannot join it (their teacher hears the
+    speech), nor losses that need logits at every position.
     """
 
     teacher_reads_text = True
@@ -414,6 +416,10 @@ class WeightedHealingLoss(nn.Module):
         text = {name for name, loss in self.parts.items() if loss.teacher_reads_text}
         speech = {name for name, loss in self.parts.items() if loss.needs_teacher and not loss.teacher_reads_text}
         hidden = {name for name, loss in self.parts.items() if loss.needs_hidden_states}
+        full = {name for name, loss in self.parts.items() if loss.needs_full_logits}
+        if text and full:
+            raise ValueError(f"healing losses {sorted(text)} read a text teacher, whose prompt positions do not line "
+                             f"up with the speech input's, and {sorted(full)} need logits at every position")
         if text and (speech or hidden):
             raise ValueError(f"healing losses {sorted(text)} read a teacher that hears the transcript as text, and "
                              f"{sorted(speech | hidden)} one that hears the speech (or compare hidden states position "

@@ -34,6 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_speechllm.config_utils import from_dict
 from lightning_speechllm.data.batch import SpeechBatch
+from lightning_speechllm.healing.linear_patch import (
+    LinearPatchConfig,
+    PatchFit,
+    fit_linear_patch,
+    fold_linear_patch,
+)
 from lightning_speechllm.healing.losses import (
     HealingInputs,
     LossSpec,
@@ -41,12 +47,6 @@ from lightning_speechllm.healing.losses import (
     build_losses,
     layer_map_for,
     prediction_mask,
-)
-from lightning_speechllm.healing.linear_patch import (
-    LinearPatchConfig,
-    PatchFit,
-    fit_linear_patch,
-    fold_linear_patch,
 )
 from lightning_speechllm.model.checkpoint import load_checkpoint_file
 from lightning_speechllm.model.layer_mask import find_decoder_layers, get_layer_mask_state
@@ -180,7 +180,8 @@ class HealingModule(SpeechLLMModule):
         self._check_linear_patch()
         if self.healing.teacher_checkpoint:
             self._load_teacher(self.healing.teacher_checkpoint)
-        if self.teacher_projector is None and self.loss_fn.needs_teacher and self.speechllm.projector is not None:
+        if (self.teacher_projector is None and self.loss_fn.needs_teacher and not self.loss_fn.teacher_reads_text
+                and self.speechllm.projector is not None):
             # The KD target must not follow the student's projector as it trains: freeze a copy of it as it is now.
             # (Made before configure_model, so under FSDP it stays a plain replicated module.)
             self.teacher_projector = copy.deepcopy(self.speechllm.projector).requires_grad_(False)
@@ -229,9 +230,9 @@ class HealingModule(SpeechLLMModule):
         the round reloads into a module built with the first-round plan."""
         sl = self.speechllm
         num_layers = sl.layer_mask.num_layers
-        if self.healing.replacement is not None:
-            raise PlanMismatchError("iterative rounds with replacement modules are unsupported (each round would "
-                                    "need new replacements)")
+        if self.healing.replacement is not None or self.healing.linear_patch is not None:
+            raise PlanMismatchError("iterative rounds with replacement modules or a linear patch are unsupported "
+                                    "(each round would need new ones)")
         bad = [i for i in layers if not 0 <= int(i) < num_layers or int(i) in self.plan["removed_layers"]]
         if bad:
             raise PlanMismatchError(f"cannot remove layers {bad}: out of range for {num_layers} layers or already "

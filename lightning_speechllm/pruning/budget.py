@@ -17,15 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_speechllm.model.layer_mask import get_layer_mask_state
 from lightning_speechllm.model.sublayer_mask import attention_module
 from lightning_speechllm.pruning.plan import PlanError, PruningPlan
-from lightning_speechllm.redundancy.metrics import TOKEN_SELECTIONS, AngularDistanceMetric, TokenSelection, select_tokens
-from lightning_speechllm.redundancy.sublayers import record_sublayer_stream
+from lightning_speechllm.redundancy.metrics import TOKEN_SELECTIONS, TokenSelection
+from lightning_speechllm.redundancy.sublayers import sublayer_table
 
 if TYPE_CHECKING:
     from lightning_speechllm.data.batch import SpeechBatch
@@ -44,24 +43,15 @@ def decoder_layer_parameters(speechllm: SpeechLLM) -> tuple[list[int], list[int]
     return [_count(layer) for layer in layers], [_count(attention_module(layer)) for layer in layers]
 
 
-@torch.no_grad()
 def _unit_distances(speechllm: SpeechLLM, batches: Iterable[SpeechBatch],
                     token_selection: TokenSelection) -> tuple[list[float], list[float]]:
     """Per active layer: ``d(x_k, x_(k+1))`` (whole layer) and ``d(x_k, m_k)`` (its attention)."""
-    active = speechllm.layer_mask.active_layers
-    metric = AngularDistanceMetric(2 * len(active), keep_per_sample=False)
-    count = 0
-    for batch in batches:
-        inputs = speechllm.build_inputs(batch.to(speechllm.device), with_targets=True)
-        with record_sublayer_stream(speechllm.llm) as stream:
-            speechllm.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                          position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
-        metric.update(list(stream), select_tokens(inputs.segment_ids, token_selection))
-        count += 1
-    if count == 0:
-        raise PlanError("the calibration batches yielded no batch (give a list or a re-iterable dataloader)")
-    table = metric.compute().cpu()
-    return [float(table[1, 2 * k]) for k in range(len(active))], [float(table[0, 2 * k]) for k in range(len(active))]
+    try:
+        table, _ = sublayer_table(speechllm, batches, token_selection, progress=False)
+    except ValueError as error:
+        raise PlanError(f"budgeted plan: {error}") from error
+    steps = range(0, table.shape[0], 2)
+    return [float(table[1, k]) for k in steps], [float(table[0, k]) for k in steps]
 
 
 def _cheapest(active: tuple[int, ...], whole: list[float], attention: list[float], dropped: set[int],

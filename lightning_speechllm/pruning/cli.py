@@ -221,26 +221,39 @@ def _read_map(args: PruneArgs) -> Any:
 
 
 def _check_greedy_args(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> None:
-    """Refuse, before loading anything, a greedy run that misses an input or is given one it does not use."""
+    """Refuse, before loading anything, a measured (greedy / budget) run that misses an input or is given one it
+    does not use."""
+    method = args.method
     if args.map is not None:
-        raise PlanError("--map is not used by --method greedy (it measures the model itself): drop it")
+        raise PlanError(f"--map is not used by --method {method} (it measures the model itself): drop it")
     if args.layers is not None:
-        raise PlanError("--layers is only for --method explicit, not greedy")
-    if args.method == "greedy" and args.n is None and args.fraction is None:
+        raise PlanError(f"--layers is only for --method explicit, not {method}")
+    if method == "greedy" and args.n is None and args.fraction is None:
         raise PlanError("--method greedy needs --n or --fraction (the number of layers to remove)")
+    if method == "greedy" and args.budget is not None:
+        raise PlanError("--budget is only for --method budget, not greedy")
+    if method == "budget":
+        _check_budget(args)
     if not data.get("val_sets"):
-        raise PlanError("--method greedy needs calibration data: give --data.val_sets '{name: manifest}'")
+        raise PlanError(f"--method {method} needs calibration data: give --data.val_sets '{{name: manifest}}'")
     if args.calibration_set is not None and args.calibration_set not in data["val_sets"]:
         raise PlanError(f"--calibration_set {args.calibration_set!r} is not one of --data.val_sets "
                         f"{sorted(data['val_sets'])}")
-    if args.method == "budget" and (args.budget is None or args.budget <= 0 or args.n is not None
-                                    or args.fraction is not None):
-        raise PlanError("--method budget takes --budget (a parameter count, or a fraction < 1), not --n / --fraction")
     if args.calibration_batches < 1 or args.step < 1:
         raise PlanError(f"--calibration_batches and --step must be >= 1, got {args.calibration_batches}, {args.step}")
     for key in ("removed_layers", "removed_attention", "removed_mlp"):
         if args.ckpt_path is None and getattr(model, key):
-            raise PlanError(f"--model.{key} {getattr(model, key)}: greedy starts from the unpruned model")
+            raise PlanError(f"--model.{key} {getattr(model, key)}: {method} starts from the unpruned model")
+
+
+def _check_budget(args: PruneArgs) -> None:
+    if args.budget is None or args.n is not None or args.fraction is not None:
+        raise PlanError("--method budget takes --budget (a parameter count, or a fraction < 1), not --n / --fraction")
+    if args.budget <= 0 or (args.budget >= 1 and args.budget != int(args.budget)):
+        raise PlanError(f"--budget {args.budget}: give a share of the decoder layers' parameters in (0, 1) or a "
+                        "whole number of parameters")
+    if args.step != 1:
+        raise PlanError(f"--step {args.step} is for --method greedy: a budget plan removes one unit per round")
 
 
 def _greedy_model(args: PruneArgs, model: SpeechLLMConfig) -> SpeechLLM:

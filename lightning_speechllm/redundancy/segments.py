@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.io_utils import read_json, write_json
 from lightning_speechllm.model.speechllm import eval_mode
+from lightning_speechllm.redundancy.measure import RedundancyAccumulator
 from lightning_speechllm.redundancy.metrics import AngularDistanceMetric, select_tokens
 
 __all__ = ["SEGMENTS", "SegmentMap", "measure_segments", "plot_segment_map"]
@@ -72,12 +73,9 @@ def measure_segments(speechllm: Any, batches: Iterable[SpeechBatch], progress: b
     count = 0
     with eval_mode(speechllm):
         for batch in tqdm(batches, desc="segment map", disable=not progress, leave=False):
-            inputs = speechllm.build_inputs(batch.to(speechllm.device), with_targets=True)
-            with speechllm.layer_mask.record_residual_stream() as stream:
-                speechllm.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                              position_ids=inputs.position_ids, use_cache=False, logits_to_keep=1)
+            states, segment_ids = RedundancyAccumulator.record(speechllm, batch.to(speechllm.device))
             for segment, metric in metrics.items():
-                metric.update(stream.states, select_tokens(inputs.segment_ids, segment))
+                metric.update(states, select_tokens(segment_ids, segment))
             count += len(batch)
     if count == 0:
         raise ValueError("no batch to measure the segment map on")

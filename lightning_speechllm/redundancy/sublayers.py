@@ -24,7 +24,7 @@ from lightning_speechllm.model.speechllm import eval_mode
 from lightning_speechllm.model.sublayer_mask import pre_mlp_norm
 from lightning_speechllm.redundancy.metrics import AngularDistanceMetric, TokenSelection, select_tokens
 
-__all__ = ["SublayerMap", "measure_sublayers", "plot_sublayer_map", "record_sublayer_stream"]
+__all__ = ["SublayerMap", "measure_sublayers", "plot_sublayer_map", "record_sublayer_stream", "sublayer_table"]
 
 SUBLAYER_MAP_KIND = "lightning_speechllm.sublayer_map"
 
@@ -105,9 +105,10 @@ class SublayerMap:
 
 
 @torch.no_grad()
-def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_selection: TokenSelection = "last_prompt",
-                      progress: bool = True) -> SublayerMap:
-    """The :class:`SublayerMap` of ``speechllm`` (as masked now) over ``batches``: one forward per batch."""
+def sublayer_table(speechllm: Any, batches: Iterable[SpeechBatch], token_selection: TokenSelection = "last_prompt",
+                   progress: bool = True, desc: str = "sublayer map") -> tuple[torch.Tensor, int]:
+    """``d(l, n)`` over the interleaved stream ``x_0, m_0, x_1, ..., x_K`` of the active layers (``[2K, 2K]``, float64,
+    CPU; row 0 holds each sublayer's distance, row 1 at even ``l`` each whole layer's) and the utterances measured."""
     llm = speechllm.llm
     active = list(speechllm.layer_mask.active_layers)
     if any(i not in active for i in speechllm.layer_mask.replacements):  # a replacement is in the layer list
@@ -115,7 +116,7 @@ def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_sele
     metric = AngularDistanceMetric(2 * len(active))
     count = 0
     with eval_mode(speechllm):  # no dropout (nor SpecAugment) in the measured pass
-        for batch in tqdm(batches, desc="sublayer map", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             inputs = speechllm.build_inputs(batch.to(speechllm.device), with_targets=True)
             with record_sublayer_stream(llm) as stream:
                 llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
@@ -124,9 +125,18 @@ def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_sele
             count += len(batch)
     if count == 0:
         raise ValueError("no batch to measure the sublayer map on")
-    first_row = metric.compute()[0].tolist()
-    return SublayerMap(layers=active, attention=first_row[0::2], mlp=first_row[1::2],
-                       token_selection=token_selection, num_samples=count,
+    if int(metric.token_count) == 0:
+        raise ValueError(f"token selection {token_selection!r} selects no token of the batches")
+    return metric.compute().cpu(), count
+
+
+def measure_sublayers(speechllm: Any, batches: Iterable[SpeechBatch], token_selection: TokenSelection = "last_prompt",
+                      progress: bool = True) -> SublayerMap:
+    """The :class:`SublayerMap` of ``speechllm`` (as masked now) over ``batches``: one forward per batch."""
+    table, count = sublayer_table(speechllm, batches, token_selection, progress)
+    first_row = table[0].tolist()
+    return SublayerMap(layers=list(speechllm.layer_mask.active_layers), attention=first_row[0::2],
+                       mlp=first_row[1::2], token_selection=token_selection, num_samples=count,
                        model_id=getattr(speechllm.config, "model_id", None))
 
 

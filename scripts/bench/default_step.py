@@ -107,7 +107,7 @@ def main() -> None:
     bf16_here = not args.no_bf16
     kernels = {"eager": step_seconds(model, cached, bf16_here), "sdpa": step_seconds(sdpa, cached, bf16_here)}
     native, described = cpu_has_native_bf16()
-    print(f"\n{args.batches} batches of {args.batch_size} utterances, {args.threads} threads; CPU: {_cpu_name()} "
+    print(f"\n{args.batches} batches of {args.batch_size} utterances, {args.threads} threads; CPU: {cpu_name()} "
           f"({described}; native bf16: {'yes' if native else 'no'})")
     print("| recipe | s/step | steps/min | speed-up over the baseline |\n|---|---:|---:|---:|")
     for name, seconds in rows:
@@ -124,7 +124,7 @@ def main() -> None:
           f"({'bf16 faster' if bf16 < fp32 else 'fp32 faster'}); fit picks {choose_precision('cpu').line()}")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()

@@ -20,6 +20,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from default_step import cpu_name  # noqa: E402
 
 from lightning_speechllm.checkpoints import load_module  # noqa: E402
 from lightning_speechllm.data.datamodule import SpeechDataModule  # noqa: E402
@@ -89,7 +92,7 @@ def main() -> None:
         print(f"  k={k}: layers {layers}, dev WER {wer:.2f}, prefill {1000 * seconds:.1f} ms", flush=True)
     speechllm.speech_skip.set_layers([])
     plot_segment_map(segment_map, args.out / "segments_dev.png", skipped=rows[-1][1])
-    print(f"\nCPU: {_cpu_name()}, {args.threads} threads; segment map on {segment_map.num_samples} dev utterances in "
+    print(f"\nCPU: {cpu_name()}, {args.threads} threads; segment map on {segment_map.num_samples} dev utterances in "
           f"{map_seconds:.1f} s; prefill of one dev batch of {len(batches[0])} utterances "
           f"({inputs.segment_ids.shape[1]} positions per row, {speech_positions} speech positions in all)")
     print("| speech skipped in | layers | dev WER | prefill ms (TTFT) | prefill speed-up | prefill FLOPs saved |")
@@ -101,13 +104,6 @@ def main() -> None:
 
 def _compact(layers: list[int]) -> str:
     return ",".join(str(i) for i in layers) or "-"
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from default_step import _cpu_name, load_batches, step_seconds, with_cached_frames  # noqa: E402
+from default_step import cpu_name, load_batches, step_seconds, with_cached_frames  # noqa: E402
 
 from lightning_speechllm.config_utils import from_dict  # noqa: E402
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
         rows.append((name, seconds, positions))
         print(f"  {name}: {seconds:.2f} s/step, {positions:.0f} speech positions per batch", flush=True)
     print(f"\n{args.batches} batches of {args.batch_size} utterances, {args.threads} threads, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}; CPU: {_cpu_name()}")
+          f"{'bf16 autocast' if bf16 else 'fp32'}; CPU: {cpu_name()}")
     print("| recipe | s/step | speech positions / batch | hours for 560 steps |\n|---|---:|---:|---:|")
     for name, seconds, positions in rows:
         print(f"| {name} | {seconds:.2f} | {positions:.0f} | {seconds * STEPS / 3600:.2f} |")

@@ -3,10 +3,14 @@ back: the comparison's method names (the sweep checks its options against them) 
 run first. (Their resume keys are in :mod:`~lightning_speechllm.evaluation.resume_key`.)"""
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from lightning_speechllm.evaluation.sweep.table import SweepError
 from lightning_speechllm.model.speechllm import SpeechLLM
 
-__all__ = ["COMPARISON_METHODS", "SUBLAYER_METHODS", "require_unpruned"]
+__all__ = ["COMPARISON_METHODS", "SUBLAYER_METHODS", "require_unpruned", "trainer_device"]
 
 COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention", "budget")
 """Pruning methods a method comparison (`sweep.compare_methods`) can put on one table."""
@@ -24,3 +28,12 @@ def require_unpruned(speechllm: SpeechLLM, what: str) -> None:
     if cut:
         raise SweepError(f"{what} starts from the unpruned model; this one masks "
                          + ", ".join(f"{key} {value}" for key, value in cut.items()))
+
+
+def trainer_device(trainer_kwargs: dict[str, Any] | None) -> torch.device:
+    """The device of the trainer's accelerator, where a sweep's own passes (plans, maps, timings, linear patches) run.
+    Lightning moves the model back to the CPU after each validate/fit, so the model is moved there before each."""
+    accelerator = (trainer_kwargs or {}).get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_speechllm.evaluation.resume_key import data_key, file_sha256, run_key
-from lightning_speechllm.evaluation.sweep.common import COMPARISON_METHODS, require_unpruned
+from lightning_speechllm.evaluation.sweep.common import COMPARISON_METHODS, require_unpruned, trainer_device
 from lightning_speechllm.evaluation.sweep.grid import DEFAULT_WALK_STOP_AFTER, GridError, explicit_grid, visit_points
 from lightning_speechllm.evaluation.sweep.report import (
     describe_choice,
@@ -190,7 +190,7 @@ class SweepConfig:
     """Stopping rule: largest relative BLEU drop on every translation set."""
     compare_methods: list[str] | None = None
     """Compare pruning methods on one table instead of sweeping `method`: any of angular, block_influence, last,
-    greedy, attention, each at every `fractions` point, unhealed and healed with each `compare_healing` variant
+    greedy, attention, budget, each at every `fractions` point, unhealed and healed with each `compare_healing` variant
     (see `lightning_speechllm.evaluation.method_comparison`)."""
     compare_healing: list[str] = field(default_factory=lambda: ["lora", "replacement", "kd", "linear_patch",
                                                                 "text_kd"])
@@ -320,7 +320,7 @@ def healed(speechllm: SpeechLLM, plan: PruningPlan, datamodule: L.LightningDataM
     patched: FittedPatch | None = None
     try:
         if config.heal_variant == "linear_patch":
-            patched = _linear_patched(speechllm, plan, datamodule, config)
+            patched = _linear_patched(speechllm.to(trainer_device(trainer_kwargs)), plan, datamodule, config)
             yield speechllm
             return
         module = HealingModule(healing=healing_config(plan, config),
