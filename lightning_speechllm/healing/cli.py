@@ -67,6 +67,6 @@ def save_training_free(trainer, module: HealingModule) -> None:
     if trainer.global_step != 0 or module.linear_patch is None:
         return
     path = Path(trainer.default_root_dir) / LINEAR_PATCH_CHECKPOINT
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # the full state: a later `heal --ckpt_path` resumes it
     if trainer.is_global_zero:
         print(f"training-free healing (linear patch, no step): {path}")
