@@ -7,7 +7,7 @@ Methods: ``angular`` (the paper's contiguous block), ``block_influence`` (ShortG
 (whole layers and attention sublayers mixed, re-measured each round, removing as many decoder parameters as the layer
 plans of the same fraction: :mod:`lightning_speechllm.pruning.budget`). Healing variants are those of
 :data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` and ``linear_patch`` do not apply
-to ``attention`` and ``budget``, whose plans drop sublayers). For each removed fraction and method
+to ``attention``, nor to a ``budget`` plan that drops sublayers). For each removed fraction and method
 the plan is scored unpruned -> pruned -> healed per variant, with the model restored exactly between runs (see
 :func:`~lightning_speechllm.evaluation.sweep.run.healed`). Every row is written at once to ``rows/<name>.json`` and a
 rerun with the same settings reuses it. Outputs: ``comparison.{csv,md,json,png}`` in ``output_dir``.
@@ -208,7 +208,8 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
         rows.append(cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan(), method, fraction,
                                                                              run_eval, speed_batch, speed_new_tokens)))
         for variant in config.compare_healing:
-            if variant in ("replacement", "linear_patch") and method in SUBLAYER_METHODS:
+            if variant in ("replacement", "linear_patch") and (method in SUBLAYER_METHODS and
+                                                               (method == "attention" or plan().removed_attention)):
                 continue  # dropped sublayers: nothing a replacement or patch stands in for
             if variant == "linear_patch" and 0 in plan().removed_layers:
                 log.info("%s %g: no linear patch, the block starts at layer 0 (no layer before it to fold into)",

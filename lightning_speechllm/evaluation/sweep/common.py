@@ -15,7 +15,8 @@ __all__ = ["COMPARISON_METHODS", "SUBLAYER_METHODS", "require_unpruned", "traine
 COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention", "budget")
 """Pruning methods a method comparison (`sweep.compare_methods`) can put on one table."""
 SUBLAYER_METHODS = ("attention", "budget")
-"""Methods whose plans drop sublayers: no replacement module or linear patch stands in for those."""
+"""Methods whose plans may drop sublayers (attention always, budget when it chooses them): no replacement module or
+linear patch stands in for a dropped sublayer."""
 
 
 def require_unpruned(speechllm: SpeechLLM, what: str) -> None:
