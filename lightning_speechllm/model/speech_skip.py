@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_speechllm.model.layer_mask import LayerMaskError, get_layer_mask_state
+from lightning_speechllm.model.layer_mask import LayerMaskError, find_decoder_layers, get_layer_mask_state
 from lightning_speechllm.model.segments import Segment
 from lightning_speechllm.model.sublayer_mask import is_dropped
 
@@ -102,8 +102,6 @@ class SpeechSkip:
 
 
 def _decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    from lightning_speechllm.model.layer_mask import find_decoder_layers
-
     parent, name = find_decoder_layers(llm)
     return getattr(parent, name)
 
