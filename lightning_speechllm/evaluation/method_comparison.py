@@ -52,7 +52,7 @@ from lightning_speechllm.io_utils import atomic_write_text, read_json, write_jso
 from lightning_speechllm.model.module import DecodingConfig
 from lightning_speechllm.model.speechllm import SpeechLLM
 from lightning_speechllm.pruning.budget import decoder_layer_parameters, plan_budget
-from lightning_speechllm.pruning.plan import PruningPlan, apply_plan, plan_sublayers
+from lightning_speechllm.pruning.plan import PruningPlan, apply_plan, block_size, plan_sublayers
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 
 __all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison",
@@ -128,9 +128,8 @@ class _Planner:
                                   .with_suffix(".png"))
             return plan_sublayers(self._sublayers, self.num_layers, fraction=fraction)
         if method == "budget":  # the same share of the decoder layers' parameters as the layer plans remove
-            layers = build_plan(dataclasses.replace(self.config, method="last"), "fraction", fraction,
-                                self.num_layers, None, self.model_id).removed_layers
-            budget = sum(self._layer_params[i] for i in layers)
+            size = block_size(self.num_layers, fraction=fraction)  # the layer count every layer plan removes
+            budget = sum(self._layer_params[-size:])
             plan = plan_budget(self.speechllm, self.batches, remove_params=budget, token_selection=self.token_selection)
             plan.params["fraction"] = fraction
             plan.to_json(self.out / f"budget_{fraction:g}.json")

@@ -55,19 +55,21 @@ def _unit_distances(speechllm: SpeechLLM, batches: Iterable[SpeechBatch],
 
 
 def _cheapest(active: tuple[int, ...], whole: list[float], attention: list[float], dropped: set[int],
-              layer_params: list[int], attention_params: list[int], last_layer: bool) -> tuple[str, int, float]:
-    """The unit with the least stream change per parameter saved: ``(kind, layer, d)``."""
+              layer_params: list[int], attention_params: list[int],
+              last_layer: bool) -> tuple[str, int, float, int]:
+    """The unit with the least stream change per parameter saved: ``(kind, layer, d, parameters saved)``."""
     options = []
     for k, layer in enumerate(active):
         if not last_layer:
             saved = layer_params[layer] - (attention_params[layer] if layer in dropped else 0)
-            options.append((whole[k] / max(saved, 1), "layer", layer, whole[k]))
+            options.append((whole[k] / max(saved, 1), "layer", layer, whole[k], saved))
         if layer not in dropped and attention_params[layer]:
-            options.append((attention[k] / attention_params[layer], "attention", layer, attention[k]))
+            options.append((attention[k] / attention_params[layer], "attention", layer, attention[k],
+                            attention_params[layer]))
     if not options:
         raise PlanError("nothing left to remove: one layer without attention remains")
-    _, kind, layer, distance = min(options)
-    return kind, layer, distance
+    _, kind, layer, distance, saved = min(options)
+    return kind, layer, distance, saved
 
 
 def plan_budget(speechllm: SpeechLLM, batches: Iterable[SpeechBatch], remove_params: int | None = None,
@@ -105,10 +107,8 @@ def plan_budget(speechllm: SpeechLLM, batches: Iterable[SpeechBatch], remove_par
             mask.remove_layers(removed)
             sublayers.drop(sorted(dropped))
             whole, attention = _unit_distances(speechllm, batches, token_selection)
-            kind, layer, distance = _cheapest(mask.active_layers, whole, attention, dropped, layer_params,
-                                              attention_params, last_layer=len(mask.active_layers) == 1)
-            gain = layer_params[layer] - (attention_params[layer] if layer in dropped else 0) if kind == "layer" \
-                else attention_params[layer]
+            kind, layer, distance, gain = _cheapest(mask.active_layers, whole, attention, dropped, layer_params,
+                                                    attention_params, last_layer=len(mask.active_layers) == 1)
             if kind == "layer":
                 removed.append(layer)
                 dropped.discard(layer)
