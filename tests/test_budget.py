@@ -2,14 +2,25 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_speechllm.pruning import PlanError, PruningPlan, apply_plan
-from lightning_speechllm.pruning.budget import decoder_layer_parameters, plan_budget
+from lightning_speechllm.pruning.budget import (
+    UnitCosts,
+    decoder_layer_parameters,
+    latency_costs,
+    measured_speedup,
+    parameter_costs,
+    plan_budget,
+)
 from lightning_speechllm.pruning.cli import main
+from lightning_speechllm.pruning.evolution import PlanFitness, evolve_units, mutate
+from lightning_speechllm.pruning.latency import time_decode_units
 from lightning_speechllm.redundancy.metrics import AngularDistanceMetric, select_tokens
 from lightning_speechllm.redundancy.sublayers import record_sublayer_stream
 from tests.test_greedy import cli_model, tiny_dirs  # noqa: F401 (a fixture)
@@ -90,7 +101,7 @@ def test_an_attention_that_does_nothing_goes_first_and_its_layer_later_saves_onl
 def test_the_plan_applies_and_removes_what_it_counted(batches, tmp_path: Path):
     model = tiny_speechllm(layers=LAYERS).eval()
     before = sum(p.numel() for p in model.llm.parameters())
-    plan = PruningPlan.from_json(plan_budget(model, batches, remove_params=20000, progress=False).to_json(
+    plan = PruningPlan.from_json(plan_budget(model, batches, remove=20000, progress=False).to_json(
         tmp_path / "plan.json"))
     assert plan.method == "budget" and not model.layer_mask.removed_layers  # the entry masks are back
     apply_plan(model, plan)
@@ -103,11 +114,13 @@ def test_the_plan_applies_and_removes_what_it_counted(batches, tmp_path: Path):
 def test_bad_budgets_are_refused(batches):
     model = tiny_speechllm(layers=LAYERS).eval()
     with pytest.raises(PlanError, match="exactly one"):
-        plan_budget(model, batches, remove_params=10, fraction=0.1)
+        plan_budget(model, batches, remove=10, fraction=0.1)
     with pytest.raises(PlanError, match=r"fraction must be in \(0, 1\)"):
         plan_budget(model, batches, fraction=1.2)
-    with pytest.raises(PlanError, match="remove_params must be in"):
-        plan_budget(model, batches, remove_params=10 ** 9)
+    with pytest.raises(PlanError, match=r"the budget must be in \(0, \d+\) params"):
+        plan_budget(model, batches, remove=10 ** 9)
+    with pytest.raises(PlanError, match="search must be one of"):
+        plan_budget(model, batches, fraction=0.2, search="annealing")
 
 
 def test_prune_budget_command(tiny_dirs, tmp_path: Path, capsys):  # noqa: F811 (the fixture)
@@ -121,3 +134,123 @@ def test_prune_budget_command(tiny_dirs, tmp_path: Path, capsys):  # noqa: F811 
     assert plan.params["removed_params"] >= 0.3 * plan.params["total_params"]
     assert main([*argv[:2], "--fraction", "0.3", *argv[4:]]) == 2
     assert "--method budget takes --budget" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ costs
+def test_unit_costs_count_a_layer_and_its_own_attention_once():
+    costs = UnitCosts(layer=(10.0, 10.0, 10.0), attention=(3.0, 4.0, 5.0), total=30.0, unit="params")
+    assert costs.saving(("attention", 1)) == 4.0
+    assert costs.saving(("layer", 1)) == 10.0 and costs.saving(("layer", 1), dropped=[1]) == 6.0
+    assert costs.saved({("layer", 0), ("attention", 0), ("attention", 2)}) == 15.0  # layer 0 holds its attention
+    with pytest.raises(PlanError, match=r"the budget must be in \(0, 25\) params"):  # 30 less layer 2's MLP (5)
+        plan_budget(tiny_speechllm(layers=3), [], remove=25, costs=costs)
+
+
+def _slow_attention(model, layer: int, seconds: float):
+    """Make one attention sublayer sleep whenever it runs (not when dropped), so that it dominates the decoding step."""
+    model.llm.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+
+
+def test_decode_timing_nests_and_charges_each_unit_its_own_time(batches):
+    model = tiny_speechllm(layers=LAYERS).eval()
+    _slow_attention(model, 2, 0.01)
+    timing = time_decode_units(model, batches[:1], new_tokens=4, repeats=1, warmup=0)
+    assert timing.steps == 3  # the prefill is not a decoding step
+    assert all(whole >= attention > 0 for whole, attention in zip(timing.layer_ms, timing.attention_ms))
+    assert sum(timing.layer_ms) <= timing.step_ms  # layers run inside the LLM forward
+    assert timing.attention_ms[2] >= 10.0 and timing.attention_ms[2] == max(timing.attention_ms)
+    model.layer_mask.remove_layers([4])
+    removed = time_decode_units(model, batches[:1], new_tokens=3, repeats=1, warmup=0)
+    assert removed.layer_ms[4] == 0.0 and removed.attention_ms[4] == 0.0 and removed.steps == 2
+
+
+def test_a_latency_budget_removes_the_slow_unit_first_and_measures_the_speedup(batches):
+    model = tiny_speechllm(layers=LAYERS).eval()
+    _slow_attention(model, 2, 0.02)
+    costs = latency_costs(model, batches[:1], new_tokens=3, repeats=1)
+    assert costs.unit == "ms" and costs.attention[2] >= 20.0 and costs.total >= sum(costs.layer)
+    plan = plan_budget(model, batches, fraction=0.5, costs=costs, progress=False)
+    assert plan.params["rounds"][0]["kind"] in ("attention", "layer") and plan.params["rounds"][0]["layer"] == 2
+    assert plan.params["removed"] >= 0.5 * costs.total and plan.params["unit_costs"]["attention"][2] == costs.attention[2]
+    measured = measured_speedup(model, batches[:1], plan, new_tokens=3, rounds=1)
+    assert measured["predicted_speedup"] >= 2.0 and measured["speedup"] > 2.0  # a 20 ms sleep against a tiny step
+    assert not model.layer_mask.removed_layers and not model.sublayer_mask.dropped_attention  # left unpruned
+
+
+# ------------------------------------------------------------------------------------------------ evolutionary
+def test_mutants_keep_the_budget_and_need_every_unit_they_remove():
+    costs = UnitCosts(layer=(8.0,) * 6, attention=(2.0,) * 6, total=48.0, unit="params")
+    rng = random.Random(0)
+    parent = frozenset({("layer", 1), ("layer", 2)})
+    seen = set()
+    for _ in range(200):
+        child = mutate(parent, costs, 16.0, rng, moves=rng.randint(1, 3))
+        seen.add(child)
+        assert costs.saved(child) >= 16.0
+        assert all(costs.saved(child - {unit}) < 16.0 for unit in child)  # nothing the budget does not need
+        assert not any(("layer", k) in child and ("attention", k) in child for k in range(6))
+    assert any(kind == "attention" for child in seen for kind, _ in child)  # layers traded for attention sublayers
+    assert len(seen) > 10
+
+
+def test_plan_fitness_is_the_kl_from_the_unpruned_model_on_target_tokens(batches):
+    model = tiny_speechllm(layers=LAYERS).eval()
+    fitness = PlanFitness(model, batches)
+    assert fitness(frozenset()) == pytest.approx(0.0, abs=1e-6)
+    kl, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            model.layer_mask.reset()
+            inputs = model.build_inputs(batch)
+            full = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                             position_ids=inputs.position_ids).logits
+            model.layer_mask.remove_layers([1])
+            cut = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                            position_ids=inputs.position_ids).logits
+            targets = inputs.labels[:, 1:] != -100
+            p, q = full[:, :-1][targets].log_softmax(-1), cut[:, :-1][targets].log_softmax(-1)
+            kl += float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum"))
+            tokens += int(targets.sum())
+    assert fitness(frozenset({("layer", 1)})) == pytest.approx(kl / tokens, rel=1e-4)
+
+
+def test_the_search_finds_a_planted_free_layer_from_a_bad_start(batches):
+    model = tiny_speechllm(layers=LAYERS).eval()
+    with torch.no_grad():  # layer 3 adds nothing to the stream: removing it costs no KL at all
+        model.llm.model.layers[3].self_attn.o_proj.weight.zero_()
+        model.llm.model.layers[3].mlp.down_proj.weight.zero_()
+    costs = parameter_costs(model)
+    units, record = evolve_units(model, batches, costs, costs.layer[3], {("layer", 1)}, generations=6, offspring=6,
+                                 progress=False)
+    assert units == {("layer", 3)} and record["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert record["start_kl"] > 1e-3
+    assert record["history"] == sorted(record["history"], reverse=True)  # the parent only ever improves
+
+
+def test_the_evolutionary_plan_is_never_worse_than_the_greedy_one_and_reproducible(batches):
+    model = tiny_speechllm(layers=LAYERS).eval()
+    greedy = plan_budget(model, batches, fraction=0.3, progress=False)
+    evolved = plan_budget(model, batches, fraction=0.3, search="evolutionary", generations=3, offspring=4,
+                          progress=False)
+    record = evolved.params["evolution"]
+    greedy_units = {("layer", k) for k in greedy.removed_layers} | {("attention", k) for k in greedy.removed_attention}
+    assert {tuple(unit) for unit in record["start"]} == greedy_units
+    assert record["kl"] <= record["start_kl"] and evolved.params["removed_params"] >= 0.3 * evolved.params["total_params"]
+    again = plan_budget(model, batches, fraction=0.3, search="evolutionary", generations=3, offspring=4,
+                        progress=False)
+    assert (again.removed_layers, again.removed_attention) == (evolved.removed_layers, evolved.removed_attention)
+
+
+def test_prune_budget_latency_evolutionary_command(tiny_dirs, tmp_path: Path, capsys):  # noqa: F811 (the fixture)
+    out = tmp_path / "plan.json"
+    argv = ["--method", "budget", "--budget", "0.3", "--budget_unit", "latency", "--search", "evolutionary",
+            "--generations", "2", "--offspring", "2", "--latency_tokens", "3", "--calibration_batches", "1",
+            "--calibration_modality", "text", "--data.val_sets", json.dumps({"dev": str(tiny_dirs["manifest"])}),
+            "--data.max_cuts", "2", "--data.max_audio_seconds", "4", *cli_model(tiny_dirs), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    plan = PruningPlan.from_json(out)
+    assert plan.params["budget_unit"] == "ms" and plan.params["search"] == "evolutionary"
+    assert plan.params["removed"] >= 0.3 * plan.params["total"]
+    assert plan.params["measured"]["speedup"] > 0 and "predicted_speedup" in plan.params["measured"]
+    assert main([*argv[:3], "5000", *argv[4:]]) == 2
+    assert "with --budget_unit latency: give a share" in capsys.readouterr().err

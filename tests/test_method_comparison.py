@@ -6,9 +6,16 @@ import json
 
 import pytest
 
-from lightning_speechllm.evaluation.sweep import cli as sweep_cli
-from lightning_speechllm.evaluation.method_comparison import ComparisonRow, compact_indices, mark_chosen, compare_methods
+from lightning_speechllm.evaluation.method_comparison import (
+    ComparisonRow,
+    compact_indices,
+    compare_methods,
+    frontier,
+    frontier_markdown,
+    mark_chosen,
+)
 from lightning_speechllm.evaluation.sweep import SweepConfig, SweepError
+from lightning_speechllm.evaluation.sweep import cli as sweep_cli
 from lightning_speechllm.evaluation.sweep.table import Thresholds
 from lightning_speechllm.model.module import DecodingConfig
 from tests.test_module import NamedSets
@@ -118,3 +125,39 @@ def test_cli_runs_a_comparison_and_prints_its_table(tmp_path, monkeypatch, capsy
     assert code == 0, captured.err
     assert "| last | 25% | 2 | - |" in printed and "| attention | 25% | - | " in printed and "healed: lora" in printed
     assert (tmp_path / "cli" / "comparison.csv").is_file()
+
+
+def test_the_frontier_keeps_the_rows_no_other_beats_on_speed_and_wer():
+    def row(method, fraction, healing, wer, speed):
+        return ComparisonRow(method, fraction, healing, [], [], {"dev": {"wer": wer}}, 1, 1.0, 1, decode_speedup=speed)
+
+    base, fast_bad, fast_healed = row("none", 0.0, "none", 10.0, 1.0), row("a", 0.2, "none", 50.0, 1.2), \
+        row("a", 0.2, "lora", 12.0, -1.0)  # LoRA decodes as its unhealed row: 1.2x
+    slower, fastest = row("b", 0.2, "none", 30.0, 1.1), row("a", 0.4, "none", 100.0, 1.5)
+    rows = [base, fast_bad, fast_healed, slower, fastest]
+    assert [(speed, wer, r) for speed, wer, r in frontier(rows)] == [(1.0, 10.0, base), (1.2, 12.0, fast_healed),
+                                                                       (1.5, 100.0, fastest)]
+    table = frontier_markdown(rows)
+    assert "| 1.20x | 12.0 | a | 20% | lora |" in table and "| 1.00x | 10.0 | unpruned |" in table
+    assert "| b |" not in table
+
+
+def test_budget_evo_refines_the_budget_plan_of_the_same_share(tmp_path):
+    model = tiny_speechllm()
+    model.train(False)
+    config = SweepConfig(fractions=[0.5], map_path=tiny_angular_map(tmp_path), output_dir=str(tmp_path / "compare"),
+                         compare_methods=["budget", "budget_evo"], compare_healing=[], calibration_batches=1,
+                         speed_new_tokens=3, budget_generations=2, budget_offspring=3)
+    rows = compare_methods(model, NamedSets(n_train=1), config, decoding=DecodingConfig(max_new_tokens=3),
+                           trainer_kwargs=TRAINER)
+    assert [(r.method, r.healing) for r in rows] == [("none", "none"), ("budget", "none"), ("budget_evo", "none")]
+    plans = tmp_path / "compare" / "plans"
+    greedy, evolved = (json.loads((plans / f"{name}_0.5.json").read_text()) for name in ("budget", "budget_evo"))
+    record = evolved["params"]["evolution"]
+    greedy_units = [["attention", k] for k in greedy["removed_attention"]] + [["layer", k]
+                                                                              for k in greedy["removed_layers"]]
+    assert sorted(record["start"]) == sorted(greedy_units) and record["kl"] <= record["start_kl"]
+    assert evolved["params"]["removed_params"] >= greedy["params"]["remove_params"] == evolved["params"]["remove_params"]
+    markdown = (tmp_path / "compare" / "comparison.md").read_text()
+    assert "## Speed-up / quality frontier" in markdown
+    assert (tmp_path / "compare" / "frontier.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,14 +3,16 @@ measured decode speed-up and measured KV cache, failure modes, and the paper's r
 
 Methods: ``angular`` (the paper's contiguous block), ``block_influence`` (ShortGPT), ``last`` (deepest layers),
 ``greedy`` (SLEB-style, re-measured after each removal on calibration batches of the first validation set),
-``attention`` (attention sublayers only, LLM-Drop, from a sublayer map measured on the same batches) and ``budget``
+``attention`` (attention sublayers only, LLM-Drop, from a sublayer map measured on the same batches), ``budget``
 (whole layers and attention sublayers mixed, re-measured each round, removing as many decoder parameters as the layer
-plans of the same fraction: :mod:`lightning_speechllm.pruning.budget`). Healing variants are those of
+plans of the same fraction: :mod:`lightning_speechllm.pruning.budget`) and ``budget_evo`` (that plan refined by the
+evolutionary search, scored by the KL divergence from the unpruned model on the same batches). Healing variants are those of
 :data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` and ``linear_patch`` do not apply
 to ``attention``, nor to a ``budget`` plan that drops sublayers). For each removed fraction and method
 the plan is scored unpruned -> pruned -> healed per variant, with the model restored exactly between runs (see
 :func:`~lightning_speechllm.evaluation.sweep.run.healed`). Every row is written at once to ``rows/<name>.json`` and a
-rerun with the same settings reuses it. Outputs: ``comparison.{csv,md,json,png}`` in ``output_dir``.
+rerun with the same settings reuses it. Outputs: ``comparison.{csv,md,json,png}`` and ``frontier.png`` (WER against
+the measured decode speed-up, the rows no other beats on both joined) in ``output_dir``.
 """
 from __future__ import annotations
 
@@ -40,7 +42,6 @@ from lightning_speechllm.evaluation.sweep.common import (
     trainer_device,
 )
 from lightning_speechllm.evaluation.sweep.run import (
-    HEALING_VARIANTS,
     SweepConfig,
     SweepError,
     build_plan,
@@ -55,8 +56,8 @@ from lightning_speechllm.pruning.budget import decoder_layer_parameters, plan_bu
 from lightning_speechllm.pruning.plan import PruningPlan, apply_plan, block_size, plan_sublayers
 from lightning_speechllm.redundancy.analysis import RedundancyResult
 
-__all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "plot_comparison",
-           "summary_markdown", "write_comparison"]
+__all__ = ["COMPARISON_METHODS", "ComparisonRow", "compare_methods", "comparison_markdown", "frontier",
+           "frontier_markdown", "plot_comparison", "plot_frontier", "summary_markdown", "write_comparison"]
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,14 @@ class _Planner:
                 plot_sublayer_map(self._sublayers, self._sublayers.to_json(self.out / "sublayers.json")
                                   .with_suffix(".png"))
             return plan_sublayers(self._sublayers, self.num_layers, fraction=fraction)
-        if method == "budget":  # the same share of the decoder layers' parameters as the layer plans remove
+        if method in ("budget", "budget_evo"):  # the share of the decoder layers' parameters layer plans remove
             size = block_size(self.num_layers, fraction=fraction)  # the layer count every layer plan removes
-            budget = sum(self._layer_params[-size:])
-            plan = plan_budget(self.speechllm, self.batches, remove_params=budget, token_selection=self.token_selection)
+            search = {"search": "evolutionary", "generations": self.config.budget_generations,
+                      "offspring": self.config.budget_offspring} if method == "budget_evo" else {}
+            plan = plan_budget(self.speechllm, self.batches, remove=sum(self._layer_params[-size:]),
+                               token_selection=self.token_selection, **search)
             plan.params["fraction"] = fraction
-            plan.to_json(self.out / f"budget_{fraction:g}.json")
+            plan.to_json(self.out / f"{method}_{fraction:g}.json")
             return plan
         raise SweepError(f"unknown comparison method {method!r}; expected one of {COMPARISON_METHODS}")
 
@@ -258,6 +261,8 @@ def resume_signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.Li
             "speed_new_tokens")
     if "linear_patch" in config.compare_healing:  # absent otherwise, so rows stored before the patch stay reusable
         keys += ("linear_patch_batches", "linear_patch_ridge")
+    if "budget_evo" in config.compare_methods:  # likewise
+        keys += ("budget_generations", "budget_offspring")
     return {**{key: getattr(config, key) for key in keys}, "map_sha256": file_sha256(config.map_path),
             **run_key(speechllm, datamodule, decoding, trainer_kwargs, config.stage, heal=bool(config.compare_healing))}
 
@@ -397,11 +402,81 @@ def plot_comparison(rows: list[ComparisonRow], path: Path) -> Path:
     return path
 
 
+def _row_speedup(row: ComparisonRow, rows: list[ComparisonRow]) -> float:
+    """The row's measured decode speed-up; a LoRA- or KD-healed row decodes as its unhealed pruned model."""
+    if row.decode_speedup > 0:
+        return row.decode_speedup
+    return next(other.decode_speedup for other in rows
+                if (other.method, other.fraction, other.healing) == (row.method, row.fraction, "none"))
+
+
+def frontier(rows: list[ComparisonRow]) -> list[tuple[float, float, ComparisonRow]]:
+    """``(speed-up, metric, row)`` of the rows no other row beats on both the measured decode speed-up and the first
+    set's WER (BLEU: higher is better), the unpruned baseline included; by speed-up."""
+    set_name, metric = _headline(rows[0])
+    sign = -1.0 if metric == "bleu" else 1.0  # compare as "lower is better"
+    points = [(_row_speedup(row, rows), row.scores[set_name][metric], row) for row in rows]
+
+    def beaten(point: tuple[float, float, ComparisonRow]) -> bool:
+        speed, value, _ = point
+        return any(other_speed >= speed and sign * other_value <= sign * value
+                   and (other_speed, other_value) != (speed, value) for other_speed, other_value, _ in points)
+
+    return sorted((point for point in points if not beaten(point)), key=lambda point: point[0])
+
+
+def frontier_markdown(rows: list[ComparisonRow]) -> str:
+    """The frontier as a Markdown table."""
+    set_name, metric = _headline(rows[0])
+    lines = [f"| decode speed-up | {set_name} {metric} | method | removed | healing | layers removed | attention dropped |",
+             "|---|---|---|---|---|---|---|"]
+    for speed, value, row in frontier(rows):
+        method = "unpruned" if row.method == "none" else row.method
+        lines.append(f"| {speed:.2f}x | {value:.1f} | {method} | {row.fraction:.0%} | {row.healing} | "
+                     f"{compact_indices(row.removed_layers)} | {compact_indices(row.removed_attention)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(rows: list[ComparisonRow], path: Path) -> Path:
+    """The first set's WER (or BLEU) against the measured decode speed-up: a colour per method, a marker per healing,
+    the frontier joined by a line."""
+    from matplotlib.figure import Figure
+
+    from lightning_speechllm.redundancy.plots import save_figure
+
+    set_name, metric = _headline(rows[0])
+    methods = list(dict.fromkeys(row.method for row in rows))
+    healings = list(dict.fromkeys(row.healing for row in rows))
+    markers = "osD^v<>Pp*X"
+    figure = Figure(figsize=(6.4, 4.4), layout="tight")
+    ax = figure.subplots()
+    colours = {method: f"C{index}" for index, method in enumerate(methods)}
+    for row in rows:
+        ax.scatter(_row_speedup(row, rows), row.scores[set_name][metric], color=colours[row.method],
+                   marker=markers[healings.index(row.healing) % len(markers)], s=36, alpha=0.85)
+    best = frontier(rows)
+    ax.plot([p[0] for p in best], [p[1] for p in best], color="black", linewidth=1, linestyle="--", label="frontier")
+    for method in methods:
+        ax.scatter([], [], color=colours[method], marker="o", label="unpruned" if method == "none" else method)
+    for index, healing in enumerate(healings):
+        ax.scatter([], [], color="grey", marker=markers[index % len(markers)], label=f"healing: {healing}")
+    ax.set_xlabel("decode speed-up (measured)")
+    ax.set_ylabel(f"{set_name} {metric.upper()}" + (" (log scale)" if metric == "wer" else ""))
+    if metric == "wer":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(figure, path)
+    return path
+
+
 def write_comparison(rows: list[ComparisonRow], out: Path) -> None:
-    """``comparison.md`` / ``.json`` / ``.csv`` / ``.png``."""
+    """``comparison.md`` / ``.json`` / ``.csv`` / ``.png`` and ``frontier.png``."""
     atomic_write_text("## Summary\n\n" + summary_markdown(rows) + "\n`*`: the largest removed fraction that passes the "
-                      "paper's rule for that method and healing.\n\n## Every row\n\n" + comparison_markdown(rows),
-                      out / "comparison.md")
+                      "paper's rule for that method and healing.\n\n## Speed-up / quality frontier\n\nThe rows no "
+                      "other row beats on both (a healed row decodes at its unhealed row's measured speed-up unless "
+                      "it adds a module).\n\n" + frontier_markdown(rows) + "\n## Every row\n\n"
+                      + comparison_markdown(rows), out / "comparison.md")
     atomic_write_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=2) + "\n", out / "comparison.json")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -416,3 +491,4 @@ def write_comparison(rows: list[ComparisonRow], out: Path) -> None:
                                  row.chosen])
     atomic_write_text(buffer.getvalue(), out / "comparison.csv")
     plot_comparison(rows, out / "comparison.png")
+    plot_frontier(rows, out / "frontier.png")

@@ -10,6 +10,8 @@ Examples::
         --n 8 --step 2 --calibration_batches 8 --out plan.json
     python -m lightning_speechllm prune --method budget --budget 0.2 --ckpt_path runs/last.ckpt \\
         --data.val_sets '{dev: dev.jsonl}' --out plan.json        # 20% of the decoder layers' parameters, mixed
+    python -m lightning_speechllm prune --method budget --budget 0.25 --budget_unit latency --search evolutionary \
+        --ckpt_path runs/last.ckpt --data.val_sets '{dev: dev.jsonl}' --out plan.json   # 25% of the decoding step
 
 ``greedy`` re-measures the model after every removed block (:func:`~lightning_speechllm.pruning.greedy.plan_greedy`):
 it needs the model (``--ckpt_path`` of the unpruned model, else ``--model.*``) and calibration data (the first
@@ -38,7 +40,12 @@ from lightning_speechllm.config_utils import from_dict, parsed_values
 from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
-from lightning_speechllm.pruning.budget import plan_budget
+from lightning_speechllm.pruning.budget import (
+    latency_costs,
+    measured_speedup,
+    parameter_costs,
+    plan_budget,
+)
 from lightning_speechllm.pruning.greedy import plan_greedy
 from lightning_speechllm.pruning.plan import (
     PlanError,
@@ -98,7 +105,20 @@ class PruneArgs:
     step: int = 1
     """greedy: layers removed per re-measured round (the last round may remove fewer)."""
     budget: float | None = None
-    """budget: decoder-layer parameters to remove, as a count (>= 1) or a fraction of them (< 1)."""
+    """budget: what to remove, as a share (< 1) of the decoder layers' parameters or of the decoding step's time
+    (--budget_unit), or a whole number of parameters (>= 1)."""
+    budget_unit: Literal["params", "latency"] = "params"
+    """budget: price units by their parameters, or by their decode time per token measured on the calibration
+    batches (--latency_tokens forced tokens a batch; the plan records the speed-up measured afterwards)."""
+    search: Literal["greedy", "evolutionary"] = "greedy"
+    """budget: the greedy plan, or the greedy plan refined by an evolutionary search (EvoPress-style: mutants scored
+    by their KL divergence from the unpruned model on the calibration batches' target tokens)."""
+    generations: int = 20
+    """budget, evolutionary: generations of the search."""
+    offspring: int = 8
+    """budget, evolutionary: mutants scored per generation."""
+    latency_tokens: int = 16
+    """budget, latency: tokens generated per calibration batch while timing."""
     token_selection: TokenSelection = "last"
     """greedy: token positions averaged by d(l, n) (as measure's --token_selection)."""
     calibration_set: str | None = None
@@ -110,7 +130,8 @@ class PruneArgs:
     device: str = "auto"
     """greedy: where the model runs: auto (cuda when available), cpu, cuda, cuda:1..."""
     seed: int = 0
-    """greedy: seed of the projector initialisation when no checkpoint is given."""
+    """greedy / budget: seed of the projector initialisation when no checkpoint is given, and of the evolutionary
+    search."""
 
 
 def build_parser() -> ArgumentParser:
@@ -252,6 +273,12 @@ def _check_budget(args: PruneArgs) -> None:
     if args.budget <= 0 or (args.budget >= 1 and args.budget != int(args.budget)):
         raise PlanError(f"--budget {args.budget}: give a share of the decoder layers' parameters in (0, 1) or a "
                         "whole number of parameters")
+    if args.budget_unit == "latency" and args.budget >= 1:
+        raise PlanError(f"--budget {args.budget} with --budget_unit latency: give a share of the decoding step's "
+                        "time in (0, 1)")
+    if args.generations < 1 or args.offspring < 1 or args.latency_tokens < 2:
+        raise PlanError(f"--generations and --offspring must be >= 1 and --latency_tokens >= 2, got "
+                        f"{args.generations}, {args.offspring}, {args.latency_tokens}")
     if args.step != 1:
         raise PlanError(f"--step {args.step} is for --method greedy: a budget plan removes one unit per round")
 
@@ -288,6 +315,19 @@ def calibration_batches(args: PruneArgs, data: dict, text_only: bool) -> list[Sp
     return batches
 
 
+def _budget_plan(args: PruneArgs, speechllm: SpeechLLM, batches: list[SpeechBatch], model_id: str) -> PruningPlan:
+    latency = args.budget_unit == "latency"
+    costs = (latency_costs(speechllm, batches, new_tokens=args.latency_tokens) if latency
+             else parameter_costs(speechllm))
+    size = {"fraction": args.budget} if args.budget < 1 else {"remove": float(args.budget)}
+    plan = plan_budget(speechllm, batches, costs=costs, token_selection=args.token_selection, search=args.search,
+                       generations=args.generations, offspring=args.offspring, seed=args.seed, model_id=model_id,
+                       **size)
+    if latency:
+        plan.params["measured"] = measured_speedup(speechllm, batches, plan, new_tokens=args.latency_tokens)
+    return plan
+
+
 def build_greedy_plan(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> PruningPlan:
     """The greedy plan of ``args``: the model measured on the calibration batches, one round per ``--step`` block;
     checked against ``--num_layers`` / ``--llm_path`` when given."""
@@ -302,8 +342,7 @@ def build_greedy_plan(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> Pr
     text_only = _calibration_modality(args, speechllm) == "text"
     batches = calibration_batches(args, data, text_only)
     if args.method == "budget":
-        size = {"fraction": args.budget} if args.budget < 1 else {"remove_params": int(args.budget)}
-        plan = plan_budget(speechllm, batches, token_selection=args.token_selection, model_id=model_id, **size)
+        plan = _budget_plan(args, speechllm, batches, model_id)
     else:
         plan = plan_greedy(speechllm, batches, n=args.n, fraction=args.fraction, step=args.step,
                            token_selection=args.token_selection, model_id=model_id)

@@ -12,11 +12,11 @@ from lightning_speechllm.model.speechllm import SpeechLLM
 
 __all__ = ["COMPARISON_METHODS", "SUBLAYER_METHODS", "require_unpruned", "trainer_device"]
 
-COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention", "budget")
+COMPARISON_METHODS = ("angular", "block_influence", "last", "greedy", "attention", "budget", "budget_evo")
 """Pruning methods a method comparison (`sweep.compare_methods`) can put on one table."""
-SUBLAYER_METHODS = ("attention", "budget")
-"""Methods whose plans may drop sublayers (attention always, budget when it chooses them): no replacement module or
-linear patch stands in for a dropped sublayer."""
+SUBLAYER_METHODS = ("attention", "budget", "budget_evo")
+"""Methods whose plans may drop sublayers (attention always, the budget plans when they choose them): no replacement
+module or linear patch stands in for a dropped sublayer."""
 
 
 def require_unpruned(speechllm: SpeechLLM, what: str) -> None:

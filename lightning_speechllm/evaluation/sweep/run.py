@@ -190,7 +190,7 @@ class SweepConfig:
     """Stopping rule: largest relative BLEU drop on every translation set."""
     compare_methods: list[str] | None = None
     """Compare pruning methods on one table instead of sweeping `method`: any of angular, block_influence, last,
-    greedy, attention, budget, each at every `fractions` point, unhealed and healed with each `compare_healing` variant
+    greedy, attention, budget, budget_evo, each at every `fractions` point, unhealed and healed with each `compare_healing` variant
     (see `lightning_speechllm.evaluation.method_comparison`)."""
     compare_healing: list[str] = field(default_factory=lambda: ["lora", "replacement", "kd", "linear_patch",
                                                                 "text_kd"])
@@ -199,6 +199,10 @@ class SweepConfig:
     """Method comparison: batches of the first validation set that greedy plans and the sublayer map measure on."""
     speed_new_tokens: int = 16
     """Method comparison: tokens generated (forced) per decode-speed measurement."""
+    budget_generations: int = 10
+    """Method comparison, budget_evo: generations of the evolutionary search from the greedy budget plan."""
+    budget_offspring: int = 8
+    """Method comparison, budget_evo: mutants scored per generation."""
     max_batches: int | None = None
     """Score at most this many batches per validation set (None: all). The test sets (`test_sets`) are always scored
     whole, as `fit`'s test: a few batches' WER is a subset's, not the set's."""
@@ -227,6 +231,9 @@ class SweepConfig:
         if self.calibration_batches < 1 or self.speed_new_tokens < 2:
             raise SweepError(f"calibration_batches must be >= 1 and speed_new_tokens >= 2, got "
                              f"{self.calibration_batches} and {self.speed_new_tokens}")
+        if self.budget_generations < 1 or self.budget_offspring < 1:
+            raise SweepError(f"budget_generations and budget_offspring must be >= 1, got {self.budget_generations} "
+                             f"and {self.budget_offspring}")
         if self.test_sets or self.stage != "validate":
             raise SweepError("a method comparison scores the validation sets only (no test_sets, stage validate)")
 
