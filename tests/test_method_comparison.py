@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -161,3 +162,9 @@ def test_budget_evo_refines_the_budget_plan_of_the_same_share(tmp_path):
     markdown = (tmp_path / "compare" / "comparison.md").read_text()
     assert "## Speed-up / quality frontier" in markdown
     assert (tmp_path / "compare" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+    scored = []  # a longer search recomputes the budget_evo row only
+    longer = dataclasses.replace(config, budget_generations=3)
+    compare_methods(model, NamedSets(n_train=1), longer, decoding=DecodingConfig(max_new_tokens=3),
+                    trainer_kwargs=TRAINER, evaluate_fn=lambda *args, **kwargs: scored.append(1) or rows[2].scores)
+    assert len(scored) == 1

@@ -6,9 +6,9 @@ Methods: ``angular`` (the paper's contiguous block), ``block_influence`` (ShortG
 ``attention`` (attention sublayers only, LLM-Drop, from a sublayer map measured on the same batches), ``budget``
 (whole layers and attention sublayers mixed, re-measured each round, removing as many decoder parameters as the layer
 plans of the same fraction: :mod:`lightning_speechllm.pruning.budget`) and ``budget_evo`` (that plan refined by the
-evolutionary search, scored by the KL divergence from the unpruned model on the same batches). Healing variants are those of
-:data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` and ``linear_patch`` do not apply
-to ``attention``, nor to a ``budget`` plan that drops sublayers). For each removed fraction and method
+evolutionary search, scored by the KL divergence from the unpruned model on the same batches). Healing variants are
+those of :data:`~lightning_speechllm.evaluation.sweep.run.HEALING_VARIANTS` (``replacement`` and ``linear_patch`` do
+not apply to ``attention``, nor to a budget plan that drops sublayers). For each removed fraction and method
 the plan is scored unpruned -> pruned -> healed per variant, with the model restored exactly between runs (see
 :func:`~lightning_speechllm.evaluation.sweep.run.healed`). Every row is written at once to ``rows/<name>.json`` and a
 rerun with the same settings reuses it. Outputs: ``comparison.{csv,md,json,png}`` and ``frontier.png`` (WER against
@@ -181,6 +181,7 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     out = Path(config.output_dir)
     device = trainer_device(trainer_kwargs)
     signature = resume_signature(config, speechllm, datamodule, decoding, trainer_kwargs)
+    evolution = {"budget_generations": config.budget_generations, "budget_offspring": config.budget_offspring}
     batches = _calibration_batches(datamodule, config.calibration_batches, device)
     speed_batch, speed_new_tokens = batches[0], config.speed_new_tokens
 
@@ -191,10 +192,11 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     def cached(name: str, compute: Callable[[], ComparisonRow]) -> ComparisonRow:
         path = out / "rows" / f"{name}.json"
         stored = read_json(path) if path.is_file() else {}
-        if stored.get("signature") == signature:
+        expected = {**signature, **(evolution if name.startswith("budget_evo_") else {})}
+        if stored.get("signature") == expected:
             return ComparisonRow(**stored["row"])
         row = compute()
-        write_json({"signature": signature, "row": dataclasses.asdict(row)}, path)
+        write_json({"signature": expected, "row": dataclasses.asdict(row)}, path)
         return row
 
     def baseline() -> ComparisonRow:
@@ -261,8 +263,6 @@ def resume_signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.Li
             "speed_new_tokens")
     if "linear_patch" in config.compare_healing:  # absent otherwise, so rows stored before the patch stay reusable
         keys += ("linear_patch_batches", "linear_patch_ridge")
-    if "budget_evo" in config.compare_methods:  # likewise
-        keys += ("budget_generations", "budget_offspring")
     return {**{key: getattr(config, key) for key in keys}, "map_sha256": file_sha256(config.map_path),
             **run_key(speechllm, datamodule, decoding, trainer_kwargs, config.stage, heal=bool(config.compare_healing))}
 
