@@ -2,6 +2,8 @@
 every supported architecture and attention kernel; cached generation equals uncached; the FLOPs it saves."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -189,3 +191,15 @@ def test_beam_search_follows_each_rows_layout_and_a_dropped_sublayer_is_refused(
     model.sublayer_mask.drop([1])
     with pytest.raises(SpeechSkipError, match="has a dropped sublayer"):
         model.generate(batch, max_new_tokens=2)
+
+
+def test_a_deep_copy_skips_by_its_own_layout_and_switches_off_alone():
+    model = tiny_speechllm(seed=0, speech_skip_layers=[1, 2]).eval()
+    copy_ = copy.deepcopy(model)
+    inputs = model.build_inputs(make_batch())
+    with torch.no_grad():
+        skipped = model.run_decoder(inputs).logits
+        assert torch.equal(copy_.run_decoder(inputs).logits, skipped)  # the copy reads its own skip's layout
+        copy_.speech_skip.set_layers([])
+        assert not torch.allclose(copy_.run_decoder(inputs).logits, skipped)  # the copy now runs every position
+        assert torch.equal(model.run_decoder(inputs).logits, skipped) and model.speech_skip.layers == (1, 2)

@@ -38,6 +38,9 @@ _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _UNSUPPORTED_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3: extra norms
 
 
+_SKIP_ATTR = "_lightning_speechllm_speech_skip"
+
+
 class SpeechSkipError(LayerMaskError):
     """A layer the speech-token skip cannot run, or positions it cannot place."""
 
@@ -62,9 +65,13 @@ class SpeechSkip:
             _check_supported(full[index], index)
         for index, layer in enumerate(full):
             if index in chosen:
-                layer.forward = types.MethodType(_skipping_forward(self), layer)
-            elif "forward" in layer.__dict__:
+                # The layer holds its skip as an attribute, not in a closure, so that a deep copy of the model
+                # points the copied layers at the copied skip (a closure would keep reading the original's layout).
+                layer.__dict__[_SKIP_ATTR] = self
+                layer.forward = types.MethodType(_skipping_forward, layer)
+            elif _SKIP_ATTR in layer.__dict__:
                 del layer.forward  # back to the class's forward
+                del layer.__dict__[_SKIP_ATTR]
         self.layers = chosen
 
     @contextmanager
@@ -166,24 +173,22 @@ def _kept_index(speech: Tensor) -> tuple[Tensor, Tensor]:
     return gather, torch.where(valid, order, torch.full_like(order, speech.shape[1]))
 
 
-def _skipping_forward(skip: SpeechSkip):
-    def forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: Any = None, use_cache: bool | None = False,
-                position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs: Any) -> Tensor:
-        cache = kwargs.pop("past_key_values", cache)
-        attention = layer.self_attn
-        if skip.laid_out and (is_dropped(attention) or is_dropped(layer.mlp)):
-            raise SpeechSkipError(f"layer {attention.layer_idx} skips the speech positions but has a dropped "
-                                  "sublayer: skip speech in layers whose attention and MLP both run")
-        speech = skip.speech_in_call(hidden_states, cache, attention.layer_idx)
-        if speech is None:
-            return type(layer).forward(layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                       cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
-                                       **kwargs)
-        return _frozen_speech_forward(layer, hidden_states, speech, attention_mask, cache, position_embeddings,
-                                      kwargs)
-
-    return forward
+def _skipping_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                      position_ids: Tensor | None = None, cache: Any = None, use_cache: bool | None = False,
+                      position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs: Any) -> Tensor:
+    """The forward of a layer that skips the speech positions (bound to the layer by :meth:`SpeechSkip.set_layers`)."""
+    skip: SpeechSkip = layer.__dict__[_SKIP_ATTR]
+    cache = kwargs.pop("past_key_values", cache)
+    attention = layer.self_attn
+    if skip.laid_out and (is_dropped(attention) or is_dropped(layer.mlp)):
+        raise SpeechSkipError(f"layer {attention.layer_idx} skips the speech positions but has a dropped "
+                              "sublayer: skip speech in layers whose attention and MLP both run")
+    speech = skip.speech_in_call(hidden_states, cache, attention.layer_idx)
+    if speech is None:
+        return type(layer).forward(layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
+                                   **kwargs)
+    return _frozen_speech_forward(layer, hidden_states, speech, attention_mask, cache, position_embeddings, kwargs)
 
 
 def _frozen_speech_forward(layer: nn.Module, hidden: Tensor, speech: Tensor, attention_mask: Tensor | None,
