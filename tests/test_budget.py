@@ -248,6 +248,9 @@ def test_prune_budget_latency_evolutionary_command(tiny_dirs, tmp_path: Path, ca
             "--calibration_modality", "text", "--data.val_sets", json.dumps({"dev": str(tiny_dirs["manifest"])}),
             "--data.max_cuts", "2", "--data.max_audio_seconds", "4", *cli_model(tiny_dirs), "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "ms of the decoding step" in printed and "evolutionary search: KL to the unpruned model" in printed
+    assert "decoding step measured:" in printed and "the unit costs predicted" in printed
     plan = PruningPlan.from_json(out)
     assert plan.params["budget_unit"] == "ms" and plan.params["search"] == "evolutionary"
     assert plan.params["removed"] >= 0.3 * plan.params["total"]

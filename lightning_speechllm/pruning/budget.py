@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from lightning_speechllm.data.batch import SpeechBatch
     from lightning_speechllm.model.speechllm import SpeechLLM
 
-__all__ = ["BUDGET_SEARCHES", "Unit", "UnitCosts", "apply_units", "decoder_layer_parameters", "latency_costs",
-           "measured_speedup", "parameter_costs", "plan_budget"]
+__all__ = ["BUDGET_SEARCHES", "Unit", "UnitCosts", "apply_units", "budget_summary", "decoder_layer_parameters",
+           "latency_costs", "measured_speedup", "parameter_costs", "plan_budget"]
 
 BUDGET_SEARCHES = ("greedy", "evolutionary")
 Unit = tuple[str, int]
@@ -127,6 +127,26 @@ def measured_speedup(speechllm: SpeechLLM, batches: Sequence[SpeechBatch], plan:
     if plan.params.get("budget_unit") == "ms":
         result["predicted_speedup"] = plan.params["total"] / (plan.params["total"] - plan.params["removed"])
     return result
+
+
+def budget_summary(plan: PruningPlan) -> str:
+    """What a budget plan saved, what its search found and, when timed, the decoding step before and after."""
+    params = plan.params
+    unit = "parameters" if params["budget_unit"] == "params" else "ms of the decoding step"
+    lines = [f"budget: removed {params['removed']:,.6g} of {params['total']:,.6g} {unit} "
+             f"({params['removed'] / params['total']:.1%}; budget {params['remove']:,.6g})"]
+    if "evolution" in params:
+        record = params["evolution"]
+        lines.append(f"evolutionary search: KL to the unpruned model {record['start_kl']:.4f} (greedy) -> "
+                     f"{record['kl']:.4f} nats/token after {record['generations']} generations, {record['scored']} "
+                     "plans scored")
+    if "measured" in params:
+        measured = params["measured"]
+        predicted = (f" (the unit costs predicted {measured['predicted_speedup']:.2f}x)"
+                     if "predicted_speedup" in measured else "")
+        lines.append(f"decoding step measured: {measured['unpruned_step_ms']:.1f} -> {measured['pruned_step_ms']:.1f} "
+                     f"ms, {measured['speedup']:.2f}x{predicted}")
+    return "\n".join(lines)
 
 
 def apply_units(speechllm: SpeechLLM, units: Iterable[Unit]) -> None:

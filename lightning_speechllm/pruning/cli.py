@@ -41,6 +41,7 @@ from lightning_speechllm.data.batch import SpeechBatch
 from lightning_speechllm.data.datamodule import SpeechDataModule
 from lightning_speechllm.model.speechllm import SpeechLLM, SpeechLLMConfig
 from lightning_speechllm.pruning.budget import (
+    budget_summary,
     latency_costs,
     measured_speedup,
     parameter_costs,
@@ -325,6 +326,7 @@ def _budget_plan(args: PruneArgs, speechllm: SpeechLLM, batches: list[SpeechBatc
                        **size)
     if latency:
         plan.params["measured"] = measured_speedup(speechllm, batches, plan, new_tokens=args.latency_tokens)
+    print(budget_summary(plan))
     return plan
 
 
