@@ -288,3 +288,14 @@ def test_sweep_trainers_keep_lightnings_banner_out_of_the_log(caplog):
         sweep_mod.build_trainer({"accelerator": "cpu"}, max_steps=1)
     assert not [r for r in caplog.records if "GPU available" in r.getMessage()]
     assert logging.getLogger("lightning.pytorch.utilities.rank_zero").level == logging.NOTSET  # restored
+
+
+def test_text_kd_heals_on_the_teachers_answer_or_on_the_targets():
+    from lightning_speechllm.evaluation.sweep.run import healing_config
+    from lightning_speechllm.pruning import PruningPlan
+
+    plan = PruningPlan(removed_layers=[1, 2], num_layers=4, method="explicit")
+    for response in ("teacher", "target"):
+        config = SweepConfig(heal_variant="text_kd", text_kd_response=response, kd_temperature=2.0)
+        losses = healing_config(plan, config).losses
+        assert losses == [{"class_path": "TextTeacherKL", "init_args": {"temperature": 2.0, "response": response}}]

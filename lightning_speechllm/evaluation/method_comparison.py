@@ -181,6 +181,7 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     out = Path(config.output_dir)
     device = trainer_device(trainer_kwargs)
     signature = resume_signature(config, speechllm, datamodule, decoding, trainer_kwargs)
+    # keys of some rows only, so that rows stored before these options existed stay reusable
     evolution = {"budget_generations": config.budget_generations, "budget_offspring": config.budget_offspring}
     batches = _calibration_batches(datamodule, config.calibration_batches, device)
     speed_batch, speed_new_tokens = batches[0], config.speed_new_tokens
@@ -192,7 +193,8 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     def cached(name: str, compute: Callable[[], ComparisonRow]) -> ComparisonRow:
         path = out / "rows" / f"{name}.json"
         stored = read_json(path) if path.is_file() else {}
-        expected = {**signature, **(evolution if name.startswith("budget_evo_") else {})}
+        expected = {**signature, **(evolution if name.startswith("budget_evo_") else {}),
+                    **({"text_kd_response": config.text_kd_response} if name.endswith("_text_kd") else {})}
         if stored.get("signature") == expected:
             return ComparisonRow(**stored["row"])
         row = compute()

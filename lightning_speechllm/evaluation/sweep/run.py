@@ -175,11 +175,14 @@ class SweepConfig:
     'linear_patch' (training-free: a least-squares linear map per block, fitted on `linear_patch_batches` training
     batches and folded into the layer before the block; no step is taken) or 'text_kd' (LoRA + projector trained on
     `TextTeacherKL` alone: the unpruned LLM reading the transcript as text is the teacher, and both are
-    teacher-forced on its own answer, so no ground-truth response is read)."""
+    teacher-forced on its own answer, so no ground-truth response is read; see `text_kd_response`)."""
     replacement_width: int | None = None
     """Hidden units of the replacement FFN (None: the MLP's full width, which exports to a stock decoder layer)."""
     kd_temperature: float = 1.0
     """Temperature of the 'kd' variant's logit distillation."""
+    text_kd_response: Literal["teacher", "target"] = "teacher"
+    """The 'text_kd' variant's response: the teacher's own greedy answer (label-free) or the batch's targets (for a
+    teacher LLM that does not answer an instruction by copying the transcript)."""
     linear_patch_batches: int = 16
     """Training batches the 'linear_patch' variant fits on."""
     linear_patch_ridge: float = 1e-4
@@ -190,8 +193,8 @@ class SweepConfig:
     """Stopping rule: largest relative BLEU drop on every translation set."""
     compare_methods: list[str] | None = None
     """Compare pruning methods on one table instead of sweeping `method`: any of angular, block_influence, last,
-    greedy, attention, budget, budget_evo, each at every `fractions` point, unhealed and healed with each `compare_healing` variant
-    (see `lightning_speechllm.evaluation.method_comparison`)."""
+    greedy, attention, budget, budget_evo, each at every `fractions` point, unhealed and healed with each
+    `compare_healing` variant (see `lightning_speechllm.evaluation.method_comparison`)."""
     compare_healing: list[str] = field(default_factory=lambda: ["lora", "replacement", "kd", "linear_patch",
                                                                 "text_kd"])
     """Healing variants of a method comparison (each also sets `heal_variant` for its runs)."""
@@ -376,7 +379,8 @@ def healing_config(plan: PruningPlan, config: SweepConfig) -> "HealingConfig":
                           {"class_path": "KLDivergence", "init_args": {"temperature": config.kd_temperature}}]
     elif config.heal_variant == "text_kd":
         healing.losses = [{"class_path": "TextTeacherKL",
-                           "init_args": {"temperature": config.kd_temperature, "response": "teacher"}}]
+                           "init_args": {"temperature": config.kd_temperature,
+                                         "response": config.text_kd_response}}]
     elif config.heal_variant == "replacement":
         if not plan.removed_layers:
             raise SweepError(f"the {plan.method} plan removes no whole layer: nothing to replace")
