@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lightning_speechllm.evaluation import method_comparison
 from lightning_speechllm.evaluation.method_comparison import (
     ComparisonRow,
     compact_indices,
@@ -143,7 +144,7 @@ def test_the_frontier_keeps_the_rows_no_other_beats_on_speed_and_wer():
     assert "| b |" not in table
 
 
-def test_budget_evo_refines_the_budget_plan_of_the_same_share(tmp_path):
+def test_budget_evo_refines_the_budget_plan_of_the_same_share(tmp_path, monkeypatch):
     model = tiny_speechllm()
     model.train(False)
     config = SweepConfig(fractions=[0.5], map_path=tiny_angular_map(tmp_path), output_dir=str(tmp_path / "compare"),
@@ -163,6 +164,11 @@ def test_budget_evo_refines_the_budget_plan_of_the_same_share(tmp_path):
     assert "## Speed-up / quality frontier" in markdown
     assert (tmp_path / "compare" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
+    monkeypatch.setattr(method_comparison, "plan_budget", _never)  # stored rows: no plan is measured again
+    rerun = compare_methods(model, NamedSets(n_train=1), config, decoding=DecodingConfig(max_new_tokens=3),
+                            trainer_kwargs=TRAINER, evaluate_fn=_never)
+    assert [r.scores for r in rerun] == [r.scores for r in rows]
+    monkeypatch.undo()
     scored = []  # a longer search recomputes the budget_evo row only
     longer = dataclasses.replace(config, budget_generations=3)
     compare_methods(model, NamedSets(n_train=1), longer, decoding=DecodingConfig(max_new_tokens=3),

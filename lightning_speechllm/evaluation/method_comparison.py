@@ -211,13 +211,14 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
     planner = _Planner(speechllm, config, batches)
     for fraction, method in itertools.product(config.fractions, config.compare_methods):
         plan = functools.cache(lambda: planner.plan(method, fraction))  # measured only when a row needs it
-        rows.append(cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan(), method, fraction,
-                                                                             run_eval, speed_batch, speed_new_tokens)))
+        pruned = cached(f"{method}_{fraction:g}_none", lambda: _pruned_row(speechllm, plan(), method, fraction,
+                                                                          run_eval, speed_batch, speed_new_tokens))
+        rows.append(pruned)  # its plan's layers and sublayers: a stored row spares measuring the plan again
         for variant in config.compare_healing:
             if variant in ("replacement", "linear_patch") and (method in SUBLAYER_METHODS and
-                                                               (method == "attention" or plan().removed_attention)):
+                                                               (method == "attention" or pruned.removed_attention)):
                 continue  # dropped sublayers: nothing a replacement or patch stands in for
-            if variant == "linear_patch" and 0 in plan().removed_layers:
+            if variant == "linear_patch" and 0 in pruned.removed_layers:
                 log.info("%s %g: no linear patch, the block starts at layer 0 (no layer before it to fold into)",
                          method, fraction)
                 continue
