@@ -170,9 +170,9 @@ def test_a_latency_budget_removes_the_slow_unit_first_and_measures_the_speedup(b
     costs = latency_costs(model, batches[:1], new_tokens=3, repeats=1)
     assert costs.unit == "ms" and costs.attention[2] >= 20.0 and costs.total >= sum(costs.layer)
     plan = plan_budget(model, batches, fraction=0.5, costs=costs, progress=False)
-    assert plan.params["rounds"][0]["kind"] in ("attention", "layer") and plan.params["rounds"][0]["layer"] == 2
+    assert plan.params["rounds"][0]["layer"] == 2  # its attention, or the whole layer
     assert plan.params["removed"] >= 0.5 * costs.total and plan.params["unit_costs"]["attention"][2] == costs.attention[2]
-    measured = measured_speedup(model, batches[:1], plan, new_tokens=3, rounds=1)
+    measured = measured_speedup(model, batches[:1], plan, new_tokens=3, rounds=3)  # medians of 3: load spikes
     assert measured["predicted_speedup"] >= 2.0 and measured["speedup"] > 2.0  # a 20 ms sleep against a tiny step
     assert not model.layer_mask.removed_layers and not model.sublayer_mask.dropped_attention  # left unpruned
 
@@ -191,6 +191,20 @@ def test_mutants_keep_the_budget_and_need_every_unit_they_remove():
         assert not any(("layer", k) in child and ("attention", k) in child for k in range(6))
     assert any(kind == "attention" for child in seen for kind, _ in child)  # layers traded for attention sublayers
     assert len(seen) > 10
+
+
+def test_near_the_largest_budget_a_unit_nothing_can_replace_is_not_freed():
+    costs = UnitCosts(layer=(10.0,) * 4, attention=(3.0,) * 4, total=40.0, unit="params")
+    parent = frozenset({("layer", 0), ("layer", 1), ("layer", 2), ("attention", 3)})  # 33 of the 33 removable
+    rng = random.Random(0)
+    children = set()
+    for _ in range(100):  # freeing the attention alone has no stand-in (no fourth layer may go): it never raises
+        child = mutate(parent, costs, 32.5, rng, moves=rng.randint(1, 3))
+        children.add(child)
+        layers = {k for kind, k in child if kind == "layer"}
+        assert costs.saved(child) >= 32.5 and len(layers) == 3 and child - {("layer", k) for k in layers} == {
+            ("attention", ({0, 1, 2, 3} - layers).pop())}  # the one layer kept loses its attention
+    assert len(children) > 1
 
 
 def test_plan_fitness_is_the_kl_from_the_unpruned_model_on_target_tokens(batches):
@@ -224,7 +238,6 @@ def test_the_search_finds_a_planted_free_layer_from_a_bad_start(batches):
                                  progress=False)
     assert units == {("layer", 3)} and record["kl"] == pytest.approx(0.0, abs=1e-6)
     assert record["start_kl"] > 1e-3
-    assert record["history"] == sorted(record["history"], reverse=True)  # the parent only ever improves
 
 
 def test_the_evolutionary_plan_is_never_worse_than_the_greedy_one_and_reproducible(batches):
@@ -257,3 +270,6 @@ def test_prune_budget_latency_evolutionary_command(tiny_dirs, tmp_path: Path, ca
     assert plan.params["measured"]["speedup"] > 0 and "predicted_speedup" in plan.params["measured"]
     assert main([*argv[:3], "5000", *argv[4:]]) == 2
     assert "with --budget_unit latency: give a share" in capsys.readouterr().err
+    assert main(["--method", "greedy", "--n", "1", *argv[4:]]) == 2
+    assert ("--budget_unit, --search, --generations, --offspring, --latency_tokens are only for --method budget, "
+            "not greedy") in capsys.readouterr().err

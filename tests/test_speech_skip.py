@@ -3,6 +3,7 @@ every supported architecture and attention kernel; cached generation equals unca
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -193,7 +194,7 @@ def test_beam_search_follows_each_rows_layout_and_a_dropped_sublayer_is_refused(
         model.generate(batch, max_new_tokens=2)
 
 
-def test_a_deep_copy_skips_by_its_own_layout_and_switches_off_alone():
+def test_a_deep_copy_or_pickle_skips_by_its_own_layout_and_switches_off_alone():
     model = tiny_speechllm(seed=0, speech_skip_layers=[1, 2]).eval()
     copy_ = copy.deepcopy(model)
     inputs = model.build_inputs(make_batch())
@@ -201,5 +202,9 @@ def test_a_deep_copy_skips_by_its_own_layout_and_switches_off_alone():
         skipped = model.run_decoder(inputs).logits
         assert torch.equal(copy_.run_decoder(inputs).logits, skipped)  # the copy reads its own skip's layout
         copy_.speech_skip.set_layers([])
-        assert not torch.allclose(copy_.run_decoder(inputs).logits, skipped)  # the copy now runs every position
+        whole = copy_.run_decoder(inputs).logits
+        assert not torch.allclose(whole, skipped)  # the copy now runs every position
         assert torch.equal(model.run_decoder(inputs).logits, skipped) and model.speech_skip.layers == (1, 2)
+        restored = pickle.loads(pickle.dumps(model.llm))  # the LLM alone: its private skip is never laid out
+        assert torch.equal(restored(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                                    position_ids=inputs.position_ids, use_cache=False).logits, whole)

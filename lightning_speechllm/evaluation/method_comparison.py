@@ -194,7 +194,8 @@ def compare_methods(speechllm: SpeechLLM, datamodule: L.LightningDataModule, con
         path = out / "rows" / f"{name}.json"
         stored = read_json(path) if path.is_file() else {}
         expected = {**signature, **(evolution if name.startswith("budget_evo_") else {}),
-                    **({"text_kd_response": config.text_kd_response} if name.endswith("_text_kd") else {})}
+                    **({"text_kd_response": config.text_kd_response}
+                       if name.endswith("_text_kd") and config.text_kd_response != "teacher" else {})}
         if stored.get("signature") == expected:
             return ComparisonRow(**stored["row"])
         row = compute()

@@ -18,8 +18,8 @@ their row's layout.
 """
 from __future__ import annotations
 
+import functools
 import sys
-import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -46,7 +46,10 @@ class SpeechSkipError(LayerMaskError):
 
 
 class SpeechSkip:
-    """Which decoder layers skip the speech positions; :meth:`positions` sets those positions for the calls inside."""
+    """Which decoder layers skip the speech positions; :meth:`positions` sets those positions for the calls inside.
+
+    A deep copy (or pickle) of the SpeechLLM carries its own skip. A copy of the LLM alone carries a private skip that
+    no :meth:`positions` call lays out, so it runs every position."""
 
     def __init__(self, llm: nn.Module) -> None:
         self.llm = llm
@@ -67,8 +70,9 @@ class SpeechSkip:
             if index in chosen:
                 # The layer holds its skip as an attribute, not in a closure, so that a deep copy of the model
                 # points the copied layers at the copied skip (a closure would keep reading the original's layout).
+                # A partial of a module-level function also pickles (a bound method of it would not).
                 layer.__dict__[_SKIP_ATTR] = self
-                layer.forward = types.MethodType(_skipping_forward, layer)
+                layer.forward = functools.partial(_skipping_forward, layer)
             elif _SKIP_ATTR in layer.__dict__:
                 del layer.forward  # back to the class's forward
                 del layer.__dict__[_SKIP_ATTR]

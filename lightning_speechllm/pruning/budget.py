@@ -106,16 +106,19 @@ def latency_costs(speechllm: SpeechLLM, batches: Sequence[SpeechBatch], new_toke
 def measured_speedup(speechllm: SpeechLLM, batches: Sequence[SpeechBatch], plan: PruningPlan, new_tokens: int = 16,
                      rounds: int = 3) -> dict[str, float]:
     """The decoding step of the unpruned model and of ``plan`` applied, timed in interleaved rounds (medians, after
-    one warm-up round) so that machine load hits both alike; beside it, the speed-up a latency plan predicted
-    (``total / (total - removed)`` of its unit costs). The model is left unpruned."""
+    one warm-up round) so that machine load hits both alike, with the LLM forward alone hooked; beside it, the
+    speed-up a latency plan predicted (``total / (total - removed)`` of its unit costs). The model is left
+    unpruned."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     full, pruned = [], []
     try:
         for index in range(rounds + 1):
             speechllm.layer_mask.reset()
             speechllm.sublayer_mask.reset()
-            unpruned = time_decode_units(speechllm, batches, new_tokens=new_tokens, repeats=1, warmup=0).step_ms
+            unpruned = time_decode_units(speechllm, batches, new_tokens, repeats=1, warmup=0, units=False).step_ms
             apply_plan(speechllm, plan)
-            cut = time_decode_units(speechllm, batches, new_tokens=new_tokens, repeats=1, warmup=0).step_ms
+            cut = time_decode_units(speechllm, batches, new_tokens, repeats=1, warmup=0, units=False).step_ms
             if index:
                 full.append(unpruned)
                 pruned.append(cut)
@@ -132,9 +135,13 @@ def measured_speedup(speechllm: SpeechLLM, batches: Sequence[SpeechBatch], plan:
 def budget_summary(plan: PruningPlan) -> str:
     """What a budget plan saved, what its search found and, when timed, the decoding step before and after."""
     params = plan.params
+    if "removed" not in params:  # a plan written before latency budgets: parameters only
+        params = {**params, "budget_unit": "params", "removed": params["removed_params"],
+                  "total": params["total_params"], "remove": params["remove_params"]}
     unit = "parameters" if params["budget_unit"] == "params" else "ms of the decoding step"
-    lines = [f"budget: removed {params['removed']:,.6g} of {params['total']:,.6g} {unit} "
-             f"({params['removed'] / params['total']:.1%}; budget {params['remove']:,.6g})"]
+    share = params["removed"] / params["total"]
+    saved = f"{params['removed']:,.6g} of {params['total']:,.6g} {unit}"
+    lines = [f"budget: removed {saved} ({share:.1%}; budget {params['remove']:,.6g})"]
     if "evolution" in params:
         record = params["evolution"]
         lines.append(f"evolutionary search: KL to the unpruned model {record['start_kl']:.4f} (greedy) -> "
@@ -181,7 +188,8 @@ def _cheapest(active: tuple[int, ...], whole: list[float], attention: list[float
             options.append((attention[k] / costs.attention[layer], ("attention", layer), attention[k],
                             costs.attention[layer]))
     if not options:
-        raise PlanError("nothing left to remove: one layer without attention remains")
+        raise PlanError("nothing left to remove before the budget is met: one layer without attention remains (the "
+                        "greedy rounds do not choose which layer survives; give a smaller budget)")
     _, unit, distance, saving = min(options)
     return unit, distance, saving
 
@@ -243,6 +251,9 @@ def plan_budget(speechllm: SpeechLLM, batches: Sequence[SpeechBatch], remove: fl
         raise PlanError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
     if search not in BUDGET_SEARCHES:
         raise PlanError(f"search must be one of {BUDGET_SEARCHES}, got {search!r}")
+    if search == "evolutionary" and (generations < 1 or offspring < 1):
+        raise PlanError(f"the evolutionary search needs generations and offspring >= 1, got {generations} and "
+                        f"{offspring}")
     costs = costs if costs is not None else parameter_costs(speechllm)
     amount = _budget_amount(costs, remove, fraction)
     mask, sublayers = speechllm.layer_mask, speechllm.sublayer_mask

@@ -192,8 +192,7 @@ def build_plan(args: PruneArgs) -> PruningPlan:
                         "data)")
     if args.ckpt_path is not None:
         raise PlanError(f"--ckpt_path is only for --method greedy / budget, not {args.method}")
-    if args.budget is not None:
-        raise PlanError(f"--budget is only for --method budget, not {args.method}")
+    _refuse_budget_options(args)
     if args.method in ("angular", "block_influence", "attention") and args.map is None:
         kind = "a sublayer map JSON (measure --sublayers true)" if args.method == "attention" else "a redundancy JSON"
         raise PlanError(f"--method {args.method} needs --map ({kind})")
@@ -252,8 +251,8 @@ def _check_greedy_args(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> N
         raise PlanError(f"--layers is only for --method explicit, not {method}")
     if method == "greedy" and args.n is None and args.fraction is None:
         raise PlanError("--method greedy needs --n or --fraction (the number of layers to remove)")
-    if method == "greedy" and args.budget is not None:
-        raise PlanError("--budget is only for --method budget, not greedy")
+    if method == "greedy":
+        _refuse_budget_options(args)
     if method == "budget":
         _check_budget(args)
     if not data.get("val_sets"):
@@ -266,6 +265,18 @@ def _check_greedy_args(args: PruneArgs, model: SpeechLLMConfig, data: dict) -> N
     for key in ("removed_layers", "removed_attention", "removed_mlp"):
         if args.ckpt_path is None and getattr(model, key):
             raise PlanError(f"--model.{key} {getattr(model, key)}: {method} starts from the unpruned model")
+
+
+_BUDGET_OPTIONS = ("budget", "budget_unit", "search", "generations", "offspring", "latency_tokens")
+
+
+def _refuse_budget_options(args: PruneArgs) -> None:
+    """A budget option given to another method is refused, not silently ignored."""
+    defaults = PruneArgs()
+    given = [f"--{key}" for key in _BUDGET_OPTIONS if getattr(args, key) != getattr(defaults, key)]
+    if given:
+        raise PlanError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for --method budget, not "
+                        f"{args.method}")
 
 
 def _check_budget(args: PruneArgs) -> None:

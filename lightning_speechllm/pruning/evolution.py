@@ -14,6 +14,7 @@ same plan.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -63,7 +64,8 @@ class PlanFitness:
             for batch, reference in zip(self.batches, self.reference):
                 candidate = _target_log_probs(self.speechllm, batch)
                 total += float((reference.exp() * (reference - candidate)).sum())
-            self.scores[units] = total / self.tokens
+            kl = total / self.tokens
+            self.scores[units] = kl if math.isfinite(kl) else math.inf  # an overflowing candidate is the worst
         return self.scores[units]
 
 
@@ -78,23 +80,32 @@ def _addable(units: set[Unit], costs: UnitCosts) -> list[Unit]:
     return options
 
 
+def _replace(units: set[Unit], freed: Unit, costs: UnitCosts, amount: float,
+             rng: random.Random) -> set[Unit] | None:
+    """``units`` less ``freed``, plus random other units until ``amount`` is saved (None: no other units can)."""
+    units = units - {freed}
+    while costs.saved(units) < amount:
+        options = [unit for unit in _addable(units, costs) if unit != freed]
+        if not options:
+            return None
+        kind, layer = rng.choice(options)
+        units.discard(("attention", layer))  # a removed layer holds its attention
+        units.add((kind, layer))
+    return units
+
+
 def mutate(parent: frozenset[Unit], costs: UnitCosts, amount: float, rng: random.Random,
            moves: int = 1) -> frozenset[Unit]:
     """``parent`` with ``moves`` random units freed and random others added until ``amount`` is saved again, then
-    random units the budget does not need dropped (a removed layer replaces its own dropped attention)."""
+    random units the budget does not need dropped (a removed layer replaces its own dropped attention). A unit no
+    others can stand in for (near the largest budget) is not freed; when none can be, the move is skipped."""
     units = set(parent)
     for _ in range(moves):
-        if not units:
-            break
-        freed = rng.choice(sorted(units))
-        units.discard(freed)
-        while costs.saved(units) < amount:
-            options = [unit for unit in _addable(units, costs) if unit != freed]
-            if not options:
-                raise PlanError(f"no plan saves {amount:.6g} {costs.unit} without {freed}")
-            kind, layer = rng.choice(options)
-            units.discard(("attention", layer))  # a removed layer holds its attention
-            units.add((kind, layer))
+        for freed in rng.sample(sorted(units), len(units)):  # the first unit whose place others can take
+            moved = _replace(units, freed, costs, amount, rng)
+            if moved is not None:
+                units = moved
+                break
     for unit in rng.sample(sorted(units), len(units)):
         if costs.saved(units - {unit}) >= amount:
             units.discard(unit)
@@ -121,7 +132,7 @@ def evolve_units(speechllm: SpeechLLM, batches: Sequence[SpeechBatch], costs: Un
     bar = tqdm(range(generations), desc="evolutionary search", unit="generation", disable=not progress)
     for _ in bar:
         children = {mutate(parent, costs, amount, rng, moves=rng.randint(1, max_moves)) for _ in range(offspring)}
-        kl, child = min((fitness(child), sorted(child)) for child in children)
+        kl, child = min((fitness(child), sorted(child)) for child in sorted(children, key=sorted))
         if kl < best:
             parent, best = frozenset(child), kl
         history.append(best)

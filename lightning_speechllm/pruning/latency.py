@@ -3,8 +3,11 @@
 Forward hooks on every decoder layer, on its attention sublayer and on the LLM itself time the cached decoding steps
 of greedy generation (exactly ``new_tokens`` tokens are forced, as ``efficiency`` does; the prefill, the first LLM
 call of each ``generate``, is not counted). Per unit the time is summed over the decoding steps of all batches and
-divided by their number: milliseconds per decoding step, the unit of ``efficiency``'s ``decode_ms_per_token``. The
-medians over ``repeats`` passes are kept. On CUDA every hook synchronises, so each unit is charged its own kernels.
+divided by their number: milliseconds per decoding step of the LLM forward (``efficiency``'s
+``decode_ms_per_token`` also counts what ``generate`` does between forwards). The
+medians over ``repeats`` passes are kept. On CUDA every hook synchronises the model's device, so each unit is
+charged its own kernels (and the step is a little slower than unhooked decoding: :func:`time_decode_units` with
+``units=False`` hooks the LLM alone).
 
 A whole layer's time includes its attention's; the attention is timed on its own, so ``layer - attention`` is what
 removing the layer still saves once its attention is dropped.
@@ -46,16 +49,16 @@ class DecodeTiming:
 class _UnitClock:
     """Accumulates the wall time inside each hooked module during decoding steps."""
 
-    def __init__(self, llm: nn.Module, layers: Sequence[nn.Module], cuda: bool) -> None:
-        self.llm, self.layers, self.cuda = llm, list(layers), cuda
+    def __init__(self, llm: nn.Module, layers: Sequence[nn.Module], device: torch.device) -> None:
+        self.llm, self.layers, self.device = llm, list(layers), device
         self.calls = 0  # LLM forwards of the current generate call: the first one is the prefill
         self.steps = 0
         self.seconds: dict[Any, float] = {}
         self._started: dict[Any, float] = {}
 
     def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     def reset(self) -> None:
@@ -97,14 +100,16 @@ class _UnitClock:
 
 @torch.no_grad()
 def time_decode_units(speechllm: SpeechLLM, batches: Sequence[SpeechBatch], new_tokens: int = 16, repeats: int = 3,
-                      warmup: int = 1) -> DecodeTiming:
+                      warmup: int = 1, units: bool = True) -> DecodeTiming:
     """Time every decoder unit of ``speechllm`` as masked now over ``new_tokens`` forced tokens per batch (medians
-    over ``repeats`` passes after ``warmup`` untimed ones; eval mode inside, restored after)."""
+    over ``repeats`` passes after ``warmup`` untimed ones; eval mode inside, restored after). ``units=False`` times
+    the LLM forward alone (``layer_ms`` and ``attention_ms`` empty): two hooks a step instead of two per unit, whose
+    synchronisation on a GPU would otherwise slow what is timed."""
     if new_tokens < 2 or repeats < 1 or warmup < 0 or not batches:
         raise ValueError(f"need batches, new_tokens >= 2, repeats >= 1 and warmup >= 0; got {len(batches)} batches, "
                          f"{new_tokens}, {repeats}, {warmup}")
-    layers = get_layer_mask_state(speechllm.layer_mask.model).layer_list
-    clock = _UnitClock(unwrap_peft(speechllm.llm), layers, speechllm.device.type == "cuda")
+    layers = get_layer_mask_state(speechllm.layer_mask.model).layer_list if units else []
+    clock = _UnitClock(unwrap_peft(speechllm.llm), layers, speechllm.device)
     passes: list[dict[Any, float]] = []
     modes = [(module, module.training) for module in speechllm.modules()]
     speechllm.eval()
@@ -116,14 +121,14 @@ def time_decode_units(speechllm: SpeechLLM, batches: Sequence[SpeechBatch], new_
                     clock.calls = 0
                     speechllm.generate(batch.to(speechllm.device), max_new_tokens=new_tokens,
                                        min_new_tokens=new_tokens)
+                if clock.steps != len(batches) * (new_tokens - 1):
+                    raise RuntimeError(f"expected {new_tokens - 1} cached decoding steps per batch, timed "
+                                       f"{clock.steps} over {len(batches)} batches: generation stopped early")
                 if index >= warmup:
                     passes.append({key: 1e3 * seconds / clock.steps for key, seconds in clock.seconds.items()})
     finally:
         for module, training in modes:
             module.training = training
-    if clock.steps != len(batches) * (new_tokens - 1):
-        raise RuntimeError(f"expected {new_tokens - 1} cached decoding steps per batch, timed {clock.steps} over "
-                           f"{len(batches)} batches: generation stopped early or ran without a KV cache")
     median = {key: statistics.median(one[key] for one in passes) for key in passes[0]}
     return DecodeTiming(layer_ms=tuple(median[("layer", i)] for i in range(len(layers))),
                         attention_ms=tuple(median[("attention", i)] for i in range(len(layers))),

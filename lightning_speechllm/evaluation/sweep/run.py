@@ -462,6 +462,8 @@ def resume_signature(config: SweepConfig, speechllm: SpeechLLM, datamodule: L.Li
                        kd_temperature=config.kd_temperature)
     if config.heal and config.heal_variant == "linear_patch":
         healing.update(linear_patch_batches=config.linear_patch_batches, linear_patch_ridge=config.linear_patch_ridge)
+    if config.heal and config.heal_variant == "text_kd" and config.text_kd_response != "teacher":
+        healing.update(text_kd_response=config.text_kd_response)  # absent at the default: older points stay reusable
     return {"method": config.method, "map_path": config.map_path, "map_sha256": file_sha256(config.map_path),
             "stage": config.stage, "sets": config.sets, "heal": config.heal, **healing,
             "num_layers": speechllm.layer_mask.num_layers, "max_batches": config.max_batches,
