@@ -136,12 +136,14 @@ def test_the_frontier_keeps_the_rows_no_other_beats_on_speed_and_wer():
     base, fast_bad, fast_healed = row("none", 0.0, "none", 10.0, 1.0), row("a", 0.2, "none", 50.0, 1.2), \
         row("a", 0.2, "lora", 12.0, -1.0)  # LoRA decodes as its unhealed row: 1.2x
     slower, fastest = row("b", 0.2, "none", 30.0, 1.1), row("a", 0.4, "none", 100.0, 1.5)
-    rows = [base, fast_bad, fast_healed, slower, fastest]
-    assert [(speed, wer, r) for speed, wer, r in frontier(rows)] == [(1.0, 10.0, base), (1.2, 12.0, fast_healed),
-                                                                       (1.5, 100.0, fastest)]
+    patched = row("b", 0.2, "linear_patch", 11.0, 1.9)  # folded into the weights: b's 1.1x, not its own noisy 1.9x
+    replaced = row("b", 0.2, "replacement", 40.0, 1.15)  # runs a module: its own 1.15x, beaten by a + lora
+    rows = [base, fast_bad, fast_healed, slower, fastest, patched, replaced]
+    assert [(speed, wer, r) for speed, wer, r in frontier(rows)] == [
+        (1.0, 10.0, base), (1.1, 11.0, patched), (1.2, 12.0, fast_healed), (1.5, 100.0, fastest)]
     table = frontier_markdown(rows)
     assert "| 1.20x | 12.0 | a | 20% | lora |" in table and "| 1.00x | 10.0 | unpruned |" in table
-    assert "| b |" not in table
+    assert "| b | 20% | none |" not in table and "| replacement |" not in table
 
 
 def test_budget_evo_refines_the_budget_plan_of_the_same_share(tmp_path, monkeypatch):
