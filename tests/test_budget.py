@@ -171,7 +171,8 @@ def test_a_latency_budget_removes_the_slow_unit_first_and_measures_the_speedup(b
     assert costs.unit == "ms" and costs.attention[2] >= 20.0 and costs.total >= sum(costs.layer)
     plan = plan_budget(model, batches, fraction=0.5, costs=costs, progress=False)
     assert plan.params["rounds"][0]["layer"] == 2  # its attention, or the whole layer
-    assert plan.params["removed"] >= 0.5 * costs.total and plan.params["unit_costs"]["attention"][2] == costs.attention[2]
+    assert plan.params["removed"] >= 0.5 * costs.total
+    assert plan.params["unit_costs"]["attention"][2] == costs.attention[2]
     measured = measured_speedup(model, batches[:1], plan, new_tokens=3, rounds=3)  # medians of 3: load spikes
     assert measured["predicted_speedup"] >= 2.0 and measured["speedup"] > 2.0  # a 20 ms sleep against a tiny step
     assert not model.layer_mask.removed_layers and not model.sublayer_mask.dropped_attention  # left unpruned
@@ -248,7 +249,8 @@ def test_the_evolutionary_plan_is_never_worse_than_the_greedy_one_and_reproducib
     record = evolved.params["evolution"]
     greedy_units = {("layer", k) for k in greedy.removed_layers} | {("attention", k) for k in greedy.removed_attention}
     assert {tuple(unit) for unit in record["start"]} == greedy_units
-    assert record["kl"] <= record["start_kl"] and evolved.params["removed_params"] >= 0.3 * evolved.params["total_params"]
+    assert record["kl"] <= record["start_kl"]
+    assert evolved.params["removed_params"] >= 0.3 * evolved.params["total_params"]
     again = plan_budget(model, batches, fraction=0.3, search="evolutionary", generations=3, offspring=4,
                         progress=False)
     assert (again.removed_layers, again.removed_attention) == (evolved.removed_layers, evolved.removed_attention)

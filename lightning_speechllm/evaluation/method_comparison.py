@@ -438,8 +438,9 @@ def frontier(rows: list[ComparisonRow]) -> list[tuple[float, float, ComparisonRo
 def frontier_markdown(rows: list[ComparisonRow]) -> str:
     """The frontier as a Markdown table."""
     set_name, metric = _headline(rows[0])
-    lines = [f"| decode speed-up | {set_name} {metric} | method | removed | healing | layers removed | attention dropped |",
-             "|---|---|---|---|---|---|---|"]
+    header = ["decode speed-up", f"{set_name} {metric}", "method", "removed", "healing", "layers removed",
+              "attention dropped"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for speed, value, row in frontier(rows):
         method = "unpruned" if row.method == "none" else row.method
         lines.append(f"| {speed:.2f}x | {value:.1f} | {method} | {row.fraction:.0%} | {row.healing} | "

@@ -10,7 +10,7 @@ Examples::
         --n 8 --step 2 --calibration_batches 8 --out plan.json
     python -m lightning_speechllm prune --method budget --budget 0.2 --ckpt_path runs/last.ckpt \\
         --data.val_sets '{dev: dev.jsonl}' --out plan.json        # 20% of the decoder layers' parameters, mixed
-    python -m lightning_speechllm prune --method budget --budget 0.25 --budget_unit latency --search evolutionary \
+    python -m lightning_speechllm prune --method budget --budget 0.25 --budget_unit latency --search evolutionary \\
         --ckpt_path runs/last.ckpt --data.val_sets '{dev: dev.jsonl}' --out plan.json   # 25% of the decoding step
 
 ``greedy`` re-measures the model after every removed block (:func:`~lightning_speechllm.pruning.greedy.plan_greedy`):
